@@ -1,0 +1,255 @@
+//! A private copy of the real load-balancer program with VIPs and backends, driven through the
+//! agent's own `Dataplane` and `TableSlots`, and a way to run frames through it.
+
+use std::{net::IpAddr, process::Command};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use vip_agent::{
+    dataplane::{Dataplane, DataplaneOptions},
+    tables::TableSlots,
+};
+use vip_common::{
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, VipKey, VipMeta, addr_bytes,
+    maglev::{MaglevBackend, MaglevTable},
+};
+
+use crate::packet::LB_MAC;
+
+/// The LB node's own addresses (outer source of encapsulated packets).
+pub const LB_SRC4: &str = "198.18.0.2";
+pub const LB_SRC6: &str = "fd00:18::2";
+/// MAC of the gateway toward the backends, as the agent would have resolved it.
+pub const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+/// ifindex that test runs see as ingress (loopback of the running network namespace).
+pub const TEST_RUN_IFINDEX: u32 = 1;
+/// Small default so each test loads fast; tests of balance use the real default size.
+pub const SMALL_TABLE: u32 = 251;
+
+/// XDP action numbers.
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// A VIP as tests configure it.
+#[derive(Clone, Debug)]
+pub struct VipSpec {
+    pub addr: IpAddr,
+    pub proto: u8,
+    pub port: u16,
+    pub flags: u32,
+    pub hash_port_mask: u32,
+    pub udp_idle_ns: u64,
+    /// `(prefix, bits)` for outer-source entropy toward IPv4 backends.
+    pub src_prefix_v4: Option<([u8; 4], u8)>,
+    pub backends: Vec<(BackendId, u32)>,
+}
+
+impl VipSpec {
+    pub fn new(addr: &str, proto: u8, port: u16, backends: &[BackendId]) -> Self {
+        Self {
+            addr: addr.parse().expect("address"),
+            proto,
+            port,
+            flags: 0,
+            hash_port_mask: u32::MAX,
+            udp_idle_ns: 30_000_000_000,
+            src_prefix_v4: None,
+            backends: backends.iter().map(|&id| (id, 1)).collect(),
+        }
+    }
+
+    pub fn key(&self) -> VipKey {
+        VipKey::new(self.addr, self.proto, self.port)
+    }
+}
+
+/// One loaded copy of the program with its configuration.
+pub struct Lb {
+    pub dataplane: Dataplane,
+    pub tables: TableSlots,
+    pub backends: Vec<(BackendId, IpAddr)>,
+    next_vip_id: u32,
+}
+
+impl Lb {
+    pub fn new() -> Self {
+        Self::with_table_size(SMALL_TABLE)
+    }
+
+    pub fn with_table_size(table_size: u32) -> Self {
+        crate::require_root();
+        let options = DataplaneOptions {
+            table_size,
+            table_slots: 8,
+            conntrack_entries: 65_536,
+            pin_dir: None,
+        };
+        let mut dataplane = Dataplane::load(options).expect("load the vip-ebpf object");
+        dataplane.program().expect("the verifier accepts vip_lb");
+        Self {
+            dataplane,
+            tables: TableSlots::new(8),
+            backends: Vec::new(),
+            next_vip_id: 0,
+        }
+    }
+
+    /// Adds backend `id` with a resolved next hop on the test-run ingress interface (XDP_TX).
+    pub fn backend(&mut self, id: BackendId, addr: &str) -> &mut Self {
+        self.backend_via(id, addr, Some(TEST_RUN_IFINDEX))
+    }
+
+    /// Adds backend `id`, with a resolved next hop through `ifindex`, or none (FIB lookup).
+    pub fn backend_via(&mut self, id: BackendId, addr: &str, ifindex: Option<u32>) -> &mut Self {
+        let ip: IpAddr = addr.parse().expect("address");
+        let (bytes, family) = addr_bytes(ip);
+        let backend = Backend {
+            addr: bytes,
+            family: family as u8,
+            flags: BACKEND_F_PRESENT
+                | if ifindex.is_some() {
+                    BACKEND_F_NEXTHOP
+                } else {
+                    0
+                },
+            _pad: [0; 2],
+            ifindex: ifindex.unwrap_or(0),
+            dst_mac: GATEWAY_MAC,
+            src_mac: LB_MAC,
+        };
+        self.dataplane
+            .set_backend(id, &backend)
+            .expect("write backend");
+        self.backends.retain(|(b, _)| *b != id);
+        self.backends.push((id, ip));
+        self
+    }
+
+    /// Empties a backend slot, as the agent does when a backend is removed.
+    pub fn remove_backend(&mut self, id: BackendId) {
+        let empty: Backend = bytemuck::Zeroable::zeroed();
+        self.dataplane
+            .set_backend(id, &empty)
+            .expect("clear backend");
+    }
+
+    pub fn backend_addr(&self, id: BackendId) -> IpAddr {
+        self.backends
+            .iter()
+            .find(|(b, _)| *b == id)
+            .expect("known backend")
+            .1
+    }
+
+    /// The Maglev table for a VIP's backends.
+    pub fn table(&self, spec: &VipSpec) -> MaglevTable {
+        let members: Vec<MaglevBackend> = spec
+            .backends
+            .iter()
+            .map(|&(id, weight)| MaglevBackend {
+                addr: self.backend_addr(id),
+                weight,
+                id,
+            })
+            .collect();
+        MaglevTable::build(self.dataplane.options().table_size, &members).expect("valid table")
+    }
+
+    /// Publishes a VIP (or switches it to a new table); returns its `vip_id`.
+    pub fn vip(&mut self, spec: &VipSpec) -> u32 {
+        let vip_id = self.next_vip_id;
+        self.next_vip_id += 1;
+        let (src_v4, _) = addr_bytes(LB_SRC4.parse().unwrap());
+        let (src_v6, _) = addr_bytes(LB_SRC6.parse().unwrap());
+        let (src_v4, src_v4_entropy) = match spec.src_prefix_v4 {
+            Some((prefix, bits)) => {
+                let host = u32::MAX.checked_shr(u32::from(bits)).unwrap_or(0);
+                (prefix, host.to_be_bytes())
+            }
+            None => ([src_v4[0], src_v4[1], src_v4[2], src_v4[3]], [0; 4]),
+        };
+        let meta = VipMeta {
+            vip_id,
+            table: 0,
+            flags: spec.flags,
+            hash_port_mask: spec.hash_port_mask,
+            udp_idle_ns: spec.udp_idle_ns,
+            src_v4,
+            src_v4_entropy,
+            src_v6,
+            src_v6_entropy: [0; 4],
+            _pad: [0; 4],
+        };
+        let table = self.table(spec);
+        self.tables
+            .publish(&mut self.dataplane, spec.key(), meta, &table)
+            .expect("publish VIP");
+        vip_id
+    }
+
+    /// Runs one frame through the program: (action, output frame).
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run_program(&mut self.dataplane, frame, None)
+    }
+
+    /// Runs one frame as if received on `ifindex`.
+    pub fn run_on(&mut self, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        run_program(&mut self.dataplane, frame, Some(ifindex))
+    }
+}
+
+impl Default for Lb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn run_program(dataplane: &mut Dataplane, frame: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> = ifindex
+        .map(|i| [0, frame.len() as u32, 0, i, 0, 0])
+        .into_iter()
+        .flatten()
+        .flat_map(u32::to_ne_bytes)
+        .collect();
+    let prog = dataplane.program().expect("program loaded");
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: ifindex.map(|_| ctx.as_slice()),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Moves the calling thread (one test) into a fresh network namespace with `lo` up. It vanishes
+/// with the thread, so nothing is left behind even when the test fails. Child processes (`ip`)
+/// started from this thread run inside it.
+pub fn private_netns() {
+    // SAFETY: unshare affects only the calling thread's namespaces.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    ip(&["link", "set", "lo", "up"]);
+}
+
+/// Runs `ip ARGS` in the calling thread's namespace, panicking with its output on failure.
+pub fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,30 @@
+//! Locates the eBPF object built by `cargo xtask build-ebpf` so the agent can embed it.
+//! `VIP_EBPF_DIR` overrides the directory. Without the object the crate still compiles (for
+//! stable-only `cargo check`/clippy) and fails at run time with a clear message.
+
+use std::{env, path::PathBuf};
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(no_ebpf_obj)");
+    println!("cargo::rerun-if-env-changed=VIP_EBPF_DIR");
+    let dir = env::var_os("VIP_EBPF_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+            manifest.join("../target/bpfel-unknown-none/release")
+        });
+    for (name, var) in [("vip-ebpf", "VIP_EBPF_OBJ"), ("vip-bench", "VIP_BENCH_OBJ")] {
+        let obj = dir.join(name);
+        println!("cargo::rerun-if-changed={}", obj.display());
+        if obj.exists() {
+            let obj = obj.canonicalize().expect("object path resolves");
+            println!("cargo::rustc-env={var}={}", obj.display());
+        } else {
+            println!("cargo::rustc-cfg=no_ebpf_obj");
+            println!(
+                "cargo::warning={} is missing: run `cargo xtask build-ebpf`",
+                obj.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Loading the load-balancer program and writing its maps.
+//!
+//! This is the only code that touches the datapath's maps; the agent, the tests and the benchmark
+//! all go through it. Map layouts come from `vip_common::layout`.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
+    programs::{ProgramError, Xdp, XdpMode},
+};
+use vip_common::{
+    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
+    VipMeta,
+    layout::{self, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT},
+    maglev::{MaglevTable, is_prime},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("Maglev table size {0} must be a prime number")]
+    TableSizeNotPrime(u32),
+    #[error("loading the eBPF object failed (is this root, with BTF and bpffs?)")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no map {0}")]
+    MissingMap(&'static str),
+    #[error("the eBPF object has no program {0}")]
+    MissingProgram(&'static str),
+    #[error(
+        "pinned map {path} has key size {key}, value size {value}, {entries} entries; this \
+         program needs {want_key}, {want_value}, {want_entries}. It was made by an incompatible \
+         vip version or config: detach vip (`vip-agent detach`) to start afresh"
+    )]
+    PinnedMapMismatch {
+        path: PathBuf,
+        key: u32,
+        value: u32,
+        entries: u32,
+        want_key: u32,
+        want_value: u32,
+        want_entries: u32,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("Maglev table has {got} slots, the datapath was loaded with {want}")]
+    TableSize { got: usize, want: u32 },
+    #[error("table slot {slot} out of range (0..{slots})")]
+    TableSlot { slot: u32, slots: u32 },
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// Sizes fixed when the program is loaded.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// Maglev table size M (prime).
+    pub table_size: u32,
+    /// Maglev table slots in `MAGLEV` (VIPs plus spares for switching tables).
+    pub table_slots: u32,
+    /// `CONNTRACK` entries.
+    pub conntrack_entries: u32,
+    /// Pin (and reuse pinned) maps in this bpffs directory; `None` keeps maps private to this load.
+    pub pin_dir: Option<PathBuf>,
+}
+
+impl Default for DataplaneOptions {
+    fn default() -> Self {
+        Self {
+            table_size: DEFAULT_TABLE_SIZE,
+            table_slots: DEFAULT_TABLE_SLOTS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            pin_dir: None,
+        }
+    }
+}
+
+impl DataplaneOptions {
+    /// Entries each map must have with these options.
+    fn max_entries(&self, name: &str) -> Option<u32> {
+        match name {
+            layout::MAGLEV => Some(self.table_size * self.table_slots),
+            layout::CONNTRACK => Some(self.conntrack_entries),
+            _ => LAYOUT.iter().find(|l| l.name == name)?.max_entries,
+        }
+    }
+}
+
+/// The loaded load-balancer program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    options: DataplaneOptions,
+}
+
+impl Dataplane {
+    /// Loads the embedded load-balancer object (not yet attached) and writes its node config.
+    pub fn load(options: DataplaneOptions) -> Result<Self> {
+        Self::load_object(crate::object::load_balancer(), options)
+    }
+
+    /// Loads a given object; for tests that need a second, independent copy.
+    pub fn load_object(object: &[u8], options: DataplaneOptions) -> Result<Self> {
+        if !is_prime(options.table_size) {
+            return Err(DataplaneError::TableSizeNotPrime(options.table_size));
+        }
+        let mut loader = EbpfLoader::new();
+        let pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => LAYOUT.iter().map(|l| (l.name, dir.join(l.name))).collect(),
+            None => Vec::new(),
+        };
+        for l in LAYOUT.iter() {
+            if let Some(entries) = options.max_entries(l.name) {
+                loader.map_max_entries(l.name, entries);
+            }
+        }
+        for (name, path) in &pins {
+            if path.exists() {
+                check_pinned(path, name, &options)?;
+            }
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(object).map_err(DataplaneError::Load)?;
+        let mut dataplane = Self { ebpf, options };
+        let config = DatapathConfig {
+            table_size: dataplane.options.table_size,
+            _pad: 0,
+        };
+        dataplane
+            .array::<DatapathConfig>(layout::DATAPATH_CONFIG)?
+            .set(0, config, 0)
+            .map_err(map_err(layout::DATAPATH_CONFIG))?;
+        Ok(dataplane)
+    }
+
+    pub fn options(&self) -> &DataplaneOptions {
+        &self.options
+    }
+
+    /// The XDP program, loaded into the kernel (verified) on first use.
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(layout::LB_PROGRAM)
+            .ok_or(DataplaneError::MissingProgram(layout::LB_PROGRAM))?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                program: layout::LB_PROGRAM,
+                source,
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| DataplaneError::Program {
+                program: layout::LB_PROGRAM,
+                source,
+            })?;
+        }
+        Ok(prog)
+    }
+
+    /// Attaches to `iface` in driver mode, falling back to generic mode; returns the mode used.
+    pub fn attach(&mut self, iface: &str) -> Result<XdpMode> {
+        let prog = self.program()?;
+        match prog.attach(iface, XdpMode::Driver) {
+            Ok(_) => Ok(XdpMode::Driver),
+            Err(driver_err) => {
+                tracing::warn!(%iface, error = %driver_err, "driver-mode XDP failed, using generic mode");
+                prog.attach(iface, XdpMode::Skb)
+                    .map(|_| XdpMode::Skb)
+                    .map_err(|source| DataplaneError::Program {
+                        program: layout::LB_PROGRAM,
+                        source,
+                    })
+            }
+        }
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map> {
+        self.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    fn array<V: aya::Pod>(&mut self, name: &'static str) -> Result<Array<&mut MapData, V>> {
+        Array::try_from(self.map_mut(name)?).map_err(map_err(name))
+    }
+
+    fn per_cpu_sum(&self, name: &'static str, index: u32) -> Result<TrafficCounters> {
+        let map: PerCpuArray<&MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
+        let values = map.get(&index, 0).map_err(map_err(name))?;
+        Ok(values
+            .iter()
+            .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
+                packets: acc.packets + v.packets,
+                bytes: acc.bytes + v.bytes,
+            }))
+    }
+
+    /// Writes a backend (with its next hop) into its slot.
+    pub fn set_backend(&mut self, id: BackendId, backend: &Backend) -> Result<()> {
+        self.array::<Backend>(layout::BACKENDS)?
+            .set(id, backend, 0)
+            .map_err(map_err(layout::BACKENDS))
+    }
+
+    /// Writes a complete Maglev table into table slot `slot`. Write it into a slot no VIP uses,
+    /// then point the VIP at it with [`Dataplane::set_vip`]: no packet sees a half-written table.
+    pub fn write_table(&mut self, slot: u32, table: &MaglevTable) -> Result<()> {
+        let size = self.options.table_size;
+        if table.slots().len() != size as usize {
+            return Err(DataplaneError::TableSize {
+                got: table.slots().len(),
+                want: size,
+            });
+        }
+        if slot >= self.options.table_slots {
+            return Err(DataplaneError::TableSlot {
+                slot,
+                slots: self.options.table_slots,
+            });
+        }
+        let mut maglev = self.array::<BackendId>(layout::MAGLEV)?;
+        for (i, id) in table.slots().iter().enumerate() {
+            maglev
+                .set(slot * size + i as u32, id, 0)
+                .map_err(map_err(layout::MAGLEV))?;
+        }
+        Ok(())
+    }
+
+    /// Adds or replaces a VIP. Replacing the value is atomic for the datapath, which is how a
+    /// VIP switches to a new table slot.
+    pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
+        vips.insert(key, meta, 0).map_err(map_err(layout::VIPS))
+    }
+
+    /// Removes a VIP; its packets pass to the stack from then on.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
+        vips.remove(key).map_err(map_err(layout::VIPS))
+    }
+
+    /// Global outcome counters, summed over CPUs.
+    pub fn stats(&self) -> Result<DatapathStats> {
+        let map: PerCpuArray<&MapData, DatapathStats> =
+            PerCpuArray::try_from(self.map(layout::STATS)?).map_err(map_err(layout::STATS))?;
+        let values = map.get(&0, 0).map_err(map_err(layout::STATS))?;
+        let mut sum = [0u64; size_of::<DatapathStats>() / 8];
+        for cpu in values.iter() {
+            let words: &[u64] = bytemuck::cast_slice(bytemuck::bytes_of(cpu));
+            for (s, w) in sum.iter_mut().zip(words) {
+                *s += w;
+            }
+        }
+        Ok(bytemuck::cast(sum))
+    }
+
+    /// Traffic sent to VIP `vip_id`, summed over CPUs.
+    pub fn vip_traffic(&self, vip_id: u32) -> Result<TrafficCounters> {
+        self.per_cpu_sum(layout::VIP_STATS, vip_id)
+    }
+
+    /// Traffic sent to backend `id`, summed over CPUs.
+    pub fn backend_traffic(&self, id: BackendId) -> Result<TrafficCounters> {
+        self.per_cpu_sum(layout::BACKEND_STATS, id)
+    }
+
+    /// The connection-tracking entry of a flow, if any.
+    pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<ConnEntry>> {
+        let map: HashMap<&MapData, FlowKey, ConnEntry> =
+            HashMap::try_from(self.map(layout::CONNTRACK)?).map_err(map_err(layout::CONNTRACK))?;
+        match map.get(flow, 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(layout::CONNTRACK)(e)),
+        }
+    }
+}
+
+/// Refuses a pinned map whose shape differs from what this program needs: aya would reuse it
+/// silently, and the program would read garbage.
+fn check_pinned(path: &Path, name: &'static str, options: &DataplaneOptions) -> Result<()> {
+    let info = MapInfo::from_pin(path).map_err(map_err(name))?;
+    let want = LAYOUT
+        .iter()
+        .find(|l| l.name == name)
+        .ok_or(DataplaneError::MissingMap(name))?;
+    let want_entries = options.max_entries(name).unwrap_or(0);
+    if info.key_size() != want.key_size
+        || info.value_size() != want.value_size
+        || info.max_entries() != want_entries
+    {
+        return Err(DataplaneError::PinnedMapMismatch {
+            path: path.to_owned(),
+            key: info.key_size(),
+            value: info.value_size(),
+            entries: info.max_entries(),
+            want_key: want.key_size,
+            want_value: want.value_size,
+            want_entries,
+        });
+    }
+    Ok(())
+}

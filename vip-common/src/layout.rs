@@ -1,0 +1,64 @@
+//! Map names and sizes: the one place both sides take them from.
+//!
+//! The agent checks every pinned map it reuses against [`LAYOUT`] before handing it to a new
+//! program (aya itself does not compare a pinned map with the object), and a test compares
+//! [`LAYOUT`] with a freshly loaded object, so the table cannot drift from the program.
+
+use core::mem::size_of;
+
+use crate::maps::*;
+
+/// Default Maglev table size (prime), as in the Maglev paper.
+pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
+/// VIPs a node can serve (entries of `VIPS` and `VIP_STATS`).
+pub const MAX_VIPS: u32 = 1024;
+/// Backends over all VIPs (entries of `BACKENDS` and `BACKEND_STATS`).
+pub const MAX_BACKENDS: u32 = 4096;
+/// Default number of Maglev table slots in `MAGLEV` (each of `table_size` entries). A VIP uses
+/// one live slot; a table switch writes a free one, so this bounds VIPs per node at a given table
+/// size. The agent sizes the map with `EbpfLoader::set_max_entries`.
+pub const DEFAULT_TABLE_SLOTS: u32 = 16;
+/// Default `CONNTRACK` entries (LRU).
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
+
+pub const VIPS: &str = "VIPS";
+pub const BACKENDS: &str = "BACKENDS";
+pub const MAGLEV: &str = "MAGLEV";
+pub const CONNTRACK: &str = "CONNTRACK";
+pub const STATS: &str = "STATS";
+pub const VIP_STATS: &str = "VIP_STATS";
+pub const BACKEND_STATS: &str = "BACKEND_STATS";
+pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
+
+/// Name of the load-balancer XDP program in the object.
+pub const LB_PROGRAM: &str = "vip_lb";
+
+/// How a map must look. `max_entries: None` means "set by the agent at load time".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: Option<u32>,
+}
+
+const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout {
+    MapLayout {
+        name,
+        key_size: size_of::<K>() as u32,
+        value_size: size_of::<V>() as u32,
+        max_entries,
+    }
+}
+
+/// Every map of the load-balancer program.
+pub const LAYOUT: [MapLayout; 8] = [
+    layout::<VipKey, VipMeta>(VIPS, Some(MAX_VIPS)),
+    layout::<u32, Backend>(BACKENDS, Some(MAX_BACKENDS)),
+    layout::<u32, BackendId>(MAGLEV, None),
+    layout::<FlowKey, ConnEntry>(CONNTRACK, None),
+    layout::<u32, DatapathStats>(STATS, Some(1)),
+    layout::<u32, TrafficCounters>(VIP_STATS, Some(MAX_VIPS)),
+    layout::<u32, TrafficCounters>(BACKEND_STATS, Some(MAX_BACKENDS)),
+    layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
+];

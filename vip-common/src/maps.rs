@@ -1,0 +1,257 @@
+//! Map keys and values shared by the datapath and the agent, field by field.
+//!
+//! Conventions: addresses and ports are `[u8; N]` in network byte order (so `bpftool map dump`
+//! shows them as the bytes on the wire); an IPv4 address fills the first 4 bytes of a 16-byte
+//! address field and the rest is zero; every struct is `#[repr(C)]` with explicit `_pad` fields,
+//! and `bytemuck::Pod` refuses to compile any implicit padding the kernel would see as garbage.
+
+use bytemuck::{Pod, Zeroable};
+
+/// IP protocol numbers used in keys.
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_IPIP: u8 = 4;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_IPV6: u8 = 41;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// The address family tag stored in keys and backends (the IP version number).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrFamily {
+    V4 = 4,
+    V6 = 6,
+}
+
+/// Index into [`BACKENDS`](crate::layout::BACKENDS) and value of a Maglev slot.
+pub type BackendId = u32;
+
+/// A Maglev slot that maps to no backend: the VIP has no usable backend; packets are dropped and
+/// counted (`drop_no_backend`).
+pub const NO_BACKEND: BackendId = u32::MAX;
+
+/// Key of `VIPS`: one service. A `port` of zero matches every port of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    /// VIP address, network order; IPv4 in bytes 0..4, rest zero.
+    pub addr: [u8; 16],
+    /// Destination port, network order; 0 = all ports.
+    pub port: [u8; 2],
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// [`AddrFamily`] as a number (4 or 6).
+    pub family: u8,
+}
+
+/// `VipMeta::flags`: hash on addresses only (source-IP affinity). Such a VIP also forwards IPv4
+/// fragments, which all hash alike without ports.
+pub const VIP_F_HASH_ADDRS_ONLY: u32 = 1 << 0;
+
+/// Value of `VIPS`: how to forward one VIP's packets. Written by the agent; every decision that can
+/// be made ahead of time (outer source, hash fields) is already resolved here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipMeta {
+    /// Index into `VIP_STATS`.
+    pub vip_id: u32,
+    /// Which Maglev table slot is live: the table occupies `MAGLEV[table * M .. (table + 1) * M]`.
+    /// The agent switches tables by rewriting this value (an atomic hash map update).
+    pub table: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// Port bits fed to the flow hash: `u32::MAX` (5-tuple) or `0` (addresses only).
+    pub hash_port_mask: u32,
+    /// UDP conntrack entries idle longer than this are ignored (the flow is re-hashed).
+    pub udp_idle_ns: u64,
+    /// Outer source address toward IPv4 backends, network order.
+    pub src_v4: [u8; 4],
+    /// Host bits of the VIP's IPv4 source prefix, network order: OR-ed with flow hash bits so
+    /// backends see per-flow outer sources and spread them with RSS. Zero without a prefix.
+    pub src_v4_entropy: [u8; 4],
+    /// Outer source address toward IPv6 backends, network order.
+    pub src_v6: [u8; 16],
+    /// Host bits of the IPv6 source prefix within the address's last 4 bytes, network order.
+    pub src_v6_entropy: [u8; 4],
+    pub _pad: [u8; 4],
+}
+
+/// `Backend::flags`: the slot holds a backend (conntrack entries to an empty slot are ignored).
+pub const BACKEND_F_PRESENT: u8 = 1 << 0;
+/// `Backend::flags`: `ifindex`, `src_mac`, `dst_mac` hold a resolved next hop. Without it the
+/// datapath asks `bpf_fib_lookup`.
+pub const BACKEND_F_NEXTHOP: u8 = 1 << 1;
+
+/// Value of `BACKENDS` (indexed by [`BackendId`]): where to send a VIP's packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Backend address (outer destination), network order; IPv4 in bytes 0..4.
+    pub addr: [u8; 16],
+    /// [`AddrFamily`] of `addr`: decides IPv4 or IPv6 outer header.
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Egress interface of the resolved next hop; XDP_TX when it is the ingress interface.
+    pub ifindex: u32,
+    /// Next hop's MAC (the backend itself or the gateway toward it).
+    pub dst_mac: [u8; 6],
+    /// MAC of `ifindex`.
+    pub src_mac: [u8; 6],
+}
+
+/// Key of `CONNTRACK`: a flow as the client sent it (source = client, destination = VIP).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    /// Client address, network order.
+    pub src: [u8; 16],
+    /// VIP address, network order.
+    pub dst: [u8; 16],
+    /// Client port, network order (0 for fragments of an addresses-only VIP).
+    pub src_port: [u8; 2],
+    /// VIP port, network order.
+    pub dst_port: [u8; 2],
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    /// [`AddrFamily`] as a number.
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+impl FlowKey {
+    /// An all-zero key of the given family and protocol, to be filled in.
+    #[inline(always)]
+    pub const fn zeroed_for(family: AddrFamily, proto: u8) -> Self {
+        Self {
+            src: [0; 16],
+            dst: [0; 16],
+            src_port: [0; 2],
+            dst_port: [0; 2],
+            proto,
+            family: family as u8,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of `CONNTRACK`: the backend a flow was given.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct ConnEntry {
+    pub backend: BackendId,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` when a UDP packet last used the entry (UDP idle expiry); the time
+    /// of creation for TCP, whose entries live until LRU eviction.
+    pub last_seen_ns: u64,
+}
+
+/// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU): traffic sent to a VIP or backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TrafficCounters {
+    pub packets: u64,
+    /// Bytes of the client's IP packets (inner packets, without encapsulation).
+    pub bytes: u64,
+}
+
+/// Value of `STATS` (per CPU, one entry): what happened to every packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathStats {
+    /// Not for a VIP (or not IP/TCP/UDP): passed to the stack untouched.
+    pub passed: u64,
+    /// Encapsulated and sent with XDP_TX.
+    pub tx: u64,
+    /// Encapsulated and redirected to another interface.
+    pub redirected: u64,
+    /// Encapsulated, but the kernel has no neighbour (or route) for the backend yet: passed to
+    /// the stack, which resolves it.
+    pub fib_miss_passed: u64,
+    /// A conntrack entry chose the backend.
+    pub conntrack_hit: u64,
+    /// Maglev chose the backend (and a conntrack entry was written).
+    pub conntrack_miss: u64,
+    /// ICMP "fragmentation needed" / "packet too big" forwarded to the flow's backend.
+    pub icmp_too_big: u64,
+    /// IPv4 fragment to a VIP that hashes on ports.
+    pub drop_fragment: u64,
+    /// IPv4 packet with options to a VIP.
+    pub drop_ip_options: u64,
+    /// Packet to a VIP with inconsistent lengths or a truncated transport header.
+    pub drop_malformed: u64,
+    /// VIP without a usable backend.
+    pub drop_no_backend: u64,
+    /// `bpf_xdp_adjust_head` failed (no headroom).
+    pub drop_no_headroom: u64,
+}
+
+/// Value of `DATAPATH_CONFIG` (one entry): node-wide settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DatapathConfig {
+    /// Maglev table size M (prime); every table slot holds M entries.
+    pub table_size: u32,
+    pub _pad: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: each type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
+    unsafe impl aya::Pod for VipKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for VipMeta {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TrafficCounters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DatapathStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DatapathConfig {}
+
+    use std::net::IpAddr;
+
+    /// An address as the 16 network-order bytes and family tag that map types store.
+    pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], AddrFamily) {
+        let mut out = [0u8; 16];
+        match addr {
+            IpAddr::V4(a) => {
+                out[..4].copy_from_slice(&a.octets());
+                (out, AddrFamily::V4)
+            }
+            IpAddr::V6(a) => (a.octets(), AddrFamily::V6),
+        }
+    }
+
+    /// The address stored in a map's 16 bytes with a family tag; `None` for an unknown tag.
+    pub fn addr_from_bytes(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+        match family {
+            4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+            6 => Some(IpAddr::from(*bytes)),
+            _ => None,
+        }
+    }
+
+    impl VipKey {
+        pub fn new(addr: IpAddr, proto: u8, port: u16) -> Self {
+            let (addr, family) = addr_bytes(addr);
+            Self {
+                addr,
+                port: port.to_be_bytes(),
+                proto,
+                family: family as u8,
+            }
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::{addr_bytes, addr_from_bytes};

@@ -1,0 +1,77 @@
+//! vip's XDP load balancer.
+//!
+//! Every packet on the LB node's NIC comes through [`vip_lb`]. Packets to a VIP get a backend
+//! (from connection tracking, else the VIP's Maglev table), are encapsulated toward it and leave
+//! with XDP_TX or a redirect; everything else passes untouched. The agent decides everything it
+//! can ahead of time (outer source, next hop, table contents); this program only applies it.
+#![no_std]
+#![no_main]
+
+mod encap;
+mod maps;
+mod packet;
+mod parse;
+mod select;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+
+use crate::{maps::STATS, parse::Verdict};
+
+#[xdp]
+pub fn vip_lb(ctx: XdpContext) -> u32 {
+    // SAFETY: index 0 of a one-entry per-CPU array always exists; this CPU's copy is ours until
+    // the program returns (XDP runs with preemption disabled).
+    let Some(stats) = STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p }) else {
+        return xdp_action::XDP_PASS;
+    };
+    // The one place where what happened becomes an action and a counter.
+    match parse::process(&ctx, stats) {
+        Verdict::Pass => {
+            stats.passed += 1;
+            xdp_action::XDP_PASS
+        }
+        Verdict::Tx => {
+            stats.tx += 1;
+            xdp_action::XDP_TX
+        }
+        Verdict::Redirect(action) => {
+            stats.redirected += 1;
+            action
+        }
+        Verdict::FibMissPass => {
+            stats.fib_miss_passed += 1;
+            xdp_action::XDP_PASS
+        }
+        Verdict::DropFragment => {
+            stats.drop_fragment += 1;
+            xdp_action::XDP_DROP
+        }
+        Verdict::DropIpOptions => {
+            stats.drop_ip_options += 1;
+            xdp_action::XDP_DROP
+        }
+        Verdict::DropMalformed => {
+            stats.drop_malformed += 1;
+            xdp_action::XDP_DROP
+        }
+        Verdict::DropNoBackend => {
+            stats.drop_no_backend += 1;
+            xdp_action::XDP_DROP
+        }
+        Verdict::DropNoHeadroom => {
+            stats.drop_no_headroom += 1;
+            xdp_action::XDP_DROP
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a release build that passed the verifier: a reachable panic fails to load.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

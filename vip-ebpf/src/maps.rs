@@ -1,0 +1,51 @@
+//! The load balancer's maps. Layouts and sizes come from `vip_common::layout`; the agent writes
+//! every map except `CONNTRACK` and the counters, which only the datapath writes.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use vip_common::{
+    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
+    VipMeta,
+    layout::{
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAX_BACKENDS, MAX_VIPS,
+    },
+};
+
+/// The services: VIP (address, protocol, port or 0) to how it is forwarded. Written by the agent
+/// after the VIP's table and backends are in place.
+#[btf_map]
+pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }> = HashMap::new();
+
+/// Backends of all VIPs with their resolved next hops, indexed by `BackendId`. Written by the agent.
+#[btf_map]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Maglev tables, `table_size` entries per table slot. The agent sizes it at load time and writes
+/// a whole table into a free slot before pointing a VIP at it.
+#[btf_map]
+pub static MAGLEV: Array<BackendId, { (DEFAULT_TABLE_SLOTS * DEFAULT_TABLE_SIZE) as usize }> =
+    Array::new();
+
+/// Connection tracking: flow to backend. Written by the datapath; LRU evicts idle flows.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// What happened to packets, per CPU.
+#[btf_map]
+pub static STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
+
+/// Traffic per VIP (`VipMeta::vip_id`), per CPU.
+#[btf_map]
+pub static VIP_STATS: PerCpuArray<TrafficCounters, { MAX_VIPS as usize }> = PerCpuArray::new();
+
+/// Traffic per backend (`BackendId`), per CPU.
+#[btf_map]
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { MAX_BACKENDS as usize }> =
+    PerCpuArray::new();
+
+/// Node-wide settings. Written by the agent before any VIP.
+#[btf_map]
+pub static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -1,0 +1,45 @@
+//! Bounds-checked access to packet bytes: every read and write of the packet goes through here,
+//! so the verifier always sees `data + off + size <= data_end` right before the access.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::XdpContext;
+
+/// A pointer to a `T` at byte `off` of the packet, if the packet is long enough.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    Some((start + off) as *mut T)
+}
+
+/// A header of type `T` at byte `off`, read in place. `T` must have alignment 1 (byte arrays),
+/// as every header type of this crate does.
+#[inline(always)]
+pub fn header<T>(ctx: &XdpContext, off: usize) -> Option<&'static T> {
+    // SAFETY: `ptr_at` checked the bounds; packet memory stays valid and unmoved until
+    // `bpf_xdp_adjust_head`, after which callers re-derive every header.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { &*p })
+}
+
+/// Reads a `T` (any alignment) at byte `off`.
+#[inline(always)]
+pub fn read<T: Copy>(ctx: &XdpContext, off: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `off` are inside the packet.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.read_unaligned() })
+}
+
+/// Writes a `T` (any alignment) at byte `off`; `None` if the packet is too short.
+#[inline(always)]
+pub fn write<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Option<()> {
+    // SAFETY: as in `read`; XDP packet data is writable.
+    ptr_at::<T>(ctx, off).map(|p| unsafe { p.write_unaligned(value) })
+}
+
+/// Packet length in bytes.
+#[inline(always)]
+pub fn len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
+}

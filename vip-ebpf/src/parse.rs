@@ -1,0 +1,415 @@
+//! Parsing: Ethernet (one optional 802.1Q tag), IPv4, IPv6, TCP, UDP, and ICMP "too big" errors.
+//!
+//! Headers are read in place through bounds-checked pointers (the IP header starts at 14, or 18
+//! behind a VLAN tag), not copied, to keep the stack small. Anything not understood, and anything not for a VIP,
+//! is passed untouched; a packet to a VIP that is malformed, fragmented or carries IP options is
+//! dropped and counted, never sent anywhere but a configured backend.
+
+use aya_ebpf::programs::XdpContext;
+use vip_common::{
+    AddrFamily, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
+};
+
+use crate::{
+    encap::{self, Inner},
+    maps::VIPS,
+    packet::{self, header, read},
+    select::{self, ConnPolicy},
+};
+
+const ETH_LEN: usize = 14;
+const VLAN_ETH_LEN: usize = 18;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
+const IPV4_LEN: usize = 20;
+const IPV6_LEN: usize = 40;
+const TCP_LEN: usize = 20;
+const UDP_LEN: usize = 8;
+const ICMP_LEN: usize = 8;
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// What became of a packet; `vip_lb` turns it into an action and a counter.
+pub enum Verdict {
+    Pass,
+    Tx,
+    Redirect(u32),
+    FibMissPass,
+    DropFragment,
+    DropIpOptions,
+    DropMalformed,
+    DropNoBackend,
+    DropNoHeadroom,
+}
+
+/// IPv4 header fields the load balancer uses.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Ipv4Fixed {
+    vihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frag: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+/// IPv6 fixed header.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Ipv6Fixed {
+    vcf: [u8; 4],
+    payload_len: [u8; 2],
+    next_hdr: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+impl Ipv6Fixed {
+    fn traffic_class(&self) -> u8 {
+        (self.vcf[0] << 4) | (self.vcf[1] >> 4)
+    }
+}
+
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> Parsed {
+    let Some(ether_type) = read::<[u8; 2]>(ctx, 12) else {
+        return Err(Verdict::Pass);
+    };
+    if ether_type == ETH_P_8021Q {
+        let Some(inner_type) = read::<[u8; 2]>(ctx, 16) else {
+            return Err(Verdict::Pass);
+        };
+        return by_ether_type(ctx, VLAN_ETH_LEN, inner_type);
+    }
+    by_ether_type(ctx, ETH_LEN, ether_type)
+}
+
+#[inline(always)]
+fn by_ether_type(ctx: &XdpContext, l3: usize, ether_type: [u8; 2]) -> Parsed {
+    match ether_type {
+        ETH_P_IP => ipv4(ctx, l3),
+        ETH_P_IPV6 => ipv6(ctx, l3),
+        _ => Err(Verdict::Pass),
+    }
+}
+
+/// The VIP a flow is addressed to: the exact port first, then the all-ports VIP.
+#[inline(always)]
+fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+    let mut key = VipKey {
+        addr: flow.dst,
+        port: flow.dst_port,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    // SAFETY: values of a hash map stay valid for the rest of this program run (RCU).
+    if let Some(meta) = unsafe { VIPS.get(key) } {
+        return Some(meta);
+    }
+    key.port = [0; 2];
+    // SAFETY: as above.
+    unsafe { VIPS.get(key) }
+}
+
+/// Reads the ports at `l4` into `flow`, and for TCP whether this is a SYN (without ACK).
+/// `None` if the transport header is truncated.
+#[inline(always)]
+fn ports_and_syn(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> Option<bool> {
+    let ports = read::<[u8; 4]>(ctx, l4)?;
+    flow.src_port = [ports[0], ports[1]];
+    flow.dst_port = [ports[2], ports[3]];
+    if flow.proto != IPPROTO_TCP {
+        return Some(false);
+    }
+    let flags = read::<u8>(ctx, l4 + TCP_FLAGS_OFF)?;
+    Some(flags & (TCP_SYN | TCP_ACK) == TCP_SYN)
+}
+
+#[inline(always)]
+fn min_l4_len(proto: u8) -> usize {
+    if proto == IPPROTO_TCP {
+        TCP_LEN
+    } else {
+        UDP_LEN
+    }
+}
+
+#[inline(always)]
+fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
+    let Some(ip) = header::<Ipv4Fixed>(ctx, l3) else {
+        return Err(Verdict::Pass);
+    };
+    if ip.vihl >> 4 != 4 {
+        return Err(Verdict::Pass);
+    }
+    if ip.proto == IPPROTO_ICMP {
+        return icmp4_too_big(ctx, l3, ip);
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Err(Verdict::Pass);
+    }
+    let mut flow = FlowKey::zeroed_for(AddrFamily::V4, ip.proto);
+    flow.src[..4].copy_from_slice(&ip.src);
+    flow.dst[..4].copy_from_slice(&ip.dst);
+    let fragment = u16::from_be_bytes(ip.frag) & 0x3fff != 0;
+    if ip.vihl != 0x45 || fragment {
+        return ipv4_irregular(ctx, l3, ip, flow, fragment);
+    }
+
+    let Some(syn) = ports_and_syn(ctx, l3 + IPV4_LEN, &mut flow) else {
+        // Too short for ports: not something we could ever forward correctly.
+        return Err(Verdict::Pass);
+    };
+    let Some(meta) = find_vip(&flow) else {
+        return Err(Verdict::Pass);
+    };
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if tot_len < IPV4_LEN + min_l4_len(ip.proto) || l3 + tot_len > packet::len(ctx) {
+        return Err(Verdict::DropMalformed);
+    }
+    let policy = ConnPolicy::for_packet(ip.proto, syn);
+    let inner = Inner {
+        len: tot_len as u16,
+        tos: ip.tos,
+        family: AddrFamily::V4,
+    };
+    Ok(Forward {
+        l2_len: l3,
+        meta,
+        flow,
+        policy,
+        inner,
+    })
+}
+
+/// IPv4 with options or fragmented: the VIP is found by address (all-ports VIP). An
+/// addresses-only VIP forwards fragments (they hash alike without ports); everything else to a
+/// VIP is dropped and counted.
+#[inline(always)]
+fn ipv4_irregular(
+    ctx: &XdpContext,
+    l3: usize,
+    ip: &Ipv4Fixed,
+    flow: FlowKey,
+    fragment: bool,
+) -> Parsed {
+    let Some(meta) = find_vip(&flow) else {
+        return Err(Verdict::Pass);
+    };
+    if ip.vihl != 0x45 {
+        return Err(Verdict::DropIpOptions);
+    }
+    if !fragment || meta.flags & VIP_F_HASH_ADDRS_ONLY == 0 {
+        return Err(Verdict::DropFragment);
+    }
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if tot_len < IPV4_LEN || l3 + tot_len > packet::len(ctx) {
+        return Err(Verdict::DropMalformed);
+    }
+    let inner = Inner {
+        len: tot_len as u16,
+        tos: ip.tos,
+        family: AddrFamily::V4,
+    };
+    Ok(Forward {
+        l2_len: l3,
+        meta,
+        flow,
+        policy: ConnPolicy::Stateless,
+        inner,
+    })
+}
+
+#[inline(always)]
+fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
+    let Some(ip) = header::<Ipv6Fixed>(ctx, l3) else {
+        return Err(Verdict::Pass);
+    };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Verdict::Pass);
+    }
+    if ip.next_hdr == IPPROTO_ICMPV6 {
+        return icmp6_too_big(ctx, l3, ip);
+    }
+    // Extension headers (fragments among them) are not parsed: such packets pass.
+    if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
+        return Err(Verdict::Pass);
+    }
+    let mut flow = FlowKey::zeroed_for(AddrFamily::V6, ip.next_hdr);
+    flow.src = ip.src;
+    flow.dst = ip.dst;
+    let Some(syn) = ports_and_syn(ctx, l3 + IPV6_LEN, &mut flow) else {
+        return Err(Verdict::Pass);
+    };
+    let Some(meta) = find_vip(&flow) else {
+        return Err(Verdict::Pass);
+    };
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    if payload_len < min_l4_len(ip.next_hdr) || l3 + IPV6_LEN + payload_len > packet::len(ctx) {
+        return Err(Verdict::DropMalformed);
+    }
+    let policy = ConnPolicy::for_packet(ip.next_hdr, syn);
+    let inner = Inner {
+        len: (IPV6_LEN + payload_len) as u16,
+        tos: ip.traffic_class(),
+        family: AddrFamily::V6,
+    };
+    Ok(Forward {
+        l2_len: l3,
+        meta,
+        flow,
+        policy,
+        inner,
+    })
+}
+
+/// ICMP "fragmentation needed" about a packet a backend sent from a VIP: it goes to the backend
+/// that owns the flow, found from the quoted header (reversed: the client's view of the flow).
+#[inline(always)]
+fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Fixed) -> Parsed {
+    const ICMP: usize = IPV4_LEN;
+    const QUOTED: usize = ICMP + ICMP_LEN;
+    if ip.vihl != 0x45 {
+        return Err(Verdict::Pass);
+    }
+    let Some(icmp) = read::<[u8; 2]>(ctx, l3 + ICMP) else {
+        return Err(Verdict::Pass);
+    };
+    if icmp != [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED] {
+        return Err(Verdict::Pass);
+    }
+    let Some(quoted) = header::<Ipv4Fixed>(ctx, l3 + QUOTED) else {
+        return Err(Verdict::Pass);
+    };
+    // The quoted packet was sent by a backend from the VIP to the client.
+    if quoted.vihl != 0x45
+        || quoted.src != ip.dst
+        || (quoted.proto != IPPROTO_TCP && quoted.proto != IPPROTO_UDP)
+    {
+        return Err(Verdict::Pass);
+    }
+    let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV4_LEN) else {
+        return Err(Verdict::Pass);
+    };
+    let mut flow = FlowKey::zeroed_for(AddrFamily::V4, quoted.proto);
+    flow.src[..4].copy_from_slice(&quoted.dst);
+    flow.dst[..4].copy_from_slice(&quoted.src);
+    flow.src_port = [ports[2], ports[3]];
+    flow.dst_port = [ports[0], ports[1]];
+    let Some(meta) = find_vip(&flow) else {
+        return Err(Verdict::Pass);
+    };
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if tot_len < QUOTED + IPV4_LEN + 4 || l3 + tot_len > packet::len(ctx) {
+        return Err(Verdict::DropMalformed);
+    }
+    let inner = Inner {
+        len: tot_len as u16,
+        tos: ip.tos,
+        family: AddrFamily::V4,
+    };
+    Ok(Forward {
+        l2_len: l3,
+        meta,
+        flow,
+        policy: ConnPolicy::LookupOnly,
+        inner,
+    })
+}
+
+/// ICMPv6 "packet too big": as [`icmp4_too_big`].
+#[inline(always)]
+fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Fixed) -> Parsed {
+    const QUOTED: usize = IPV6_LEN + ICMP_LEN;
+    let Some(icmp_type) = read::<u8>(ctx, l3 + IPV6_LEN) else {
+        return Err(Verdict::Pass);
+    };
+    if icmp_type != ICMPV6_PKT_TOOBIG {
+        return Err(Verdict::Pass);
+    }
+    let Some(quoted) = header::<Ipv6Fixed>(ctx, l3 + QUOTED) else {
+        return Err(Verdict::Pass);
+    };
+    if quoted.vcf[0] >> 4 != 6
+        || quoted.src != ip.dst
+        || (quoted.next_hdr != IPPROTO_TCP && quoted.next_hdr != IPPROTO_UDP)
+    {
+        return Err(Verdict::Pass);
+    }
+    let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV6_LEN) else {
+        return Err(Verdict::Pass);
+    };
+    let mut flow = FlowKey::zeroed_for(AddrFamily::V6, quoted.next_hdr);
+    flow.src = quoted.dst;
+    flow.dst = quoted.src;
+    flow.src_port = [ports[2], ports[3]];
+    flow.dst_port = [ports[0], ports[1]];
+    let Some(meta) = find_vip(&flow) else {
+        return Err(Verdict::Pass);
+    };
+    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
+    if payload_len < ICMP_LEN + IPV6_LEN + 4 || l3 + IPV6_LEN + payload_len > packet::len(ctx) {
+        return Err(Verdict::DropMalformed);
+    }
+    let inner = Inner {
+        len: (IPV6_LEN + payload_len) as u16,
+        tos: ip.traffic_class(),
+        family: AddrFamily::V6,
+    };
+    Ok(Forward {
+        l2_len: l3,
+        meta,
+        flow,
+        policy: ConnPolicy::LookupOnly,
+        inner,
+    })
+}
+
+/// A packet to forward to one of a VIP's backends.
+pub struct Forward {
+    /// Length of the L2 header (where the IP header starts).
+    pub l2_len: usize,
+    pub meta: &'static VipMeta,
+    /// The flow as the client sent it: conntrack key and hash input.
+    pub flow: FlowKey,
+    pub policy: ConnPolicy,
+    pub inner: Inner,
+}
+
+/// A packet to forward, or what else became of it.
+pub type Parsed = Result<Forward, Verdict>;
+
+/// Handles one packet. The single call site of `forward` keeps one inlined copy of backend
+/// choice and encapsulation (and their stack) in the program.
+#[inline(always)]
+pub fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
+    match classify(ctx) {
+        Ok(fwd) => forward(ctx, &fwd, stats),
+        Err(verdict) => verdict,
+    }
+}
+
+/// Picks the backend and sends the packet to it.
+#[inline(always)]
+fn forward(ctx: &XdpContext, fwd: &Forward, stats: &mut DatapathStats) -> Verdict {
+    if fwd.policy == ConnPolicy::LookupOnly {
+        stats.icmp_too_big += 1;
+    }
+    let Some(choice) = select::backend(fwd.meta, &fwd.flow, fwd.policy, stats) else {
+        return Verdict::DropNoBackend;
+    };
+    select::count_traffic(fwd.meta, choice.id, fwd.inner.len);
+    encap::send(ctx, fwd.l2_len, fwd.meta, &choice, fwd.inner)
+}

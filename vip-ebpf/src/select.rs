@@ -1,0 +1,132 @@
+//! Backend choice: connection tracking first, the VIP's Maglev table otherwise.
+
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
+use vip_common::{
+    BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, IPPROTO_UDP,
+    TrafficCounters, VipMeta, hash::flow_hash,
+};
+
+use crate::maps::{BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, MAGLEV, VIP_STATS};
+
+/// How a packet uses connection tracking.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ConnPolicy {
+    /// A TCP SYN: always the Maglev answer, overwriting any old entry (a new connection).
+    New,
+    /// TCP: an entry decides; on a miss, Maglev decides and is recorded.
+    Track,
+    /// UDP: as `Track`, but entries idle longer than the VIP's timeout are ignored.
+    TrackIdle,
+    /// ICMP errors: an entry decides if there is one; nothing is recorded.
+    LookupOnly,
+    /// Fragments of addresses-only VIPs: Maglev only (every fragment hashes alike).
+    Stateless,
+}
+
+impl ConnPolicy {
+    #[inline(always)]
+    pub fn for_packet(proto: u8, syn: bool) -> Self {
+        if proto == IPPROTO_UDP {
+            Self::TrackIdle
+        } else if syn {
+            Self::New
+        } else {
+            Self::Track
+        }
+    }
+}
+
+/// The chosen backend.
+pub struct Choice {
+    pub id: BackendId,
+    pub backend: &'static Backend,
+    /// The flow hash, also the entropy for outer source addresses and ports.
+    pub hash: u32,
+}
+
+#[inline(always)]
+fn usable(id: BackendId) -> Option<&'static Backend> {
+    BACKENDS
+        .get(id)
+        .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
+}
+
+/// The backend for `flow`, or `None` when the VIP has no usable backend.
+#[inline(always)]
+pub fn backend(
+    meta: &VipMeta,
+    flow: &FlowKey,
+    policy: ConnPolicy,
+    stats: &mut DatapathStats,
+) -> Option<Choice> {
+    let hash = flow_hash(flow, meta.hash_port_mask);
+    // SAFETY: plain helper call without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if matches!(
+        policy,
+        ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
+    ) && let Some(entry) = CONNTRACK.get_ptr_mut(flow)
+    {
+        // SAFETY: a map value pointer stays valid for this program run; racing writers of the
+        // same flow on other CPUs can only store another valid backend id or time.
+        let entry = unsafe { &mut *entry };
+        let fresh = policy != ConnPolicy::TrackIdle
+            || now.wrapping_sub(entry.last_seen_ns) <= meta.udp_idle_ns;
+        if fresh && let Some(backend) = usable(entry.backend) {
+            if policy == ConnPolicy::TrackIdle {
+                entry.last_seen_ns = now;
+            }
+            stats.conntrack_hit += 1;
+            return Some(Choice {
+                id: entry.backend,
+                backend,
+                hash,
+            });
+        }
+    }
+
+    let table_size = DATAPATH_CONFIG.get(0)?.table_size;
+    if table_size == 0 {
+        return None;
+    }
+    let slot = meta
+        .table
+        .wrapping_mul(table_size)
+        .wrapping_add(hash % table_size);
+    let id = *MAGLEV.get(slot)?;
+    let backend = usable(id)?;
+    if matches!(
+        policy,
+        ConnPolicy::New | ConnPolicy::Track | ConnPolicy::TrackIdle
+    ) {
+        let entry = ConnEntry {
+            backend: id,
+            _pad: 0,
+            last_seen_ns: now,
+        };
+        // A full LRU evicts its oldest entry; an error here only costs the next packet a re-hash,
+        // which picks the same backend while the table is unchanged.
+        let _ = CONNTRACK.insert(flow, entry, 0);
+    }
+    stats.conntrack_miss += 1;
+    Some(Choice { id, backend, hash })
+}
+
+/// Adds one packet of `bytes` to the VIP's and the backend's counters.
+#[inline(always)]
+pub fn count_traffic(meta: &VipMeta, id: BackendId, bytes: u16) {
+    if let Some(counters) = VIP_STATS.get_ptr_mut(meta.vip_id) {
+        add(counters, bytes);
+    }
+    if let Some(counters) = BACKEND_STATS.get_ptr_mut(id) {
+        add(counters, bytes);
+    }
+}
+
+#[inline(always)]
+fn add(counters: *mut TrafficCounters, bytes: u16) {
+    // SAFETY: this CPU's copy of a per-CPU array entry; nothing else writes it concurrently.
+    let counters = unsafe { &mut *counters };
+    counters.packets += 1;
+    counters.bytes += u64::from(bytes);
+}

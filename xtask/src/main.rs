@@ -1,0 +1,242 @@
+//! `cargo xtask`: set-up, build, test, lint, run, demo and benchmark commands for vip.
+//!
+//! Every command that needs tools calls `setup` first, which installs only what is missing, so
+//! the README's two commands work on a fresh Debian machine with root.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker version the eBPF toolchain recipe was verified with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the tests and the demo use.
+const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "tcpdump", "iputils-ping"];
+
+#[derive(Parser)]
+#[command(about = "vip's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: apt packages, nightly rust-src, clippy/rustfmt, bpf-linker.
+    Setup,
+    /// Build the eBPF objects (nightly, bpfel-unknown-none).
+    BuildEbpf,
+    /// Build the eBPF objects and the agent (release).
+    Build,
+    /// Set up, build, and run the whole test suite (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy (stable crates, and the eBPF crate on nightly), warnings as errors.
+    Lint,
+    /// Build and run the agent with the given arguments (needs root).
+    Run {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => build_ebpf(),
+        Cmd::Build => build(),
+        Cmd::Test { args } => {
+            setup()?;
+            build_ebpf()?;
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--workspace", "--exclude", "vip-ebpf"]);
+            if !args.is_empty() {
+                cmd.arg("--").args(args);
+            }
+            run(&mut cmd)
+        }
+        Cmd::Lint => lint(),
+        Cmd::Run { args } => {
+            build()?;
+            run(Command::new(workspace().join("target/release/vip-agent")).args(args))
+        }
+    }
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace());
+    cmd
+}
+
+/// `cargo +nightly` for the eBPF crate, without the variables that would break its build
+/// (a set RUSTFLAGS silently replaces the target rustflags and drops `--btf`).
+fn nightly_cargo() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", "nightly", "cargo"])
+        .current_dir(workspace());
+    for var in [
+        "RUSTFLAGS",
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status: ExitStatus = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build_ebpf() -> Result<()> {
+    run(nightly_cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "vip-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]))
+}
+
+fn build() -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["build", "--release", "-p", "vip-agent"]))
+}
+
+fn lint() -> Result<()> {
+    build_ebpf()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    run(nightly_cargo().args([
+        "clippy",
+        "--release",
+        "-p",
+        "vip-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed(p))
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "clippy",
+        "rustfmt",
+        "--toolchain",
+        "nightly",
+    ]))?;
+    run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    install_bpf_linker()?;
+    if !Path::new("/sys/fs/bpf").join(".").exists() || !is_bpffs("/sys/fs/bpf") {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        .unwrap_or(false)
+}
+
+fn is_bpffs(path: &str) -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split(' ').nth(1) == Some(path) && l.contains(" bpf "))
+        })
+        .unwrap_or(false)
+}
+
+/// bpf-linker built against nightly's own libLLVM: no LLVM download is needed (or possible).
+fn install_bpf_linker() -> Result<()> {
+    let version = Command::new("bpf-linker").arg("--version").output();
+    if let Ok(out) = version
+        && out.status.success()
+        && String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM");
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .context("rustc +nightly --print sysroot")?;
+    let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
+    let libllvm = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .context("nightly toolchain has no libLLVM.so")?;
+    let home = std::env::var("HOME").context("HOME")?;
+    let prefix = PathBuf::from(home).join(".cargo/bpf-llvm");
+    std::fs::create_dir_all(prefix.join("bin"))?;
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    for link in ["libLLVM.so".to_owned(), libllvm.clone()] {
+        let path = prefix.join("lib").join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(sysroot.join("lib").join(&libllvm), &path)?;
+    }
+    // A failing llvm-config keeps the build from finding a system LLVM of another version.
+    let llvm_config = prefix.join("bin/llvm-config");
+    std::fs::write(&llvm_config, "#!/bin/sh\nexit 1\n")?;
+    std::fs::set_permissions(&llvm_config, std::fs::Permissions::from_mode(0o755))?;
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+            "--locked",
+        ])
+        .env("LLVM_PREFIX", &prefix))
+}
