@@ -9,7 +9,8 @@ use vip_agent::{
     tables::TableSlots,
 };
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, VipKey, VipMeta, addr_bytes,
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, FlowKey, VipKey, VipMeta, addr_bytes,
+    hash::flow_hash,
     maglev::{MaglevBackend, MaglevTable},
 };
 
@@ -24,6 +25,9 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
 pub const TEST_RUN_IFINDEX: u32 = 1;
 /// Small default so each test loads fast; tests of balance use the real default size.
 pub const SMALL_TABLE: u32 = 251;
+
+/// Maglev table slots of a test load (VIPs plus spares).
+pub const TABLE_SLOTS: u32 = 16;
 
 /// XDP action numbers.
 pub const XDP_DROP: u32 = 1;
@@ -81,7 +85,7 @@ impl Lb {
         crate::require_root();
         let options = DataplaneOptions {
             table_size,
-            table_slots: 8,
+            table_slots: TABLE_SLOTS,
             conntrack_entries: 65_536,
             pin_dir: None,
         };
@@ -89,7 +93,7 @@ impl Lb {
         dataplane.program().expect("the verifier accepts vip_lb");
         Self {
             dataplane,
-            tables: TableSlots::new(8),
+            tables: TableSlots::new(TABLE_SLOTS),
             backends: Vec::new(),
             next_vip_id: 0,
         }
@@ -154,6 +158,12 @@ impl Lb {
             })
             .collect();
         MaglevTable::build(self.dataplane.options().table_size, &members).expect("valid table")
+    }
+
+    /// The backend and flow hash that userspace Maglev predicts for a flow to `spec`.
+    pub fn predict(&self, spec: &VipSpec, flow: &FlowKey) -> (BackendId, u32) {
+        let hash = flow_hash(flow, spec.hash_port_mask);
+        (self.table(spec).lookup(hash), hash)
     }
 
     /// Publishes a VIP (or switches it to a new table); returns its `vip_id`.

@@ -2,7 +2,9 @@
 
 use std::net::IpAddr;
 
-use vip_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, checksum};
+use vip_common::{
+    FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, addr_bytes, checksum,
+};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -63,6 +65,11 @@ impl Frame {
         self
     }
 
+    /// The flow as the LB keys it.
+    pub fn flow(&self) -> FlowKey {
+        flow_key(self.src, self.sport, self.dst, self.dport, self.proto)
+    }
+
     /// The transport header and payload.
     fn l4(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
@@ -104,6 +111,18 @@ impl Frame {
         };
         ethernet(self.vlan, ether_type, &self.ip_packet())
     }
+}
+
+/// A conntrack key / hash input.
+pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> FlowKey {
+    let (src, family) = addr_bytes(src);
+    let (dst, _) = addr_bytes(dst);
+    let mut flow = FlowKey::zeroed_for(family, proto);
+    flow.src = src;
+    flow.dst = dst;
+    flow.src_port = sport.to_be_bytes();
+    flow.dst_port = dport.to_be_bytes();
+    flow
 }
 
 /// An Ethernet frame from the client to the LB around `payload`.

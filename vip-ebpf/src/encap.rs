@@ -17,7 +17,7 @@ use vip_common::{
 };
 
 use crate::{
-    packet::{read, write},
+    packet::{ETH_P_IP, ETH_P_IPV6, read, write},
     parse::Verdict,
     select::Choice,
 };
@@ -113,7 +113,7 @@ fn push_ipv4(
     inner: Inner,
 ) -> Option<()> {
     const LEN: usize = 20;
-    let l2 = l2_header(ctx, hop)?;
+    let l2 = l2_header(ctx, l2_len, hop, ETH_P_IP)?;
     let total = inner.len.wrapping_add(LEN as u16).to_be_bytes();
     let mut hdr = [0u8; LEN];
     hdr[0] = 0x45;
@@ -147,7 +147,7 @@ fn push_ipv6(
     inner: Inner,
 ) -> Option<()> {
     const LEN: usize = 40;
-    let l2 = l2_header(ctx, hop)?;
+    let l2 = l2_header(ctx, l2_len, hop, ETH_P_IPV6)?;
     let label = hash & 0x000f_ffff;
     let payload = inner.len.to_be_bytes();
     let mut hdr = [0u8; LEN];
@@ -168,12 +168,23 @@ fn push_ipv6(
     write(ctx, l2_len, hdr)
 }
 
-/// The frame's L2 header (with a VLAN tag if it has one) re-addressed to the next hop.
+/// The frame's L2 header (with a VLAN tag if it has one) re-addressed to the next hop, with the
+/// ether type of the outer header (4in6 and 6in4 change it).
 #[inline(always)]
-fn l2_header(ctx: &XdpContext, hop: &NextHop) -> Option<[u8; MAX_L2_LEN]> {
+fn l2_header(
+    ctx: &XdpContext,
+    l2_len: usize,
+    hop: &NextHop,
+    ether_type: [u8; 2],
+) -> Option<[u8; MAX_L2_LEN]> {
     let mut l2 = read::<[u8; MAX_L2_LEN]>(ctx, 0)?;
     l2[..6].copy_from_slice(&hop.dst_mac);
     l2[6..12].copy_from_slice(&hop.src_mac);
+    if l2_len == MAX_L2_LEN {
+        l2[16..18].copy_from_slice(&ether_type);
+    } else {
+        l2[12..14].copy_from_slice(&ether_type);
+    }
     Some(l2)
 }
 

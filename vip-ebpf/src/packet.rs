@@ -5,6 +5,10 @@ use core::mem::size_of;
 
 use aya_ebpf::programs::XdpContext;
 
+/// Ether types as on the wire.
+pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+
 /// A pointer to a `T` at byte `off` of the packet, if the packet is long enough.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {

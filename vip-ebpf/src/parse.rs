@@ -14,14 +14,12 @@ use vip_common::{
 use crate::{
     encap::{self, Inner},
     maps::VIPS,
-    packet::{self, header, read},
+    packet::{self, ETH_P_IP, ETH_P_IPV6, header, read},
     select::{self, ConnPolicy},
 };
 
 const ETH_LEN: usize = 14;
 const VLAN_ETH_LEN: usize = 18;
-const ETH_P_IP: [u8; 2] = [0x08, 0x00];
-const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
 const IPV4_LEN: usize = 20;
 const IPV6_LEN: usize = 40;

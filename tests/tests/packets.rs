@@ -1,0 +1,579 @@
+//! Table-driven packet tests through BPF_PROG_TEST_RUN: frame in, action and frame out.
+//!
+//! One table per feature. Every encapsulated output is checked field by field against what the
+//! configuration says (backend from userspace Maglev, outer source, protocol, TTL, TOS, MACs,
+//! VLAN tag, checksum) and its inner packet byte for byte against the input.
+
+use std::net::IpAddr;
+
+use vip_common::{
+    DatapathStats, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, VIP_F_HASH_ADDRS_ONLY,
+};
+use vip_tests::{fixture::*, packet::*};
+
+/// The VIPs every table runs against.
+struct Services {
+    lb: Lb,
+    web4: VipSpec,
+    dns4: VipSpec,
+    all_ports4: VipSpec,
+    web6: VipSpec,
+    dns6: VipSpec,
+    v4_over_v6: VipSpec,
+    v6_over_v4: VipSpec,
+    affinity4: VipSpec,
+    prefixed4: VipSpec,
+}
+
+fn services() -> Services {
+    let mut lb = Lb::new();
+    lb.backend(0, "198.18.1.1")
+        .backend(1, "198.18.1.2")
+        .backend(2, "198.18.1.3")
+        .backend(3, "fd00:1::1")
+        .backend(4, "fd00:1::2");
+    let web4 = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]);
+    let dns4 = VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]);
+    let all_ports4 = VipSpec::new("198.18.100.2", IPPROTO_TCP, 0, &[0, 1]);
+    let web6 = VipSpec::new("fd00:100::1", IPPROTO_TCP, 443, &[3, 4]);
+    let dns6 = VipSpec::new("fd00:100::1", IPPROTO_UDP, 53, &[3, 4]);
+    let v4_over_v6 = VipSpec::new("198.18.100.3", IPPROTO_TCP, 80, &[3, 4]);
+    let v6_over_v4 = VipSpec::new("fd00:100::3", IPPROTO_TCP, 80, &[0, 1]);
+    let mut affinity4 = VipSpec::new("198.18.100.4", IPPROTO_UDP, 0, &[0, 1, 2]);
+    affinity4.flags = VIP_F_HASH_ADDRS_ONLY;
+    affinity4.hash_port_mask = 0;
+    let mut prefixed4 = VipSpec::new("198.18.100.5", IPPROTO_TCP, 80, &[0, 1, 2]);
+    prefixed4.src_prefix_v4 = Some(([198, 19, 128, 0], 20));
+    let empty4 = VipSpec::new("198.18.100.6", IPPROTO_TCP, 80, &[]);
+    for spec in [
+        &web4,
+        &dns4,
+        &all_ports4,
+        &web6,
+        &dns6,
+        &v4_over_v6,
+        &v6_over_v4,
+        &affinity4,
+        &prefixed4,
+        &empty4,
+    ] {
+        lb.vip(spec);
+    }
+    Services {
+        lb,
+        web4,
+        dns4,
+        all_ports4,
+        web6,
+        dns6,
+        v4_over_v6,
+        v6_over_v4,
+        affinity4,
+        prefixed4,
+    }
+}
+
+/// What a row expects.
+enum Expect<'a> {
+    /// Encapsulated toward the backend Maglev predicts for this VIP.
+    Encap(&'a VipSpec),
+    /// Passed to the stack unchanged.
+    Pass,
+    /// Dropped, and this counter went up by one.
+    Drop(fn(&DatapathStats) -> u64),
+}
+
+struct Row<'a> {
+    name: &'static str,
+    frame: Frame,
+    expect: Expect<'a>,
+}
+
+fn run_table(s: &mut Services, rows: Vec<Row<'_>>) {
+    for row in rows {
+        let input = row.frame.build();
+        let before = s.lb.dataplane.stats().unwrap();
+        let (action, out) = s.lb.run(&input);
+        let after = s.lb.dataplane.stats().unwrap();
+        match row.expect {
+            Expect::Encap(spec) => {
+                assert_eq!(action, XDP_TX, "{}: action", row.name);
+                check_encapsulated(&s.lb, spec, &row.frame, &out, row.name);
+                assert_eq!(after.tx, before.tx + 1, "{}: tx counter", row.name);
+            }
+            Expect::Pass => {
+                assert_eq!(action, XDP_PASS, "{}: action", row.name);
+                assert_eq!(out, input, "{}: passed frame must be unchanged", row.name);
+                assert_eq!(
+                    after.passed,
+                    before.passed + 1,
+                    "{}: passed counter",
+                    row.name
+                );
+            }
+            Expect::Drop(counter) => {
+                assert_eq!(action, XDP_DROP, "{}: action", row.name);
+                assert_eq!(
+                    counter(&after),
+                    counter(&before) + 1,
+                    "{}: drop counter",
+                    row.name
+                );
+            }
+        }
+    }
+}
+
+/// Checks every field of an encapsulated frame against the configuration and the input.
+fn check_encapsulated(lb: &Lb, spec: &VipSpec, frame: &Frame, out: &[u8], name: &str) {
+    let e = decode_encapsulated(out);
+    let (backend, hash) = lb.predict(spec, &frame.flow());
+    let backend_addr = lb.backend_addr(backend);
+    assert_eq!(
+        e.outer_dst, backend_addr,
+        "{name}: outer destination is the Maglev backend"
+    );
+    let expected_src: IpAddr = match (backend_addr, spec.src_prefix_v4) {
+        (IpAddr::V4(_), Some((prefix, bits))) => {
+            let host = u32::MAX >> bits;
+            IpAddr::from(std::net::Ipv4Addr::from(
+                u32::from_be_bytes(prefix) | (hash & host),
+            ))
+        }
+        (IpAddr::V4(_), None) => LB_SRC4.parse().unwrap(),
+        (IpAddr::V6(_), _) => LB_SRC6.parse().unwrap(),
+    };
+    assert_eq!(e.outer_src, expected_src, "{name}: outer source");
+    let expected_proto = if frame.src.is_ipv4() {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    assert_eq!(e.outer_proto, expected_proto, "{name}: outer protocol");
+    assert_eq!(e.outer_ttl, 64, "{name}: outer TTL");
+    assert_eq!(e.outer_tos, frame.tos, "{name}: TOS / traffic class copied");
+    if backend_addr.is_ipv6() {
+        assert_eq!(
+            e.flow_label,
+            Some(hash & 0xfffff),
+            "{name}: flow label from the flow hash"
+        );
+    }
+    assert_eq!(
+        e.dst_mac, GATEWAY_MAC,
+        "{name}: destination MAC is the next hop"
+    );
+    assert_eq!(
+        e.src_mac, LB_MAC,
+        "{name}: source MAC is the egress interface"
+    );
+    assert_eq!(e.vlan, frame.vlan, "{name}: VLAN tag kept");
+    assert_eq!(
+        e.inner,
+        frame.ip_packet(),
+        "{name}: inner packet byte for byte"
+    );
+}
+
+const CLIENT4: &str = "198.18.50.7";
+const CLIENT6: &str = "fd00:50::7";
+
+#[test]
+fn ipv4_tcp_and_udp() {
+    let mut s = services();
+    let (web4, dns4) = (s.web4.clone(), s.dns4.clone());
+    let rows = vec![
+        Row {
+            name: "SYN",
+            frame: Frame::tcp(CLIENT4, 40000, "198.18.100.1", 80, TCP_SYN),
+            expect: Expect::Encap(&web4),
+        },
+        Row {
+            name: "established (ACK, no conntrack entry yet)",
+            frame: Frame::tcp(CLIENT4, 40001, "198.18.100.1", 80, TCP_ACK),
+            expect: Expect::Encap(&web4),
+        },
+        Row {
+            name: "established after SYN",
+            frame: Frame::tcp(CLIENT4, 40000, "198.18.100.1", 80, TCP_ACK),
+            expect: Expect::Encap(&web4),
+        },
+        Row {
+            name: "UDP",
+            frame: Frame::udp(CLIENT4, 5353, "198.18.100.1", 53),
+            expect: Expect::Encap(&dns4),
+        },
+        Row {
+            name: "TOS copied",
+            frame: Frame::tcp(CLIENT4, 40002, "198.18.100.1", 80, TCP_SYN).with_tos(0xb8),
+            expect: Expect::Encap(&web4),
+        },
+        Row {
+            name: "large payload",
+            frame: Frame {
+                payload: vec![0xab; 1400],
+                ..Frame::udp(CLIENT4, 5354, "198.18.100.1", 53)
+            },
+            expect: Expect::Encap(&dns4),
+        },
+    ];
+    run_table(&mut s, rows);
+}
+
+#[test]
+fn ipv6_tcp_and_udp() {
+    let mut s = services();
+    let (web6, dns6) = (s.web6.clone(), s.dns6.clone());
+    run_table(
+        &mut s,
+        vec![
+            Row {
+                name: "IPv6 SYN",
+                frame: Frame::tcp(CLIENT6, 40000, "fd00:100::1", 443, TCP_SYN),
+                expect: Expect::Encap(&web6),
+            },
+            Row {
+                name: "IPv6 established",
+                frame: Frame::tcp(CLIENT6, 40000, "fd00:100::1", 443, TCP_ACK),
+                expect: Expect::Encap(&web6),
+            },
+            Row {
+                name: "IPv6 UDP",
+                frame: Frame::udp(CLIENT6, 5353, "fd00:100::1", 53),
+                expect: Expect::Encap(&dns6),
+            },
+            Row {
+                name: "IPv6 traffic class copied",
+                frame: Frame::tcp(CLIENT6, 40001, "fd00:100::1", 443, TCP_SYN).with_tos(0x2e),
+                expect: Expect::Encap(&web6),
+            },
+        ],
+    );
+}
+
+#[test]
+fn mixed_families() {
+    let mut s = services();
+    let (v4_over_v6, v6_over_v4) = (s.v4_over_v6.clone(), s.v6_over_v4.clone());
+    run_table(
+        &mut s,
+        vec![
+            Row {
+                name: "IPv4 client to IPv6 backends (4in6)",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.3", 80, TCP_SYN).with_tos(0x10),
+                expect: Expect::Encap(&v4_over_v6),
+            },
+            Row {
+                name: "IPv6 client to IPv4 backends (6in4)",
+                frame: Frame::tcp(CLIENT6, 40000, "fd00:100::3", 80, TCP_SYN),
+                expect: Expect::Encap(&v6_over_v4),
+            },
+        ],
+    );
+}
+
+#[test]
+fn vlan_tagged() {
+    let mut s = services();
+    let (web4, web6) = (s.web4.clone(), s.web6.clone());
+    run_table(
+        &mut s,
+        vec![
+            Row {
+                name: "802.1Q IPv4",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.1", 80, TCP_SYN).with_vlan(42),
+                expect: Expect::Encap(&web4),
+            },
+            Row {
+                name: "802.1Q IPv6",
+                frame: Frame::tcp(CLIENT6, 40000, "fd00:100::1", 443, TCP_SYN).with_vlan(4094),
+                expect: Expect::Encap(&web6),
+            },
+            Row {
+                name: "802.1Q not a VIP",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.9", 80, TCP_SYN).with_vlan(42),
+                expect: Expect::Pass,
+            },
+        ],
+    );
+}
+
+#[test]
+fn all_ports_vip() {
+    let mut s = services();
+    let (all, web4) = (s.all_ports4.clone(), s.web4.clone());
+    run_table(
+        &mut s,
+        vec![
+            Row {
+                name: "port 1",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.2", 1, TCP_SYN),
+                expect: Expect::Encap(&all),
+            },
+            Row {
+                name: "port 65535",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.2", 65535, TCP_SYN),
+                expect: Expect::Encap(&all),
+            },
+            Row {
+                name: "UDP to a TCP all-ports VIP",
+                frame: Frame::udp(CLIENT4, 40000, "198.18.100.2", 80),
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "exact port wins over nothing else: web VIP still exact",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.1", 80, TCP_SYN),
+                expect: Expect::Encap(&web4),
+            },
+            Row {
+                name: "other port of a port-specific VIP",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.1", 81, TCP_SYN),
+                expect: Expect::Pass,
+            },
+        ],
+    );
+}
+
+#[test]
+fn not_for_a_vip_passes_untouched() {
+    let mut s = services();
+    let mut arp = ethernet(None, 0x0806, &[0u8; 28]);
+    arp[14] = 0;
+    let icmp_echo = Frame {
+        proto: 1,
+        ..Frame::udp(CLIENT4, 0, "198.18.100.1", 0)
+    };
+    let mut ipv6_ext = Frame::tcp(CLIENT6, 40000, "fd00:100::1", 443, TCP_SYN);
+    ipv6_ext.proto = 0; // hop-by-hop options header
+    let sctp = Frame {
+        proto: 132,
+        ..Frame::udp(CLIENT4, 1, "198.18.100.1", 53)
+    };
+    run_table(
+        &mut s,
+        vec![
+            Row {
+                name: "other address",
+                frame: Frame::tcp(CLIENT4, 40000, "198.18.100.99", 80, TCP_SYN),
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "other protocol on a VIP address (ICMP echo)",
+                frame: icmp_echo,
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "SCTP to a VIP address",
+                frame: sctp,
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "IPv6 extension header",
+                frame: ipv6_ext,
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "IPv6 other address",
+                frame: Frame::udp(CLIENT6, 1, "fd00:100::99", 53),
+                expect: Expect::Pass,
+            },
+        ],
+    );
+    // Frames the builder cannot express: ARP and a non-IP ether type.
+    for (name, frame) in [("ARP", arp), ("LLDP", ethernet(None, 0x88cc, &[1u8; 40]))] {
+        let (action, out) = s.lb.run(&frame);
+        assert_eq!(action, XDP_PASS, "{name}");
+        assert_eq!(out, frame, "{name} unchanged");
+    }
+}
+
+#[test]
+fn fragments_and_options() {
+    let mut s = services();
+    let affinity = s.affinity4.clone();
+    let with_options = Frame {
+        ip_options: vec![1, 1, 1, 0], // NOP NOP NOP EOL
+        ..Frame::tcp(CLIENT4, 40000, "198.18.100.2", 80, TCP_SYN)
+    };
+    let first_fragment = Frame {
+        frag: 0x2000, // MF
+        ..Frame::tcp(CLIENT4, 40000, "198.18.100.2", 80, TCP_SYN)
+    };
+    let later_fragment = Frame {
+        frag: 0x00b9,
+        ..Frame::udp(CLIENT4, 40000, "198.18.100.2", 80)
+    };
+    run_table(
+        &mut s,
+        vec![
+            Row {
+                name: "IP options to a VIP",
+                frame: with_options,
+                expect: Expect::Drop(|st| st.drop_ip_options),
+            },
+            Row {
+                name: "first fragment to a 5-tuple VIP",
+                frame: first_fragment,
+                expect: Expect::Drop(|st| st.drop_fragment),
+            },
+            Row {
+                name: "IP options, not a VIP",
+                frame: Frame {
+                    ip_options: vec![1, 1, 1, 0],
+                    ..Frame::tcp(CLIENT4, 40000, "198.18.100.99", 80, TCP_SYN)
+                },
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "fragment, not a VIP",
+                frame: Frame {
+                    frag: 0x2000,
+                    ..Frame::udp(CLIENT4, 40000, "198.18.100.99", 80)
+                },
+                expect: Expect::Pass,
+            },
+        ],
+    );
+    // Later fragments to a TCP VIP address go unmatched as UDP: the UDP one is not a VIP there.
+    let (action, _) = s.lb.run(&later_fragment.build());
+    assert_eq!(action, XDP_PASS);
+
+    // Source-IP affinity VIP: every fragment of a datagram (first, middle, last) goes to the
+    // same backend as the unfragmented packets of that client.
+    let whole = Frame::udp(CLIENT4, 40000, "198.18.100.4", 9999);
+    let mut outer_dsts = Vec::new();
+    for frag in [0x0000u16, 0x2000, 0x20b9, 0x0172] {
+        let f = Frame {
+            frag,
+            ..whole.clone()
+        };
+        let (action, out) = s.lb.run(&f.build());
+        assert_eq!(action, XDP_TX, "affinity fragment {frag:#x}");
+        check_encapsulated(&s.lb, &affinity, &f, &out, "affinity fragment");
+        outer_dsts.push(decode_encapsulated(&out).outer_dst);
+    }
+    assert!(
+        outer_dsts.windows(2).all(|w| w[0] == w[1]),
+        "{outer_dsts:?}"
+    );
+}
+
+#[test]
+fn icmp_too_big_goes_to_the_flows_backend() {
+    let mut s = services();
+    for (vip, spec, client, cport, vport) in [
+        ("198.18.100.1", s.web4.clone(), CLIENT4, 40123u16, 80u16),
+        ("fd00:100::1", s.web6.clone(), CLIENT6, 40123, 443),
+    ] {
+        let router = if vip.contains(':') {
+            "fd00:99::1"
+        } else {
+            "198.18.99.1"
+        };
+        let frame = too_big(router, vip, vport, client, cport, IPPROTO_TCP);
+        let before = s.lb.dataplane.stats().unwrap();
+        let (action, out) = s.lb.run(&frame);
+        assert_eq!(action, XDP_TX, "{vip}: ICMP too big is forwarded");
+        let e = decode_encapsulated(&out);
+        let client_flow = flow_key(
+            client.parse().unwrap(),
+            cport,
+            vip.parse().unwrap(),
+            vport,
+            IPPROTO_TCP,
+        );
+        let (backend, _) = s.lb.predict(&spec, &client_flow);
+        assert_eq!(
+            e.outer_dst,
+            s.lb.backend_addr(backend),
+            "{vip}: the flow's backend"
+        );
+        assert_eq!(e.inner, frame[14..].to_vec(), "{vip}: ICMP packet intact");
+        let after = s.lb.dataplane.stats().unwrap();
+        assert_eq!(after.icmp_too_big, before.icmp_too_big + 1);
+        // The SYN of that flow goes to the same backend.
+        let syn = Frame::tcp(client, cport, vip, vport, TCP_SYN);
+        let (_, out) = s.lb.run(&syn.build());
+        assert_eq!(decode_encapsulated(&out).outer_dst, e.outer_dst);
+    }
+    // A too-big about a flow of no VIP passes.
+    let frame = too_big("198.18.99.1", "198.18.100.99", 80, CLIENT4, 1, IPPROTO_TCP);
+    assert_eq!(s.lb.run(&frame).0, XDP_PASS);
+}
+
+#[test]
+fn source_prefix_spreads_outer_sources() {
+    let mut s = services();
+    let spec = s.prefixed4.clone();
+    let mut sources = std::collections::HashSet::new();
+    for port in 0..200u16 {
+        let f = Frame::tcp(CLIENT4, 20000 + port, "198.18.100.5", 80, TCP_SYN);
+        let (action, out) = s.lb.run(&f.build());
+        assert_eq!(action, XDP_TX);
+        check_encapsulated(&s.lb, &spec, &f, &out, "prefixed");
+        let IpAddr::V4(src) = decode_encapsulated(&out).outer_src else {
+            panic!("IPv4 outer source expected");
+        };
+        assert_eq!(
+            u32::from(src) >> 12,
+            u32::from_be_bytes([198, 19, 128, 0]) >> 12
+        );
+        sources.insert(src);
+    }
+    // 200 flows over 4096 host addresses: nearly all distinct (a constant source would give 1).
+    assert!(
+        sources.len() > 180,
+        "only {} distinct outer sources",
+        sources.len()
+    );
+}
+
+#[test]
+fn vip_without_backends_drops_and_counts() {
+    let mut s = services();
+    run_table(
+        &mut s,
+        vec![Row {
+            name: "no backend",
+            frame: Frame::tcp(CLIENT4, 40000, "198.18.100.6", 80, TCP_SYN),
+            expect: Expect::Drop(|st| st.drop_no_backend),
+        }],
+    );
+}
+
+#[test]
+fn counters_per_vip_and_backend() {
+    let mut s = services();
+    let vip_id = 0; // web4 was published first
+    let frames: Vec<Frame> = (0..50)
+        .map(|i| Frame::tcp(CLIENT4, 30000 + i, "198.18.100.1", 80, TCP_SYN))
+        .collect();
+    let mut per_backend = [0u64; 3];
+    let mut bytes = 0u64;
+    for f in &frames {
+        let (backend, _) = s.lb.predict(&s.web4, &f.flow());
+        per_backend[backend as usize] += 1;
+        bytes += f.ip_packet().len() as u64;
+        assert_eq!(s.lb.run(&f.build()).0, XDP_TX);
+    }
+    let vip = s.lb.dataplane.vip_traffic(vip_id).unwrap();
+    assert_eq!((vip.packets, vip.bytes), (50, bytes));
+    for (id, want) in per_backend.iter().enumerate() {
+        let got = s.lb.dataplane.backend_traffic(id as u32).unwrap().packets;
+        assert_eq!(got, *want, "backend {id} packets");
+    }
+    let stats = s.lb.dataplane.stats().unwrap();
+    assert_eq!(stats.conntrack_miss, 50);
+}
+
+#[test]
+fn redirect_when_the_next_hop_is_another_interface() {
+    let mut lb = Lb::new();
+    lb.backend_via(0, "198.18.1.1", Some(TEST_RUN_IFINDEX + 1000));
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0]));
+    let f = Frame::tcp(CLIENT4, 40000, "198.18.100.1", 80, TCP_SYN);
+    let (action, out) = lb.run(&f.build());
+    assert_eq!(action, XDP_REDIRECT);
+    assert_eq!(decode_encapsulated(&out).inner, f.ip_packet());
+    assert_eq!(lb.dataplane.stats().unwrap().redirected, 1);
+}
