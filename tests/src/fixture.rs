@@ -1,7 +1,7 @@
 //! A private copy of the real load-balancer program with VIPs and backends, driven through the
 //! agent's own `Dataplane` and `TableSlots`, and a way to run frames through it.
 
-use std::{net::IpAddr, process::Command};
+use std::{cell::RefCell, collections::HashMap, net::IpAddr, process::Command};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use vip_agent::{
@@ -74,6 +74,8 @@ pub struct Lb {
     pub tables: TableSlots,
     pub backends: Vec<(BackendId, IpAddr)>,
     next_vip_id: u32,
+    /// Tables by VIP and backend set: tests predict thousands of flows against the same table.
+    table_cache: RefCell<HashMap<(VipKey, Vec<(BackendId, u32)>), MaglevTable>>,
 }
 
 impl Lb {
@@ -96,6 +98,7 @@ impl Lb {
             tables: TableSlots::new(TABLE_SLOTS),
             backends: Vec::new(),
             next_vip_id: 0,
+            table_cache: RefCell::default(),
         }
     }
 
@@ -148,6 +151,10 @@ impl Lb {
 
     /// The Maglev table for a VIP's backends.
     pub fn table(&self, spec: &VipSpec) -> MaglevTable {
+        let cache_key = (spec.key(), spec.backends.clone());
+        if let Some(table) = self.table_cache.borrow().get(&cache_key) {
+            return table.clone();
+        }
         let members: Vec<MaglevBackend> = spec
             .backends
             .iter()
@@ -157,7 +164,12 @@ impl Lb {
                 id,
             })
             .collect();
-        MaglevTable::build(self.dataplane.options().table_size, &members).expect("valid table")
+        let table =
+            MaglevTable::build(self.dataplane.options().table_size, &members).expect("valid table");
+        self.table_cache
+            .borrow_mut()
+            .insert(cache_key, table.clone());
+        table
     }
 
     /// The backend and flow hash that userspace Maglev predicts for a flow to `spec`.

@@ -1,0 +1,156 @@
+//! Connection tracking: established flows stay on their backend when the table changes; SYNs
+//! take the new table; removed backends are never used; UDP entries expire when idle.
+
+use std::{net::IpAddr, thread, time::Duration};
+
+use vip_common::{IPPROTO_TCP, IPPROTO_UDP};
+use vip_tests::{fixture::*, packet::*};
+
+fn outer_dst(lb: &mut Lb, frame: &Frame) -> IpAddr {
+    let (action, out) = lb.run(&frame.build());
+    assert_eq!(action, XDP_TX, "{frame:?}");
+    decode_encapsulated(&out).outer_dst
+}
+
+fn four_backends(lb: &mut Lb) {
+    lb.backend(0, "198.18.1.1")
+        .backend(1, "198.18.1.2")
+        .backend(2, "198.18.1.3")
+        .backend(3, "198.18.1.4");
+}
+
+#[test]
+fn established_flows_keep_their_backend_after_a_table_change() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    let before = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]);
+    lb.vip(&before);
+    let flows: Vec<Frame> = (0..300)
+        .map(|i| Frame::tcp("198.18.50.1", 10_000 + i, "198.18.100.1", 80, TCP_ACK))
+        .collect();
+    let original: Vec<IpAddr> = flows.iter().map(|f| outer_dst(&mut lb, f)).collect();
+    for f in &flows {
+        let entry = lb
+            .dataplane
+            .conntrack(&f.flow())
+            .unwrap()
+            .expect("conntrack entry");
+        assert!(entry.backend <= 2);
+    }
+
+    // Add a backend: Maglev moves about a quarter of the flows to it.
+    let after = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2, 3]);
+    lb.vip(&after);
+    let moved: Vec<usize> = (0..flows.len())
+        .filter(|&i| lb.backend_addr(lb.predict(&after, &flows[i].flow()).0) != original[i])
+        .collect();
+    assert!(
+        moved.len() > 30,
+        "the new table moves only {} flows",
+        moved.len()
+    );
+    for (f, addr) in flows.iter().zip(&original) {
+        assert_eq!(
+            outer_dst(&mut lb, f),
+            *addr,
+            "established flow moved: {f:?}"
+        );
+    }
+
+    // A SYN on the same 5-tuple is a new connection: it takes the new table, and the flow's
+    // later packets follow it.
+    for &i in &moved {
+        let syn = Frame {
+            tcp_flags: TCP_SYN,
+            ..flows[i].clone()
+        };
+        let new = outer_dst(&mut lb, &syn);
+        assert_ne!(new, original[i]);
+        assert_eq!(new, lb.backend_addr(lb.predict(&after, &syn.flow()).0));
+        assert_eq!(outer_dst(&mut lb, &flows[i]), new);
+    }
+}
+
+#[test]
+fn removed_backend_is_never_used() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    lb.vip(&VipSpec::new(
+        "198.18.100.1",
+        IPPROTO_TCP,
+        80,
+        &[0, 1, 2, 3],
+    ));
+    let flows: Vec<Frame> = (0..200)
+        .map(|i| Frame::tcp("198.18.50.1", 20_000 + i, "198.18.100.1", 80, TCP_SYN))
+        .collect();
+    let removed: IpAddr = "198.18.1.4".parse().unwrap();
+    let original: Vec<IpAddr> = flows.iter().map(|f| outer_dst(&mut lb, f)).collect();
+    assert!(original.iter().filter(|&&a| a == removed).count() > 20);
+
+    // The agent's order: new table without it, then the backend slot is emptied.
+    let after = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]);
+    lb.vip(&after);
+    lb.remove_backend(3);
+    for (f, was) in flows.iter().zip(&original) {
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..f.clone()
+        };
+        let got = outer_dst(&mut lb, &ack);
+        if *was == removed {
+            // Re-hashed onto the new table.
+            assert_eq!(got, lb.backend_addr(lb.predict(&after, &ack.flow()).0));
+        } else {
+            // Untouched by the removal.
+            assert_eq!(got, *was, "a flow of a surviving backend moved");
+        }
+    }
+}
+
+#[test]
+fn udp_entries_expire_when_idle() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    let mut before = VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1]);
+    before.udp_idle_ns = 300_000_000;
+    lb.vip(&before);
+    let flows: Vec<Frame> = (0..200)
+        .map(|i| Frame::udp("198.18.50.1", 30_000 + i, "198.18.100.1", 53))
+        .collect();
+    let original: Vec<IpAddr> = flows.iter().map(|f| outer_dst(&mut lb, f)).collect();
+
+    let mut after = before.clone();
+    after.backends = vec![(2, 1), (3, 1)];
+    lb.vip(&after);
+    // Within the idle time: conntrack keeps every flow where it was.
+    for (f, addr) in flows.iter().zip(&original) {
+        assert_eq!(outer_dst(&mut lb, f), *addr);
+    }
+    // Idle past the timeout (coarse clock: a few ms resolution): flows re-hash to the new table.
+    thread::sleep(Duration::from_millis(600));
+    for f in &flows {
+        let got = outer_dst(&mut lb, f);
+        assert_eq!(got, lb.backend_addr(lb.predict(&after, &f.flow()).0));
+    }
+}
+
+#[test]
+fn tcp_entries_do_not_expire() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    let mut before = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1]);
+    before.udp_idle_ns = 1; // applies to UDP only
+    lb.vip(&before);
+    let flows: Vec<Frame> = (0..100)
+        .map(|i| Frame::tcp("198.18.50.1", 40_000 + i, "198.18.100.1", 80, TCP_ACK))
+        .collect();
+    let original: Vec<IpAddr> = flows.iter().map(|f| outer_dst(&mut lb, f)).collect();
+    let mut after = before.clone();
+    after.backends = vec![(2, 1), (3, 1)];
+    lb.vip(&after);
+    thread::sleep(Duration::from_millis(50));
+    for (f, addr) in flows.iter().zip(&original) {
+        assert_eq!(outer_dst(&mut lb, f), *addr);
+    }
+}
