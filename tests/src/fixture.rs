@@ -68,6 +68,9 @@ impl VipSpec {
     }
 }
 
+/// A VIP and its weighted backend set.
+type TableCacheKey = (VipKey, Vec<(BackendId, u32)>);
+
 /// One loaded copy of the program with its configuration.
 pub struct Lb {
     pub dataplane: Dataplane,
@@ -75,7 +78,7 @@ pub struct Lb {
     pub backends: Vec<(BackendId, IpAddr)>,
     next_vip_id: u32,
     /// Tables by VIP and backend set: tests predict thousands of flows against the same table.
-    table_cache: RefCell<HashMap<(VipKey, Vec<(BackendId, u32)>), MaglevTable>>,
+    table_cache: RefCell<HashMap<TableCacheKey, MaglevTable>>,
 }
 
 impl Lb {
