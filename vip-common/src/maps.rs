@@ -166,9 +166,12 @@ pub struct DatapathStats {
     pub tx: u64,
     /// Encapsulated and redirected to another interface.
     pub redirected: u64,
-    /// Encapsulated, but the kernel has no neighbour (or route) for the backend yet: passed to
-    /// the stack, which resolves it.
-    pub fib_miss_passed: u64,
+    /// Encapsulated toward a backend without a resolved next hop, and the kernel's FIB has no
+    /// neighbour entry for it yet: passed to the stack, which resolves the neighbour.
+    pub no_neighbour_passed: u64,
+    /// As above, but the FIB has no route to the backend, or the ingress interface does not
+    /// forward (`net.ipv4.conf.IFACE.forwarding=0`): passed (the stack drops it too).
+    pub no_route_passed: u64,
     /// A conntrack entry chose the backend.
     pub conntrack_hit: u64,
     /// Maglev chose the backend (and a conntrack entry was written).

@@ -28,6 +28,8 @@ const MAX_L2_LEN: usize = 18;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// The client's packet as the outer header must describe it.
 #[derive(Clone, Copy)]
@@ -49,13 +51,22 @@ impl Inner {
     }
 }
 
+/// Whether the next hop is known.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HopStatus {
+    Resolved,
+    /// The kernel has a route but no neighbour entry yet: it resolves one when given a packet.
+    NoNeighbour,
+    /// The kernel has no route to the backend (or the interface does not forward).
+    NoRoute,
+}
+
 /// Where the frame goes: MACs and the action.
 struct NextHop {
     dst_mac: [u8; 6],
     src_mac: [u8; 6],
     ifindex: u32,
-    /// The kernel has no neighbour or route for it yet.
-    unresolved: bool,
+    status: HopStatus,
 }
 
 /// Encapsulates the packet toward `choice.backend` and sends it.
@@ -92,7 +103,8 @@ pub fn send(
     };
     match verdict {
         None => Verdict::DropNoHeadroom,
-        Some(hop) if hop.unresolved => Verdict::FibMissPass,
+        Some(hop) if hop.status == HopStatus::NoNeighbour => Verdict::NoNeighbourPass,
+        Some(hop) if hop.status == HopStatus::NoRoute => Verdict::NoRoutePass,
         Some(hop) if hop.ifindex as usize == ctx.ingress_ifindex() => Verdict::Tx,
         Some(hop) => {
             // SAFETY: plain helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
@@ -204,7 +216,7 @@ fn resolved(choice: &Choice) -> Option<NextHop> {
         dst_mac: b.dst_mac,
         src_mac: b.src_mac,
         ifindex: b.ifindex,
-        unresolved: false,
+        status: HopStatus::Resolved,
     })
 }
 
@@ -245,19 +257,26 @@ fn fib_params(ctx: &XdpContext, family: u8) -> bpf_fib_lookup {
 
 #[inline(always)]
 fn fib(ctx: &XdpContext, mut params: bpf_fib_lookup) -> NextHop {
+    // An output lookup: the LB originates the outer packet (its own source address), so the
+    // node needs no IP forwarding for it.
     // SAFETY: `params` is a valid, initialised struct on our stack of the size we pass.
     let rc = unsafe {
         fib_lookup(
             ctx.ctx.cast(),
             &mut params,
             size_of::<bpf_fib_lookup>() as i32,
-            0,
+            BPF_FIB_LOOKUP_OUTPUT,
         )
+    };
+    let status = match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => HopStatus::Resolved,
+        BPF_FIB_LKUP_RET_NO_NEIGH => HopStatus::NoNeighbour,
+        _ => HopStatus::NoRoute,
     };
     NextHop {
         dst_mac: params.dmac,
         src_mac: params.smac,
         ifindex: params.ifindex,
-        unresolved: rc != BPF_FIB_LKUP_RET_SUCCESS,
+        status,
     }
 }

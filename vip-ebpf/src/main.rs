@@ -38,8 +38,12 @@ pub fn vip_lb(ctx: XdpContext) -> u32 {
             stats.redirected += 1;
             action
         }
-        Verdict::FibMissPass => {
-            stats.fib_miss_passed += 1;
+        Verdict::NoNeighbourPass => {
+            stats.no_neighbour_passed += 1;
+            xdp_action::XDP_PASS
+        }
+        Verdict::NoRoutePass => {
+            stats.no_route_passed += 1;
             xdp_action::XDP_PASS
         }
         Verdict::DropFragment => {
