@@ -159,9 +159,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(Verdict::Pass);
     }
-    let mut flow = FlowKey::zeroed_for(AddrFamily::V4, ip.proto);
-    flow.src[..4].copy_from_slice(&ip.src);
-    flow.dst[..4].copy_from_slice(&ip.dst);
+    let mut flow = FlowKey::v4(ip.src, ip.dst, ip.proto);
     let fragment = u16::from_be_bytes(ip.frag) & 0x3fff != 0;
     if ip.vihl != 0x45 || fragment {
         return ipv4_irregular(ctx, l3, ip, flow, fragment);
@@ -246,9 +244,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
         return Err(Verdict::Pass);
     }
-    let mut flow = FlowKey::zeroed_for(AddrFamily::V6, ip.next_hdr);
-    flow.src = ip.src;
-    flow.dst = ip.dst;
+    let mut flow = FlowKey::v6(ip.src, ip.dst, ip.next_hdr);
     let Some(syn) = ports_and_syn(ctx, l3 + IPV6_LEN, &mut flow) else {
         return Err(Verdict::Pass);
     };
@@ -302,9 +298,7 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Fixed) -> Parsed {
     let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV4_LEN) else {
         return Err(Verdict::Pass);
     };
-    let mut flow = FlowKey::zeroed_for(AddrFamily::V4, quoted.proto);
-    flow.src[..4].copy_from_slice(&quoted.dst);
-    flow.dst[..4].copy_from_slice(&quoted.src);
+    let mut flow = FlowKey::v4(quoted.dst, quoted.src, quoted.proto);
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
     let Some(meta) = find_vip(&flow) else {
@@ -350,9 +344,7 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Fixed) -> Parsed {
     let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV6_LEN) else {
         return Err(Verdict::Pass);
     };
-    let mut flow = FlowKey::zeroed_for(AddrFamily::V6, quoted.next_hdr);
-    flow.src = quoted.dst;
-    flow.dst = quoted.src;
+    let mut flow = FlowKey::v6(quoted.dst, quoted.src, quoted.next_hdr);
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
     let Some(meta) = find_vip(&flow) else {

@@ -40,6 +40,8 @@ enum Cmd {
     },
     /// rustfmt check and clippy (stable crates, and the eBPF crate on nightly), warnings as errors.
     Lint,
+    /// Measure the datapath with BPF_PROG_TEST_RUN and write BENCHMARKS.md (needs root).
+    Bench,
     /// Build and run the agent with the given arguments (needs root).
     Run {
         #[arg(trailing_var_arg = true)]
@@ -63,6 +65,22 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Lint => lint(),
+        Cmd::Bench => {
+            setup()?;
+            build_ebpf()?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "vip-tests",
+                    "--bin",
+                    "vip-bench",
+                    "--",
+                ])
+                .arg("--output")
+                .arg(workspace().join("BENCHMARKS.md")))
+        }
         Cmd::Run { args } => {
             build()?;
             run(Command::new(workspace().join("target/release/vip-agent")).args(args))

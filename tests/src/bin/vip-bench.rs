@@ -1,0 +1,288 @@
+//! `cargo xtask bench`: ns per packet of the datapath with BPF_PROG_TEST_RUN, written to
+//! BENCHMARKS.md.
+//!
+//! With `repeat`, the kernel runs every iteration on the same buffer, so from the second
+//! iteration on a program would see its own encapsulated output. Each case therefore runs
+//! behind the harness's `bench_restore` wrapper, which copies the input frame back and
+//! tail-calls the program under test. The wrapper's own cost is measured in the same run (the
+//! trivial XDP_TX program with and without the wrapper) and subtracted. Every case's output
+//! after the timed runs is checked against a plain single run of the same frame.
+
+use std::{fmt::Write as _, path::PathBuf, process::Command, time::Duration};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, ProgramArray},
+    programs::{ProgramFd, TestRun as _, TestRunOptions, Xdp},
+};
+use vip_common::{
+    IPPROTO_TCP, IPPROTO_UDP,
+    bench::{
+        BENCH_FLOOR_PROGRAM, BENCH_FRAME, BENCH_FRAME_MAX, BENCH_RESTORE_PROGRAM, BENCH_TARGET,
+        BenchFrame,
+    },
+    layout::DEFAULT_TABLE_SIZE,
+};
+use vip_tests::{fixture::*, packet::*};
+
+/// Iterations per timed run, and timed runs per case (the median is reported).
+const REPEAT: u32 = 200_000;
+const RUNS: usize = 7;
+
+/// Katran's figures measured on this machine kind (ns, net of the wrapper): the targets.
+const KATRAN: [(&str, f64); 4] = [
+    ("TCP SYN to a VIP", 144.0),
+    ("established TCP", 58.0),
+    ("UDP", 82.0),
+    ("non-VIP packet", 16.0),
+];
+
+struct Case {
+    name: &'static str,
+    frame: Vec<u8>,
+    expect_action: u32,
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "TCP SYN to a VIP",
+            frame: Frame::tcp("198.18.50.1", 40000, "198.18.100.1", 80, TCP_SYN).build(),
+            expect_action: XDP_TX,
+        },
+        Case {
+            name: "established TCP",
+            frame: Frame::tcp("198.18.50.1", 40001, "198.18.100.1", 80, TCP_ACK).build(),
+            expect_action: XDP_TX,
+        },
+        Case {
+            name: "UDP",
+            frame: Frame::udp("198.18.50.1", 40002, "198.18.100.1", 53).build(),
+            expect_action: XDP_TX,
+        },
+        Case {
+            name: "IPv6 TCP SYN",
+            frame: Frame::tcp("fd00:50::1", 40000, "fd00:100::1", 443, TCP_SYN).build(),
+            expect_action: XDP_TX,
+        },
+        Case {
+            name: "IPv6 established TCP",
+            frame: Frame::tcp("fd00:50::1", 40001, "fd00:100::1", 443, TCP_ACK).build(),
+            expect_action: XDP_TX,
+        },
+        Case {
+            name: "non-VIP packet",
+            frame: Frame::tcp("198.18.50.1", 40000, "198.18.200.1", 80, TCP_ACK).build(),
+            expect_action: XDP_PASS,
+        },
+    ]
+}
+
+/// One timed run: mean ns per iteration as the kernel reports it, and the last output.
+fn timed(prog: &mut Xdp, frame: &[u8], repeat: u32) -> (f64, u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (duration_ns(r.duration), r.return_value, out)
+}
+
+fn duration_ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn set_frame(frames: &mut Array<aya::maps::MapData, BenchFrame>, frame: &[u8]) {
+    assert!(frame.len() <= BENCH_FRAME_MAX);
+    let mut f = BenchFrame {
+        len: frame.len() as u32,
+        _pad: 0,
+        bytes: [0; BENCH_FRAME_MAX],
+    };
+    f.bytes[..frame.len()].copy_from_slice(frame);
+    frames.set(0, f, 0).expect("write BENCH_FRAME");
+}
+
+fn main() {
+    let output = std::env::args()
+        .skip_while(|a| a != "--output")
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"));
+    vip_tests::require_root();
+
+    let mut lb = Lb::with_table_size(DEFAULT_TABLE_SIZE);
+    lb.backend(0, "198.18.1.1")
+        .backend(1, "198.18.1.2")
+        .backend(2, "198.18.1.3")
+        .backend(3, "fd00:1::1")
+        .backend(4, "fd00:1::2");
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]));
+    lb.vip(&VipSpec::new("fd00:100::1", IPPROTO_TCP, 443, &[3, 4]));
+
+    let mut harness = EbpfLoader::new()
+        .load(vip_agent::object::bench_harness())
+        .expect("load the harness object");
+    for name in [BENCH_RESTORE_PROGRAM, BENCH_FLOOR_PROGRAM] {
+        let p: &mut Xdp = harness
+            .program_mut(name)
+            .expect(name)
+            .try_into()
+            .expect("XDP");
+        p.load().expect("verifier accepts the harness");
+    }
+    let floor_fd: ProgramFd = {
+        let p: &Xdp = harness
+            .program(BENCH_FLOOR_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        p.fd().unwrap().try_clone().unwrap()
+    };
+    let lb_fd: ProgramFd = lb
+        .dataplane
+        .program()
+        .unwrap()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap();
+    let mut targets: ProgramArray<aya::maps::MapData> =
+        ProgramArray::try_from(harness.take_map(BENCH_TARGET).unwrap()).unwrap();
+    let mut frames: Array<aya::maps::MapData, BenchFrame> =
+        Array::try_from(harness.take_map(BENCH_FRAME).unwrap()).unwrap();
+
+    // Floor and wrapper cost, measured between cases too so drift shows in the medians.
+    let floor_frame = cases()[0].frame.clone();
+    let mut floor_direct = Vec::new();
+    let mut floor_wrapped = Vec::new();
+    let mut measure_floor =
+        |harness: &mut aya::Ebpf,
+         frames: &mut Array<aya::maps::MapData, BenchFrame>,
+         targets: &mut ProgramArray<aya::maps::MapData>| {
+            let floor: &mut Xdp = harness
+                .program_mut(BENCH_FLOOR_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            floor_direct.push(timed(floor, &floor_frame, REPEAT).0);
+            set_frame(frames, &floor_frame);
+            targets.set(0, &floor_fd, 0).unwrap();
+            let wrapper: &mut Xdp = harness
+                .program_mut(BENCH_RESTORE_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let (ns, action, out) = timed(wrapper, &floor_frame, REPEAT);
+            assert_eq!(
+                (action, &out),
+                (XDP_TX, &floor_frame),
+                "floor through the wrapper"
+            );
+            floor_wrapped.push(ns);
+        };
+
+    let mut results = Vec::new();
+    for case in cases() {
+        // The reference: one plain run (this also creates the conntrack entry of
+        // "established" cases, as their first packet would).
+        let (want_action, want_out) = lb.run(&case.frame);
+        assert_eq!(want_action, case.expect_action, "{}", case.name);
+        let (_, again) = lb.run(&case.frame);
+        assert_eq!(again, want_out, "{}: deterministic output", case.name);
+
+        let mut samples = Vec::new();
+        for _ in 0..RUNS {
+            measure_floor(&mut harness, &mut frames, &mut targets);
+            set_frame(&mut frames, &case.frame);
+            targets.set(0, &lb_fd, 0).unwrap();
+            let wrapper: &mut Xdp = harness
+                .program_mut(BENCH_RESTORE_PROGRAM)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            let (ns, action, out) = timed(wrapper, &case.frame, REPEAT);
+            assert_eq!(
+                action, want_action,
+                "{}: action of the timed runs",
+                case.name
+            );
+            assert_eq!(out, want_out, "{}: output of the timed runs", case.name);
+            samples.push(ns);
+        }
+        results.push((case.name, median(samples)));
+    }
+    let direct = median(floor_direct);
+    let wrapped = median(floor_wrapped);
+    let wrapper_cost = wrapped - direct;
+
+    let mut md = String::new();
+    writeln!(md, "# Benchmarks\n").unwrap();
+    writeln!(md, "Command: `cargo xtask bench` (run as root).  ").unwrap();
+    writeln!(md, "Date: {}  ", shell("date -u +%Y-%m-%dT%H:%M:%SZ")).unwrap();
+    writeln!(
+        md,
+        "Machine: {} cores, {}, Linux {}\n",
+        shell("nproc"),
+        shell("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs"),
+        shell("uname -r")
+    )
+    .unwrap();
+    writeln!(md, "## Datapath: ns per packet (BPF_PROG_TEST_RUN)\n").unwrap();
+    writeln!(
+        md,
+        "Median of {RUNS} runs of {REPEAT} iterations each, behind the input-restoring wrapper, \
+         net of the wrapper's own cost (measured in the same run: trivial XDP_TX program \
+         {wrapped:.1} ns wrapped, {direct:.1} ns direct, so {wrapper_cost:.1} ns subtracted). \
+         Maglev table size {DEFAULT_TABLE_SIZE}; the output of the timed runs is checked against \
+         a plain run.\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| case | vip ns | Katran target ns | vs target | vs XDP_TX floor |"
+    )
+    .unwrap();
+    writeln!(md, "|---|---:|---:|---:|---:|").unwrap();
+    writeln!(
+        md,
+        "| trivial XDP_TX program (floor) | {direct:.1} | | | 1.0x |"
+    )
+    .unwrap();
+    for (name, ns) in &results {
+        let net = ns - wrapper_cost;
+        let target = KATRAN.iter().find(|(n, _)| n == name).map(|(_, t)| *t);
+        let (target_s, ratio_s) = match target {
+            Some(t) => (format!("{t:.0}"), format!("{:.2}x", net / t)),
+            None => (String::new(), String::new()),
+        };
+        writeln!(
+            md,
+            "| {name} | {net:.1} | {target_s} | {ratio_s} | {:.1}x |",
+            net / direct.max(0.1)
+        )
+        .unwrap();
+    }
+    print!("{md}");
+    std::fs::write(&output, md).expect("write BENCHMARKS.md");
+    eprintln!("wrote {}", output.display());
+}
+
+fn shell(cmd: &str) -> String {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
