@@ -12,7 +12,7 @@
 use std::{net::IpAddr, vec, vec::Vec};
 
 use crate::{
-    hash::backend_hash,
+    hash::{backend_hash, maglev_slot},
     maps::{BackendId, NO_BACKEND, addr_bytes},
 };
 
@@ -42,7 +42,8 @@ pub enum MaglevError {
     DuplicateBackend(IpAddr),
 }
 
-/// A complete Maglev lookup table: slot `i` holds the backend for flows with `hash % len == i`.
+/// A complete Maglev lookup table: slot `i` holds the backend for flows whose hash maps to `i`
+/// (see [`maglev_slot`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MaglevTable {
     slots: Vec<BackendId>,
@@ -114,7 +115,7 @@ impl MaglevTable {
 
     /// The backend for a flow hash, as the datapath computes it.
     pub fn lookup(&self, hash: u32) -> BackendId {
-        self.slots[(hash % self.slots.len() as u32) as usize]
+        self.slots[maglev_slot(hash, self.slots.len() as u32) as usize]
     }
 
     /// Slots held by `id`.

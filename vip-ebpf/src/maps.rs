@@ -2,6 +2,7 @@
 //! every map except `CONNTRACK` and the counters, which only the datapath writes.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -28,10 +29,16 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 pub static MAGLEV: Array<BackendId, { (DEFAULT_TABLE_SLOTS * DEFAULT_TABLE_SIZE) as usize }> =
     Array::new();
 
-/// Connection tracking: flow to backend. Written by the datapath; LRU evicts idle flows.
+/// Connection tracking: flow to backend. Written by the datapath; LRU evicts idle flows. The
+/// LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no lock shared
+/// with other CPUs; entries are still visible from every CPU.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry, { DEFAULT_CONNTRACK_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static CONNTRACK: LruHashMap<
+    FlowKey,
+    ConnEntry,
+    { DEFAULT_CONNTRACK_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 /// What happened to packets, per CPU.
 #[btf_map]

@@ -3,7 +3,8 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use vip_common::{
     BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, IPPROTO_UDP,
-    TrafficCounters, VipMeta, hash::flow_hash,
+    TrafficCounters, VipMeta,
+    hash::{flow_hash, maglev_slot},
 };
 
 use crate::maps::{BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, MAGLEV, VIP_STATS};
@@ -60,8 +61,6 @@ pub fn backend(
     stats: &mut DatapathStats,
 ) -> Option<Choice> {
     let hash = flow_hash(flow, meta.hash_port_mask);
-    // SAFETY: plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if matches!(
         policy,
         ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
@@ -70,12 +69,16 @@ pub fn backend(
         // SAFETY: a map value pointer stays valid for this program run; racing writers of the
         // same flow on other CPUs can only store another valid backend id or time.
         let entry = unsafe { &mut *entry };
-        let fresh = policy != ConnPolicy::TrackIdle
-            || now.wrapping_sub(entry.last_seen_ns) <= meta.udp_idle_ns;
-        if fresh && let Some(backend) = usable(entry.backend) {
-            if policy == ConnPolicy::TrackIdle {
+        // Only UDP entries age, so only UDP pays for reading the clock on a hit.
+        let fresh = policy != ConnPolicy::TrackIdle || {
+            let now = now();
+            let fresh = now.wrapping_sub(entry.last_seen_ns) <= meta.udp_idle_ns;
+            if fresh {
                 entry.last_seen_ns = now;
             }
+            fresh
+        };
+        if fresh && let Some(backend) = usable(entry.backend) {
             stats.conntrack_hit += 1;
             return Some(Choice {
                 id: entry.backend,
@@ -92,7 +95,7 @@ pub fn backend(
     let slot = meta
         .table
         .wrapping_mul(table_size)
-        .wrapping_add(hash % table_size);
+        .wrapping_add(maglev_slot(hash, table_size));
     let id = *MAGLEV.get(slot)?;
     let backend = usable(id)?;
     if matches!(
@@ -102,7 +105,7 @@ pub fn backend(
         let entry = ConnEntry {
             backend: id,
             _pad: 0,
-            last_seen_ns: now,
+            last_seen_ns: now(),
         };
         // A full LRU evicts its oldest entry; an error here only costs the next packet a re-hash,
         // which picks the same backend while the table is unchanged.
@@ -110,6 +113,12 @@ pub fn backend(
     }
     stats.conntrack_miss += 1;
     Some(Choice { id, backend, hash })
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: plain helper call without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Adds one packet of `bytes` to the VIP's and the backend's counters.
