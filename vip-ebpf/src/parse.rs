@@ -6,6 +6,12 @@
 //! dropped and counted, never sent anywhere but a configured backend.
 
 use aya_ebpf::programs::XdpContext;
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 use vip_common::{
     AddrFamily, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
@@ -18,13 +24,13 @@ use crate::{
     select::{self, ConnPolicy},
 };
 
-const ETH_LEN: usize = 14;
+const ETH_LEN: usize = EthHdr::LEN;
 const VLAN_ETH_LEN: usize = 18;
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
-const IPV4_LEN: usize = 20;
-const IPV6_LEN: usize = 40;
-const TCP_LEN: usize = 20;
-const UDP_LEN: usize = 8;
+const IPV4_LEN: usize = Ipv4Hdr::LEN;
+const IPV6_LEN: usize = Ipv6Hdr::LEN;
+const TCP_LEN: usize = TcpHdr::LEN;
+const UDP_LEN: usize = UdpHdr::LEN;
 const ICMP_LEN: usize = 8;
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
@@ -47,38 +53,10 @@ pub enum Verdict {
     DropNoHeadroom,
 }
 
-/// IPv4 header fields the load balancer uses.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Ipv4Fixed {
-    vihl: u8,
-    tos: u8,
-    tot_len: [u8; 2],
-    id: [u8; 2],
-    frag: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    src: [u8; 4],
-    dst: [u8; 4],
-}
-
-/// IPv6 fixed header.
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct Ipv6Fixed {
-    vcf: [u8; 4],
-    payload_len: [u8; 2],
-    next_hdr: u8,
-    hop_limit: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-impl Ipv6Fixed {
-    fn traffic_class(&self) -> u8 {
-        (self.vcf[0] << 4) | (self.vcf[1] >> 4)
-    }
+/// IPv6 traffic class, the field the outer header copies.
+#[inline(always)]
+fn traffic_class(ip: &Ipv6Hdr) -> u8 {
+    (ip.vcf[0] << 4) | (ip.vcf[1] >> 4)
 }
 
 #[inline(always)]
@@ -147,7 +125,7 @@ fn min_l4_len(proto: u8) -> usize {
 
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
-    let Some(ip) = header::<Ipv4Fixed>(ctx, l3) else {
+    let Some(ip) = header::<Ipv4Hdr>(ctx, l3) else {
         return Err(Verdict::Pass);
     };
     if ip.vihl >> 4 != 4 {
@@ -159,8 +137,8 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(Verdict::Pass);
     }
-    let mut flow = FlowKey::v4(ip.src, ip.dst, ip.proto);
-    let fragment = u16::from_be_bytes(ip.frag) & 0x3fff != 0;
+    let mut flow = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
+    let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
     if ip.vihl != 0x45 || fragment {
         return ipv4_irregular(ctx, l3, ip, flow, fragment);
     }
@@ -198,7 +176,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
 fn ipv4_irregular(
     ctx: &XdpContext,
     l3: usize,
-    ip: &Ipv4Fixed,
+    ip: &Ipv4Hdr,
     flow: FlowKey,
     fragment: bool,
 ) -> Parsed {
@@ -231,7 +209,7 @@ fn ipv4_irregular(
 
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
-    let Some(ip) = header::<Ipv6Fixed>(ctx, l3) else {
+    let Some(ip) = header::<Ipv6Hdr>(ctx, l3) else {
         return Err(Verdict::Pass);
     };
     if ip.vcf[0] >> 4 != 6 {
@@ -244,7 +222,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
         return Err(Verdict::Pass);
     }
-    let mut flow = FlowKey::v6(ip.src, ip.dst, ip.next_hdr);
+    let mut flow = FlowKey::v6(ip.src_addr, ip.dst_addr, ip.next_hdr);
     let Some(syn) = ports_and_syn(ctx, l3 + IPV6_LEN, &mut flow) else {
         return Err(Verdict::Pass);
     };
@@ -258,7 +236,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     let policy = ConnPolicy::for_packet(ip.next_hdr, syn);
     let inner = Inner {
         len: (IPV6_LEN + payload_len) as u16,
-        tos: ip.traffic_class(),
+        tos: traffic_class(ip),
         family: AddrFamily::V6,
     };
     Ok(Forward {
@@ -273,7 +251,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
 /// ICMP "fragmentation needed" about a packet a backend sent from a VIP: it goes to the backend
 /// that owns the flow, found from the quoted header (reversed: the client's view of the flow).
 #[inline(always)]
-fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Fixed) -> Parsed {
+fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
     const ICMP: usize = IPV4_LEN;
     const QUOTED: usize = ICMP + ICMP_LEN;
     if ip.vihl != 0x45 {
@@ -285,12 +263,12 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Fixed) -> Parsed {
     if icmp != [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED] {
         return Err(Verdict::Pass);
     }
-    let Some(quoted) = header::<Ipv4Fixed>(ctx, l3 + QUOTED) else {
+    let Some(quoted) = header::<Ipv4Hdr>(ctx, l3 + QUOTED) else {
         return Err(Verdict::Pass);
     };
     // The quoted packet was sent by a backend from the VIP to the client.
     if quoted.vihl != 0x45
-        || quoted.src != ip.dst
+        || quoted.src_addr != ip.dst_addr
         || (quoted.proto != IPPROTO_TCP && quoted.proto != IPPROTO_UDP)
     {
         return Err(Verdict::Pass);
@@ -298,7 +276,7 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Fixed) -> Parsed {
     let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV4_LEN) else {
         return Err(Verdict::Pass);
     };
-    let mut flow = FlowKey::v4(quoted.dst, quoted.src, quoted.proto);
+    let mut flow = FlowKey::v4(quoted.dst_addr, quoted.src_addr, quoted.proto);
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
     let Some(meta) = find_vip(&flow) else {
@@ -324,7 +302,7 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Fixed) -> Parsed {
 
 /// ICMPv6 "packet too big": as [`icmp4_too_big`].
 #[inline(always)]
-fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Fixed) -> Parsed {
+fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
     const QUOTED: usize = IPV6_LEN + ICMP_LEN;
     let Some(icmp_type) = read::<u8>(ctx, l3 + IPV6_LEN) else {
         return Err(Verdict::Pass);
@@ -332,11 +310,11 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Fixed) -> Parsed {
     if icmp_type != ICMPV6_PKT_TOOBIG {
         return Err(Verdict::Pass);
     }
-    let Some(quoted) = header::<Ipv6Fixed>(ctx, l3 + QUOTED) else {
+    let Some(quoted) = header::<Ipv6Hdr>(ctx, l3 + QUOTED) else {
         return Err(Verdict::Pass);
     };
     if quoted.vcf[0] >> 4 != 6
-        || quoted.src != ip.dst
+        || quoted.src_addr != ip.dst_addr
         || (quoted.next_hdr != IPPROTO_TCP && quoted.next_hdr != IPPROTO_UDP)
     {
         return Err(Verdict::Pass);
@@ -344,7 +322,7 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Fixed) -> Parsed {
     let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV6_LEN) else {
         return Err(Verdict::Pass);
     };
-    let mut flow = FlowKey::v6(quoted.dst, quoted.src, quoted.next_hdr);
+    let mut flow = FlowKey::v6(quoted.dst_addr, quoted.src_addr, quoted.next_hdr);
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
     let Some(meta) = find_vip(&flow) else {
@@ -356,7 +334,7 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Fixed) -> Parsed {
     }
     let inner = Inner {
         len: (IPV6_LEN + payload_len) as u16,
-        tos: ip.traffic_class(),
+        tos: traffic_class(ip),
         family: AddrFamily::V6,
     };
     Ok(Forward {
