@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use vip_common::{
     Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
@@ -55,6 +59,12 @@ pub enum DataplaneError {
     },
     #[error("Maglev table has {got} slots, the datapath was loaded with {want}")]
     TableSize { got: usize, want: u32 },
+    #[error("XDP link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("table slot {slot} out of range (0..{slots})")]
     TableSlot { slot: u32, slots: u32 },
 }
@@ -170,21 +180,65 @@ impl Dataplane {
         Ok(prog)
     }
 
-    /// Attaches to `iface` in driver mode, falling back to generic mode; returns the mode used.
-    pub fn attach(&mut self, iface: &str) -> Result<XdpMode> {
+    /// Attaches to `iface`, trying `modes` in order, so that the attachment survives the agent:
+    /// the XDP link is pinned at `<pin_dir>/links/xdp_<iface>`. If that pin exists (a running
+    /// datapath from an earlier agent), the link is switched to this program atomically, with
+    /// no packet unhandled. Returns the mode used, or `None` when an existing link was switched.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        modes: &[XdpMode],
+        pin_dir: &Path,
+    ) -> Result<Option<XdpMode>> {
+        let link_path = link_pin_path(pin_dir, iface);
+        let program_err = |source| DataplaneError::Program {
+            program: layout::LB_PROGRAM,
+            source,
+        };
         let prog = self.program()?;
-        match prog.attach(iface, XdpMode::Driver) {
-            Ok(_) => Ok(XdpMode::Driver),
-            Err(driver_err) => {
-                tracing::warn!(%iface, error = %driver_err, "driver-mode XDP failed, using generic mode");
-                prog.attach(iface, XdpMode::Skb)
-                    .map(|_| XdpMode::Skb)
-                    .map_err(|source| DataplaneError::Program {
-                        program: layout::LB_PROGRAM,
-                        source,
-                    })
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path).map_err(|source| {
+                DataplaneError::Link {
+                    path: link_path.clone(),
+                    source: source.into(),
+                }
+            })?;
+            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                DataplaneError::Link {
+                    path: link_path.clone(),
+                    source: source.into(),
+                }
+            })?;
+            prog.attach_to_link(link).map_err(program_err)?;
+            return Ok(None);
+        }
+        let mut last_err = None;
+        for &mode in modes {
+            match prog.attach(iface, mode) {
+                Ok(id) => {
+                    let link = prog.take_link(id).map_err(program_err)?;
+                    let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
+                        path: link_path.clone(),
+                        source: source.into(),
+                    })?;
+                    std::fs::create_dir_all(link_path.parent().expect("has a parent"))
+                        .map_err(|e| DataplaneError::Link {
+                            path: link_path.clone(),
+                            source: e.into(),
+                        })?;
+                    fd_link.pin(&link_path).map_err(|source| DataplaneError::Link {
+                        path: link_path.clone(),
+                        source: source.into(),
+                    })?;
+                    return Ok(Some(mode));
+                }
+                Err(e) => {
+                    tracing::warn!(%iface, ?mode, error = %e, "XDP attach failed");
+                    last_err = Some(e);
+                }
             }
         }
+        Err(program_err(last_err.expect("at least one attach mode")))
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
@@ -260,6 +314,37 @@ impl Dataplane {
         vips.remove(key).map_err(map_err(layout::VIPS))
     }
 
+    /// Every VIP in the map.
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
+        let vips: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
+        vips.iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err(layout::VIPS))
+    }
+
+    /// Every present backend slot.
+    pub fn backends(&self) -> Result<Vec<(BackendId, Backend)>> {
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(self.map(layout::BACKENDS)?).map_err(map_err(layout::BACKENDS))?;
+        let mut out = Vec::new();
+        for (id, b) in backends.iter().enumerate() {
+            let b = b.map_err(map_err(layout::BACKENDS))?;
+            if b.flags & vip_common::BACKEND_F_PRESENT != 0 {
+                out.push((id as BackendId, b));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every connection-tracking entry (a snapshot; the datapath keeps changing it).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>> {
+        let map: HashMap<&MapData, FlowKey, ConnEntry> =
+            HashMap::try_from(self.map(layout::CONNTRACK)?).map_err(map_err(layout::CONNTRACK))?;
+        // Entries evicted during the walk show up as errors: skip them.
+        Ok(map.iter().filter_map(|e| e.ok()).collect())
+    }
+
     /// Global outcome counters, summed over CPUs.
     pub fn stats(&self) -> Result<DatapathStats> {
         let map: PerCpuArray<&MapData, DatapathStats> =
@@ -294,6 +379,36 @@ impl Dataplane {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(layout::CONNTRACK)(e)),
         }
+    }
+}
+
+/// Where the XDP link of `iface` is pinned.
+pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("xdp_{iface}"))
+}
+
+/// Removes vip from the node: unpins every XDP link under `pin_dir` (which detaches the
+/// program) and every map pin. Returns the interfaces detached.
+pub fn detach_all(pin_dir: &Path) -> std::io::Result<Vec<String>> {
+    let mut detached = Vec::new();
+    let links = pin_dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            std::fs::remove_file(entry.path())?;
+            detached.push(name.trim_start_matches("xdp_").to_owned());
+        }
+        std::fs::remove_dir(&links)?;
+    }
+    for l in LAYOUT.iter() {
+        match std::fs::remove_file(pin_dir.join(l.name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(detached),
     }
 }
 

@@ -1,6 +1,9 @@
 //! vip-agent as a library: the loader and map writer shared by the agent binary, the tests and
 //! the benchmarks, so all of them drive the datapath through the same code.
 
+pub mod balancer;
+pub mod config;
 pub mod dataplane;
+pub mod nexthop;
 pub mod object;
 pub mod tables;

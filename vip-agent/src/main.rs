@@ -1,1 +1,324 @@
-fn main() {}
+//! `vip-agent`: runs vip's datapath on a load-balancer node, and looks inside it.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+use vip_agent::{
+    balancer::Balancer,
+    config::{self, AttachMode, Config},
+    dataplane::{Dataplane, DataplaneOptions, detach_all},
+    nexthop::Resolver,
+};
+use vip_common::{
+    addr_from_bytes,
+    maglev::{MaglevBackend, MaglevTable},
+};
+
+#[derive(Parser)]
+#[command(version, about = "vip: an XDP layer-4 load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the datapath, apply the config, and keep it current.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// On exit, detach the program and remove pins (a plain exit leaves the datapath
+        /// forwarding).
+        #[arg(long)]
+        cleanup: bool,
+        /// Run inside this network namespace (`ip netns` name), for labs. Pins stay in the
+        /// host's bpffs.
+        #[arg(long)]
+        netns: Option<String>,
+    },
+    /// Validate a config file without touching the system.
+    CheckConfig { file: PathBuf },
+    /// Detach the datapath from every interface and remove its pins.
+    Detach {
+        #[arg(long, default_value = "/sys/fs/bpf/vip")]
+        pin_dir: PathBuf,
+    },
+    /// Show VIPs, backends and counters from the pinned maps.
+    Status {
+        #[arg(long, default_value = "/sys/fs/bpf/vip")]
+        pin_dir: PathBuf,
+        /// Table size and slots the datapath was loaded with (from its config).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Maglev table statistics for a backend set: `--backend ADDR[:WEIGHT]`.
+    Maglev {
+        #[arg(long, default_value_t = vip_common::layout::DEFAULT_TABLE_SIZE)]
+        size: u32,
+        #[arg(long = "backend", required = true)]
+        backends: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Run {
+            config,
+            cleanup,
+            netns,
+        } => {
+            let cfg = config::load(&config)?;
+            if let Some(ns) = netns {
+                // Before the runtime exists: its threads inherit this thread's namespace.
+                enter_netns(&ns)?;
+            }
+            tokio::runtime::Runtime::new()?.block_on(run(config, cfg, cleanup))
+        }
+        Command::CheckConfig { file } => {
+            let cfg = config::load(&file)?;
+            println!(
+                "{}: ok ({} VIPs, {} backends)",
+                file.display(),
+                cfg.vips.len(),
+                cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>()
+            );
+            Ok(())
+        }
+        Command::Detach { pin_dir } => {
+            let ifaces = detach_all(&pin_dir)
+                .with_context(|| format!("removing pins under {}", pin_dir.display()))?;
+            println!("detached from {:?}; removed {}", ifaces, pin_dir.display());
+            Ok(())
+        }
+        Command::Status { pin_dir, config } => status(&pin_dir, config.as_deref()),
+        Command::Maglev { size, backends } => maglev(size, &backends),
+    }
+}
+
+fn enter_netns(name: &str) -> Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("network namespace {name} ({})", path.display()))?;
+    // SAFETY: setns on a valid namespace fd; affects only this (still single) thread.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        bail!("setns({name}): {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn options(cfg: &Config) -> DataplaneOptions {
+    DataplaneOptions {
+        table_size: cfg.node.table_size,
+        table_slots: cfg.node.table_slots,
+        conntrack_entries: cfg.node.conntrack_entries,
+        pin_dir: Some(cfg.node.pin_dir.clone()),
+    }
+}
+
+fn attach_modes(mode: AttachMode) -> &'static [XdpMode] {
+    match mode {
+        AttachMode::Native => &[XdpMode::Driver],
+        AttachMode::Generic => &[XdpMode::Skb],
+        AttachMode::Auto => &[XdpMode::Driver, XdpMode::Skb],
+    }
+}
+
+/// bpf_fib_lookup answers only on interfaces that forward, and packets the datapath passes to
+/// the stack for neighbour resolution are forwarded by it: an LB uplink must forward.
+fn enable_forwarding(iface: &str) -> Result<()> {
+    for family in ["ipv4", "ipv6"] {
+        let knob = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
+        if std::fs::read_to_string(&knob).map(|v| v.trim() != "1").unwrap_or(true) {
+            std::fs::write(&knob, "1").with_context(|| format!("enabling {knob}"))?;
+            info!(%knob, "enabled forwarding");
+        }
+    }
+    Ok(())
+}
+
+async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
+    let dataplane = Dataplane::load(options(&cfg)).context("loading the datapath")?;
+    let mut balancer = Balancer::new(dataplane);
+    let adopted = balancer.adopt_pinned_state()?;
+    if adopted > 0 {
+        info!(entries = adopted, "took over pinned state from an earlier agent");
+    }
+    let resolver = Resolver::new()?;
+    let backends: Vec<IpAddr> = all_backends(&cfg);
+    balancer.set_next_hops(resolver.resolve_all(&backends).await?)?;
+    let report = balancer.apply(&cfg)?;
+    info!(?report, "config applied");
+    for iface in &cfg.node.interfaces {
+        enable_forwarding(iface)?;
+        let mode = balancer
+            .dataplane_mut()
+            .attach_pinned(iface, attach_modes(cfg.node.attach), &cfg.node.pin_dir)
+            .with_context(|| format!("attaching XDP to {iface}"))?;
+        match mode {
+            None => info!(%iface, "switched the running datapath to this program (no gap)"),
+            Some(XdpMode::Skb) => warn!(%iface, "attached in generic mode: the driver has no native XDP"),
+            Some(mode) => info!(%iface, ?mode, "attached"),
+        }
+    }
+
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => match config::load(&path) {
+                Ok(new) if new.node != cfg.node => {
+                    error!("node settings changed: they need a restart; nothing applied");
+                }
+                Ok(new) => match balancer.apply(&new) {
+                    Ok(report) => {
+                        info!(?report, "reloaded");
+                        cfg = new;
+                    }
+                    Err(e) => error!(error = %e, "reload failed part way; fix and reload again"),
+                },
+                Err(e) => error!(error = %e, "reload rejected; the running config stays"),
+            },
+            _ = refresh.tick() => {
+                match resolver.resolve_all(&all_backends(&cfg)).await {
+                    Ok(hops) => match balancer.set_next_hops(hops) {
+                        Ok(0) => {}
+                        Ok(n) => info!(backends = n, "next hops updated"),
+                        Err(e) => error!(error = %e, "writing next hops"),
+                    },
+                    Err(e) => warn!(error = %e, "resolving next hops"),
+                }
+            }
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+    if cleanup {
+        drop(balancer);
+        let ifaces = detach_all(&cfg.node.pin_dir)?;
+        info!(?ifaces, "detached and removed pins");
+    } else {
+        info!("stopping; the datapath keeps forwarding (use --cleanup or `vip-agent detach` to remove it)");
+    }
+    Ok(())
+}
+
+fn all_backends(cfg: &Config) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = cfg
+        .vips
+        .iter()
+        .flat_map(|v| v.backends.iter().map(|b| b.address))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+fn status(pin_dir: &Path, config: Option<&Path>) -> Result<()> {
+    let mut options = DataplaneOptions {
+        pin_dir: Some(pin_dir.to_owned()),
+        ..DataplaneOptions::default()
+    };
+    if let Some(path) = config {
+        options = self::options(&config::load(path)?);
+    }
+    if !pin_dir.join(vip_common::layout::VIPS).exists() {
+        bail!("no vip datapath pinned under {}", pin_dir.display());
+    }
+    let dp = Dataplane::load(options).context(
+        "opening the pinned maps (pass --config if the datapath runs with a non-default table size)",
+    )?;
+    let s = dp.stats()?;
+    println!("datapath: {} passed, {} tx, {} redirected, {} conntrack hits, {} misses", s.passed, s.tx, s.redirected, s.conntrack_hit, s.conntrack_miss);
+    println!(
+        "  drops: {} fragments, {} ip options, {} malformed, {} no backend, {} no headroom; passed for resolution: {} no neighbour, {} no route",
+        s.drop_fragment, s.drop_ip_options, s.drop_malformed, s.drop_no_backend, s.drop_no_headroom, s.no_neighbour_passed, s.no_route_passed
+    );
+    println!("VIPs:");
+    for (key, meta) in dp.vips()? {
+        let t = dp.vip_traffic(meta.vip_id)?;
+        let addr = addr_from_bytes(&key.addr, key.family).map_or("?".into(), |a| a.to_string());
+        let port = u16::from_be_bytes(key.port);
+        println!(
+            "  {addr} proto {} port {} -> table slot {}: {} packets, {} bytes",
+            key.proto,
+            if port == 0 { "*".into() } else { port.to_string() },
+            meta.table,
+            t.packets,
+            t.bytes
+        );
+    }
+    println!("backends:");
+    for (id, b) in dp.backends()? {
+        let t = dp.backend_traffic(id)?;
+        let addr = addr_from_bytes(&b.addr, b.family).map_or("?".into(), |a| a.to_string());
+        let hop = if b.flags & vip_common::BACKEND_F_NEXTHOP != 0 {
+            format!("via ifindex {} to {}", b.ifindex, mac(&b.dst_mac))
+        } else {
+            "next hop unresolved (FIB lookup)".into()
+        };
+        println!("  [{id}] {addr} {hop}: {} packets, {} bytes", t.packets, t.bytes);
+    }
+    Ok(())
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// `ADDR`, `ADDR:WEIGHT` or `[V6ADDR]:WEIGHT`.
+fn parse_weighted(spec: &str) -> Result<(IpAddr, u32)> {
+    if let Ok(addr) = spec.parse::<IpAddr>() {
+        return Ok((addr, 1));
+    }
+    let (addr, weight) = spec.rsplit_once(':').context("not an address")?;
+    Ok((addr.trim_matches(['[', ']']).parse()?, weight.parse()?))
+}
+
+fn maglev(size: u32, specs: &[String]) -> Result<()> {
+    let mut backends = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let (addr, weight) = parse_weighted(spec).with_context(|| {
+            format!("backend {spec}: use ADDR or ADDR:WEIGHT (IPv6 with weight: [ADDR]:WEIGHT)")
+        })?;
+        backends.push(MaglevBackend {
+            addr,
+            weight,
+            id: i as u32,
+        });
+    }
+    let start = std::time::Instant::now();
+    let table = MaglevTable::build(size, &backends)?;
+    let took = start.elapsed();
+    let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
+    println!("table size {size}, built in {took:?}");
+    println!("{:<40} {:>6} {:>8} {:>8} {:>8}", "backend", "weight", "slots", "share", "ideal");
+    let mut worst: f64 = 0.0;
+    for b in &backends {
+        let slots = table.share(b.id);
+        let share = slots as f64 / f64::from(size);
+        let ideal = f64::from(b.weight) / f64::from(total_weight.max(1));
+        if ideal > 0.0 {
+            worst = worst.max((share / ideal - 1.0).abs());
+        }
+        println!("{:<40} {:>6} {:>8} {:>7.3}% {:>7.3}%", b.addr.to_string(), b.weight, slots, share * 100.0, ideal * 100.0);
+    }
+    println!("largest deviation from the weighted ideal: {:.3}%", worst * 100.0);
+    Ok(())
+}

@@ -65,11 +65,16 @@ impl TableSlots {
         Ok(())
     }
 
+    /// Marks `slot` as live for `key` (found in pinned maps at start).
+    pub fn adopt(&mut self, key: VipKey, slot: u32) {
+        self.free.retain(|&f| f != slot);
+        self.live.insert(key, slot);
+    }
+
     /// Removes the VIP from the datapath and frees its slot.
     pub fn remove(&mut self, dataplane: &mut Dataplane, key: &VipKey) -> Result<(), TableError> {
-        if let Some(slot) = self.live.get(key).copied() {
-            dataplane.remove_vip(key)?;
-            self.live.remove(key);
+        dataplane.remove_vip(key)?;
+        if let Some(slot) = self.live.remove(key) {
             self.free.push_back(slot);
         }
         Ok(())

@@ -1,0 +1,540 @@
+//! The agent's configuration: one TOML file, accepted or rejected whole.
+//!
+//! Every error names the file, the line, the field and what is allowed, so an operator can fix
+//! it without reading code. Parsing (`toml` + serde) catches types, unknown fields and bad enum
+//! values; [`validate`] catches what only makes sense across fields (duplicate VIPs, backends of a
+//! family without a source address, a table size that is not prime, more VIPs than slots).
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+use vip_common::{
+    IPPROTO_TCP, IPPROTO_UDP, VipKey,
+    layout::{
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAX_BACKENDS, MAX_VIPS,
+    },
+    maglev::is_prime,
+};
+
+/// A configuration error, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// Dotted path of the field, e.g. `vip[2].backend[0].weight`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// How to attach XDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver mode; fail if the driver lacks XDP.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+    /// Driver mode, falling back to generic mode (and saying so).
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// Which fields of a flow pick its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashFields {
+    /// Addresses, ports and protocol.
+    #[default]
+    FiveTuple,
+    /// Addresses and protocol: a client sticks to one backend (and fragments are forwarded).
+    Addresses,
+}
+
+/// Encapsulation toward backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Encapsulation {
+    /// IPIP / IP6IP6 / 4in6 / 6in4, by the families of VIP and backend.
+    #[default]
+    Ipip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    #[default]
+    Active,
+    /// No new flows; flows in conntrack continue.
+    Draining,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub interfaces: Vec<String>,
+    pub attach: AttachMode,
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    pub pin_dir: PathBuf,
+    pub metrics_address: SocketAddr,
+    pub table_size: u32,
+    pub table_slots: u32,
+    pub conntrack_entries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    pub address: IpAddr,
+    pub protocol: Protocol,
+    /// 0 = all ports.
+    pub port: u16,
+    pub encapsulation: Encapsulation,
+    pub source_prefix: Option<IpNet>,
+    pub hash: HashFields,
+    pub udp_idle_timeout: Duration,
+    pub backends: Vec<BackendConfig>,
+}
+
+impl VipConfig {
+    pub fn key(&self) -> VipKey {
+        VipKey::new(self.address, self.protocol.number(), self.port)
+    }
+}
+
+impl fmt::Display for VipConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match self.port {
+            0 => write!(f, "{proto}/{}:*", self.address),
+            port => write!(f, "{proto}/{}", SocketAddr::new(self.address, port)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+}
+
+impl BackendConfig {
+    /// Weight in the Maglev table: draining and weight-0 backends take no new flows.
+    pub fn table_weight(&self) -> u32 {
+        match self.state {
+            BackendState::Active => self.weight,
+            BackendState::Draining => 0,
+        }
+    }
+}
+
+// ---- The file as written ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: RawNode,
+    #[serde(default, rename = "vip")]
+    vips: Vec<Spanned<RawVip>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    interfaces: Spanned<Vec<String>>,
+    #[serde(default)]
+    attach: AttachMode,
+    source_v4: Option<Ipv4Addr>,
+    source_v6: Option<Ipv6Addr>,
+    #[serde(default = "default_pin_dir")]
+    pin_dir: PathBuf,
+    #[serde(default = "default_metrics_address")]
+    metrics_address: SocketAddr,
+    #[serde(default = "default_table_size")]
+    table_size: Spanned<u32>,
+    #[serde(default = "default_table_slots")]
+    table_slots: Spanned<u32>,
+    #[serde(default = "default_conntrack_entries")]
+    conntrack_entries: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: Spanned<IpAddr>,
+    protocol: Protocol,
+    #[serde(default)]
+    port: u16,
+    #[serde(default)]
+    encapsulation: Encapsulation,
+    source_prefix: Option<Spanned<IpNet>>,
+    #[serde(default)]
+    hash: HashFields,
+    /// Seconds.
+    #[serde(default = "default_udp_idle")]
+    udp_idle_timeout: u64,
+    #[serde(default, rename = "backend")]
+    backends: Vec<Spanned<RawBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Spanned<IpAddr>,
+    #[serde(default = "default_weight")]
+    weight: Spanned<u32>,
+    #[serde(default)]
+    state: BackendState,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/vip")
+}
+fn default_metrics_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9100))
+}
+fn default_table_size() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_TABLE_SIZE)
+}
+fn default_table_slots() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_TABLE_SLOTS)
+}
+fn default_conntrack_entries() -> u32 {
+    DEFAULT_CONNTRACK_ENTRIES
+}
+fn default_udp_idle() -> u64 {
+    30
+}
+fn default_weight() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+/// Largest backend weight: keeps a Maglev fill round bounded.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        field: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text (`path` only names it in errors).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: e.span().map(|s| line_of(text, &s)),
+        field: String::new(),
+        message: e.message().trim().to_owned(),
+    })?;
+    validate(path, text, raw)
+}
+
+fn line_of(text: &str, span: &Range<usize>) -> usize {
+    text[..span.start.min(text.len())].matches('\n').count() + 1
+}
+
+fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+    let err = |span: &Range<usize>, field: String, message: String| ConfigError {
+        file: path.to_owned(),
+        line: (span.end > 0).then(|| line_of(text, span)),
+        field,
+        message,
+    };
+    let node = raw.node;
+    if node.interfaces.get_ref().is_empty() {
+        return Err(err(
+            &node.interfaces.span(),
+            "node.interfaces".into(),
+            "list at least one interface to attach to, e.g. [\"eth0\"]".into(),
+        ));
+    }
+    let table_size = *node.table_size.get_ref();
+    if !is_prime(table_size) || table_size < 7 {
+        return Err(err(
+            &node.table_size.span(),
+            "node.table_size".into(),
+            format!("{table_size} is not a prime number of at least 7 (e.g. 65537, 16381, 251)"),
+        ));
+    }
+    let table_slots = *node.table_slots.get_ref();
+    if raw.vips.len() as u64 >= u64::from(table_slots) {
+        return Err(err(
+            &node.table_slots.span(),
+            "node.table_slots".into(),
+            format!(
+                "{table_slots} Maglev table slots cannot hold {} VIPs plus a spare for switching \
+                 tables: set at least {}",
+                raw.vips.len(),
+                raw.vips.len() + 1
+            ),
+        ));
+    }
+    if raw.vips.len() > MAX_VIPS as usize {
+        return Err(err(
+            &(0..0),
+            "vip".into(),
+            format!("{} VIPs, at most {MAX_VIPS} are allowed", raw.vips.len()),
+        ));
+    }
+
+    let mut vips = Vec::new();
+    let mut keys = HashSet::new();
+    let mut all_backends = HashSet::new();
+    for (i, spanned) in raw.vips.into_iter().enumerate() {
+        let vip_span = spanned.span();
+        let v = spanned.into_inner();
+        let address = *v.address.get_ref();
+        let field = |f: &str| format!("vip[{i}].{f}");
+        let key = (address, v.protocol, v.port);
+        if !keys.insert(key) {
+            return Err(err(
+                &v.address.span(),
+                field("address"),
+                format!(
+                    "{address} {:?} port {} is configured twice",
+                    v.protocol, v.port
+                ),
+            ));
+        }
+        if address.is_unspecified() || address.is_multicast() {
+            return Err(err(
+                &v.address.span(),
+                field("address"),
+                format!("{address} cannot be a VIP: use a unicast address"),
+            ));
+        }
+        let mut backends = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, b) in v.backends.iter().enumerate() {
+            let b = b.get_ref();
+            let baddr = *b.address.get_ref();
+            let bfield = |f: &str| format!("vip[{i}].backend[{j}].{f}");
+            if !seen.insert(baddr) {
+                return Err(err(
+                    &b.address.span(),
+                    bfield("address"),
+                    format!("backend {baddr} is listed twice for this VIP"),
+                ));
+            }
+            let weight = *b.weight.get_ref();
+            if weight > MAX_WEIGHT {
+                return Err(err(
+                    &b.weight.span(),
+                    bfield("weight"),
+                    format!("{weight} is above the maximum weight {MAX_WEIGHT} (0 = drain)"),
+                ));
+            }
+            let source_missing = match baddr {
+                IpAddr::V4(_) => node.source_v4.is_none(),
+                IpAddr::V6(_) => node.source_v6.is_none(),
+            };
+            if source_missing && v.source_prefix.is_none() {
+                let which = if baddr.is_ipv4() { "source_v4" } else { "source_v6" };
+                return Err(err(
+                    &b.address.span(),
+                    bfield("address"),
+                    format!(
+                        "backend {baddr} needs an outer source address: set node.{which} \
+                         (or a vip source_prefix of that family)"
+                    ),
+                ));
+            }
+            all_backends.insert(baddr);
+            backends.push(BackendConfig {
+                address: baddr,
+                weight,
+                state: b.state,
+            });
+        }
+        if let Some(prefix) = &v.source_prefix {
+            let p = *prefix.get_ref();
+            let wrong_family = v.backends.iter().any(|b| b.get_ref().address.get_ref().is_ipv4() != p.addr().is_ipv4());
+            if wrong_family {
+                return Err(err(
+                    &prefix.span(),
+                    field("source_prefix"),
+                    format!("{p}: the prefix's family must match the VIP's backends"),
+                ));
+            }
+            if let IpNet::V6(p6) = p
+                && p6.prefix_len() < 96
+            {
+                return Err(err(
+                    &prefix.span(),
+                    field("source_prefix"),
+                    format!("{p}: IPv6 source prefixes must be /96 or longer (entropy goes in the last 32 bits)"),
+                ));
+            }
+        }
+        if v.udp_idle_timeout == 0 {
+            return Err(err(
+                &vip_span,
+                field("udp_idle_timeout"),
+                "must be at least 1 (seconds)".into(),
+            ));
+        }
+        vips.push(VipConfig {
+            address,
+            protocol: v.protocol,
+            port: v.port,
+            encapsulation: v.encapsulation,
+            source_prefix: v.source_prefix.map(|p| p.into_inner().trunc()),
+            hash: v.hash,
+            udp_idle_timeout: Duration::from_secs(v.udp_idle_timeout),
+            backends,
+        });
+    }
+    if all_backends.len() > MAX_BACKENDS as usize {
+        return Err(err(
+            &(0..0),
+            "vip.backend".into(),
+            format!(
+                "{} distinct backends, at most {MAX_BACKENDS} are allowed",
+                all_backends.len()
+            ),
+        ));
+    }
+    Ok(Config {
+        node: NodeConfig {
+            interfaces: node.interfaces.into_inner(),
+            attach: node.attach,
+            source_v4: node.source_v4,
+            source_v6: node.source_v6,
+            pin_dir: node.pin_dir,
+            metrics_address: node.metrics_address,
+            table_size,
+            table_slots,
+            conntrack_entries: node.conntrack_entries,
+        },
+        vips,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+interfaces = ["eth0"]
+source_v4 = "198.18.0.2"
+table_size = 251
+
+[[vip]]
+address = "198.19.0.1"
+protocol = "tcp"
+port = 80
+
+[[vip.backend]]
+address = "198.18.1.1"
+
+[[vip.backend]]
+address = "198.18.1.2"
+weight = 2
+state = "draining"
+"#;
+
+    fn error(text: &str) -> ConfigError {
+        parse(Path::new("vip.toml"), text).expect_err("config must be rejected")
+    }
+
+    #[test]
+    fn good_config_with_defaults() {
+        let c = parse(Path::new("vip.toml"), GOOD).unwrap();
+        assert_eq!(c.node.attach, AttachMode::Auto);
+        assert_eq!(c.node.pin_dir, PathBuf::from("/sys/fs/bpf/vip"));
+        assert_eq!(c.vips[0].hash, HashFields::FiveTuple);
+        assert_eq!(c.vips[0].backends[0].weight, 1);
+        assert_eq!(c.vips[0].backends[1].table_weight(), 0);
+        assert_eq!(c.vips[0].to_string(), "tcp/198.19.0.1:80");
+    }
+
+    #[test]
+    fn errors_name_file_line_field_and_what_is_allowed() {
+        let e = error(&GOOD.replace("weight = 2", "weight = 5000"));
+        assert_eq!(e.line, Some(17));
+        assert_eq!(e.field, "vip[0].backend[1].weight");
+        assert!(e.to_string().starts_with("vip.toml:17: vip[0].backend[1].weight: 5000"), "{e}");
+
+        let e = error(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
+        assert_eq!(e.line, Some(9));
+        assert!(e.message.contains("tcp") && e.message.contains("udp"), "{e}");
+
+        let e = error(&GOOD.replace("table_size = 251", "table_size = 250"));
+        assert_eq!((e.line, e.field.as_str()), (Some(5), "node.table_size"));
+
+        let e = error(&GOOD.replace("address = \"198.18.1.2\"", "address = \"198.18.1.1\""));
+        assert_eq!((e.line, e.field.as_str()), (Some(16), "vip[0].backend[1].address"));
+
+        let e = error(&GOOD.replace("source_v4 = \"198.18.0.2\"\n", ""));
+        assert!(e.message.contains("node.source_v4"), "{e}");
+
+        let e = error(&GOOD.replace("port = 80", "port = 80\ncolour = \"blue\""));
+        assert!(e.message.contains("unknown field `colour`"), "{e}");
+
+        let e = error(&GOOD.replace("address = \"198.19.0.1\"", "address = \"198.19.0.300\""));
+        assert_eq!(e.line, Some(8));
+    }
+
+    #[test]
+    fn duplicate_vip_is_rejected() {
+        let twice = format!("{GOOD}\n[[vip]]\naddress = \"198.19.0.1\"\nprotocol = \"tcp\"\nport = 80\n");
+        let e = error(&twice);
+        assert!(e.message.contains("configured twice"), "{e}");
+        assert_eq!(e.line, Some(21));
+    }
+}

@@ -1,0 +1,190 @@
+//! Resolving each backend's next hop (egress interface and MACs) from the kernel's routes and
+//! neighbours, so nobody configures a gateway MAC by hand.
+//!
+//! For each backend: a route lookup (`RTM_GETROUTE` for the address, as `ip route get` does)
+//! gives the egress interface and gateway; the neighbour table gives the gateway's (or the
+//! backend's own) MAC; the link gives the interface's MAC. A backend whose neighbour is not
+//! known yet stays unresolved: the datapath then asks `bpf_fib_lookup` and passes the packet to
+//! the stack, which resolves the neighbour, and the next refresh picks it up.
+
+use std::{collections::HashMap, net::IpAddr};
+
+use futures::{StreamExt, TryStreamExt};
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+};
+
+/// A resolved next hop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NextHop {
+    pub ifindex: u32,
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NextHopError {
+    #[error("opening a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("netlink {what}: {source}")]
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// Answers "how do I reach this backend" from the kernel.
+pub struct Resolver {
+    handle: rtnetlink::Handle,
+}
+
+impl Resolver {
+    /// Opens a netlink connection (in the caller's network namespace) on the current runtime.
+    pub fn new() -> Result<Self, NextHopError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(NextHopError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Next hops of all `backends` that the kernel can fully resolve now.
+    pub async fn resolve_all(
+        &self,
+        backends: &[IpAddr],
+    ) -> Result<HashMap<IpAddr, NextHop>, NextHopError> {
+        let links = self.link_macs().await?;
+        let neighbours = self.neighbours().await?;
+        let mut out = HashMap::new();
+        for &backend in backends {
+            let Some((ifindex, gateway)) = self.route(backend).await? else {
+                continue;
+            };
+            let via = gateway.unwrap_or(backend);
+            if let (Some(&src_mac), Some(&dst_mac)) =
+                (links.get(&ifindex), neighbours.get(&(ifindex, via)))
+            {
+                out.insert(
+                    backend,
+                    NextHop {
+                        ifindex,
+                        src_mac,
+                        dst_mac,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// The route the kernel would use for `dst`: (egress ifindex, gateway if any).
+    async fn route(&self, dst: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>, NextHopError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = match dst {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.destination_prefix_length = if dst.is_ipv4() { 32 } else { 128 };
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetRoute(msg));
+        // A lookup, not a dump: the kernel answers with the one route it would use.
+        req.header.flags = NLM_F_REQUEST;
+        let mut handle = self.handle.clone();
+        let mut responses = handle.request(req).map_err(|source| NextHopError::Netlink {
+            what: "route lookup",
+            source,
+        })?;
+        while let Some(message) = responses.next().await {
+            match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
+                    let mut oif = None;
+                    let mut gateway = None;
+                    for attr in route.attributes {
+                        match attr {
+                            RouteAttribute::Oif(i) => oif = Some(i),
+                            RouteAttribute::Gateway(RouteAddress::Inet(a)) => {
+                                gateway = Some(IpAddr::V4(a))
+                            }
+                            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => {
+                                gateway = Some(IpAddr::V6(a))
+                            }
+                            _ => {}
+                        }
+                    }
+                    return Ok(oif.map(|i| (i, gateway)));
+                }
+                // No route (ENETUNREACH and friends): not resolvable now.
+                NetlinkPayload::Error(_) => return Ok(None),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Usable neighbour entries: (ifindex, address) to MAC.
+    async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>, NextHopError> {
+        let mut stream = self.handle.neighbours().get().execute();
+        let mut out = HashMap::new();
+        loop {
+            let next = stream.try_next().await.map_err(|source| NextHopError::Netlink {
+                what: "neighbour dump",
+                source,
+            })?;
+            let Some(n) = next else { break };
+            if !matches!(
+                n.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            ) {
+                continue;
+            }
+            let mut dst = None;
+            let mut mac = None;
+            for attr in n.attributes {
+                match attr {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(a))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(a))
+                    }
+                    NeighbourAttribute::LinkLocalAddress(l) => mac = <[u8; 6]>::try_from(l).ok(),
+                    _ => {}
+                }
+            }
+            if let (Some(dst), Some(mac)) = (dst, mac) {
+                out.insert((n.header.ifindex, dst), mac);
+            }
+        }
+        Ok(out)
+    }
+
+    /// MAC address of every Ethernet-like link.
+    async fn link_macs(&self) -> Result<HashMap<u32, [u8; 6]>, NextHopError> {
+        let mut stream = self.handle.link().get().execute();
+        let mut out = HashMap::new();
+        loop {
+            let next = stream.try_next().await.map_err(|source| NextHopError::Netlink {
+                what: "link dump",
+                source,
+            })?;
+            let Some(link) = next else { break };
+            for attr in link.attributes {
+                if let LinkAttribute::Address(a) = attr
+                    && let Ok(mac) = <[u8; 6]>::try_from(a)
+                {
+                    out.insert(link.header.index, mac);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
