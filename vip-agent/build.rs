@@ -13,7 +13,11 @@ fn main() {
             let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
             manifest.join("../target/bpfel-unknown-none/release")
         });
-    for (name, var) in [("vip-ebpf", "VIP_EBPF_OBJ"), ("vip-bench", "VIP_BENCH_OBJ")] {
+    for (name, var) in [
+        ("vip-ebpf", "VIP_EBPF_OBJ"),
+        ("vip-decap", "VIP_DECAP_OBJ"),
+        ("vip-bench", "VIP_BENCH_OBJ"),
+    ] {
         let obj = dir.join(name);
         println!("cargo::rerun-if-changed={}", obj.display());
         if obj.exists() {

@@ -6,6 +6,7 @@ use std::{cell::RefCell, collections::HashMap, net::IpAddr, process::Command};
 use aya::programs::{TestRun as _, TestRunOptions};
 use vip_agent::{
     dataplane::{Dataplane, DataplaneOptions},
+    decap::DecapPlane,
     tables::TableSlots,
 };
 use vip_common::{
@@ -230,7 +231,35 @@ impl Default for Lb {
     }
 }
 
+/// A private copy of the backends' decapsulation program.
+pub struct Decap {
+    pub plane: DecapPlane,
+}
+
+impl Decap {
+    /// Accepts outer destinations `local` and inner destinations `vips`.
+    pub fn new(local: &[&str], vips: &[&str]) -> Self {
+        crate::require_root();
+        let mut plane = DecapPlane::load(None).expect("load the vip-decap object");
+        plane.program().expect("the verifier accepts vip_decap");
+        let parse = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|a| a.parse().unwrap()).collect() };
+        plane
+            .set_local_addresses(&parse(local))
+            .expect("local addresses");
+        plane.set_vips(&parse(vips)).expect("VIPs");
+        Self { plane }
+    }
+
+    pub fn run(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run_xdp(self.plane.program().expect("program"), frame, None)
+    }
+}
+
 fn run_program(dataplane: &mut Dataplane, frame: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
+    run_xdp(dataplane.program().expect("program loaded"), frame, ifindex)
+}
+
+fn run_xdp(prog: &mut aya::programs::Xdp, frame: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 256];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     let ctx: Vec<u8> = ifindex
@@ -239,7 +268,6 @@ fn run_program(dataplane: &mut Dataplane, frame: &[u8], ifindex: Option<u32>) ->
         .flatten()
         .flat_map(u32::to_ne_bytes)
         .collect();
-    let prog = dataplane.program().expect("program loaded");
     let result = prog
         .test_run(TestRunOptions {
             data_in: Some(frame),

@@ -163,8 +163,8 @@ impl Balancer {
     /// Applies `config`, changing only what differs from what is applied.
     pub fn apply(&mut self, config: &Config) -> Result<ApplyReport, ApplyError> {
         let mut report = ApplyReport::default();
-        let sources_changed = self.source_v4 != config.node.source_v4
-            || self.source_v6 != config.node.source_v6;
+        let sources_changed =
+            self.source_v4 != config.node.source_v4 || self.source_v6 != config.node.source_v6;
         self.source_v4 = config.node.source_v4;
         self.source_v6 = config.node.source_v6;
 
@@ -279,13 +279,15 @@ impl Balancer {
                 id: self.backend_ids.by_key[&b.address],
             })
             .collect();
-        let table = MaglevTable::build(self.dataplane.options().table_size, &members)
-            .map_err(|source| ApplyError::Maglev {
+        let table = MaglevTable::build(self.dataplane.options().table_size, &members).map_err(
+            |source| ApplyError::Maglev {
                 vip: vip.to_string(),
                 source,
-            })?;
+            },
+        )?;
         let meta = self.meta(vip, vip_id);
-        self.tables.publish(&mut self.dataplane, key, meta, &table)?;
+        self.tables
+            .publish(&mut self.dataplane, key, meta, &table)?;
         Ok(())
     }
 

@@ -383,7 +383,11 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 IpAddr::V6(_) => node.source_v6.is_none(),
             };
             if source_missing && v.source_prefix.is_none() {
-                let which = if baddr.is_ipv4() { "source_v4" } else { "source_v6" };
+                let which = if baddr.is_ipv4() {
+                    "source_v4"
+                } else {
+                    "source_v6"
+                };
                 return Err(err(
                     &b.address.span(),
                     bfield("address"),
@@ -402,7 +406,10 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         }
         if let Some(prefix) = &v.source_prefix {
             let p = *prefix.get_ref();
-            let wrong_family = v.backends.iter().any(|b| b.get_ref().address.get_ref().is_ipv4() != p.addr().is_ipv4());
+            let wrong_family = v
+                .backends
+                .iter()
+                .any(|b| b.get_ref().address.get_ref().is_ipv4() != p.addr().is_ipv4());
             if wrong_family {
                 return Err(err(
                     &prefix.span(),
@@ -416,7 +423,9 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 return Err(err(
                     &prefix.span(),
                     field("source_prefix"),
-                    format!("{p}: IPv6 source prefixes must be /96 or longer (entropy goes in the last 32 bits)"),
+                    format!(
+                        "{p}: IPv6 source prefixes must be /96 or longer (entropy goes in the last 32 bits)"
+                    ),
                 ));
             }
         }
@@ -508,17 +517,27 @@ state = "draining"
         let e = error(&GOOD.replace("weight = 2", "weight = 5000"));
         assert_eq!(e.line, Some(17));
         assert_eq!(e.field, "vip[0].backend[1].weight");
-        assert!(e.to_string().starts_with("vip.toml:17: vip[0].backend[1].weight: 5000"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("vip.toml:17: vip[0].backend[1].weight: 5000"),
+            "{e}"
+        );
 
         let e = error(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
         assert_eq!(e.line, Some(9));
-        assert!(e.message.contains("tcp") && e.message.contains("udp"), "{e}");
+        assert!(
+            e.message.contains("tcp") && e.message.contains("udp"),
+            "{e}"
+        );
 
         let e = error(&GOOD.replace("table_size = 251", "table_size = 250"));
         assert_eq!((e.line, e.field.as_str()), (Some(5), "node.table_size"));
 
         let e = error(&GOOD.replace("address = \"198.18.1.2\"", "address = \"198.18.1.1\""));
-        assert_eq!((e.line, e.field.as_str()), (Some(16), "vip[0].backend[1].address"));
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(16), "vip[0].backend[1].address")
+        );
 
         let e = error(&GOOD.replace("source_v4 = \"198.18.0.2\"\n", ""));
         assert!(e.message.contains("node.source_v4"), "{e}");
@@ -532,7 +551,8 @@ state = "draining"
 
     #[test]
     fn duplicate_vip_is_rejected() {
-        let twice = format!("{GOOD}\n[[vip]]\naddress = \"198.19.0.1\"\nprotocol = \"tcp\"\nport = 80\n");
+        let twice =
+            format!("{GOOD}\n[[vip]]\naddress = \"198.19.0.1\"\nprotocol = \"tcp\"\nport = 80\n");
         let e = error(&twice);
         assert!(e.message.contains("configured twice"), "{e}");
         assert_eq!(e.line, Some(21));

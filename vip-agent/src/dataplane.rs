@@ -17,7 +17,10 @@ use aya::{
 use vip_common::{
     Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
     VipMeta,
-    layout::{self, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT},
+    layout::{
+        self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS,
+        LAYOUT, MapLayout,
+    },
     maglev::{MaglevTable, is_prime},
 };
 
@@ -69,9 +72,9 @@ pub enum DataplaneError {
     TableSlot { slot: u32, slots: u32 },
 }
 
-type Result<T> = std::result::Result<T, DataplaneError>;
+pub(crate) type Result<T> = std::result::Result<T, DataplaneError>;
 
-fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
 }
 
@@ -139,7 +142,7 @@ impl Dataplane {
         }
         for (name, path) in &pins {
             if path.exists() {
-                check_pinned(path, name, &options)?;
+                check_pinned(path, name, &LAYOUT, options.max_entries(name))?;
             }
             loader.map_pin_path(name, path.as_path());
         }
@@ -162,83 +165,18 @@ impl Dataplane {
 
     /// The XDP program, loaded into the kernel (verified) on first use.
     pub fn program(&mut self) -> Result<&mut Xdp> {
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(layout::LB_PROGRAM)
-            .ok_or(DataplaneError::MissingProgram(layout::LB_PROGRAM))?
-            .try_into()
-            .map_err(|source| DataplaneError::Program {
-                program: layout::LB_PROGRAM,
-                source,
-            })?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|source| DataplaneError::Program {
-                program: layout::LB_PROGRAM,
-                source,
-            })?;
-        }
-        Ok(prog)
+        xdp_program(&mut self.ebpf, layout::LB_PROGRAM)
     }
 
-    /// Attaches to `iface`, trying `modes` in order, so that the attachment survives the agent:
-    /// the XDP link is pinned at `<pin_dir>/links/xdp_<iface>`. If that pin exists (a running
-    /// datapath from an earlier agent), the link is switched to this program atomically, with
-    /// no packet unhandled. Returns the mode used, or `None` when an existing link was switched.
+    /// Attaches to `iface` with a pinned link; see [`attach_xdp_pinned`].
     pub fn attach_pinned(
         &mut self,
         iface: &str,
         modes: &[XdpMode],
         pin_dir: &Path,
     ) -> Result<Option<XdpMode>> {
-        let link_path = link_pin_path(pin_dir, iface);
-        let program_err = |source| DataplaneError::Program {
-            program: layout::LB_PROGRAM,
-            source,
-        };
         let prog = self.program()?;
-        if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path).map_err(|source| {
-                DataplaneError::Link {
-                    path: link_path.clone(),
-                    source: source.into(),
-                }
-            })?;
-            let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|source| {
-                DataplaneError::Link {
-                    path: link_path.clone(),
-                    source: source.into(),
-                }
-            })?;
-            prog.attach_to_link(link).map_err(program_err)?;
-            return Ok(None);
-        }
-        let mut last_err = None;
-        for &mode in modes {
-            match prog.attach(iface, mode) {
-                Ok(id) => {
-                    let link = prog.take_link(id).map_err(program_err)?;
-                    let fd_link = FdLink::try_from(link).map_err(|source| DataplaneError::Link {
-                        path: link_path.clone(),
-                        source: source.into(),
-                    })?;
-                    std::fs::create_dir_all(link_path.parent().expect("has a parent"))
-                        .map_err(|e| DataplaneError::Link {
-                            path: link_path.clone(),
-                            source: e.into(),
-                        })?;
-                    fd_link.pin(&link_path).map_err(|source| DataplaneError::Link {
-                        path: link_path.clone(),
-                        source: source.into(),
-                    })?;
-                    return Ok(Some(mode));
-                }
-                Err(e) => {
-                    tracing::warn!(%iface, ?mode, error = %e, "XDP attach failed");
-                    last_err = Some(e);
-                }
-            }
-        }
-        Err(program_err(last_err.expect("at least one attach mode")))
+        attach_xdp_pinned(prog, layout::LB_PROGRAM, iface, modes, pin_dir)
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map> {
@@ -347,17 +285,7 @@ impl Dataplane {
 
     /// Global outcome counters, summed over CPUs.
     pub fn stats(&self) -> Result<DatapathStats> {
-        let map: PerCpuArray<&MapData, DatapathStats> =
-            PerCpuArray::try_from(self.map(layout::STATS)?).map_err(map_err(layout::STATS))?;
-        let values = map.get(&0, 0).map_err(map_err(layout::STATS))?;
-        let mut sum = [0u64; size_of::<DatapathStats>() / 8];
-        for cpu in values.iter() {
-            let words: &[u64] = bytemuck::cast_slice(bytemuck::bytes_of(cpu));
-            for (s, w) in sum.iter_mut().zip(words) {
-                *s += w;
-            }
-        }
-        Ok(bytemuck::cast(sum))
+        sum_counters(&self.ebpf, layout::STATS)
     }
 
     /// Traffic sent to VIP `vip_id`, summed over CPUs.
@@ -382,6 +310,88 @@ impl Dataplane {
     }
 }
 
+/// Attaches `prog` to `iface`, trying `modes` in order, so that the attachment survives the
+/// agent: the XDP link is pinned at `<pin_dir>/links/xdp_<iface>`. If that pin exists (a running
+/// datapath from an earlier agent), the link is switched to `prog` atomically, with no packet
+/// unhandled. Returns the mode used, or `None` when an existing link was switched.
+pub fn attach_xdp_pinned(
+    prog: &mut Xdp,
+    program: &'static str,
+    iface: &str,
+    modes: &[XdpMode],
+    pin_dir: &Path,
+) -> Result<Option<XdpMode>> {
+    let link_path = link_pin_path(pin_dir, iface);
+    let program_err = |source| DataplaneError::Program { program, source };
+    let link_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
+        path: link_path.clone(),
+        source,
+    };
+    if link_path.exists() {
+        let pinned = PinnedLink::from_pin(&link_path).map_err(|e| link_err(e.into()))?;
+        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.into()))?;
+        prog.attach_to_link(link).map_err(program_err)?;
+        return Ok(None);
+    }
+    let mut last_err = None;
+    for &mode in modes {
+        match prog.attach(iface, mode) {
+            Ok(id) => {
+                let link = prog.take_link(id).map_err(program_err)?;
+                // Fails if aya had to fall back to netlink: that kernel cannot keep XDP
+                // attached across agent restarts.
+                let fd_link = FdLink::try_from(link).map_err(|e| link_err(e.into()))?;
+                std::fs::create_dir_all(link_path.parent().expect("has a parent"))
+                    .map_err(|e| link_err(e.into()))?;
+                fd_link.pin(&link_path).map_err(|e| link_err(e.into()))?;
+                return Ok(Some(mode));
+            }
+            Err(e) => {
+                tracing::warn!(%iface, ?mode, error = %e, "XDP attach failed");
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(program_err(last_err.expect("at least one attach mode")))
+}
+
+/// Loads (verifies) the XDP program `name` of `ebpf` on first use.
+pub(crate) fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
+    let program_err = |source| DataplaneError::Program {
+        program: name,
+        source,
+    };
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
+        .try_into()
+        .map_err(program_err)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(program_err)?;
+    }
+    Ok(prog)
+}
+
+/// Sums a one-entry per-CPU array of `u64` counters over CPUs.
+pub(crate) fn sum_counters<T: aya::Pod + bytemuck::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+) -> Result<T> {
+    let map: PerCpuArray<&MapData, T> =
+        PerCpuArray::try_from(ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?)
+            .map_err(map_err(name))?;
+    let values = map.get(&0, 0).map_err(map_err(name))?;
+    let mut sum: T = bytemuck::Zeroable::zeroed();
+    for cpu in values.iter() {
+        let words: &[u64] = bytemuck::cast_slice(bytemuck::bytes_of(cpu));
+        let total: &mut [u64] = bytemuck::cast_slice_mut(bytemuck::bytes_of_mut(&mut sum));
+        for (s, w) in total.iter_mut().zip(words) {
+            *s += w;
+        }
+    }
+    Ok(sum)
+}
+
 /// Where the XDP link of `iface` is pinned.
 pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join("links").join(format!("xdp_{iface}"))
@@ -400,7 +410,7 @@ pub fn detach_all(pin_dir: &Path) -> std::io::Result<Vec<String>> {
         }
         std::fs::remove_dir(&links)?;
     }
-    for l in LAYOUT.iter() {
+    for l in LAYOUT.iter().chain(DECAP_LAYOUT.iter()) {
         match std::fs::remove_file(pin_dir.join(l.name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -414,13 +424,18 @@ pub fn detach_all(pin_dir: &Path) -> std::io::Result<Vec<String>> {
 
 /// Refuses a pinned map whose shape differs from what this program needs: aya would reuse it
 /// silently, and the program would read garbage.
-fn check_pinned(path: &Path, name: &'static str, options: &DataplaneOptions) -> Result<()> {
+pub(crate) fn check_pinned(
+    path: &Path,
+    name: &'static str,
+    layouts: &[MapLayout],
+    max_entries: Option<u32>,
+) -> Result<()> {
     let info = MapInfo::from_pin(path).map_err(map_err(name))?;
-    let want = LAYOUT
+    let want = layouts
         .iter()
         .find(|l| l.name == name)
         .ok_or(DataplaneError::MissingMap(name))?;
-    let want_entries = options.max_entries(name).unwrap_or(0);
+    let want_entries = max_entries.unwrap_or(0);
     if info.key_size() != want.key_size
         || info.value_size() != want.value_size
         || info.max_entries() != want_entries

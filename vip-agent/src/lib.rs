@@ -4,6 +4,7 @@
 pub mod balancer;
 pub mod config;
 pub mod dataplane;
+pub mod decap;
 pub mod nexthop;
 pub mod object;
 pub mod tables;

@@ -71,8 +71,7 @@ enum Command {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {
@@ -143,7 +142,10 @@ fn attach_modes(mode: AttachMode) -> &'static [XdpMode] {
 fn enable_forwarding(iface: &str) -> Result<()> {
     for family in ["ipv4", "ipv6"] {
         let knob = format!("/proc/sys/net/{family}/conf/{iface}/forwarding");
-        if std::fs::read_to_string(&knob).map(|v| v.trim() != "1").unwrap_or(true) {
+        if std::fs::read_to_string(&knob)
+            .map(|v| v.trim() != "1")
+            .unwrap_or(true)
+        {
             std::fs::write(&knob, "1").with_context(|| format!("enabling {knob}"))?;
             info!(%knob, "enabled forwarding");
         }
@@ -156,7 +158,10 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     let mut balancer = Balancer::new(dataplane);
     let adopted = balancer.adopt_pinned_state()?;
     if adopted > 0 {
-        info!(entries = adopted, "took over pinned state from an earlier agent");
+        info!(
+            entries = adopted,
+            "took over pinned state from an earlier agent"
+        );
     }
     let resolver = Resolver::new()?;
     let backends: Vec<IpAddr> = all_backends(&cfg);
@@ -171,7 +176,9 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
             .with_context(|| format!("attaching XDP to {iface}"))?;
         match mode {
             None => info!(%iface, "switched the running datapath to this program (no gap)"),
-            Some(XdpMode::Skb) => warn!(%iface, "attached in generic mode: the driver has no native XDP"),
+            Some(XdpMode::Skb) => {
+                warn!(%iface, "attached in generic mode: the driver has no native XDP")
+            }
             Some(mode) => info!(%iface, ?mode, "attached"),
         }
     }
@@ -214,7 +221,9 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         let ifaces = detach_all(&cfg.node.pin_dir)?;
         info!(?ifaces, "detached and removed pins");
     } else {
-        info!("stopping; the datapath keeps forwarding (use --cleanup or `vip-agent detach` to remove it)");
+        info!(
+            "stopping; the datapath keeps forwarding (use --cleanup or `vip-agent detach` to remove it)"
+        );
     }
     Ok(())
 }
@@ -245,10 +254,19 @@ fn status(pin_dir: &Path, config: Option<&Path>) -> Result<()> {
         "opening the pinned maps (pass --config if the datapath runs with a non-default table size)",
     )?;
     let s = dp.stats()?;
-    println!("datapath: {} passed, {} tx, {} redirected, {} conntrack hits, {} misses", s.passed, s.tx, s.redirected, s.conntrack_hit, s.conntrack_miss);
+    println!(
+        "datapath: {} passed, {} tx, {} redirected, {} conntrack hits, {} misses",
+        s.passed, s.tx, s.redirected, s.conntrack_hit, s.conntrack_miss
+    );
     println!(
         "  drops: {} fragments, {} ip options, {} malformed, {} no backend, {} no headroom; passed for resolution: {} no neighbour, {} no route",
-        s.drop_fragment, s.drop_ip_options, s.drop_malformed, s.drop_no_backend, s.drop_no_headroom, s.no_neighbour_passed, s.no_route_passed
+        s.drop_fragment,
+        s.drop_ip_options,
+        s.drop_malformed,
+        s.drop_no_backend,
+        s.drop_no_headroom,
+        s.no_neighbour_passed,
+        s.no_route_passed
     );
     println!("VIPs:");
     for (key, meta) in dp.vips()? {
@@ -258,7 +276,11 @@ fn status(pin_dir: &Path, config: Option<&Path>) -> Result<()> {
         println!(
             "  {addr} proto {} port {} -> table slot {}: {} packets, {} bytes",
             key.proto,
-            if port == 0 { "*".into() } else { port.to_string() },
+            if port == 0 {
+                "*".into()
+            } else {
+                port.to_string()
+            },
             meta.table,
             t.packets,
             t.bytes
@@ -273,13 +295,19 @@ fn status(pin_dir: &Path, config: Option<&Path>) -> Result<()> {
         } else {
             "next hop unresolved (FIB lookup)".into()
         };
-        println!("  [{id}] {addr} {hop}: {} packets, {} bytes", t.packets, t.bytes);
+        println!(
+            "  [{id}] {addr} {hop}: {} packets, {} bytes",
+            t.packets, t.bytes
+        );
     }
     Ok(())
 }
 
 fn mac(m: &[u8; 6]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// `ADDR`, `ADDR:WEIGHT` or `[V6ADDR]:WEIGHT`.
@@ -308,7 +336,10 @@ fn maglev(size: u32, specs: &[String]) -> Result<()> {
     let took = start.elapsed();
     let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
     println!("table size {size}, built in {took:?}");
-    println!("{:<40} {:>6} {:>8} {:>8} {:>8}", "backend", "weight", "slots", "share", "ideal");
+    println!(
+        "{:<40} {:>6} {:>8} {:>8} {:>8}",
+        "backend", "weight", "slots", "share", "ideal"
+    );
     let mut worst: f64 = 0.0;
     for b in &backends {
         let slots = table.share(b.id);
@@ -317,8 +348,18 @@ fn maglev(size: u32, specs: &[String]) -> Result<()> {
         if ideal > 0.0 {
             worst = worst.max((share / ideal - 1.0).abs());
         }
-        println!("{:<40} {:>6} {:>8} {:>7.3}% {:>7.3}%", b.addr.to_string(), b.weight, slots, share * 100.0, ideal * 100.0);
+        println!(
+            "{:<40} {:>6} {:>8} {:>7.3}% {:>7.3}%",
+            b.addr.to_string(),
+            b.weight,
+            slots,
+            share * 100.0,
+            ideal * 100.0
+        );
     }
-    println!("largest deviation from the weighted ideal: {:.3}%", worst * 100.0);
+    println!(
+        "largest deviation from the weighted ideal: {:.3}%",
+        worst * 100.0
+    );
     Ok(())
 }

@@ -94,10 +94,12 @@ impl Resolver {
         // A lookup, not a dump: the kernel answers with the one route it would use.
         req.header.flags = NLM_F_REQUEST;
         let mut handle = self.handle.clone();
-        let mut responses = handle.request(req).map_err(|source| NextHopError::Netlink {
-            what: "route lookup",
-            source,
-        })?;
+        let mut responses = handle
+            .request(req)
+            .map_err(|source| NextHopError::Netlink {
+                what: "route lookup",
+                source,
+            })?;
         while let Some(message) = responses.next().await {
             match message.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(route)) => {
@@ -130,10 +132,13 @@ impl Resolver {
         let mut stream = self.handle.neighbours().get().execute();
         let mut out = HashMap::new();
         loop {
-            let next = stream.try_next().await.map_err(|source| NextHopError::Netlink {
-                what: "neighbour dump",
-                source,
-            })?;
+            let next = stream
+                .try_next()
+                .await
+                .map_err(|source| NextHopError::Netlink {
+                    what: "neighbour dump",
+                    source,
+                })?;
             let Some(n) = next else { break };
             if !matches!(
                 n.header.state,
@@ -172,10 +177,13 @@ impl Resolver {
         let mut stream = self.handle.link().get().execute();
         let mut out = HashMap::new();
         loop {
-            let next = stream.try_next().await.map_err(|source| NextHopError::Netlink {
-                what: "link dump",
-                source,
-            })?;
+            let next = stream
+                .try_next()
+                .await
+                .map_err(|source| NextHopError::Netlink {
+                    what: "link dump",
+                    source,
+                })?;
             let Some(link) = next else { break };
             for attr in link.attributes {
                 if let LinkAttribute::Address(a) = attr

@@ -6,6 +6,12 @@ pub fn load_balancer() -> &'static [u8] {
     aya::include_bytes_aligned!(env!("VIP_EBPF_OBJ"))
 }
 
+/// The backends' decapsulation object (`vip-decap`).
+#[cfg(not(no_ebpf_obj))]
+pub fn decap() -> &'static [u8] {
+    aya::include_bytes_aligned!(env!("VIP_DECAP_OBJ"))
+}
+
 /// The benchmark harness object (`vip-bench`): input-restoring wrapper and XDP_TX floor.
 #[cfg(not(no_ebpf_obj))]
 pub fn bench_harness() -> &'static [u8] {
@@ -14,6 +20,11 @@ pub fn bench_harness() -> &'static [u8] {
 
 #[cfg(no_ebpf_obj)]
 pub fn load_balancer() -> &'static [u8] {
+    panic!("vip-agent was built without its eBPF object: build with `cargo xtask build`")
+}
+
+#[cfg(no_ebpf_obj)]
+pub fn decap() -> &'static [u8] {
     panic!("vip-agent was built without its eBPF object: build with `cargo xtask build`")
 }
 

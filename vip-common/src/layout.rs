@@ -30,6 +30,15 @@ pub const VIP_STATS: &str = "VIP_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 
+pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
+pub const DECAP_VIPS: &str = "DECAP_VIPS";
+pub const DECAP_STATS: &str = "DECAP_STATS";
+/// Addresses in each of `DECAP_LOCAL` and `DECAP_VIPS`.
+pub const MAX_DECAP_ADDRS: u32 = 4096;
+
+/// Name of the backends' decapsulation XDP program in the `vip-decap` object.
+pub const DECAP_PROGRAM: &str = "vip_decap";
+
 /// Name of the load-balancer XDP program in the object.
 pub const LB_PROGRAM: &str = "vip_lb";
 
@@ -61,4 +70,11 @@ pub const LAYOUT: [MapLayout; 8] = [
     layout::<u32, TrafficCounters>(VIP_STATS, Some(MAX_VIPS)),
     layout::<u32, TrafficCounters>(BACKEND_STATS, Some(MAX_BACKENDS)),
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
+];
+
+/// Every map of the decapsulation program.
+pub const DECAP_LAYOUT: [MapLayout; 3] = [
+    layout::<AddrKey, u32>(DECAP_LOCAL, Some(MAX_DECAP_ADDRS)),
+    layout::<AddrKey, u32>(DECAP_VIPS, Some(MAX_DECAP_ADDRS)),
+    layout::<u32, DecapStats>(DECAP_STATS, Some(1)),
 ];

@@ -215,6 +215,36 @@ pub struct DatapathStats {
     pub drop_no_headroom: u64,
 }
 
+/// Key of the decapsulation program's `DECAP_LOCAL` (the backend's own addresses, the outer
+/// destinations it accepts) and `DECAP_VIPS` (the VIPs it serves, the inner destinations).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AddrKey {
+    /// Address, network order; IPv4 in bytes 0..4, rest zero.
+    pub addr: [u8; 16],
+    /// [`AddrFamily`] as a number.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `DECAP_STATS` (per CPU, one entry): what the backend's decapsulation program did.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DecapStats {
+    /// Not encapsulated (or not IP): passed untouched.
+    pub passed: u64,
+    /// Outer header stripped, inner packet passed to the stack.
+    pub decapsulated: u64,
+    /// Encapsulated, but the outer destination is not one of this backend's addresses: passed
+    /// untouched.
+    pub refused_not_local: u64,
+    /// Encapsulated to this backend, but the inner destination is not one of its VIPs: passed
+    /// untouched (the stack drops it: it has no tunnel device).
+    pub refused_not_vip: u64,
+    /// Inner header truncated: passed untouched.
+    pub refused_malformed: u64,
+}
+
 /// Value of `DATAPATH_CONFIG` (one entry): node-wide settings.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -244,6 +274,21 @@ mod user {
     unsafe impl aya::Pod for DatapathStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DatapathConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DecapStats {}
+
+    impl AddrKey {
+        pub fn new(addr: IpAddr) -> Self {
+            let (addr, family) = addr_bytes(addr);
+            Self {
+                addr,
+                family: family as u8,
+                _pad: [0; 3],
+            }
+        }
+    }
 
     use std::net::IpAddr;
 

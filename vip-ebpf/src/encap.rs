@@ -16,11 +16,9 @@ use vip_common::{
     checksum::ipv4_header_checksum,
 };
 
-use crate::{
-    packet::{ETH_P_IP, ETH_P_IPV6, read, write},
-    parse::Verdict,
-    select::Choice,
-};
+use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, read, write};
+
+use crate::{parse::Verdict, select::Choice};
 
 const OUTER_TTL: u8 = 64;
 /// Ethernet header with one 802.1Q tag.

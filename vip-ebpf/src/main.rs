@@ -9,7 +9,6 @@
 
 mod encap;
 mod maps;
-mod packet;
 mod parse;
 mod select;
 

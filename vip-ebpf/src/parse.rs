@@ -17,10 +17,11 @@ use vip_common::{
     VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
 };
 
+use vip_ebpf::packet::{self, ETH_P_IP, ETH_P_IPV6, header, read};
+
 use crate::{
     encap::{self, Inner},
     maps::VIPS,
-    packet::{self, ETH_P_IP, ETH_P_IPV6, header, read},
     select::{self, ConnPolicy},
 };
 
