@@ -109,14 +109,50 @@ pub enum BackendState {
     Draining,
 }
 
+/// What a node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Load balancer: XDP load-balancing program, `[[vip]]` with backends.
+    #[default]
+    Lb,
+    /// Backend: decapsulation program, the `[backend]` section.
+    Backend,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub node: NodeConfig,
     pub vips: Vec<VipConfig>,
+    /// Set when `node.role = "backend"`.
+    pub backend: Option<BackendRole>,
+}
+
+impl Config {
+    /// Addresses to put on `lo`: the VIPs this node load-balances or serves.
+    pub fn loopback_addresses(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = match &self.backend {
+            Some(b) => b.vips.clone(),
+            None => self.vips.iter().map(|v| v.address).collect(),
+        };
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// A backend node: which encapsulated packets it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRole {
+    /// This backend's own addresses: the outer destinations it decapsulates.
+    pub addresses: Vec<IpAddr>,
+    /// The VIPs it serves: inner destinations it accepts, put on `lo`.
+    pub vips: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
+    pub role: Role,
     pub interfaces: Vec<String>,
     pub attach: AttachMode,
     pub source_v4: Option<Ipv4Addr>,
@@ -185,11 +221,22 @@ struct RawConfig {
     node: RawNode,
     #[serde(default, rename = "vip")]
     vips: Vec<Spanned<RawVip>>,
+    backend: Option<Spanned<RawBackendRole>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendRole {
+    addresses: Spanned<Vec<IpAddr>>,
+    #[serde(default)]
+    vips: Vec<IpAddr>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
+    #[serde(default = "default_role")]
+    role: Spanned<Role>,
     interfaces: Spanned<Vec<String>>,
     #[serde(default)]
     attach: AttachMode,
@@ -236,6 +283,9 @@ struct RawBackend {
     state: BackendState,
 }
 
+fn default_role() -> Spanned<Role> {
+    Spanned::new(0..0, Role::Lb)
+}
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/vip")
 }
@@ -295,6 +345,45 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         message,
     };
     let node = raw.node;
+    let role = *node.role.get_ref();
+    let backend = match (role, raw.backend) {
+        (Role::Backend, None) => {
+            return Err(err(
+                &node.role.span(),
+                "backend".into(),
+                "role \"backend\" needs a [backend] section with `addresses` (and `vips`)".into(),
+            ));
+        }
+        (Role::Lb, Some(b)) => {
+            return Err(err(
+                &b.span(),
+                "backend".into(),
+                "a [backend] section needs node.role = \"backend\"".into(),
+            ));
+        }
+        (Role::Backend, Some(b)) => {
+            let b = b.into_inner();
+            if b.addresses.get_ref().is_empty() {
+                return Err(err(
+                    &b.addresses.span(),
+                    "backend.addresses".into(),
+                    "list this backend's own addresses (the outer destinations it accepts)".into(),
+                ));
+            }
+            if let Some(v) = raw.vips.first() {
+                return Err(err(
+                    &v.span(),
+                    "vip".into(),
+                    "a backend lists the VIPs it serves in backend.vips, not as [[vip]]".into(),
+                ));
+            }
+            Some(BackendRole {
+                addresses: b.addresses.into_inner(),
+                vips: b.vips,
+            })
+        }
+        (Role::Lb, None) => None,
+    };
     if node.interfaces.get_ref().is_empty() {
         return Err(err(
             &node.interfaces.span(),
@@ -458,7 +547,9 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
         ));
     }
     Ok(Config {
+        backend,
         node: NodeConfig {
+            role,
             interfaces: node.interfaces.into_inner(),
             attach: node.attach,
             source_v4: node.source_v4,
@@ -547,6 +638,32 @@ state = "draining"
 
         let e = error(&GOOD.replace("address = \"198.19.0.1\"", "address = \"198.19.0.300\""));
         assert_eq!(e.line, Some(8));
+    }
+
+    #[test]
+    fn backend_role() {
+        let text = r#"
+[node]
+role = "backend"
+interfaces = ["eth0"]
+
+[backend]
+addresses = ["198.18.1.1", "fd00:1::1"]
+vips = ["198.19.0.1", "198.19.0.1", "fd00:19::1"]
+"#;
+        let c = parse(Path::new("b.toml"), text).unwrap();
+        assert_eq!(c.node.role, Role::Backend);
+        assert_eq!(c.backend.as_ref().unwrap().addresses.len(), 2);
+        assert_eq!(c.loopback_addresses().len(), 2);
+
+        let e = error(&text.replace("role = \"backend\"\n", ""));
+        assert!(e.message.contains("node.role"), "{e}");
+        let e = error(&text.replace("[backend]", "[backend]\nport = 1"));
+        assert!(e.message.contains("unknown field `port`"), "{e}");
+        let e = error(&format!(
+            "{text}\n[[vip]]\naddress = \"198.19.0.1\"\nprotocol = \"tcp\"\n"
+        ));
+        assert!(e.message.contains("backend.vips"), "{e}");
     }
 
     #[test]

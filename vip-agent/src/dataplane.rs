@@ -30,6 +30,12 @@ pub enum DataplaneError {
     TableSizeNotPrime(u32),
     #[error("loading the eBPF object failed (is this root, with BTF and bpffs?)")]
     Load(#[source] aya::EbpfError),
+    #[error("creating pin directory {path} (is bpffs mounted at /sys/fs/bpf?): {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
     #[error("the eBPF object has no program {0}")]
@@ -132,7 +138,10 @@ impl Dataplane {
         }
         let mut loader = EbpfLoader::new();
         let pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
-            Some(dir) => LAYOUT.iter().map(|l| (l.name, dir.join(l.name))).collect(),
+            Some(dir) => {
+                create_pin_dir(dir)?;
+                LAYOUT.iter().map(|l| (l.name, dir.join(l.name))).collect()
+            }
             None => Vec::new(),
         };
         for l in LAYOUT.iter() {
@@ -353,6 +362,14 @@ pub fn attach_xdp_pinned(
         }
     }
     Err(program_err(last_err.expect("at least one attach mode")))
+}
+
+/// Creates a pin directory (under a bpffs mount).
+pub(crate) fn create_pin_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Loads (verifies) the XDP program `name` of `ebpf` on first use.

@@ -14,7 +14,8 @@ use vip_common::{
 };
 
 use crate::dataplane::{
-    DataplaneError, Result, attach_xdp_pinned, check_pinned, map_err, sum_counters, xdp_program,
+    DataplaneError, Result, attach_xdp_pinned, check_pinned, create_pin_dir, map_err, sum_counters,
+    xdp_program,
 };
 
 /// The loaded decapsulation program and its maps.
@@ -27,6 +28,7 @@ impl DecapPlane {
     pub fn load(pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
+            create_pin_dir(dir)?;
             for l in DECAP_LAYOUT.iter() {
                 let path = dir.join(l.name);
                 if path.exists() {

@@ -5,6 +5,7 @@ pub mod balancer;
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod lo;
 pub mod nexthop;
 pub mod object;
 pub mod tables;

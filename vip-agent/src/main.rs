@@ -13,8 +13,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use vip_agent::{
     balancer::Balancer,
-    config::{self, AttachMode, Config},
+    config::{self, AttachMode, Config, Role},
     dataplane::{Dataplane, DataplaneOptions, detach_all},
+    decap::DecapPlane,
+    lo::LoopbackVips,
     nexthop::Resolver,
 };
 use vip_common::{
@@ -153,35 +155,105 @@ fn enable_forwarding(iface: &str) -> Result<()> {
     Ok(())
 }
 
-async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
-    let dataplane = Dataplane::load(options(&cfg)).context("loading the datapath")?;
-    let mut balancer = Balancer::new(dataplane);
-    let adopted = balancer.adopt_pinned_state()?;
-    if adopted > 0 {
-        info!(
-            entries = adopted,
-            "took over pinned state from an earlier agent"
-        );
-    }
-    let resolver = Resolver::new()?;
-    let backends: Vec<IpAddr> = all_backends(&cfg);
-    balancer.set_next_hops(resolver.resolve_all(&backends).await?)?;
-    let report = balancer.apply(&cfg)?;
-    info!(?report, "config applied");
-    for iface in &cfg.node.interfaces {
-        enable_forwarding(iface)?;
-        let mode = balancer
-            .dataplane_mut()
-            .attach_pinned(iface, attach_modes(cfg.node.attach), &cfg.node.pin_dir)
-            .with_context(|| format!("attaching XDP to {iface}"))?;
-        match mode {
-            None => info!(%iface, "switched the running datapath to this program (no gap)"),
-            Some(XdpMode::Skb) => {
-                warn!(%iface, "attached in generic mode: the driver has no native XDP")
+/// What runs on this node: the load balancer or a backend's decapsulation.
+enum Node {
+    Lb {
+        balancer: Box<Balancer>,
+        resolver: Resolver,
+    },
+    Backend {
+        decap: DecapPlane,
+    },
+}
+
+impl Node {
+    /// Loads the program (reusing pinned state), applies `cfg`, and attaches.
+    async fn start(cfg: &Config) -> Result<Self> {
+        let mut node = match cfg.node.role {
+            Role::Lb => {
+                let dataplane = Dataplane::load(options(cfg)).context("loading the datapath")?;
+                let mut balancer = Box::new(Balancer::new(dataplane));
+                let adopted = balancer.adopt_pinned_state()?;
+                if adopted > 0 {
+                    info!(
+                        entries = adopted,
+                        "took over pinned state from an earlier agent"
+                    );
+                }
+                let resolver = Resolver::new()?;
+                balancer.set_next_hops(resolver.resolve_all(&all_backends(cfg)).await?)?;
+                Node::Lb { balancer, resolver }
             }
-            Some(mode) => info!(%iface, ?mode, "attached"),
+            Role::Backend => Node::Backend {
+                decap: DecapPlane::load(Some(&cfg.node.pin_dir))
+                    .context("loading the decapsulation program")?,
+            },
+        };
+        node.apply(cfg)?;
+        for iface in &cfg.node.interfaces {
+            let modes = attach_modes(cfg.node.attach);
+            let pin_dir = &cfg.node.pin_dir;
+            let mode = match &mut node {
+                Node::Lb { balancer, .. } => {
+                    enable_forwarding(iface)?;
+                    balancer
+                        .dataplane_mut()
+                        .attach_pinned(iface, modes, pin_dir)
+                }
+                Node::Backend { decap } => decap.attach_pinned(iface, modes, pin_dir),
+            }
+            .with_context(|| format!("attaching XDP to {iface}"))?;
+            match mode {
+                None => info!(%iface, "switched the running program to this one (no gap)"),
+                Some(XdpMode::Skb) => {
+                    warn!(%iface, "attached in generic mode: the driver has no native XDP")
+                }
+                Some(mode) => info!(%iface, ?mode, "attached"),
+            }
+        }
+        Ok(node)
+    }
+
+    /// Applies a (validated) config to the maps.
+    fn apply(&mut self, cfg: &Config) -> Result<()> {
+        match self {
+            Node::Lb { balancer, .. } => {
+                let report = balancer.apply(cfg)?;
+                info!(?report, "config applied");
+            }
+            Node::Backend { decap } => {
+                let role = cfg
+                    .backend
+                    .as_ref()
+                    .context("backend role without [backend]")?;
+                decap.set_local_addresses(&role.addresses)?;
+                decap.set_vips(&role.vips)?;
+                info!(addresses = ?role.addresses, vips = ?role.vips, "decapsulation configured");
+            }
+        }
+        Ok(())
+    }
+
+    /// Periodic work: keeping next hops current.
+    async fn refresh(&mut self, cfg: &Config) {
+        if let Node::Lb { balancer, resolver } = self {
+            match resolver.resolve_all(&all_backends(cfg)).await {
+                Ok(hops) => match balancer.set_next_hops(hops) {
+                    Ok(0) => {}
+                    Ok(n) => info!(backends = n, "next hops updated"),
+                    Err(e) => error!(error = %e, "writing next hops"),
+                },
+                Err(e) => warn!(error = %e, "resolving next hops"),
+            }
         }
     }
+}
+
+async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
+    let mut node = Node::start(&cfg).await?;
+    let lo = LoopbackVips::new().await?;
+    let (added, removed) = lo.sync(&cfg.loopback_addresses()).await?;
+    info!(added, removed, "VIP addresses on lo");
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -193,33 +265,28 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
                 Ok(new) if new.node != cfg.node => {
                     error!("node settings changed: they need a restart; nothing applied");
                 }
-                Ok(new) => match balancer.apply(&new) {
-                    Ok(report) => {
-                        info!(?report, "reloaded");
+                Ok(new) => match node.apply(&new) {
+                    Ok(()) => {
                         cfg = new;
+                        match lo.sync(&cfg.loopback_addresses()).await {
+                            Ok((added, removed)) => info!(added, removed, "reloaded"),
+                            Err(e) => error!(error = %e, "updating VIP addresses on lo"),
+                        }
                     }
                     Err(e) => error!(error = %e, "reload failed part way; fix and reload again"),
                 },
                 Err(e) => error!(error = %e, "reload rejected; the running config stays"),
             },
-            _ = refresh.tick() => {
-                match resolver.resolve_all(&all_backends(&cfg)).await {
-                    Ok(hops) => match balancer.set_next_hops(hops) {
-                        Ok(0) => {}
-                        Ok(n) => info!(backends = n, "next hops updated"),
-                        Err(e) => error!(error = %e, "writing next hops"),
-                    },
-                    Err(e) => warn!(error = %e, "resolving next hops"),
-                }
-            }
+            _ = refresh.tick() => node.refresh(&cfg).await,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
     if cleanup {
-        drop(balancer);
+        drop(node);
+        lo.sync(&[]).await?;
         let ifaces = detach_all(&cfg.node.pin_dir)?;
-        info!(?ifaces, "detached and removed pins");
+        info!(?ifaces, "detached, removed pins and VIP addresses");
     } else {
         info!(
             "stopping; the datapath keeps forwarding (use --cleanup or `vip-agent detach` to remove it)"

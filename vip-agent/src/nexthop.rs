@@ -4,10 +4,15 @@
 //! For each backend: a route lookup (`RTM_GETROUTE` for the address, as `ip route get` does)
 //! gives the egress interface and gateway; the neighbour table gives the gateway's (or the
 //! backend's own) MAC; the link gives the interface's MAC. A backend whose neighbour is not
-//! known yet stays unresolved: the datapath then asks `bpf_fib_lookup` and passes the packet to
-//! the stack, which resolves the neighbour, and the next refresh picks it up.
+//! known yet stays unresolved (the datapath then asks `bpf_fib_lookup`), and the resolver makes
+//! the kernel resolve it: packets the XDP program forwards never touch the neighbour table, so
+//! nothing else would. It sends one byte to the backend's discard port (UDP 9), which makes the
+//! kernel resolve (or re-confirm a stale) neighbour; the next refresh picks it up.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+};
 
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
@@ -38,6 +43,25 @@ pub enum NextHopError {
     },
 }
 
+/// A usable neighbour entry.
+#[derive(Clone, Copy)]
+struct Neighbour {
+    mac: [u8; 6],
+    /// Usable, but the kernel wants it confirmed.
+    stale: bool,
+}
+
+/// Makes the kernel resolve the neighbour toward `backend`: one byte to its discard port.
+fn nudge(backend: IpAddr) {
+    let bind: SocketAddr = match backend {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    if let Err(e) = UdpSocket::bind(bind).and_then(|s| s.send_to(&[0], (backend, 9))) {
+        tracing::debug!(%backend, error = %e, "neighbour nudge");
+    }
+}
+
 /// Answers "how do I reach this backend" from the kernel.
 pub struct Resolver {
     handle: rtnetlink::Handle,
@@ -64,15 +88,17 @@ impl Resolver {
                 continue;
             };
             let via = gateway.unwrap_or(backend);
-            if let (Some(&src_mac), Some(&dst_mac)) =
-                (links.get(&ifindex), neighbours.get(&(ifindex, via)))
-            {
+            let neighbour = neighbours.get(&(ifindex, via));
+            if neighbour.is_none_or(|n| n.stale) {
+                nudge(backend);
+            }
+            if let (Some(&src_mac), Some(n)) = (links.get(&ifindex), neighbour) {
                 out.insert(
                     backend,
                     NextHop {
                         ifindex,
                         src_mac,
-                        dst_mac,
+                        dst_mac: n.mac,
                     },
                 );
             }
@@ -127,8 +153,8 @@ impl Resolver {
         Ok(None)
     }
 
-    /// Usable neighbour entries: (ifindex, address) to MAC.
-    async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), [u8; 6]>, NextHopError> {
+    /// Usable neighbour entries by (ifindex, address).
+    async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), Neighbour>, NextHopError> {
         let mut stream = self.handle.neighbours().get().execute();
         let mut out = HashMap::new();
         loop {
@@ -166,7 +192,8 @@ impl Resolver {
                 }
             }
             if let (Some(dst), Some(mac)) = (dst, mac) {
-                out.insert((n.header.ifindex, dst), mac);
+                let stale = n.header.state == NeighbourState::Stale;
+                out.insert((n.header.ifindex, dst), Neighbour { mac, stale });
             }
         }
         Ok(out)

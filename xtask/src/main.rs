@@ -3,6 +3,9 @@
 //! Every command that needs tools calls `setup` first, which installs only what is missing, so
 //! the README's two commands work on a fresh Debian machine with root.
 
+mod demo;
+mod lab;
+
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -25,6 +28,11 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum LabAction {
+    Down,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: apt packages, nightly rust-src, clippy/rustfmt, bpf-linker.
     Setup,
@@ -42,6 +50,13 @@ enum Cmd {
     Lint,
     /// Measure the datapath with BPF_PROG_TEST_RUN and write BENCHMARKS.md (needs root).
     Bench,
+    /// Set up, build, and run the demonstration in network namespaces (needs root).
+    Demo,
+    /// The demo's lab: `down` removes everything it made, also after a crash.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
     /// Build and run the agent with the given arguments (needs root).
     Run {
         #[arg(trailing_var_arg = true)]
@@ -65,6 +80,18 @@ fn main() -> Result<()> {
             run(&mut cmd)
         }
         Cmd::Lint => lint(),
+        Cmd::Demo => {
+            setup()?;
+            build()?;
+            let ws = workspace();
+            demo::run(
+                &ws.join("target/release/vip-agent"),
+                &ws.join("target/bpfel-unknown-none/release/vip-decap"),
+            )
+        }
+        Cmd::Lab {
+            action: LabAction::Down,
+        } => lab::down(),
         Cmd::Bench => {
             setup()?;
             build_ebpf()?;
