@@ -577,3 +577,29 @@ fn redirect_when_the_next_hop_is_another_interface() {
     assert_eq!(decode_encapsulated(&out).inner, f.ip_packet());
     assert_eq!(lb.dataplane.stats().unwrap().redirected, 1);
 }
+
+#[test]
+fn vip_address_filter_follows_vip_changes() {
+    let mut lb = Lb::new();
+    lb.backend(0, "198.18.1.1");
+    let web = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0]);
+    let dns = VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0]);
+    lb.vip(&web);
+    lb.vip(&dns);
+    let to_web = Frame::tcp(CLIENT4, 1000, "198.18.100.1", 80, TCP_SYN).build();
+    let to_dns = Frame::udp(CLIENT4, 1000, "198.18.100.1", 53).build();
+    assert_eq!(lb.run(&to_web).0, XDP_TX);
+
+    // Removing one VIP of the address keeps the bit for the other.
+    lb.tables.remove(&mut lb.dataplane, &web.key()).unwrap();
+    assert_eq!(lb.run(&to_web).0, XDP_PASS);
+    assert_eq!(lb.run(&to_dns).0, XDP_TX);
+
+    // Removing the last one clears it; adding a VIP back sets it.
+    lb.tables.remove(&mut lb.dataplane, &dns.key()).unwrap();
+    assert_eq!(lb.run(&to_dns).0, XDP_PASS);
+    let passed_before = lb.dataplane.stats().unwrap().passed;
+    lb.vip(&web);
+    assert_eq!(lb.run(&to_web).0, XDP_TX);
+    assert_eq!(lb.dataplane.stats().unwrap().passed, passed_before);
+}

@@ -17,6 +17,7 @@ use aya::{
 use vip_common::{
     Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
     VipMeta,
+    hash::vip_filter_bit,
     layout::{
         self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS,
         LAYOUT, MapLayout,
@@ -247,18 +248,45 @@ impl Dataplane {
     }
 
     /// Adds or replaces a VIP. Replacing the value is atomic for the datapath, which is how a
-    /// VIP switches to a new table slot.
+    /// VIP switches to a new table slot. The VIP's address filter bit is set first, so the
+    /// datapath never filters out a VIP it has.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
+        self.set_filter_bit(vip_filter_bit(&key.addr), true)?;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
         vips.insert(key, meta, 0).map_err(map_err(layout::VIPS))
     }
 
-    /// Removes a VIP; its packets pass to the stack from then on.
+    /// Removes a VIP; its packets pass to the stack from then on. Its filter bit is cleared
+    /// afterwards unless another VIP still needs it.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
-        vips.remove(key).map_err(map_err(layout::VIPS))
+        vips.remove(key).map_err(map_err(layout::VIPS))?;
+        let bit = vip_filter_bit(&key.addr);
+        let still_needed = self
+            .vips()?
+            .iter()
+            .any(|(k, _)| vip_filter_bit(&k.addr) == bit);
+        if !still_needed {
+            self.set_filter_bit(bit, false)?;
+        }
+        Ok(())
+    }
+
+    fn set_filter_bit(&mut self, bit: u32, on: bool) -> Result<()> {
+        let mut filter = self.array::<u64>(layout::VIP_FILTER)?;
+        let word = filter
+            .get(&(bit / 64), 0)
+            .map_err(map_err(layout::VIP_FILTER))?;
+        let mask = 1u64 << (bit % 64);
+        let new = if on { word | mask } else { word & !mask };
+        if new != word {
+            filter
+                .set(bit / 64, new, 0)
+                .map_err(map_err(layout::VIP_FILTER))?;
+        }
+        Ok(())
     }
 
     /// Every VIP in the map.

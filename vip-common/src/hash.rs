@@ -75,6 +75,29 @@ pub fn maglev_slot(hash: u32, table_size: u32) -> u32 {
     ((u64::from(hash) * u64::from(table_size)) >> 32) as u32
 }
 
+/// Bits in the VIP address filter (`VIP_FILTER`, 64-bit words).
+pub const VIP_FILTER_BITS: u32 = 1 << 16;
+
+/// The VIP address filter bit of a destination address (network-order bytes, IPv4 in 0..4):
+/// the datapath passes a packet whose bit is clear without any hash map lookup. A multiply-shift
+/// of the address folded to 32 bits: a few instructions, shared with the agent that sets bits.
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    filter_bit(w(0) ^ w(4) ^ w(8) ^ w(12))
+}
+
+/// [`vip_filter_bit`] of an IPv4 address (whose other 12 bytes are zero).
+#[inline(always)]
+pub fn vip_filter_bit_v4(addr: [u8; 4]) -> u32 {
+    filter_bit(u32::from_le_bytes(addr))
+}
+
+#[inline(always)]
+fn filter_bit(folded: u32) -> u32 {
+    folded.wrapping_mul(0x9e37_79b1) >> 16
+}
+
 /// Hashes a backend address for Maglev's permutation; `salt` separates the offset and skip hashes.
 #[inline]
 pub fn backend_hash(addr: &[u8; 16], salt: u64) -> u64 {
@@ -83,6 +106,9 @@ pub fn backend_hash(addr: &[u8; 16], salt: u64) -> u64 {
     h = absorb(h, word(addr, 1));
     fmix64(h)
 }
+
+#[cfg(test)]
+extern crate std;
 
 #[cfg(test)]
 mod tests {
@@ -127,6 +153,21 @@ mod tests {
         );
         assert_eq!(maglev_slot(u32::MAX, size), size - 1);
         assert_eq!(maglev_slot(0, size), 0);
+    }
+
+    #[test]
+    fn filter_bits_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000u32 {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&(0xc613_0000 + i).to_be_bytes());
+            let bit = vip_filter_bit(&a);
+            assert!(bit < VIP_FILTER_BITS);
+            assert_eq!(bit, vip_filter_bit_v4([a[0], a[1], a[2], a[3]]));
+            seen.insert(bit);
+        }
+        // 1,000 consecutive addresses over 65,536 bits: almost no collisions.
+        assert!(seen.len() > 980, "{}", seen.len());
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub const STATS: &str = "STATS";
 pub const VIP_STATS: &str = "VIP_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
+pub const VIP_FILTER: &str = "VIP_FILTER";
+/// 64-bit words of `VIP_FILTER`.
+pub const VIP_FILTER_WORDS: u32 = crate::hash::VIP_FILTER_BITS / 64;
 
 pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
 pub const DECAP_VIPS: &str = "DECAP_VIPS";
@@ -61,7 +64,7 @@ const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout
 }
 
 /// Every map of the load-balancer program.
-pub const LAYOUT: [MapLayout; 8] = [
+pub const LAYOUT: [MapLayout; 9] = [
     layout::<VipKey, VipMeta>(VIPS, Some(MAX_VIPS)),
     layout::<u32, Backend>(BACKENDS, Some(MAX_BACKENDS)),
     layout::<u32, BackendId>(MAGLEV, None),
@@ -70,6 +73,7 @@ pub const LAYOUT: [MapLayout; 8] = [
     layout::<u32, TrafficCounters>(VIP_STATS, Some(MAX_VIPS)),
     layout::<u32, TrafficCounters>(BACKEND_STATS, Some(MAX_BACKENDS)),
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
+    layout::<u32, u64>(VIP_FILTER, Some(VIP_FILTER_WORDS)),
 ];
 
 /// Every map of the decapsulation program.

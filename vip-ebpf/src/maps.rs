@@ -11,6 +11,7 @@ use vip_common::{
     VipMeta,
     layout::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAX_BACKENDS, MAX_VIPS,
+        VIP_FILTER_WORDS,
     },
 };
 
@@ -52,6 +53,12 @@ pub static VIP_STATS: PerCpuArray<TrafficCounters, { MAX_VIPS as usize }> = PerC
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { MAX_BACKENDS as usize }> =
     PerCpuArray::new();
+
+/// Bitmap over `vip_filter_bit(destination)`: a clear bit means "no VIP has this address", and
+/// the packet passes after one array read instead of hash lookups. The agent sets a VIP's bit
+/// before adding the VIP and clears it after the last VIP on that bit is gone.
+#[btf_map]
+pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 /// Node-wide settings. Written by the agent before any VIP.
 #[btf_map]

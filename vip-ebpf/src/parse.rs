@@ -15,13 +15,14 @@ use network_types::{
 use vip_common::{
     AddrFamily, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
+    hash::{vip_filter_bit, vip_filter_bit_v4},
 };
 
 use vip_ebpf::packet::{self, ETH_P_IP, ETH_P_IPV6, header, read};
 
 use crate::{
     encap::{self, Inner},
-    maps::VIPS,
+    maps::{VIP_FILTER, VIPS},
     select::{self, ConnPolicy},
 };
 
@@ -83,6 +84,14 @@ fn by_ether_type(ctx: &XdpContext, l3: usize, ether_type: [u8; 2]) -> Parsed {
     }
 }
 
+/// Whether a destination may be a VIP: false means certainly not (its filter bit is clear).
+#[inline(always)]
+fn maybe_vip(bit: u32) -> bool {
+    VIP_FILTER
+        .get(bit >> 6)
+        .is_none_or(|word| word & (1u64 << (bit & 63)) != 0)
+}
+
 /// The VIP a flow is addressed to: the exact port first, then the all-ports VIP.
 #[inline(always)]
 fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
@@ -129,7 +138,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     let Some(ip) = header::<Ipv4Hdr>(ctx, l3) else {
         return Err(Verdict::Pass);
     };
-    if ip.vihl >> 4 != 4 {
+    if ip.vihl >> 4 != 4 || !maybe_vip(vip_filter_bit_v4(ip.dst_addr)) {
         return Err(Verdict::Pass);
     }
     if ip.proto == IPPROTO_ICMP {
@@ -213,7 +222,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     let Some(ip) = header::<Ipv6Hdr>(ctx, l3) else {
         return Err(Verdict::Pass);
     };
-    if ip.vcf[0] >> 4 != 6 {
+    if ip.vcf[0] >> 4 != 6 || !maybe_vip(vip_filter_bit(&ip.dst_addr)) {
         return Err(Verdict::Pass);
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
