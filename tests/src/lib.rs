@@ -2,6 +2,7 @@
 //! of the real XDP program through the agent's own `Dataplane`, and a decoder for its output.
 
 pub mod fixture;
+pub mod node;
 pub mod packet;
 
 /// Panics with a clear message unless running as root: these tests load programs into the kernel.

@@ -110,6 +110,31 @@ impl Default for DataplaneOptions {
 }
 
 impl DataplaneOptions {
+    /// The options a datapath pinned under `pin_dir` was loaded with, read from its maps: for
+    /// tools that open a running datapath without its config.
+    pub fn from_pins(pin_dir: &Path) -> Result<Self> {
+        let info =
+            |name: &'static str| MapInfo::from_pin(pin_dir.join(name)).map_err(map_err(name));
+        let config_map = MapData::from_pin(pin_dir.join(layout::DATAPATH_CONFIG))
+            .map_err(map_err(layout::DATAPATH_CONFIG))?;
+        let config: Array<MapData, DatapathConfig> =
+            Array::try_from(aya::maps::Map::Array(config_map))
+                .map_err(map_err(layout::DATAPATH_CONFIG))?;
+        let table_size = config
+            .get(&0, 0)
+            .map_err(map_err(layout::DATAPATH_CONFIG))?
+            .table_size;
+        if table_size == 0 {
+            return Err(DataplaneError::TableSizeNotPrime(0));
+        }
+        Ok(Self {
+            table_size,
+            table_slots: info(layout::MAGLEV)?.max_entries() / table_size,
+            conntrack_entries: info(layout::CONNTRACK)?.max_entries(),
+            pin_dir: Some(pin_dir.to_owned()),
+        })
+    }
+
     /// Entries each map must have with these options.
     fn max_entries(&self, name: &str) -> Option<u32> {
         match name {

@@ -8,4 +8,5 @@ pub mod decap;
 pub mod lo;
 pub mod nexthop;
 pub mod object;
+pub mod probe;
 pub mod tables;

@@ -1,7 +1,7 @@
 //! `vip-agent`: runs vip's datapath on a load-balancer node, and looks inside it.
 
 use std::{
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -57,9 +57,28 @@ enum Command {
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/vip")]
         pin_dir: PathBuf,
-        /// Table size and slots the datapath was loaded with (from its config).
+    },
+    /// The connection-tracking entries, decoded.
+    Flows {
+        #[arg(long, default_value = "/sys/fs/bpf/vip")]
+        pin_dir: PathBuf,
+        /// Only flows to this VIP address.
         #[arg(long)]
-        config: Option<PathBuf>,
+        vip: Option<IpAddr>,
+    },
+    /// Which backend a flow goes to, found by running a packet of that flow through the loaded
+    /// program (BPF_PROG_TEST_RUN). Like any packet of the flow, it leaves a conntrack entry.
+    Which {
+        #[arg(long, default_value = "/sys/fs/bpf/vip")]
+        pin_dir: PathBuf,
+        /// VIP as ADDR:PORT ([V6]:PORT).
+        #[arg(long)]
+        vip: SocketAddr,
+        /// Client as ADDR:PORT.
+        #[arg(long)]
+        flow: SocketAddr,
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
     },
     /// Maglev table statistics for a backend set: `--backend ADDR[:WEIGHT]`.
     Maglev {
@@ -105,7 +124,14 @@ fn main() -> Result<()> {
             println!("detached from {:?}; removed {}", ifaces, pin_dir.display());
             Ok(())
         }
-        Command::Status { pin_dir, config } => status(&pin_dir, config.as_deref()),
+        Command::Status { pin_dir } => status(&pin_dir),
+        Command::Flows { pin_dir, vip } => flows(&pin_dir, vip),
+        Command::Which {
+            pin_dir,
+            vip,
+            flow,
+            protocol,
+        } => which(&pin_dir, vip, flow, &protocol),
         Command::Maglev { size, backends } => maglev(size, &backends),
     }
 }
@@ -306,20 +332,76 @@ fn all_backends(cfg: &Config) -> Vec<IpAddr> {
     v
 }
 
-fn status(pin_dir: &Path, config: Option<&Path>) -> Result<()> {
-    let mut options = DataplaneOptions {
-        pin_dir: Some(pin_dir.to_owned()),
-        ..DataplaneOptions::default()
-    };
-    if let Some(path) = config {
-        options = self::options(&config::load(path)?);
-    }
+/// Opens the running datapath's pinned maps (a second copy of the program, not attached),
+/// with the sizes it was loaded with.
+fn open_pinned(pin_dir: &Path) -> Result<Dataplane> {
     if !pin_dir.join(vip_common::layout::VIPS).exists() {
         bail!("no vip datapath pinned under {}", pin_dir.display());
     }
-    let dp = Dataplane::load(options).context(
-        "opening the pinned maps (pass --config if the datapath runs with a non-default table size)",
-    )?;
+    let options = DataplaneOptions::from_pins(pin_dir)
+        .with_context(|| format!("reading the datapath's sizes under {}", pin_dir.display()))?;
+    Dataplane::load(options).context("opening the pinned maps")
+}
+
+fn flows(pin_dir: &Path, vip: Option<IpAddr>) -> Result<()> {
+    let dp = open_pinned(pin_dir)?;
+    let backends: std::collections::HashMap<u32, IpAddr> = dp
+        .backends()?
+        .into_iter()
+        .filter_map(|(id, b)| Some((id, addr_from_bytes(&b.addr, b.family)?)))
+        .collect();
+    let mut shown = 0;
+    for (flow, entry) in dp.flows()? {
+        let (Some(src), Some(dst)) = (
+            addr_from_bytes(&flow.src, flow.family),
+            addr_from_bytes(&flow.dst, flow.family),
+        ) else {
+            continue;
+        };
+        if vip.is_some_and(|v| v != dst) {
+            continue;
+        }
+        let proto = match flow.proto {
+            vip_common::IPPROTO_TCP => "tcp",
+            vip_common::IPPROTO_UDP => "udp",
+            _ => "?",
+        };
+        let backend = backends.get(&entry.backend).map_or_else(
+            || format!("#{} (removed)", entry.backend),
+            |a| a.to_string(),
+        );
+        println!(
+            "{proto} {} -> {} backend {backend}",
+            SocketAddr::new(src, u16::from_be_bytes(flow.src_port)),
+            SocketAddr::new(dst, u16::from_be_bytes(flow.dst_port)),
+        );
+        shown += 1;
+    }
+    println!("{shown} flows");
+    Ok(())
+}
+
+fn which(pin_dir: &Path, vip: SocketAddr, flow: SocketAddr, protocol: &str) -> Result<()> {
+    let proto = match protocol {
+        "tcp" => vip_common::IPPROTO_TCP,
+        "udp" => vip_common::IPPROTO_UDP,
+        other => bail!("protocol {other}: use tcp or udp"),
+    };
+    if vip.is_ipv4() != flow.is_ipv4() {
+        bail!("--vip and --flow must be of the same family");
+    }
+    let mut dp = open_pinned(pin_dir)?;
+    let frame = vip_agent::probe::frame(flow, vip, proto);
+    let (action, out) = vip_agent::probe::run(&mut dp, &frame)?;
+    match vip_agent::probe::outer_destination(&frame, &out) {
+        Some(backend) => println!("{protocol} {flow} -> {vip}: backend {backend}"),
+        None => println!("{protocol} {flow} -> {vip}: not forwarded (XDP action {action})"),
+    }
+    Ok(())
+}
+
+fn status(pin_dir: &Path) -> Result<()> {
+    let dp = open_pinned(pin_dir)?;
     let s = dp.stats()?;
     println!(
         "datapath: {} passed, {} tx, {} redirected, {} conntrack hits, {} misses",

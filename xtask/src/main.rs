@@ -71,7 +71,8 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Test { args } => {
             setup()?;
-            build_ebpf()?;
+            // The tests run the real agent binary too.
+            build()?;
             let mut cmd = cargo();
             cmd.args(["test", "--release", "--workspace", "--exclude", "vip-ebpf"]);
             if !args.is_empty() {

@@ -1,0 +1,262 @@
+//! Running the real `vip-agent` binary in named network namespaces, and injecting frames.
+//!
+//! Everything here is removed by name when its guard drops, also when a test fails: the
+//! namespace, the agent process, the pin directory.
+
+use std::{
+    fs,
+    io::Write,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The agent binary (built by `cargo xtask test`; `VIP_AGENT_BIN` overrides).
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("VIP_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/vip-agent")
+        })
+}
+
+/// Runs the agent binary to completion (`check-config`, `status`, ...).
+pub fn agent(args: &[&str]) -> Output {
+    Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("run vip-agent (built by `cargo xtask test`)")
+}
+
+/// A named network namespace (`ip netns`), deleted on drop, with its pin directory.
+pub struct Netns {
+    pub name: String,
+    pub pin_dir: PathBuf,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        crate::require_root();
+        let name = format!("vipt-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        run("ip", &["netns", "add", &name]);
+        let ns = Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),
+            name,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NS ARGS`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// A command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["netns", "exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        run("ip", &full)
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it makes stay there).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        thread::spawn(move || {
+            let file = fs::File::open(&path).expect("namespace file");
+            // SAFETY: setns on a valid namespace fd; affects only this thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("thread in namespace")
+    }
+
+    /// MAC address of a device in the namespace.
+    pub fn mac(&self, dev: &str) -> [u8; 6] {
+        let brief = self.ip(&["-br", "link", "show", "dev", dev]);
+        let text = brief.split_whitespace().nth(2).expect("MAC column");
+        let bytes: Vec<u8> = text
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+            .collect();
+        bytes.try_into().expect("6 bytes")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        let _ = fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().expect(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `vip-agent run`, killed on drop.
+pub struct Agent {
+    child: Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `vip-agent run --config CONFIG --netns NS [extra]` with `config_text` written to a
+    /// file next to its log.
+    pub fn start(ns: &Netns, config_text: &str, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(&ns.name);
+        fs::create_dir_all(&dir).expect("temp dir");
+        let config = dir.join("vip.toml");
+        fs::write(&config, config_text).expect("write config");
+        let log = dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
+        let log_file = fs::File::create(&log).expect("log file");
+        let child = Command::new(agent_bin())
+            .args(["run", "--netns", &ns.name, "--config"])
+            .arg(&config)
+            .args(extra)
+            .stdout(log_file.try_clone().expect("log"))
+            .stderr(log_file)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start vip-agent (built by `cargo xtask test`)");
+        Self { child, config, log }
+    }
+
+    /// Waits until `path` exists (the agent pinned something), or panics with the agent's log.
+    pub fn wait_for(&mut self, path: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !path.exists() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "agent exited ({status}) before {}: {}",
+                    path.display(),
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not appear: {}",
+                path.display(),
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until the log contains `needle` `count` times.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.log_text().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "log lacks {needle:?}: {}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn rewrite_config(&self, text: &str) {
+        fs::write(&self.config, text).expect("write config");
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the agent to exit (after a signal) and returns whether it exited cleanly.
+    pub fn wait(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit: {}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An AF_PACKET socket bound to a device: sends whole Ethernet frames out of it.
+pub struct FrameSender {
+    fd: OwnedFd,
+}
+
+impl FrameSender {
+    /// Opens the socket in `ns` on `dev`.
+    pub fn open(ns: &Netns, dev: &str) -> Self {
+        let dev = dev.to_owned();
+        let fd = ns.within(move || {
+            // SAFETY: plain socket(2); the fd is owned below.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            assert!(
+                raw >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: `raw` is a fresh, valid descriptor.
+            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+            let name = std::ffi::CString::new(dev).unwrap();
+            // SAFETY: NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(ifindex, 0, "no such device");
+            // SAFETY: zeroed sockaddr_ll is a valid starting point.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            // SAFETY: binding our socket to a valid sockaddr_ll of the right size.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+            fd
+        });
+        Self { fd }
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        let mut file = fs::File::from(self.fd.try_clone().expect("dup"));
+        file.write_all(frame).expect("send frame");
+    }
+}
