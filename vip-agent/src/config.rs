@@ -327,10 +327,69 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: path.to_owned(),
         line: e.span().map(|s| line_of(text, &s)),
-        field: String::new(),
+        field: e
+            .span()
+            .map_or_else(String::new, |s| field_at(text, s.start)),
         message: e.message().trim().to_owned(),
     })?;
     validate(path, text, raw)
+}
+
+/// The dotted path of the field at byte `offset`, e.g. `vip[1].backend[0].weight`: the key on
+/// that line inside the table whose header precedes it (array tables counted).
+fn field_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default().trim();
+    let key = match line.split_once('=') {
+        Some((k, _)) if !line.starts_with('[') => k.trim(),
+        _ => "",
+    };
+    // Index of each array table seen so far; a new parent resets its children.
+    let mut path: Vec<(String, Option<usize>)> = Vec::new();
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for header in text[..line_start].lines().map(str::trim) {
+        let (name, array) =
+            if let Some(n) = header.strip_prefix("[[").and_then(|h| h.strip_suffix("]]")) {
+                (n.trim(), true)
+            } else if let Some(n) = header.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+                (n.trim(), false)
+            } else {
+                continue;
+            };
+        let index = array.then(|| {
+            let c = counts.entry(name.to_owned()).or_insert(0);
+            *c += 1;
+            *c - 1
+        });
+        counts.retain(|k, _| !k.starts_with(&format!("{name}.")));
+        path = name
+            .split('.')
+            .map(|part| (part.to_owned(), None))
+            .collect();
+        if let Some(last) = path.last_mut() {
+            last.1 = index;
+        }
+        // Parents of a nested array table take their current index.
+        let parts: Vec<&str> = name.split('.').collect();
+        for depth in 1..parts.len() {
+            let parent = parts[..depth].join(".");
+            if let Some(&c) = counts.get(&parent) {
+                path[depth - 1].1 = Some(c - 1);
+            }
+        }
+    }
+    let mut out: Vec<String> = path
+        .into_iter()
+        .map(|(name, index)| match index {
+            Some(i) => format!("{name}[{i}]"),
+            None => name,
+        })
+        .collect();
+    if !key.is_empty() {
+        out.push(key.to_owned());
+    }
+    out.join(".")
 }
 
 fn line_of(text: &str, span: &Range<usize>) -> usize {
@@ -616,10 +675,14 @@ state = "draining"
 
         let e = error(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
         assert_eq!(e.line, Some(9));
+        assert_eq!(e.field, "vip[0].protocol");
         assert!(
             e.message.contains("tcp") && e.message.contains("udp"),
             "{e}"
         );
+
+        let e = error(&GOOD.replace("state = \"draining\"", "state = \"gone\""));
+        assert_eq!(e.field, "vip[0].backend[1].state");
 
         let e = error(&GOOD.replace("table_size = 251", "table_size = 250"));
         assert_eq!((e.line, e.field.as_str()), (Some(5), "node.table_size"));
