@@ -80,6 +80,19 @@ fn client_frame(i: u16, vip: &str, port: u16) -> Vec<u8> {
     Frame::tcp(client, 10_000 + i, vip, port, TCP_ACK).build()
 }
 
+/// GET `path` from the agent's metrics address inside `ns`.
+fn http_get(ns: &Netns, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    ns.within(move || {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics address");
+        conn.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        response
+    })
+}
+
 fn lo_addresses(ns: &Netns) -> String {
     ns.ip(&["addr", "show", "dev", "lo"])
 }
@@ -172,6 +185,20 @@ fn agent_lifecycle_on_lb_and_backend() {
         .map(|(_, m)| maps.vip_traffic(m.vip_id).unwrap().packets)
         .sum();
     assert_eq!(per_vip, 200);
+    let metrics = http_get(&lb, "/metrics");
+    for line in [
+        "vip_vip_packets_total{vip=\"tcp/198.19.0.1:80\"} 100",
+        "vip_vip_packets_total{vip=\"tcp/[fd00:19::1]:80\"} 100",
+        "vip_backend_packets_total{backend=\"198.18.1.1\"} 100",
+        "vip_datapath_packets_total{outcome=\"tx\"} 200",
+        "vip_datapath_drops_total{reason=\"malformed\"} 0",
+    ] {
+        assert!(metrics.contains(line), "metrics lack {line}: {metrics}");
+    }
+    assert!(http_get(&lb, "/readyz").starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(&be, "/metrics").contains("vip_decap_packets_total{outcome=\"decapsulated\"} 200")
+    );
     let flows = agent(&["flows", "--pin-dir", &pin, "--vip", VIP4]);
     let flows = String::from_utf8_lossy(&flows.stdout).into_owned();
     assert!(
@@ -213,6 +240,15 @@ fn agent_lifecycle_on_lb_and_backend() {
     first.signal(libc::SIGHUP);
     first.wait_for_log("reload rejected", 1);
     assert_eq!(maps.vips().unwrap().len(), 2);
+    let metrics = http_get(&lb, "/metrics");
+    assert!(
+        metrics.contains("vip_config_reloads_total{result=\"success\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vip_config_reloads_total{result=\"failure\"} 1"),
+        "{metrics}"
+    );
     let before = decapsulated(&be.pin_dir);
     for i in 0..50 {
         sender.send(&client_frame(i, VIP4, 80));

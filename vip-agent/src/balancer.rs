@@ -41,6 +41,12 @@ pub enum ApplyError {
     Dataplane(#[from] DataplaneError),
 }
 
+/// (label, traffic) per VIP and per backend.
+pub type TrafficReport = (
+    Vec<(String, vip_common::TrafficCounters)>,
+    Vec<(String, vip_common::TrafficCounters)>,
+);
+
 /// What an apply changed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -143,6 +149,23 @@ impl Balancer {
             adopted += 1;
         }
         Ok(adopted)
+    }
+
+    /// Traffic per VIP (labelled like `tcp/198.51.100.1:443`) and per backend address.
+    pub fn traffic(&self) -> Result<TrafficReport, ApplyError> {
+        let mut vips = Vec::new();
+        for (key, vip) in &self.vips {
+            if let Some(id) = self.vip_id(key) {
+                vips.push((vip.to_string(), self.dataplane.vip_traffic(id)?));
+            }
+        }
+        let mut backends = Vec::new();
+        for (addr, id) in &self.backend_ids.by_key {
+            backends.push((addr.to_string(), self.dataplane.backend_traffic(*id)?));
+        }
+        vips.sort_by(|a, b| a.0.cmp(&b.0));
+        backends.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((vips, backends))
     }
 
     /// Every backend address in use.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dataplane;
 pub mod decap;
 pub mod lo;
+pub mod metrics;
 pub mod nexthop;
 pub mod object;
 pub mod probe;

@@ -6,6 +6,11 @@ use std::{
     time::Duration,
 };
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
 use anyhow::{Context, Result, bail};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand};
@@ -17,6 +22,7 @@ use vip_agent::{
     dataplane::{Dataplane, DataplaneOptions, detach_all},
     decap::DecapPlane,
     lo::LoopbackVips,
+    metrics,
     nexthop::Resolver,
 };
 use vip_common::{
@@ -275,11 +281,54 @@ impl Node {
     }
 }
 
+/// What the metrics endpoint reads.
+struct Shared {
+    node: tokio::sync::Mutex<Node>,
+    ready: AtomicBool,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+impl metrics::Source for Shared {
+    async fn snapshot(&self) -> metrics::Snapshot {
+        let node = self.node.lock().await;
+        let mut s = metrics::Snapshot {
+            reloads_ok: self.reloads_ok.load(Ordering::Relaxed),
+            reloads_failed: self.reloads_failed.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        match &*node {
+            Node::Lb { balancer, .. } => {
+                s.datapath = balancer.dataplane().stats().ok();
+                if let Ok((vips, backends)) = balancer.traffic() {
+                    s.vips = vips;
+                    s.backends = backends;
+                }
+            }
+            Node::Backend { decap } => s.decap = decap.stats().ok(),
+        }
+        s
+    }
+
+    async fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
 async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
-    let mut node = Node::start(&cfg).await?;
+    let node = Node::start(&cfg).await?;
     let lo = LoopbackVips::new().await?;
     let (added, removed) = lo.sync(&cfg.loopback_addresses()).await?;
     info!(added, removed, "VIP addresses on lo");
+    let shared = Arc::new(Shared {
+        node: tokio::sync::Mutex::new(node),
+        ready: AtomicBool::new(true),
+        reloads_ok: AtomicU64::new(0),
+        reloads_failed: AtomicU64::new(0),
+    });
+    let metrics_address = cfg.node.metrics_address;
+    let mut server = tokio::spawn(metrics::serve(metrics_address, shared.clone()));
+    info!(%metrics_address, "serving /metrics, /healthz, /readyz");
 
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
@@ -289,27 +338,39 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         tokio::select! {
             _ = hangup.recv() => match config::load(&path) {
                 Ok(new) if new.node != cfg.node => {
+                    shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
                     error!("node settings changed: they need a restart; nothing applied");
                 }
-                Ok(new) => match node.apply(&new) {
+                Ok(new) => match shared.node.lock().await.apply(&new) {
                     Ok(()) => {
                         cfg = new;
+                        shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
                         match lo.sync(&cfg.loopback_addresses()).await {
                             Ok((added, removed)) => info!(added, removed, "reloaded"),
                             Err(e) => error!(error = %e, "updating VIP addresses on lo"),
                         }
                     }
-                    Err(e) => error!(error = %e, "reload failed part way; fix and reload again"),
+                    Err(e) => {
+                        shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        error!(error = %e, "reload failed part way; fix and reload again")
+                    }
                 },
-                Err(e) => error!(error = %e, "reload rejected; the running config stays"),
+                Err(e) => {
+                    shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e, "reload rejected; the running config stays")
+                }
             },
-            _ = refresh.tick() => node.refresh(&cfg).await,
+            _ = refresh.tick() => shared.node.lock().await.refresh(&cfg).await,
+            result = &mut server => {
+                bail!("metrics server on {metrics_address} stopped: {result:?}");
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
+    server.abort();
+    drop(shared);
     if cleanup {
-        drop(node);
         lo.sync(&[]).await?;
         let ifaces = detach_all(&cfg.node.pin_dir)?;
         info!(?ifaces, "detached, removed pins and VIP addresses");

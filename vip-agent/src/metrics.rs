@@ -1,0 +1,239 @@
+//! Prometheus metrics and health endpoints on the node's metrics address.
+//!
+//! Datapath counters live in per-CPU maps and are read at scrape time into a [`Snapshot`],
+//! which a prometheus-client collector encodes as constant metrics. `/healthz` answers while the
+//! agent runs; `/readyz` once the program is attached and the maps are filled.
+
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use vip_common::{DatapathStats, DecapStats, TrafficCounters};
+
+/// Counters read from the maps and the agent for one scrape.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub datapath: Option<DatapathStats>,
+    pub decap: Option<DecapStats>,
+    /// (VIP label, traffic).
+    pub vips: Vec<(String, TrafficCounters)>,
+    /// (backend address, traffic).
+    pub backends: Vec<(String, TrafficCounters)>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+}
+
+/// Where a scrape gets its snapshot, and whether the node is ready.
+pub trait Source: Send + Sync + 'static {
+    fn snapshot(&self) -> impl Future<Output = Snapshot> + Send;
+    fn ready(&self) -> impl Future<Output = bool> + Send;
+}
+
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    let metric = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    ConstCounter::new(value).encode(metric)
+}
+
+/// A counter family with one label.
+fn family(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, u64)],
+) -> std::fmt::Result {
+    let mut metric = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (label_value, value) in values {
+        let labels = [(label.to_owned(), label_value.clone())];
+        let m = metric.encode_family(&labels)?;
+        ConstCounter::new(*value).encode(m)?;
+    }
+    Ok(())
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        if let Some(d) = &s.datapath {
+            let outcomes = [
+                ("passed", d.passed),
+                ("tx", d.tx),
+                ("redirected", d.redirected),
+                ("no_neighbour_passed", d.no_neighbour_passed),
+                ("no_route_passed", d.no_route_passed),
+            ];
+            let outcomes: Vec<(String, u64)> = outcomes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect();
+            family(
+                &mut e,
+                "vip_datapath_packets",
+                "Packets by outcome.",
+                "outcome",
+                &outcomes,
+            )?;
+            let drops = [
+                ("fragment", d.drop_fragment),
+                ("ip_options", d.drop_ip_options),
+                ("malformed", d.drop_malformed),
+                ("no_backend", d.drop_no_backend),
+                ("no_headroom", d.drop_no_headroom),
+            ];
+            let drops: Vec<(String, u64)> =
+                drops.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+            family(
+                &mut e,
+                "vip_datapath_drops",
+                "Packets to VIPs dropped, by reason.",
+                "reason",
+                &drops,
+            )?;
+            counter(
+                &mut e,
+                "vip_conntrack_hits",
+                "Backend chosen by a conntrack entry.",
+                d.conntrack_hit,
+            )?;
+            counter(
+                &mut e,
+                "vip_conntrack_misses",
+                "Backend chosen by Maglev.",
+                d.conntrack_miss,
+            )?;
+            counter(
+                &mut e,
+                "vip_icmp_too_big",
+                "ICMP too-big forwarded to the flow's backend.",
+                d.icmp_too_big,
+            )?;
+        }
+        let split = |v: &[(String, TrafficCounters)]| {
+            let packets: Vec<(String, u64)> =
+                v.iter().map(|(l, t)| (l.clone(), t.packets)).collect();
+            let bytes: Vec<(String, u64)> = v.iter().map(|(l, t)| (l.clone(), t.bytes)).collect();
+            (packets, bytes)
+        };
+        let (p, b) = split(&s.vips);
+        family(
+            &mut e,
+            "vip_vip_packets",
+            "Packets forwarded per VIP.",
+            "vip",
+            &p,
+        )?;
+        family(
+            &mut e,
+            "vip_vip_bytes",
+            "Bytes (client packets) forwarded per VIP.",
+            "vip",
+            &b,
+        )?;
+        let (p, b) = split(&s.backends);
+        family(
+            &mut e,
+            "vip_backend_packets",
+            "Packets forwarded per backend.",
+            "backend",
+            &p,
+        )?;
+        family(
+            &mut e,
+            "vip_backend_bytes",
+            "Bytes (client packets) forwarded per backend.",
+            "backend",
+            &b,
+        )?;
+        if let Some(d) = &s.decap {
+            let outcomes = [
+                ("decapsulated", d.decapsulated),
+                ("passed", d.passed),
+                ("refused_not_local", d.refused_not_local),
+                ("refused_not_vip", d.refused_not_vip),
+                ("refused_malformed", d.refused_malformed),
+            ];
+            let outcomes: Vec<(String, u64)> = outcomes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect();
+            family(
+                &mut e,
+                "vip_decap_packets",
+                "Backend decapsulation outcomes.",
+                "outcome",
+                &outcomes,
+            )?;
+        }
+        family(
+            &mut e,
+            "vip_config_reloads",
+            "Config reloads by result.",
+            "result",
+            &[
+                ("success".into(), s.reloads_ok),
+                ("failure".into(), s.reloads_failed),
+            ],
+        )?;
+        let metric =
+            e.encode_descriptor("vip_up", "The agent is running.", None, MetricType::Gauge)?;
+        ConstGauge::new(1i64).encode(metric)?;
+        Ok(())
+    }
+}
+
+/// Encodes a snapshot in the Prometheus text format.
+pub fn render(snapshot: Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).expect("writing to a String");
+    out
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
+pub async fn serve(addr: SocketAddr, source: Arc<impl Source>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    loop {
+        let (mut conn, _) = listener.accept().await?;
+        let source = source.clone();
+        tokio::spawn(async move {
+            let mut request = vec![0u8; 4096];
+            let mut len = 0;
+            // Requests are one line plus headers; stop at the blank line or 4 KiB.
+            while len < request.len() && !request[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut request[len..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => len += n,
+                }
+            }
+            let line = String::from_utf8_lossy(&request[..len]);
+            let path = line.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", render(source.snapshot().await)),
+                "/healthz" => ("200 OK", "ok\n".to_owned()),
+                "/readyz" if source.ready().await => ("200 OK", "ready\n".to_owned()),
+                "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+                _ => ("404 Not Found", "not found\n".to_owned()),
+            };
+            let mut response = String::new();
+            let _ = write!(
+                response,
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(response.as_bytes()).await;
+        });
+    }
+}
