@@ -2,6 +2,7 @@
 //! the benchmarks, so all of them drive the datapath through the same code.
 
 pub mod balancer;
+pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod decap;

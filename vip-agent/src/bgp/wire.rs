@@ -1,0 +1,696 @@
+//! BGP-4 wire format for an announce-only speaker (RFC 4271, 4760, 6793, 1997, 8092, 2918).
+//!
+//! Everything received is checked here before anything interprets it: the header (marker,
+//! length 19..=4096, type), then the body by type. OPEN and NOTIFICATION are decoded with
+//! zettabgp only after their structure is validated (its decoders index without checks);
+//! received UPDATEs are never decoded — vip installs no routes — only their two length fields are
+//! checked. What we send is encoded here: OPEN through zettabgp, UPDATE by hand, because
+//! zettabgp 0.6 writes an AS_SEQUENCE as segment type 1 (AS_SET).
+//!
+//! Every malformed input maps to the NOTIFICATION (code, subcode) RFC 4271 section 6 asks for.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use zettabgp::{
+    BgpCapability, BgpMessage as _, BgpSessionParams, BgpTransportMode,
+    message::open::BgpOpenMessage,
+};
+
+pub const HEADER_LEN: usize = 19;
+pub const MAX_MESSAGE_LEN: usize = 4096;
+
+/// Message types.
+pub const OPEN: u8 = 1;
+pub const UPDATE: u8 = 2;
+pub const NOTIFICATION: u8 = 3;
+pub const KEEPALIVE: u8 = 4;
+pub const ROUTE_REFRESH: u8 = 5;
+
+/// NOTIFICATION error codes and the subcodes we send (RFC 4271 section 4.5, RFC 4486).
+pub mod code {
+    pub const MESSAGE_HEADER: u8 = 1;
+    pub const CONNECTION_NOT_SYNCHRONIZED: u8 = 1;
+    pub const BAD_MESSAGE_LENGTH: u8 = 2;
+    pub const BAD_MESSAGE_TYPE: u8 = 3;
+
+    pub const OPEN_MESSAGE: u8 = 2;
+    pub const UNSUPPORTED_VERSION: u8 = 1;
+    pub const BAD_PEER_AS: u8 = 2;
+    pub const BAD_BGP_IDENTIFIER: u8 = 3;
+    pub const UNSUPPORTED_OPTIONAL_PARAMETER: u8 = 4;
+    pub const UNACCEPTABLE_HOLD_TIME: u8 = 6;
+
+    pub const UPDATE_MESSAGE: u8 = 3;
+    pub const MALFORMED_ATTRIBUTE_LIST: u8 = 1;
+
+    pub const HOLD_TIMER_EXPIRED: u8 = 4;
+    pub const FSM: u8 = 5;
+
+    pub const CEASE: u8 = 6;
+    pub const ADMINISTRATIVE_SHUTDOWN: u8 = 2;
+    pub const PEER_DECONFIGURED: u8 = 3;
+    pub const CONNECTION_REJECTED: u8 = 5;
+    pub const CONNECTION_COLLISION: u8 = 7;
+}
+
+/// A NOTIFICATION, sent or received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notification {
+    pub code: u8,
+    pub subcode: u8,
+    pub data: Vec<u8>,
+}
+
+impl Notification {
+    pub fn new(code: u8, subcode: u8, data: &[u8]) -> Self {
+        Self {
+            code,
+            subcode,
+            data: data.to_vec(),
+        }
+    }
+}
+
+impl std::fmt::Display for Notification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match (self.code, self.subcode) {
+            (1, 1) => "message header: connection not synchronized",
+            (1, 2) => "message header: bad message length",
+            (1, 3) => "message header: bad message type",
+            (2, 1) => "OPEN: unsupported version number",
+            (2, 2) => "OPEN: bad peer AS",
+            (2, 3) => "OPEN: bad BGP identifier",
+            (2, 4) => "OPEN: unsupported optional parameter",
+            (2, 6) => "OPEN: unacceptable hold time",
+            (2, _) => "OPEN message error",
+            (3, _) => "UPDATE message error",
+            (4, _) => "hold timer expired",
+            (5, _) => "finite state machine error",
+            (6, 2) => "cease: administrative shutdown",
+            (6, 3) => "cease: peer de-configured",
+            (6, 4) => "cease: administrative reset",
+            (6, 5) => "cease: connection rejected",
+            (6, 7) => "cease: connection collision resolution",
+            (6, _) => "cease",
+            _ => "unknown error",
+        };
+        write!(f, "{what} ({}/{})", self.code, self.subcode)
+    }
+}
+
+/// What a peer's OPEN says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Open {
+    /// The real ASN (from the 4-octet AS capability when present).
+    pub asn: u32,
+    pub hold_time: u16,
+    pub router_id: Ipv4Addr,
+    pub four_octet_as: bool,
+    pub route_refresh: bool,
+    pub ipv4_unicast: bool,
+    pub ipv6_unicast: bool,
+}
+
+/// A received message, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Open(Open),
+    /// A well-framed UPDATE; its content is of no interest to an announce-only speaker.
+    Update,
+    Notification(Notification),
+    Keepalive,
+    RouteRefresh {
+        afi: u16,
+        safi: u8,
+    },
+}
+
+/// Checks a message header; returns (type, body length).
+pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(u8, usize), Notification> {
+    if header[..16] != [0xff; 16] {
+        return Err(Notification::new(
+            code::MESSAGE_HEADER,
+            code::CONNECTION_NOT_SYNCHRONIZED,
+            &[],
+        ));
+    }
+    let len = u16::from_be_bytes([header[16], header[17]]);
+    let kind = header[18];
+    let min = match kind {
+        OPEN => HEADER_LEN + 10,
+        UPDATE => HEADER_LEN + 4,
+        NOTIFICATION => HEADER_LEN + 2,
+        KEEPALIVE => HEADER_LEN,
+        ROUTE_REFRESH => HEADER_LEN + 4,
+        _ => {
+            return Err(Notification::new(
+                code::MESSAGE_HEADER,
+                code::BAD_MESSAGE_TYPE,
+                &[kind],
+            ));
+        }
+    };
+    let bad_length = (len as usize) < min
+        || len as usize > MAX_MESSAGE_LEN
+        || (kind == KEEPALIVE && len as usize != HEADER_LEN)
+        || (kind == ROUTE_REFRESH && len as usize != HEADER_LEN + 4);
+    if bad_length {
+        return Err(Notification::new(
+            code::MESSAGE_HEADER,
+            code::BAD_MESSAGE_LENGTH,
+            &len.to_be_bytes(),
+        ));
+    }
+    Ok((kind, len as usize - HEADER_LEN))
+}
+
+/// Decodes a message body of a type `parse_header` accepted.
+pub fn decode_body(kind: u8, body: &[u8]) -> Result<Message, Notification> {
+    match kind {
+        OPEN => decode_open(body).map(Message::Open),
+        UPDATE => check_update(body).map(|()| Message::Update),
+        NOTIFICATION => Ok(Message::Notification(Notification::new(
+            body[0],
+            body[1],
+            &body[2..],
+        ))),
+        KEEPALIVE => Ok(Message::Keepalive),
+        ROUTE_REFRESH => Ok(Message::RouteRefresh {
+            afi: u16::from_be_bytes([body[0], body[1]]),
+            safi: body[3],
+        }),
+        other => Err(Notification::new(
+            code::MESSAGE_HEADER,
+            code::BAD_MESSAGE_TYPE,
+            &[other],
+        )),
+    }
+}
+
+/// The two length fields of an UPDATE must fit its body (RFC 4271 section 6.3).
+fn check_update(body: &[u8]) -> Result<(), Notification> {
+    let malformed = || Notification::new(code::UPDATE_MESSAGE, code::MALFORMED_ATTRIBUTE_LIST, &[]);
+    let withdrawn = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let attrs_at = 2 + withdrawn;
+    let attrs_len = body
+        .get(attrs_at..attrs_at + 2)
+        .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        .ok_or_else(malformed)?;
+    if attrs_at + 2 + attrs_len > body.len() {
+        return Err(malformed());
+    }
+    Ok(())
+}
+
+fn decode_open(body: &[u8]) -> Result<Open, Notification> {
+    let open_err = |sub: u8| Notification::new(code::OPEN_MESSAGE, sub, &[]);
+    if body[0] != 4 {
+        // Data: the largest version we support.
+        return Err(Notification::new(
+            code::OPEN_MESSAGE,
+            code::UNSUPPORTED_VERSION,
+            &[0, 4],
+        ));
+    }
+    // The optional parameters must tile the rest exactly; each capability parameter must hold
+    // whole capability TLVs. Only then may zettabgp index into it.
+    let params_len = usize::from(body[9]);
+    if 10 + params_len != body.len() {
+        return Err(Notification::new(
+            code::MESSAGE_HEADER,
+            code::BAD_MESSAGE_LENGTH,
+            &[],
+        ));
+    }
+    let mut pos = 10;
+    while pos < body.len() {
+        let (Some(&ptype), Some(&plen)) = (body.get(pos), body.get(pos + 1)) else {
+            return Err(open_err(0));
+        };
+        let end = pos + 2 + usize::from(plen);
+        if end > body.len() {
+            return Err(open_err(0));
+        }
+        if ptype != 2 {
+            return Err(open_err(code::UNSUPPORTED_OPTIONAL_PARAMETER));
+        }
+        let mut cap = pos + 2;
+        while cap < end {
+            let Some(&clen) = body.get(cap + 1) else {
+                return Err(open_err(0));
+            };
+            cap += 2 + usize::from(clen);
+        }
+        if cap != end {
+            return Err(open_err(0));
+        }
+        pos = end;
+    }
+    let params = BgpSessionParams::new(0, 0, BgpTransportMode::IPv4, Ipv4Addr::UNSPECIFIED, vec![]);
+    let mut open = BgpOpenMessage::new();
+    open.decode_from(&params, body).map_err(|_| open_err(0))?;
+    let mut out = Open {
+        asn: open.as_num,
+        hold_time: open.hold_time,
+        router_id: open.router_id,
+        four_octet_as: false,
+        route_refresh: false,
+        ipv4_unicast: false,
+        ipv6_unicast: false,
+    };
+    for cap in &open.caps {
+        match cap {
+            BgpCapability::CapASN32(asn) => {
+                out.asn = *asn;
+                out.four_octet_as = true;
+            }
+            BgpCapability::CapRR | BgpCapability::CapEnhancedRR => out.route_refresh = true,
+            BgpCapability::SafiIPv4u => out.ipv4_unicast = true,
+            BgpCapability::SafiIPv6u => out.ipv6_unicast = true,
+            _ => {}
+        }
+    }
+    // Without multiprotocol capabilities a peer speaks IPv4 unicast (RFC 4760 section 8).
+    if !open
+        .caps
+        .iter()
+        .any(|c| matches!(c, BgpCapability::SafiIPv4u | BgpCapability::SafiIPv6u))
+    {
+        out.ipv4_unicast = true;
+    }
+    if out.hold_time == 1 || out.hold_time == 2 {
+        return Err(open_err(code::UNACCEPTABLE_HOLD_TIME));
+    }
+    if out.router_id.is_unspecified() {
+        return Err(open_err(code::BAD_BGP_IDENTIFIER));
+    }
+    Ok(out)
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER_LEN + body.len());
+    m.extend_from_slice(&[0xff; 16]);
+    m.extend_from_slice(&((HEADER_LEN + body.len()) as u16).to_be_bytes());
+    m.push(kind);
+    m.extend_from_slice(body);
+    m
+}
+
+/// Our OPEN.
+pub struct OpenParams {
+    pub asn: u32,
+    pub hold_time: u16,
+    pub router_id: Ipv4Addr,
+    /// Graceful restart: (restart time in seconds, restarted bit).
+    pub graceful_restart: Option<(u16, bool)>,
+}
+
+pub fn encode_open(p: &OpenParams) -> Vec<u8> {
+    let mut caps = vec![
+        BgpCapability::SafiIPv4u,
+        BgpCapability::SafiIPv6u,
+        BgpCapability::CapRR,
+        BgpCapability::CapASN32(p.asn),
+    ];
+    if let Some((restart_time, restarted)) = p.graceful_restart {
+        caps.push(BgpCapability::CapGR {
+            restart_time: restart_time.min(4095),
+            restart_state: restarted,
+            afis: vec![
+                zettabgp::BgpCapGR {
+                    afi: 1,
+                    safi: 1,
+                    forwarding_state: true,
+                },
+                zettabgp::BgpCapGR {
+                    afi: 2,
+                    safi: 1,
+                    forwarding_state: true,
+                },
+            ],
+        });
+    }
+    let params = BgpSessionParams::new(
+        p.asn,
+        p.hold_time,
+        BgpTransportMode::IPv4,
+        p.router_id,
+        caps,
+    );
+    let mut body = [0u8; 256];
+    let len = params
+        .open_message()
+        .encode_to(&params, &mut body)
+        .expect("our OPEN fits 256 bytes");
+    frame(OPEN, &body[..len])
+}
+
+pub fn encode_keepalive() -> Vec<u8> {
+    frame(KEEPALIVE, &[])
+}
+
+pub fn encode_notification(n: &Notification) -> Vec<u8> {
+    let mut body = vec![n.code, n.subcode];
+    body.extend_from_slice(&n.data);
+    frame(NOTIFICATION, &body)
+}
+
+/// Path attributes of announced routes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PathAttrs {
+    /// Our ASN, prepended for eBGP; `None` for iBGP (empty AS_PATH).
+    pub as_path: Option<u32>,
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
+    pub med: Option<u32>,
+    pub local_pref: Option<u32>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+}
+
+const FLAG_OPTIONAL: u8 = 0x80;
+const FLAG_TRANSITIVE: u8 = 0x40;
+const FLAG_EXTENDED: u8 = 0x10;
+
+fn attribute(out: &mut Vec<u8>, flags: u8, kind: u8, value: &[u8]) {
+    if value.len() > 255 {
+        out.extend_from_slice(&[flags | FLAG_EXTENDED, kind]);
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+    } else {
+        out.extend_from_slice(&[flags, kind, value.len() as u8]);
+    }
+    out.extend_from_slice(value);
+}
+
+/// ORIGIN, AS_PATH, MED, LOCAL_PREF, COMMUNITIES, LARGE_COMMUNITY.
+fn common_attributes(a: &PathAttrs) -> Vec<u8> {
+    let mut out = Vec::new();
+    attribute(&mut out, FLAG_TRANSITIVE, 1, &[0]); // ORIGIN IGP
+    let as_path: Vec<u8> = match a.as_path {
+        // One AS_SEQUENCE (type 2) segment of one 4-octet ASN.
+        Some(asn) => [&[2u8, 1][..], &asn.to_be_bytes()].concat(),
+        None => Vec::new(),
+    };
+    attribute(&mut out, FLAG_TRANSITIVE, 2, &as_path);
+    if let Some(med) = a.med {
+        attribute(&mut out, FLAG_OPTIONAL, 4, &med.to_be_bytes());
+    }
+    if let Some(pref) = a.local_pref {
+        attribute(&mut out, FLAG_TRANSITIVE, 5, &pref.to_be_bytes());
+    }
+    if !a.communities.is_empty() {
+        let v: Vec<u8> = a.communities.iter().flat_map(|c| c.to_be_bytes()).collect();
+        attribute(&mut out, FLAG_OPTIONAL | FLAG_TRANSITIVE, 8, &v);
+    }
+    if !a.large_communities.is_empty() {
+        let v: Vec<u8> = a
+            .large_communities
+            .iter()
+            .flat_map(|c| c.iter().flat_map(|x| x.to_be_bytes()))
+            .collect();
+        attribute(&mut out, FLAG_OPTIONAL | FLAG_TRANSITIVE, 32, &v);
+    }
+    out
+}
+
+fn prefix_v4(a: Ipv4Addr) -> Vec<u8> {
+    [&[32u8][..], &a.octets()].concat()
+}
+
+fn prefix_v6(a: Ipv6Addr) -> Vec<u8> {
+    [&[128u8][..], &a.octets()].concat()
+}
+
+/// Room for NLRI in one UPDATE after header, length fields and attributes (kept conservative).
+const NLRI_BUDGET: usize = MAX_MESSAGE_LEN - HEADER_LEN - 4 - 512;
+
+/// UPDATEs announcing host routes (/32, /128) for `addrs`, all with attributes `a`. IPv4 goes
+/// in the NLRI field with NEXT_HOP; IPv6 in MP_REACH_NLRI. Addresses of a family without a
+/// next hop in `a` are not announced.
+pub fn encode_announce(addrs: &[IpAddr], a: &PathAttrs) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let common = common_attributes(a);
+    let v4: Vec<Ipv4Addr> = addrs
+        .iter()
+        .filter_map(|x| match x {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    let v6: Vec<Ipv6Addr> = addrs
+        .iter()
+        .filter_map(|x| match x {
+            IpAddr::V6(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    if let Some(nh) = a.next_hop_v4 {
+        for chunk in v4.chunks(NLRI_BUDGET / 5) {
+            let mut attrs = common.clone();
+            attribute(&mut attrs, FLAG_TRANSITIVE, 3, &nh.octets());
+            let nlri: Vec<u8> = chunk.iter().flat_map(|p| prefix_v4(*p)).collect();
+            out.push(update(&[], &attrs, &nlri));
+        }
+    }
+    if let Some(nh) = a.next_hop_v6 {
+        for chunk in v6.chunks(NLRI_BUDGET / 17) {
+            let mut attrs = common.clone();
+            let mut mp = vec![0, 2, 1, 16]; // AFI IPv6, SAFI unicast, next hop length
+            mp.extend_from_slice(&nh.octets());
+            mp.push(0); // reserved
+            mp.extend(chunk.iter().flat_map(|p| prefix_v6(*p)));
+            attribute(&mut attrs, FLAG_OPTIONAL, 14, &mp);
+            out.push(update(&[], &attrs, &[]));
+        }
+    }
+    out
+}
+
+/// UPDATEs withdrawing host routes for `addrs`.
+pub fn encode_withdraw(addrs: &[IpAddr]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let v4: Vec<Ipv4Addr> = addrs
+        .iter()
+        .filter_map(|x| match x {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    let v6: Vec<Ipv6Addr> = addrs
+        .iter()
+        .filter_map(|x| match x {
+            IpAddr::V6(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    for chunk in v4.chunks(NLRI_BUDGET / 5) {
+        let withdrawn: Vec<u8> = chunk.iter().flat_map(|p| prefix_v4(*p)).collect();
+        out.push(update(&withdrawn, &[], &[]));
+    }
+    for chunk in v6.chunks(NLRI_BUDGET / 17) {
+        let mut mp = vec![0, 2, 1];
+        mp.extend(chunk.iter().flat_map(|p| prefix_v6(*p)));
+        let mut attrs = Vec::new();
+        attribute(&mut attrs, FLAG_OPTIONAL, 15, &mp);
+        out.push(update(&[], &attrs, &[]));
+    }
+    out
+}
+
+/// End-of-RIB markers (RFC 4724): an empty UPDATE for IPv4, an empty MP_UNREACH for IPv6.
+pub fn encode_end_of_rib() -> Vec<Vec<u8>> {
+    let mut attrs = Vec::new();
+    attribute(&mut attrs, FLAG_OPTIONAL, 15, &[0, 2, 1]);
+    vec![update(&[], &[], &[]), update(&[], &attrs, &[])]
+}
+
+fn update(withdrawn: &[u8], attrs: &[u8], nlri: &[u8]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(4 + withdrawn.len() + attrs.len() + nlri.len());
+    body.extend_from_slice(&(withdrawn.len() as u16).to_be_bytes());
+    body.extend_from_slice(withdrawn);
+    body.extend_from_slice(&(attrs.len() as u16).to_be_bytes());
+    body.extend_from_slice(attrs);
+    body.extend_from_slice(nlri);
+    frame(UPDATE, &body)
+}
+
+/// Parses one whole message (header and body): for tests and fuzzing of the receive path.
+pub fn parse_message(bytes: &[u8]) -> Result<Message, Notification> {
+    let header: &[u8; HEADER_LEN] = bytes
+        .get(..HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or_else(|| Notification::new(code::MESSAGE_HEADER, code::BAD_MESSAGE_LENGTH, &[]))?;
+    let (kind, len) = parse_header(header)?;
+    let body = bytes
+        .get(HEADER_LEN..HEADER_LEN + len)
+        .ok_or_else(|| Notification::new(code::MESSAGE_HEADER, code::BAD_MESSAGE_LENGTH, &[]))?;
+    decode_body(kind, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn our_open() -> Vec<u8> {
+        encode_open(&OpenParams {
+            asn: 4_200_000_001,
+            hold_time: 3,
+            router_id: Ipv4Addr::new(198, 18, 0, 2),
+            graceful_restart: Some((120, false)),
+        })
+    }
+
+    #[test]
+    fn open_round_trips_with_four_octet_asn() {
+        let Message::Open(o) = parse_message(&our_open()).unwrap() else {
+            panic!("not an OPEN");
+        };
+        assert_eq!(o.asn, 4_200_000_001);
+        assert_eq!(
+            (o.hold_time, o.router_id),
+            (3, Ipv4Addr::new(198, 18, 0, 2))
+        );
+        assert!(o.four_octet_as && o.route_refresh && o.ipv4_unicast && o.ipv6_unicast);
+    }
+
+    #[test]
+    fn as_path_is_a_sequence() {
+        let a = PathAttrs {
+            as_path: Some(65001),
+            next_hop_v4: Some(Ipv4Addr::new(198, 18, 0, 2)),
+            ..Default::default()
+        };
+        let m = &encode_announce(&["198.19.0.1".parse().unwrap()], &a)[0];
+        // header, withdrawn len 0, attrs len, ORIGIN (4 bytes), then AS_PATH.
+        let as_path = &m[HEADER_LEN + 4 + 4..];
+        assert_eq!(&as_path[..9], &[0x40, 2, 6, 2, 1, 0, 0, 0xfd, 0xe9]);
+        assert_eq!(parse_message(m), Ok(Message::Update));
+        assert_eq!(&m[m.len() - 5..], &[32, 198, 19, 0, 1]);
+    }
+
+    #[test]
+    fn header_errors_map_to_the_right_notification() {
+        let ka = encode_keepalive();
+        let mut bad_marker = ka.clone();
+        bad_marker[3] = 0;
+        assert_eq!(
+            parse_message(&bad_marker).unwrap_err().code,
+            code::MESSAGE_HEADER
+        );
+        assert_eq!(
+            parse_message(&bad_marker).unwrap_err().subcode,
+            code::CONNECTION_NOT_SYNCHRONIZED
+        );
+        let mut long_keepalive = ka.clone();
+        long_keepalive[17] = 20;
+        long_keepalive.push(0);
+        assert_eq!(
+            parse_message(&long_keepalive).unwrap_err().subcode,
+            code::BAD_MESSAGE_LENGTH
+        );
+        let mut bad_type = ka.clone();
+        bad_type[18] = 9;
+        assert_eq!(
+            parse_message(&bad_type).unwrap_err().subcode,
+            code::BAD_MESSAGE_TYPE
+        );
+        let mut huge = ka;
+        huge[16..18].copy_from_slice(&5000u16.to_be_bytes());
+        assert_eq!(
+            parse_message(&huge).unwrap_err().subcode,
+            code::BAD_MESSAGE_LENGTH
+        );
+    }
+
+    #[test]
+    fn open_errors() {
+        let mut v3 = our_open();
+        v3[HEADER_LEN] = 3;
+        assert_eq!(
+            parse_message(&v3).unwrap_err().subcode,
+            code::UNSUPPORTED_VERSION
+        );
+        let mut hold2 = our_open();
+        hold2[HEADER_LEN + 3..HEADER_LEN + 5].copy_from_slice(&2u16.to_be_bytes());
+        assert_eq!(
+            parse_message(&hold2).unwrap_err().subcode,
+            code::UNACCEPTABLE_HOLD_TIME
+        );
+        let mut lying_params = our_open();
+        lying_params[HEADER_LEN + 9] += 3;
+        assert!(parse_message(&lying_params).is_err());
+    }
+
+    /// The receive path never panics and answers every bad input with a NOTIFICATION.
+    #[test]
+    fn fuzz_receive_path() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let seed = rand::rng().random::<u64>();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let a = PathAttrs {
+            as_path: Some(65001),
+            next_hop_v4: Some(Ipv4Addr::new(198, 18, 0, 2)),
+            next_hop_v6: Some("fd00::2".parse().unwrap()),
+            communities: vec![0xfde9_0064],
+            large_communities: vec![[65001, 1, 2]],
+            med: Some(5),
+            local_pref: None,
+        };
+        let mut valid = vec![
+            our_open(),
+            encode_keepalive(),
+            encode_notification(&Notification::new(6, 2, b"bye")),
+        ];
+        valid.extend(encode_announce(
+            &["198.19.0.1".parse().unwrap(), "fd00:19::1".parse().unwrap()],
+            &a,
+        ));
+        valid.extend(encode_withdraw(&[
+            "198.19.0.1".parse().unwrap(),
+            "fd00:19::1".parse().unwrap(),
+        ]));
+        valid.extend(encode_end_of_rib());
+        let mut rr = vec![0xff; 16];
+        rr.extend_from_slice(&[0, 23, ROUTE_REFRESH, 0, 1, 0, 1]);
+        valid.push(rr);
+        for m in &valid {
+            assert!(parse_message(m).is_ok(), "valid message rejected: {m:02x?}");
+        }
+        let mut rejected = 0;
+        for i in 0..100_000 {
+            let input: Vec<u8> = match i % 3 {
+                0 => {
+                    let len = rng.random_range(0..200);
+                    let mut v: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                    if rng.random_bool(0.7) && v.len() >= 19 {
+                        v[..16].fill(0xff);
+                        let len = v.len() as u16;
+                        v[16..18].copy_from_slice(&len.to_be_bytes());
+                        v[18] = rng.random_range(1..=5);
+                    }
+                    v
+                }
+                1 => {
+                    let m = &valid[rng.random_range(0..valid.len())];
+                    m[..rng.random_range(0..=m.len())].to_vec()
+                }
+                _ => {
+                    let mut m = valid[rng.random_range(0..valid.len())].clone();
+                    for _ in 0..rng.random_range(1..4) {
+                        let at = rng.random_range(0..m.len());
+                        m[at] = rng.random();
+                    }
+                    m
+                }
+            };
+            if let Err(n) = parse_message(&input) {
+                assert!(
+                    (1..=6).contains(&n.code),
+                    "seed {seed}: {n:?} for {input:02x?}"
+                );
+                rejected += 1;
+            }
+        }
+        assert!(rejected > 30_000, "seed {seed}: only {rejected} rejected");
+    }
+}
