@@ -4,6 +4,7 @@
 pub mod fixture;
 pub mod node;
 pub mod packet;
+pub mod router;
 
 /// Panics with a clear message unless running as root: these tests load programs into the kernel.
 pub fn require_root() {

@@ -39,8 +39,15 @@ pub struct Netns {
 impl Netns {
     pub fn new(tag: &str) -> Self {
         crate::require_root();
-        let name = format!("vipt-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        // Tests of one binary run in parallel: a counter keeps their names apart.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("vipt-{tag}-{}-{n}", std::process::id());
+        // A leftover of a crashed run with this name would make `add` fail.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run("ip", &["netns", "add", &name]);
         let ns = Self {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{name}")),

@@ -126,6 +126,39 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// Set when `node.role = "backend"`.
     pub backend: Option<BackendRole>,
+    /// BGP speaker settings, when VIPs are announced.
+    pub bgp: Option<BgpConfig>,
+}
+
+/// The BGP speaker: announces each VIP with a usable backend as a host route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpConfig {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Seconds; 0 (no keepalives) or at least 3.
+    pub hold_time: u16,
+    /// Graceful restart as a restarting speaker, with this restart time; `None` = off.
+    pub graceful_restart_time: Option<u16>,
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+    /// On SIGTERM: announce with GRACEFUL_SHUTDOWN this long before withdrawing.
+    pub drain_time: Duration,
+    pub peers: Vec<BgpPeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpPeerConfig {
+    pub address: IpAddr,
+    pub asn: u32,
+    pub port: u16,
+    pub password: Option<String>,
+    pub hold_time: Option<u16>,
+    pub med: Option<u32>,
+    pub local_pref: Option<u32>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
 }
 
 impl Config {
@@ -175,9 +208,18 @@ pub struct VipConfig {
     pub hash: HashFields,
     pub udp_idle_timeout: Duration,
     pub backends: Vec<BackendConfig>,
+    /// Extra BGP communities and MED for this VIP's route.
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+    pub med: Option<u32>,
 }
 
 impl VipConfig {
+    /// Whether the VIP has a backend that takes new flows (and so may be announced).
+    pub fn has_usable_backend(&self) -> bool {
+        self.backends.iter().any(|b| b.table_weight() > 0)
+    }
+
     pub fn key(&self) -> VipKey {
         VipKey::new(self.address, self.protocol.number(), self.port)
     }
@@ -222,6 +264,45 @@ struct RawConfig {
     #[serde(default, rename = "vip")]
     vips: Vec<Spanned<RawVip>>,
     backend: Option<Spanned<RawBackendRole>>,
+    bgp: Option<Spanned<RawBgp>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgp {
+    asn: u32,
+    router_id: Ipv4Addr,
+    #[serde(default = "default_hold_time")]
+    hold_time: Spanned<u16>,
+    #[serde(default = "default_zero_u16")]
+    graceful_restart_time: Spanned<u16>,
+    next_hop_v4: Option<Ipv4Addr>,
+    next_hop_v6: Option<Ipv6Addr>,
+    #[serde(default)]
+    communities: Vec<Spanned<String>>,
+    #[serde(default)]
+    large_communities: Vec<Spanned<String>>,
+    #[serde(default)]
+    drain_time: u64,
+    #[serde(default, rename = "peer")]
+    peers: Vec<Spanned<RawPeer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    address: Spanned<IpAddr>,
+    asn: u32,
+    #[serde(default = "default_bgp_port")]
+    port: u16,
+    password: Option<Spanned<String>>,
+    hold_time: Option<Spanned<u16>>,
+    med: Option<u32>,
+    local_pref: Option<u32>,
+    #[serde(default)]
+    communities: Vec<Spanned<String>>,
+    #[serde(default)]
+    large_communities: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -271,6 +352,11 @@ struct RawVip {
     udp_idle_timeout: u64,
     #[serde(default, rename = "backend")]
     backends: Vec<Spanned<RawBackend>>,
+    #[serde(default)]
+    communities: Vec<Spanned<String>>,
+    #[serde(default)]
+    large_communities: Vec<Spanned<String>>,
+    med: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -283,6 +369,15 @@ struct RawBackend {
     state: BackendState,
 }
 
+fn default_zero_u16() -> Spanned<u16> {
+    Spanned::new(0..0, 0)
+}
+fn default_hold_time() -> Spanned<u16> {
+    Spanned::new(0..0, 9)
+}
+fn default_bgp_port() -> u16 {
+    179
+}
 fn default_role() -> Spanned<Role> {
     Spanned::new(0..0, Role::Lb)
 }
@@ -306,6 +401,41 @@ fn default_udp_idle() -> u64 {
 }
 fn default_weight() -> Spanned<u32> {
     Spanned::new(0..0, 1)
+}
+
+/// `ASN:VALUE` (RFC 1997), both 16-bit; or a well-known name.
+fn parse_community(s: &str) -> Result<u32, String> {
+    match s {
+        "graceful-shutdown" => return Ok(0xffff_0000),
+        "no-export" => return Ok(0xffff_ff01),
+        "no-advertise" => return Ok(0xffff_ff02),
+        _ => {}
+    }
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not ASN:VALUE"))?;
+    let a: u16 = a
+        .parse()
+        .map_err(|_| format!("{s:?}: {a} is not 0..65535"))?;
+    let b: u16 = b
+        .parse()
+        .map_err(|_| format!("{s:?}: {b} is not 0..65535"))?;
+    Ok((u32::from(a) << 16) | u32::from(b))
+}
+
+/// `GLOBAL:LOCAL1:LOCAL2` (RFC 8092), three 32-bit numbers.
+fn parse_large_community(s: &str) -> Result<[u32; 3], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 3 {
+        return Err(format!("{s:?} is not GLOBAL:LOCAL1:LOCAL2"));
+    }
+    let mut out = [0u32; 3];
+    for (o, p) in out.iter_mut().zip(&parts) {
+        *o = p
+            .parse()
+            .map_err(|_| format!("{s:?}: {p} is not a 32-bit number"))?;
+    }
+    Ok(out)
 }
 
 /// Largest backend weight: keeps a Maglev fill round bounded.
@@ -394,6 +524,121 @@ fn field_at(text: &str, offset: usize) -> String {
 
 fn line_of(text: &str, span: &Range<usize>) -> usize {
     text[..span.start.min(text.len())].matches('\n').count() + 1
+}
+
+type Located<'a> = dyn Fn(&Range<usize>, String, String) -> ConfigError + 'a;
+
+fn communities_of(
+    communities: &[Spanned<String>],
+    large: &[Spanned<String>],
+    err: &dyn Fn(&Range<usize>, &str, String) -> ConfigError,
+) -> Result<(Vec<u32>, Vec<[u32; 3]>), ConfigError> {
+    let standard = communities
+        .iter()
+        .map(|c| parse_community(c.get_ref()).map_err(|m| err(&c.span(), "communities", m)))
+        .collect::<Result<_, _>>()?;
+    let large = large
+        .iter()
+        .map(|c| {
+            parse_large_community(c.get_ref()).map_err(|m| err(&c.span(), "large_communities", m))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((standard, large))
+}
+
+fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
+    let hold = *b.hold_time.get_ref();
+    if hold == 1 || hold == 2 {
+        return Err(err(
+            &b.hold_time.span(),
+            "bgp.hold_time".into(),
+            format!("{hold}: use 0 (no keepalives) or 3 and more seconds"),
+        ));
+    }
+    let gr = *b.graceful_restart_time.get_ref();
+    if gr > 4095 {
+        return Err(err(
+            &b.graceful_restart_time.span(),
+            "bgp.graceful_restart_time".into(),
+            format!("{gr}: at most 4095 seconds (0 = off)"),
+        ));
+    }
+    if b.asn == 0 {
+        return Err(err(
+            &(0..0),
+            "bgp.asn".into(),
+            "0 is not a valid ASN".into(),
+        ));
+    }
+    if b.router_id.is_unspecified() {
+        return Err(err(
+            &(0..0),
+            "bgp.router_id".into(),
+            "0.0.0.0 is not a valid router ID".into(),
+        ));
+    }
+    let (communities, large_communities) =
+        communities_of(&b.communities, &b.large_communities, &|span, which, m| {
+            err(span, format!("bgp.{which}"), m)
+        })?;
+    let mut peers = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, p) in b.peers.into_iter().enumerate() {
+        let p = p.into_inner();
+        let field = |f: &str| format!("bgp.peer[{i}].{f}");
+        let address = *p.address.get_ref();
+        if !seen.insert(address) {
+            return Err(err(
+                &p.address.span(),
+                field("address"),
+                format!("peer {address} is configured twice"),
+            ));
+        }
+        if let Some(h) = &p.hold_time
+            && (*h.get_ref() == 1 || *h.get_ref() == 2)
+        {
+            return Err(err(
+                &h.span(),
+                field("hold_time"),
+                "use 0 or 3 and more seconds".into(),
+            ));
+        }
+        if let Some(pw) = &p.password
+            && pw.get_ref().len() > 80
+        {
+            return Err(err(
+                &pw.span(),
+                field("password"),
+                "TCP MD5 keys are at most 80 bytes".into(),
+            ));
+        }
+        let (pc, plc) = communities_of(&p.communities, &p.large_communities, &|span, which, m| {
+            err(span, field(which), m)
+        })?;
+        peers.push(BgpPeerConfig {
+            address,
+            asn: p.asn,
+            port: p.port,
+            password: p.password.map(|s| s.into_inner()),
+            hold_time: p.hold_time.map(|h| h.into_inner()),
+            med: p.med,
+            local_pref: p.local_pref,
+            communities: pc,
+            large_communities: plc,
+        });
+    }
+    Ok(BgpConfig {
+        asn: b.asn,
+        router_id: b.router_id,
+        hold_time: hold,
+        graceful_restart_time: (gr > 0).then_some(gr),
+        next_hop_v4: b.next_hop_v4,
+        next_hop_v6: b.next_hop_v6,
+        communities,
+        large_communities,
+        drain_time: Duration::from_secs(b.drain_time),
+        peers,
+    })
 }
 
 fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -584,7 +829,15 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 "must be at least 1 (seconds)".into(),
             ));
         }
+        let (communities, large_communities) = communities_of(
+            &v.communities,
+            &v.large_communities,
+            &|span, which, message| err(span, field(which), message),
+        )?;
         vips.push(VipConfig {
+            communities,
+            large_communities,
+            med: v.med,
             address,
             protocol: v.protocol,
             port: v.port,
@@ -605,7 +858,19 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ),
         ));
     }
+    let bgp = match raw.bgp {
+        None => None,
+        Some(b) if role == Role::Backend => {
+            return Err(err(
+                &b.span(),
+                "bgp".into(),
+                "backends do not announce VIPs: remove [bgp]".into(),
+            ));
+        }
+        Some(b) => Some(validate_bgp(b.into_inner(), &err)?),
+    };
     Ok(Config {
+        bgp,
         backend,
         node: NodeConfig {
             role,

@@ -18,6 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use vip_agent::{
     balancer::Balancer,
+    bgp::{self, Speaker, session::State},
     config::{self, AttachMode, Config, Role},
     dataplane::{Dataplane, DataplaneOptions, detach_all},
     decap::DecapPlane,
@@ -199,14 +200,17 @@ enum Node {
 }
 
 impl Node {
-    /// Loads the program (reusing pinned state), applies `cfg`, and attaches.
-    async fn start(cfg: &Config) -> Result<Self> {
+    /// Loads the program (reusing pinned state), applies `cfg`, and attaches. Also returns
+    /// whether it took over a running datapath.
+    async fn start(cfg: &Config) -> Result<(Self, bool)> {
+        let mut restarted = false;
         let mut node = match cfg.node.role {
             Role::Lb => {
                 let dataplane = Dataplane::load(options(cfg)).context("loading the datapath")?;
                 let mut balancer = Box::new(Balancer::new(dataplane));
                 let adopted = balancer.adopt_pinned_state()?;
                 if adopted > 0 {
+                    restarted = true;
                     info!(
                         entries = adopted,
                         "took over pinned state from an earlier agent"
@@ -243,7 +247,7 @@ impl Node {
                 Some(mode) => info!(%iface, ?mode, "attached"),
             }
         }
-        Ok(node)
+        Ok((node, restarted))
     }
 
     /// Applies a (validated) config to the maps.
@@ -287,6 +291,7 @@ struct Shared {
     ready: AtomicBool,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+    speaker: tokio::sync::Mutex<Option<Speaker>>,
 }
 
 impl metrics::Source for Shared {
@@ -307,6 +312,20 @@ impl metrics::Source for Shared {
             }
             Node::Backend { decap } => s.decap = decap.stats().ok(),
         }
+        drop(node);
+        if let Some(speaker) = &*self.speaker.lock().await {
+            s.bgp = speaker
+                .status()
+                .into_iter()
+                .map(|(peer, st)| {
+                    (
+                        peer.to_string(),
+                        st.state == State::Established,
+                        st.announced as u64,
+                    )
+                })
+                .collect();
+        }
         s
     }
 
@@ -316,15 +335,21 @@ impl metrics::Source for Shared {
 }
 
 async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
-    let node = Node::start(&cfg).await?;
+    let (node, restarted) = Node::start(&cfg).await?;
     let lo = LoopbackVips::new().await?;
     let (added, removed) = lo.sync(&cfg.loopback_addresses()).await?;
     info!(added, removed, "VIP addresses on lo");
+    // Announced only now: the program is attached and the maps are filled.
+    let speaker = cfg
+        .bgp
+        .as_ref()
+        .map(|b| Speaker::start(b, bgp::routes_for(&cfg), restarted));
     let shared = Arc::new(Shared {
         node: tokio::sync::Mutex::new(node),
         ready: AtomicBool::new(true),
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
+        speaker: tokio::sync::Mutex::new(speaker),
     });
     let metrics_address = cfg.node.metrics_address;
     let mut server = tokio::spawn(metrics::serve(metrics_address, shared.clone()));
@@ -337,14 +362,17 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     loop {
         tokio::select! {
             _ = hangup.recv() => match config::load(&path) {
-                Ok(new) if new.node != cfg.node => {
+                Ok(new) if new.node != cfg.node || bgp_settings(&new) != bgp_settings(&cfg) => {
                     shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    error!("node settings changed: they need a restart; nothing applied");
+                    error!("node or BGP session settings changed: they need a restart; nothing applied");
                 }
                 Ok(new) => match shared.node.lock().await.apply(&new) {
                     Ok(()) => {
                         cfg = new;
                         shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+                        if let Some(speaker) = &*shared.speaker.lock().await {
+                            speaker.announce(bgp::routes_for(&cfg));
+                        }
                         match lo.sync(&cfg.loopback_addresses()).await {
                             Ok((added, removed)) => info!(added, removed, "reloaded"),
                             Err(e) => error!(error = %e, "updating VIP addresses on lo"),
@@ -368,6 +396,10 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
             _ = interrupt.recv() => break,
         }
     }
+    if let Some(speaker) = shared.speaker.lock().await.take() {
+        let drain = speaker.settings().drain_time;
+        speaker.stop(drain).await;
+    }
     server.abort();
     drop(shared);
     if cleanup {
@@ -380,6 +412,11 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// BGP settings that need a restart when changed (everything but the announcement set).
+fn bgp_settings(cfg: &Config) -> Option<&vip_agent::config::BgpConfig> {
+    cfg.bgp.as_ref()
 }
 
 fn all_backends(cfg: &Config) -> Vec<IpAddr> {

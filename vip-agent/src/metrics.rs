@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub backends: Vec<(String, TrafficCounters)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// (peer, established, routes announced).
+    pub bgp: Vec<(String, bool, u64)>,
 }
 
 /// Where a scrape gets its snapshot, and whether the node is ready.

@@ -18,7 +18,9 @@ use clap::{Parser, Subcommand};
 /// bpf-linker version the eBPF toolchain recipe was verified with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "ethtool", "tcpdump", "iputils-ping"];
+const APT_PACKAGES: &[&str] = &[
+    "bpftool", "iproute2", "ethtool", "tcpdump", "procps", "bird2", "gobgpd",
+];
 
 #[derive(Parser)]
 #[command(about = "vip's developer commands")]

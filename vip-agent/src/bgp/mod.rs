@@ -1,5 +1,154 @@
 //! vip's BGP speaker: announces VIPs (host routes, next hop self) to routers, never installs
 //! what it receives.
+//!
+//! A VIP is announced while this node can forward it: the speaker starts after the XDP program
+//! is attached, and only VIPs with a backend that takes new flows are in the announcement set.
 
 pub mod session;
 pub mod wire;
+
+use std::{net::IpAddr, time::Duration};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::config::{BgpConfig, Config};
+use session::{GRACEFUL_SHUTDOWN, Local, Peer, Route, Status};
+
+/// The announcement set for `config`.
+pub fn routes_for(config: &Config) -> Vec<Route> {
+    let mut routes: Vec<Route> = config.vips.iter().filter(|v| v.has_usable_backend()).fold(
+        Vec::<Route>::new(),
+        |mut acc, v| {
+            // Several VIPs (ports, protocols) share one address: one route, their communities.
+            match acc.iter_mut().find(|r| r.prefix == v.address) {
+                Some(r) => {
+                    r.communities.extend(&v.communities);
+                    r.large_communities.extend(&v.large_communities);
+                    r.med = r.med.or(v.med);
+                }
+                None => acc.push(Route {
+                    prefix: v.address,
+                    communities: v.communities.clone(),
+                    large_communities: v.large_communities.clone(),
+                    med: v.med,
+                }),
+            }
+            acc
+        },
+    );
+    for r in &mut routes {
+        r.communities.sort();
+        r.communities.dedup();
+        r.large_communities.sort();
+        r.large_communities.dedup();
+    }
+    routes.sort();
+    routes
+}
+
+/// The running sessions.
+pub struct Speaker {
+    routes: watch::Sender<Vec<Route>>,
+    shutdown: watch::Sender<bool>,
+    sessions: Vec<(IpAddr, watch::Receiver<Status>, JoinHandle<()>)>,
+    settings: BgpConfig,
+}
+
+impl Speaker {
+    /// Starts one session per peer. `restarted`: this agent took over a running datapath
+    /// (sets the graceful-restart restart bit).
+    pub fn start(settings: &BgpConfig, routes: Vec<Route>, restarted: bool) -> Self {
+        let (routes_tx, _) = watch::channel(routes);
+        let (shutdown_tx, _) = watch::channel(false);
+        let local = Local {
+            asn: settings.asn,
+            router_id: settings.router_id,
+            hold_time: settings.hold_time,
+            graceful_restart: settings.graceful_restart_time,
+            restarted,
+            next_hop_v4: settings.next_hop_v4,
+            next_hop_v6: settings.next_hop_v6,
+        };
+        let sessions = settings
+            .peers
+            .iter()
+            .map(|p| {
+                let mut communities = settings.communities.clone();
+                communities.extend(&p.communities);
+                let mut large = settings.large_communities.clone();
+                large.extend(&p.large_communities);
+                let peer = Peer {
+                    address: p.address,
+                    port: p.port,
+                    asn: p.asn,
+                    password: p.password.clone(),
+                    hold_time: p.hold_time,
+                    med: p.med,
+                    local_pref: p.local_pref,
+                    communities,
+                    large_communities: large,
+                };
+                let (status_tx, status_rx) = watch::channel(Status::default());
+                let task = tokio::spawn(session::run(
+                    local.clone(),
+                    peer,
+                    routes_tx.subscribe(),
+                    status_tx,
+                    shutdown_tx.subscribe(),
+                ));
+                (p.address, status_rx, task)
+            })
+            .collect();
+        Self {
+            routes: routes_tx,
+            shutdown: shutdown_tx,
+            sessions,
+            settings: settings.clone(),
+        }
+    }
+
+    /// The settings the sessions run with (changes need a restart of the speaker).
+    pub fn settings(&self) -> &BgpConfig {
+        &self.settings
+    }
+
+    /// Replaces the announcement set; sessions send the difference.
+    pub fn announce(&self, routes: Vec<Route>) {
+        self.routes.send_replace(routes);
+    }
+
+    /// Session states by peer.
+    pub fn status(&self) -> Vec<(IpAddr, Status)> {
+        self.sessions
+            .iter()
+            .map(|(a, s, _)| (*a, s.borrow().clone()))
+            .collect()
+    }
+
+    /// Stops announcing: with a drain time, first re-announces everything with GRACEFUL_SHUTDOWN
+    /// (RFC 8326) so routers move traffic away, waits, then withdraws and closes with Cease.
+    pub async fn stop(self, drain: Duration) {
+        if !drain.is_zero() {
+            let draining: Vec<Route> = self
+                .routes
+                .borrow()
+                .iter()
+                .map(|r| {
+                    let mut r = r.clone();
+                    r.communities.push(GRACEFUL_SHUTDOWN);
+                    r
+                })
+                .collect();
+            tracing::info!(?drain, "draining: announcing with GRACEFUL_SHUTDOWN");
+            self.routes.send_replace(draining);
+            tokio::time::sleep(drain).await;
+        }
+        self.routes.send_replace(Vec::new());
+        // Let the sessions send their withdrawals before the Cease.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        self.shutdown.send_replace(true);
+        for (_, _, task) in self.sessions {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+}

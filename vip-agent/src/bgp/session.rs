@@ -1,1 +1,428 @@
+//! One BGP session per configured peer (RFC 4271 finite state machine), on tokio.
+//!
+//! Idle → Connect (TCP, with TCP-MD5 when configured) → OpenSent → OpenConfirm → Established.
+//! Established: every route of the current announcement set, then End-of-RIB; afterwards only
+//! the difference whenever the set changes; everything again on ROUTE-REFRESH; KEEPALIVE every
+//! hold/3; NOTIFICATION and a reset on any error; Cease when told to stop. Lost sessions are
+//! retried with exponential backoff (routers such as GoBGP refuse a reconnect for a while).
 
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpSocket, TcpStream},
+    sync::watch,
+    time::{Instant, sleep, sleep_until, timeout},
+};
+
+use super::wire::{self, Message, Notification, OpenParams, PathAttrs, code};
+
+/// This speaker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Local {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    pub hold_time: u16,
+    /// Graceful restart as a restarting speaker: restart time (seconds).
+    pub graceful_restart: Option<u16>,
+    /// Set the restart bit: this agent took over a running datapath.
+    pub restarted: bool,
+    /// Next hops; default: the session's own local address for its family.
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
+}
+
+/// One peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub address: IpAddr,
+    pub port: u16,
+    pub asn: u32,
+    /// TCP MD5 signature key (RFC 2385).
+    pub password: Option<String>,
+    pub hold_time: Option<u16>,
+    pub med: Option<u32>,
+    /// LOCAL_PREF for iBGP peers.
+    pub local_pref: Option<u32>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+}
+
+/// One announced VIP with its own attributes.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    pub prefix: IpAddr,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+    pub med: Option<u32>,
+}
+
+/// RFC 1997 well-known communities and RFC 8326's GRACEFUL_SHUTDOWN.
+pub const GRACEFUL_SHUTDOWN: u32 = 0xffff_0000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum State {
+    #[default]
+    Idle,
+    Connect,
+    OpenSent,
+    OpenConfirm,
+    Established,
+}
+
+/// What `status` and the metrics show about a session.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    pub state: State,
+    pub last_error: Option<String>,
+    pub established_transitions: u64,
+    pub announced: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connecting: {0}")]
+    Connect(std::io::Error),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("we sent NOTIFICATION {0}")]
+    Sent(Notification),
+    #[error("peer sent NOTIFICATION {0}")]
+    Received(Notification),
+    #[error("connect timed out")]
+    ConnectTimeout,
+}
+
+enum End {
+    Shutdown,
+}
+
+/// Runs the session with `peer` until `shutdown` becomes true (then sends Cease).
+pub async fn run(
+    local: Local,
+    peer: Peer,
+    mut routes: watch::Receiver<Vec<Route>>,
+    status: watch::Sender<Status>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        status.send_modify(|s| s.state = State::Connect);
+        let before = status.borrow().established_transitions;
+        let result = session(&local, &peer, &mut routes, &status, &mut shutdown).await;
+        status.send_modify(|s| {
+            s.state = State::Idle;
+            s.announced = 0;
+        });
+        match result {
+            Ok(End::Shutdown) => return,
+            Err(e) => {
+                tracing::warn!(peer = %peer.address, error = %e, "BGP session down");
+                status.send_modify(|s| s.last_error = Some(e.to_string()));
+            }
+        }
+        if status.borrow().established_transitions > before {
+            backoff = Duration::from_secs(1);
+        }
+        tokio::select! {
+            _ = sleep(backoff) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn connect(peer: &Peer) -> Result<TcpStream, SessionError> {
+    let addr = SocketAddr::new(peer.address, peer.port);
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(SessionError::Connect)?;
+    if let Some(key) = &peer.password {
+        set_md5(&socket, addr, key).map_err(SessionError::Connect)?;
+    }
+    match timeout(Duration::from_secs(5), socket.connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(SessionError::Connect(e)),
+        Err(_) => Err(SessionError::ConnectTimeout),
+    }
+}
+
+/// `struct tcp_md5sig` from linux/tcp.h.
+#[repr(C)]
+struct TcpMd5Sig {
+    addr: libc::sockaddr_storage,
+    flags: u8,
+    prefixlen: u8,
+    keylen: u16,
+    ifindex: i32,
+    key: [u8; 80],
+}
+
+/// Signs every segment to `peer` with `key` (RFC 2385).
+fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Result<()> {
+    if key.len() > 80 {
+        return Err(std::io::Error::other("TCP MD5 keys are at most 80 bytes"));
+    }
+    // SAFETY: an all-zero tcp_md5sig is valid; we fill the address of the right family.
+    let mut sig: TcpMd5Sig = unsafe { std::mem::zeroed() };
+    match peer {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut sig.addr as *mut _ as *mut libc::sockaddr_in) };
+            sin.sin_family = libc::AF_INET as u16;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut sig.addr as *mut _ as *mut libc::sockaddr_in6) };
+            sin6.sin6_family = libc::AF_INET6 as u16;
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+        }
+    }
+    sig.keylen = key.len() as u16;
+    sig.key[..key.len()].copy_from_slice(key.as_bytes());
+    // SAFETY: setsockopt with a pointer to a live struct of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MD5SIG,
+            (&sig as *const TcpMd5Sig).cast(),
+            std::mem::size_of::<TcpMd5Sig>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reads one message; a malformed one is answered with its NOTIFICATION.
+async fn read_message(stream: &mut TcpStream) -> Result<Message, SessionError> {
+    let mut header = [0u8; wire::HEADER_LEN];
+    stream.read_exact(&mut header).await?;
+    let (kind, len) = match wire::parse_header(&header) {
+        Ok(h) => h,
+        Err(n) => return Err(notify(stream, n).await),
+    };
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    match wire::decode_body(kind, &body) {
+        Ok(Message::Notification(n)) => Err(SessionError::Received(n)),
+        Ok(m) => Ok(m),
+        Err(n) => Err(notify(stream, n).await),
+    }
+}
+
+/// Sends a NOTIFICATION; the session then ends.
+async fn notify(stream: &mut TcpStream, n: Notification) -> SessionError {
+    let _ = stream.write_all(&wire::encode_notification(&n)).await;
+    let _ = stream.shutdown().await;
+    SessionError::Sent(n)
+}
+
+async fn session(
+    local: &Local,
+    peer: &Peer,
+    routes: &mut watch::Receiver<Vec<Route>>,
+    status: &watch::Sender<Status>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<End, SessionError> {
+    let mut stream = connect(peer).await?;
+    let _ = stream.set_nodelay(true);
+    let our_hold = peer.hold_time.unwrap_or(local.hold_time);
+    stream
+        .write_all(&wire::encode_open(&OpenParams {
+            asn: local.asn,
+            hold_time: our_hold,
+            router_id: local.router_id,
+            graceful_restart: local.graceful_restart.map(|t| (t, local.restarted)),
+        }))
+        .await?;
+    status.send_modify(|s| s.state = State::OpenSent);
+    // RFC 4271 suggests a large hold time until the OPEN arrives.
+    let open = match timeout(Duration::from_secs(240), read_message(&mut stream)).await {
+        Err(_) => {
+            return Err(notify(
+                &mut stream,
+                Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[]),
+            )
+            .await);
+        }
+        Ok(Ok(Message::Open(open))) => open,
+        Ok(Ok(_)) => return Err(notify(&mut stream, Notification::new(code::FSM, 1, &[])).await),
+        Ok(Err(e)) => return Err(e),
+    };
+    if open.asn != peer.asn {
+        let data = (open.asn as u16).to_be_bytes();
+        return Err(notify(
+            &mut stream,
+            Notification::new(code::OPEN_MESSAGE, code::BAD_PEER_AS, &data),
+        )
+        .await);
+    }
+    if open.router_id == local.router_id && peer.asn == local.asn {
+        return Err(notify(
+            &mut stream,
+            Notification::new(code::OPEN_MESSAGE, code::BAD_BGP_IDENTIFIER, &[]),
+        )
+        .await);
+    }
+    let hold = our_hold.min(open.hold_time);
+    stream.write_all(&wire::encode_keepalive()).await?;
+    status.send_modify(|s| s.state = State::OpenConfirm);
+    let hold_duration = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
+    let wait = hold_duration.unwrap_or(Duration::from_secs(240));
+    match timeout(wait, read_message(&mut stream)).await {
+        Err(_) => {
+            return Err(notify(
+                &mut stream,
+                Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[]),
+            )
+            .await);
+        }
+        Ok(Ok(Message::Keepalive)) => {}
+        Ok(Ok(_)) => return Err(notify(&mut stream, Notification::new(code::FSM, 2, &[])).await),
+        Ok(Err(e)) => return Err(e),
+    }
+    status.send_modify(|s| {
+        s.state = State::Established;
+        s.established_transitions += 1;
+        s.last_error = None;
+    });
+    tracing::info!(peer = %peer.address, asn = peer.asn, hold, "BGP session established");
+
+    let local_addr = stream.local_addr()?.ip();
+    let attrs = |r: &Route| -> PathAttrs {
+        let ebgp = peer.asn != local.asn;
+        let mut communities = peer.communities.clone();
+        communities.extend(&r.communities);
+        let mut large = peer.large_communities.clone();
+        large.extend(&r.large_communities);
+        PathAttrs {
+            as_path: ebgp.then_some(local.asn),
+            next_hop_v4: local.next_hop_v4.or(match local_addr {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            }),
+            next_hop_v6: local.next_hop_v6.or(match local_addr {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            }),
+            med: r.med.or(peer.med),
+            local_pref: if ebgp {
+                None
+            } else {
+                peer.local_pref.or(Some(100))
+            },
+            communities,
+            large_communities: large,
+        }
+    };
+
+    // Everything, then End-of-RIB.
+    let mut announced: HashMap<IpAddr, Route> = HashMap::new();
+    let current = routes.borrow_and_update().clone();
+    send_changes(&mut stream, &mut announced, &current, &attrs).await?;
+    for m in wire::encode_end_of_rib() {
+        stream.write_all(&m).await?;
+    }
+    status.send_modify(|s| s.announced = announced.len());
+
+    let keepalive_every = hold_duration.map(|h| h / 3);
+    let mut next_keepalive = keepalive_every.map(|k| Instant::now() + k);
+    let mut hold_deadline = hold_duration.map(|h| Instant::now() + h);
+    let far = || Instant::now() + Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            message = read_message(&mut stream) => match message? {
+                Message::Keepalive | Message::Update => {
+                    hold_deadline = hold_duration.map(|h| Instant::now() + h);
+                }
+                Message::RouteRefresh { .. } => {
+                    hold_deadline = hold_duration.map(|h| Instant::now() + h);
+                    let all = routes.borrow().clone();
+                    announced.clear();
+                    send_changes(&mut stream, &mut announced, &all, &attrs).await?;
+                }
+                Message::Open(_) | Message::Notification(_) => {
+                    return Err(notify(&mut stream, Notification::new(code::FSM, 3, &[])).await);
+                }
+            },
+            _ = sleep_until(hold_deadline.unwrap_or_else(far)), if hold_deadline.is_some() => {
+                return Err(notify(&mut stream, Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[])).await);
+            }
+            _ = sleep_until(next_keepalive.unwrap_or_else(far)), if next_keepalive.is_some() => {
+                stream.write_all(&wire::encode_keepalive()).await?;
+                next_keepalive = keepalive_every.map(|k| Instant::now() + k);
+            }
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return Ok(End::Shutdown);
+                }
+                let wanted = routes.borrow_and_update().clone();
+                send_changes(&mut stream, &mut announced, &wanted, &attrs).await?;
+                status.send_modify(|s| s.announced = announced.len());
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() {
+                    let cease = Notification::new(code::CEASE, code::ADMINISTRATIVE_SHUTDOWN, &[]);
+                    let _ = stream.write_all(&wire::encode_notification(&cease)).await;
+                    let _ = stream.shutdown().await;
+                    return Ok(End::Shutdown);
+                }
+            }
+        }
+    }
+}
+
+/// Withdraws what is no longer wanted and announces what is new or changed, grouping routes
+/// with the same attributes into one UPDATE.
+async fn send_changes(
+    stream: &mut TcpStream,
+    announced: &mut HashMap<IpAddr, Route>,
+    wanted: &[Route],
+    attrs: &impl Fn(&Route) -> PathAttrs,
+) -> Result<(), SessionError> {
+    let gone: Vec<IpAddr> = announced
+        .keys()
+        .filter(|p| !wanted.iter().any(|r| r.prefix == **p))
+        .copied()
+        .collect();
+    for m in wire::encode_withdraw(&gone) {
+        stream.write_all(&m).await?;
+    }
+    for p in &gone {
+        announced.remove(p);
+    }
+    let mut groups: BTreeMap<Vec<u8>, (PathAttrs, Vec<IpAddr>)> = BTreeMap::new();
+    for r in wanted {
+        if announced.get(&r.prefix) == Some(r) {
+            continue;
+        }
+        let a = attrs(r);
+        let key = format!("{a:?}").into_bytes();
+        groups
+            .entry(key)
+            .or_insert_with(|| (a, Vec::new()))
+            .1
+            .push(r.prefix);
+        announced.insert(r.prefix, r.clone());
+    }
+    for (a, prefixes) in groups.into_values() {
+        for m in wire::encode_announce(&prefixes, &a) {
+            stream.write_all(&m).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! Real routing daemons in a namespace, for the BGP tests: BIRD 2 and GoBGP.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::node::Netns;
+
+/// A BIRD daemon in `ns`, stopped on drop.
+pub struct Bird {
+    child: Child,
+    socket: PathBuf,
+    pub ns: String,
+}
+
+impl Bird {
+    /// Starts `bird` in the foreground with `config` (a `log` line is added).
+    pub fn start(ns: &Netns, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-bird", ns.name));
+        fs::create_dir_all(&dir).expect("bird dir");
+        let conf = dir.join("bird.conf");
+        let socket = dir.join("bird.ctl");
+        fs::write(
+            &conf,
+            format!("log \"{}\" all;\n{config}", dir.join("bird.log").display()),
+        )
+        .expect("write bird.conf");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
+            .arg(&conf)
+            .arg("-s")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bird (bird2 is installed by `cargo xtask setup`)");
+        let bird = Self {
+            child,
+            socket,
+            ns: ns.name.clone(),
+        };
+        bird.wait_for(
+            |b| b.cli("show status").contains("Daemon is up"),
+            "BIRD to start",
+        );
+        bird
+    }
+
+    /// `birdc -s SOCKET COMMAND`.
+    pub fn cli(&self, command: &str) -> String {
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(command.split_whitespace())
+            .output()
+            .expect("birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls `ok` for up to 20 s.
+    pub fn wait_for(&self, ok: impl Fn(&Self) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {}",
+                self.cli("show protocols all")
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Bird {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A GoBGP daemon in `ns`, stopped on drop.
+pub struct GoBgp {
+    child: Child,
+    ns: String,
+}
+
+impl GoBgp {
+    pub fn start(ns: &Netns, config_toml: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-gobgp", ns.name));
+        fs::create_dir_all(&dir).expect("gobgp dir");
+        let conf = dir.join("gobgpd.toml");
+        fs::write(&conf, config_toml).expect("write gobgpd.toml");
+        let log = fs::File::create(dir.join("gobgpd.log")).expect("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "gobgpd", "-t", "toml", "-f"])
+            .arg(&conf)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start gobgpd (installed by `cargo xtask setup`)");
+        let g = Self {
+            child,
+            ns: ns.name.clone(),
+        };
+        g.wait_for(|g| g.cli("global").contains("AS"), "gobgpd to start");
+        g
+    }
+
+    /// `gobgp ARGS` against this daemon's API (inside its namespace).
+    pub fn cli(&self, args: &str) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "gobgp"])
+            .args(args.split_whitespace())
+            .output()
+            .expect("gobgp");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait_for(&self, ok: impl Fn(&Self) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {}",
+                self.cli("neighbor")
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for GoBgp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,239 @@
+//! vip-agent's BGP speaker against real BIRD 2 and GoBGP routers, in network namespaces:
+//!
+//! ```text
+//!   ns rt (router: BIRD or GoBGP, AS 65000) ── r1 ── up0 ── ns lb1 (vip-agent, AS 65001)
+//!                                           └─ r2 ── up0 ── ns lb2 (vip-agent, AS 65001)  (ECMP)
+//! ```
+
+use std::{thread, time::Duration};
+
+use vip_tests::{
+    node::{Agent, Netns},
+    router::{Bird, GoBgp},
+};
+
+const VIP4: &str = "198.19.0.1";
+const VIP6: &str = "fd00:19::1";
+
+/// Router namespace `rt` with one link per LB namespace; LB i is 198.18.i.2, router 198.18.i.1.
+fn topology(lbs: usize) -> (Netns, Vec<Netns>) {
+    let rt = Netns::new("rt");
+    let mut out = Vec::new();
+    for i in 1..=lbs {
+        let lb = Netns::new(&format!("lb{i}"));
+        let r = format!("r{i}");
+        rt.ip(&[
+            "link", "add", &r, "type", "veth", "peer", "name", "up0", "netns", &lb.name,
+        ]);
+        rt.ip(&["addr", "add", &format!("198.18.{i}.1/24"), "dev", &r]);
+        rt.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:18:{i}::1/64"),
+            "dev",
+            &r,
+            "nodad",
+        ]);
+        rt.ip(&["link", "set", &r, "up"]);
+        lb.ip(&["addr", "add", &format!("198.18.{i}.2/24"), "dev", "up0"]);
+        lb.ip(&[
+            "addr",
+            "add",
+            &format!("fd00:18:{i}::2/64"),
+            "dev",
+            "up0",
+            "nodad",
+        ]);
+        lb.ip(&["link", "set", "up0", "up"]);
+        out.push(lb);
+    }
+    (rt, out)
+}
+
+/// An LB node's config: two VIPs, BGP to the router at 198.18.i.1.
+fn lb_config(lb: &Netns, i: usize, extra_bgp: &str, vips: &[&str]) -> String {
+    let mut c = format!(
+        "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.{i}.2\"\nsource_v6 = \"fd00:18:{i}::2\"\n\
+         pin_dir = \"{}\"\ntable_size = 251\nconntrack_entries = 4096\n\n\
+         [bgp]\nasn = 65001\nrouter_id = \"198.18.{i}.2\"\nhold_time = 3\n\
+         next_hop_v6 = \"fd00:18:{i}::2\"\ncommunities = [\"65001:100\"]\n\
+         large_communities = [\"65001:7:8\"]\n{extra_bgp}\n\
+         [[bgp.peer]]\naddress = \"198.18.{i}.1\"\nasn = 65000\n",
+        lb.pin_dir.display()
+    );
+    for vip in vips {
+        let backend = if vip.contains(':') {
+            "fd00:1::1"
+        } else {
+            "198.18.100.1"
+        };
+        c += &format!(
+            "\n[[vip]]\naddress = \"{vip}\"\nprotocol = \"tcp\"\nport = 80\n\
+             [[vip.backend]]\naddress = \"{backend}\"\n"
+        );
+    }
+    c
+}
+
+fn bird_config(lbs: usize, password: Option<&str>) -> String {
+    let mut c = String::from(
+        "router id 198.18.1.1;\nprotocol device {}\n\
+         protocol kernel k4 { ipv4 { export all; }; merge paths on; }\n\
+         protocol kernel k6 { ipv6 { export all; }; merge paths on; }\n",
+    );
+    for i in 1..=lbs {
+        let pw = password.map_or(String::new(), |p| format!("password \"{p}\";"));
+        c += &format!(
+            "protocol bgp lb{i} {{ local 198.18.{i}.1 as 65000; neighbor 198.18.{i}.2 as 65001; \
+             hold time 3; connect retry time 1; error wait time 1, 2; {pw}\n\
+             ipv4 {{ import all; export none; }}; ipv6 {{ import all; export none; }}; }}\n"
+        );
+    }
+    c
+}
+
+fn established(bird: &Bird, proto: &str) -> bool {
+    bird.cli(&format!("show protocols {proto}"))
+        .contains("Established")
+}
+
+#[test]
+fn announces_to_bird_and_withdraws() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let mut agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
+    bird.wait_for(|b| established(b, "lb1"), "the session");
+    bird.wait_for(|b| b.cli("show route all").contains(VIP6), "both routes");
+
+    let v4 = bird.cli(&format!("show route {VIP4}/32 all"));
+    assert!(v4.contains("via 198.18.1.2"), "{v4}");
+    // An AS_SEQUENCE prints as a plain number; an AS_SET would print as {65001}.
+    assert!(v4.contains("BGP.as_path: 65001\n"), "{v4}");
+    assert!(v4.contains("BGP.community: (65001,100)"), "{v4}");
+    assert!(v4.contains("BGP.large_community: (65001, 7, 8)"), "{v4}");
+    assert!(v4.contains("BGP.origin: IGP"), "{v4}");
+    let v6 = bird.cli(&format!("show route {VIP6}/128 all"));
+    assert!(v6.contains("via fd00:18:1::2"), "{v6}");
+    assert!(v6.contains("BGP.as_path: 65001\n"), "{v6}");
+    // Installed in the router's kernel table.
+    assert!(
+        rt.ip(&["route", "show", &format!("{VIP4}/32")])
+            .contains("198.18.1.2")
+    );
+
+    // Removing a VIP from the config and reloading withdraws it.
+    agent.rewrite_config(&lb_config(&lbs[0], 1, "", &[VIP4]));
+    agent.signal(libc::SIGHUP);
+    bird.wait_for(
+        |b| !b.cli("show route").contains(VIP6),
+        "the IPv6 VIP withdrawn",
+    );
+    assert!(bird.cli("show route").contains(VIP4));
+
+    // Killed without graceful restart: the router drops the routes after the hold time.
+    agent.kill();
+    bird.wait_for(
+        |b| !b.cli("show route").contains(VIP4),
+        "routes gone after the hold time",
+    );
+}
+
+#[test]
+fn drain_announces_graceful_shutdown_then_withdraws() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, "drain_time = 2\n", &[VIP4]),
+        &["--cleanup"],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    agent.signal(libc::SIGTERM);
+    bird.wait_for(
+        |b| {
+            b.cli(&format!("show route {VIP4}/32 all"))
+                .contains("(65535,0)")
+        },
+        "GRACEFUL_SHUTDOWN on the route",
+    );
+    bird.wait_for(|b| !b.cli("show route").contains(VIP4), "the withdrawal");
+    assert!(agent.wait(), "{}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("draining"), "{log}");
+}
+
+#[test]
+fn md5_password_must_match() {
+    let (rt, lbs) = topology(2);
+    let bird = Bird::start(&rt, &bird_config(2, Some("s3cret")));
+    let right = lb_config(&lbs[0], 1, "", &[VIP4])
+        .replace("asn = 65000\n", "asn = 65000\npassword = \"s3cret\"\n");
+    let wrong = lb_config(&lbs[1], 2, "", &[VIP4])
+        .replace("asn = 65000\n", "asn = 65000\npassword = \"guess\"\n");
+    let _a = Agent::start(&lbs[0], &right, &[]);
+    let _b = Agent::start(&lbs[1], &wrong, &[]);
+    bird.wait_for(
+        |b| established(b, "lb1"),
+        "the session with the right password",
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        !established(&bird, "lb2"),
+        "a wrong MD5 password established a session"
+    );
+}
+
+#[test]
+fn two_lb_nodes_give_an_ecmp_route() {
+    let (rt, lbs) = topology(2);
+    let bird = Bird::start(&rt, &bird_config(2, None));
+    let _a = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
+    let mut b = Agent::start(&lbs[1], &lb_config(&lbs[1], 2, "", &[VIP4]), &[]);
+    let route = || rt.ip(&["route", "show", &format!("{VIP4}/32")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(route().contains("198.18.1.2") && route().contains("198.18.2.2")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ECMP route: {}",
+            route()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(route().matches("nexthop via").count(), 2, "{}", route());
+    // One LB node gone: one next hop left.
+    b.kill();
+    bird.wait_for(
+        |_| route().matches("198.18.").count() == 1,
+        "one next hop left",
+    );
+    assert!(route().contains("198.18.1.2"), "{}", route());
+}
+
+#[test]
+fn announces_to_gobgp() {
+    let (rt, lbs) = topology(1);
+    let gobgp = GoBgp::start(
+        &rt,
+        "[global.config]\nas = 65000\nrouter-id = \"198.18.1.1\"\n\
+         [[neighbors]]\n[neighbors.config]\nneighbor-address = \"198.18.1.2\"\npeer-as = 65001\n\
+         [neighbors.timers.config]\nhold-time = 3\nconnect-retry = 1\n\
+         [[neighbors.afi-safis]]\n[neighbors.afi-safis.config]\nafi-safi-name = \"ipv4-unicast\"\n\
+         [[neighbors.afi-safis]]\n[neighbors.afi-safis.config]\nafi-safi-name = \"ipv6-unicast\"\n",
+    );
+    let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
+    gobgp.wait_for(
+        |g| g.cli("global rib -a ipv6").contains(VIP6),
+        "the IPv6 route",
+    );
+    let v4 = gobgp.cli("global rib -a ipv4");
+    assert!(
+        v4.contains(&format!("{VIP4}/32")) && v4.contains("198.18.1.2"),
+        "{v4}"
+    );
+    // The AS path column: a sequence prints as "65001", a set would print as "{65001}".
+    assert!(v4.contains(" 65001 ") && !v4.contains("{65001}"), "{v4}");
+    let detail = gobgp.cli(&format!("global rib -a ipv4 {VIP4}/32"));
+    assert!(detail.contains("65001:100"), "{detail}");
+    let v6 = gobgp.cli("global rib -a ipv6");
+    assert!(v6.contains("fd00:18:1::2"), "{v6}");
+}
