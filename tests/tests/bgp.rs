@@ -237,3 +237,176 @@ fn announces_to_gobgp() {
     let v6 = gobgp.cli("global rib -a ipv6");
     assert!(v6.contains("fd00:18:1::2"), "{v6}");
 }
+
+#[test]
+fn router_restart_makes_the_agent_reconnect_and_reannounce() {
+    let (rt, lbs) = topology(1);
+    let mut bird = Bird::start(&rt, &bird_config(1, None));
+    let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.stop();
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    bird.wait_for(
+        |b| b.cli("show route").contains(VIP4),
+        "the route after the router restarted",
+    );
+}
+
+#[test]
+fn graceful_restart_keeps_routes_while_the_agent_restarts() {
+    let (rt, lbs) = topology(1);
+    let config = bird_config(1, None).replace("hold time 3;", "hold time 3; graceful restart on;");
+    let bird = Bird::start(&rt, &config);
+    let lb_conf = lb_config(&lbs[0], 1, "graceful_restart_time = 30\n", &[VIP4]);
+    let mut agent = Agent::start(&lbs[0], &lb_conf, &[]);
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    // SIGKILL: no Cease. The router keeps the routes, stale, past the hold time.
+    agent.kill();
+    thread::sleep(Duration::from_secs(5));
+    let route = bird.cli(&format!("show route {VIP4}/32 all"));
+    assert!(
+        route.contains(VIP4),
+        "route dropped despite graceful restart: {route}"
+    );
+    // The pinned datapath still forwards; a new agent takes over and refreshes the routes.
+    assert!(lbs[0].pin_dir.join("links/xdp_up0").exists());
+    let mut again = Agent::start(&lbs[0], &lb_conf, &[]);
+    again.wait_for_log("took over pinned state", 1);
+    bird.wait_for(|b| established(b, "lb1"), "the session again");
+    assert!(bird.cli("show route").contains(VIP4));
+}
+
+/// A scripted router: it accepts the agent's connection, then misbehaves.
+mod scripted {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        time::Duration,
+    };
+
+    use vip_agent::bgp::wire::{self, Message, OpenParams};
+
+    pub fn accept(listener: &TcpListener) -> TcpStream {
+        let (stream, _) = listener.accept().expect("the agent connects");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    pub fn read(stream: &mut TcpStream) -> Option<Message> {
+        let mut header = [0u8; wire::HEADER_LEN];
+        stream.read_exact(&mut header).ok()?;
+        let len = usize::from(u16::from_be_bytes([header[16], header[17]]));
+        let mut whole = header.to_vec();
+        whole.resize(len, 0);
+        stream.read_exact(&mut whole[wire::HEADER_LEN..]).ok()?;
+        wire::parse_message(&whole).ok()
+    }
+
+    pub fn open() -> Vec<u8> {
+        wire::encode_open(&OpenParams {
+            asn: 65000,
+            hold_time: 9,
+            router_id: "198.18.1.1".parse().unwrap(),
+            graceful_restart: None,
+        })
+    }
+
+    /// Completes the handshake as the router.
+    pub fn establish(stream: &mut TcpStream) {
+        assert!(matches!(read(stream), Some(Message::Open(_))));
+        stream.write_all(&open()).unwrap();
+        stream.write_all(&wire::encode_keepalive()).unwrap();
+        assert!(matches!(read(stream), Some(Message::Keepalive)));
+    }
+
+    /// Reads until the agent's NOTIFICATION (skipping its UPDATEs and KEEPALIVEs).
+    pub fn notification(stream: &mut TcpStream) -> wire::Notification {
+        loop {
+            match read(stream) {
+                Some(Message::Notification(n)) => return n,
+                Some(_) => continue,
+                None => panic!("connection closed without a NOTIFICATION"),
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_messages_reset_the_session_and_the_agent_stays_up() {
+    use std::io::Write;
+    use vip_agent::bgp::wire::{self, code};
+
+    let (rt, lbs) = topology(1);
+    let listener = rt.within(|| std::net::TcpListener::bind("198.18.1.1:179").expect("bind 179"));
+    let mut agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
+
+    // 1. A malformed UPDATE after the session is up: attribute length beyond the message.
+    let mut s = scripted::accept(&listener);
+    scripted::establish(&mut s);
+    let mut bad_update = vec![0xff; 16];
+    bad_update.extend_from_slice(&[0, 23, wire::UPDATE, 0, 0, 0x0f, 0xff]);
+    s.write_all(&bad_update).unwrap();
+    let n = scripted::notification(&mut s);
+    assert_eq!(
+        (n.code, n.subcode),
+        (code::UPDATE_MESSAGE, code::MALFORMED_ATTRIBUTE_LIST)
+    );
+
+    // 2. An oversized length in a header.
+    let mut s = scripted::accept(&listener);
+    scripted::establish(&mut s);
+    let mut oversized = vec![0xff; 16];
+    oversized.extend_from_slice(&[0x20, 0x00, wire::KEEPALIVE]);
+    s.write_all(&oversized).unwrap();
+    let n = scripted::notification(&mut s);
+    assert_eq!(
+        (n.code, n.subcode),
+        (code::MESSAGE_HEADER, code::BAD_MESSAGE_LENGTH)
+    );
+
+    // 3. A malformed OPEN: version 3, then one whose parameters lie about their length.
+    for (mangle, subcode) in [(0usize, code::UNSUPPORTED_VERSION), (9, 0)] {
+        let mut s = scripted::accept(&listener);
+        assert!(matches!(
+            scripted::read(&mut s),
+            Some(wire::Message::Open(_))
+        ));
+        let mut open = scripted::open();
+        if mangle == 0 {
+            open[wire::HEADER_LEN] = 3;
+        } else {
+            open[wire::HEADER_LEN + mangle] += 7;
+        }
+        s.write_all(&open).unwrap();
+        let n = scripted::notification(&mut s);
+        assert!(
+            n.code == code::OPEN_MESSAGE || n.code == code::MESSAGE_HEADER,
+            "{n:?}"
+        );
+        if subcode != 0 {
+            assert_eq!(n.subcode, subcode);
+        }
+    }
+
+    // 4. Garbage instead of a marker.
+    let mut s = scripted::accept(&listener);
+    let _ = scripted::read(&mut s);
+    s.write_all(&[0x42; 64]).unwrap();
+    let n = scripted::notification(&mut s);
+    assert_eq!(
+        (n.code, n.subcode),
+        (code::MESSAGE_HEADER, code::CONNECTION_NOT_SYNCHRONIZED)
+    );
+
+    // The agent survived all of it and keeps trying.
+    let mut s = scripted::accept(&listener);
+    scripted::establish(&mut s);
+    assert!(agent.running(), "{}", agent.log_text());
+    assert!(
+        !agent.log_text().contains("panicked"),
+        "{}",
+        agent.log_text()
+    );
+}
