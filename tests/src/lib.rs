@@ -2,6 +2,7 @@
 //! of the real XDP program through the agent's own `Dataplane`, and a decoder for its output.
 
 pub mod fixture;
+pub mod lab;
 pub mod node;
 pub mod packet;
 pub mod router;

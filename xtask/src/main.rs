@@ -3,9 +3,6 @@
 //! Every command that needs tools calls `setup` first, which installs only what is missing, so
 //! the README's two commands work on a fresh Debian machine with root.
 
-mod demo;
-mod lab;
-
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
@@ -31,7 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum LabAction {
+    Up,
     Down,
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -54,7 +53,8 @@ enum Cmd {
     Bench,
     /// Set up, build, and run the demonstration in network namespaces (needs root).
     Demo,
-    /// The demo's lab: `down` removes everything it made, also after a crash.
+    /// The demo's lab: `up` leaves it running, `down` removes everything it made (also after
+    /// a crash), `status` shows it.
     Lab {
         #[command(subcommand)]
         action: LabAction,
@@ -86,15 +86,20 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             setup()?;
             build()?;
-            let ws = workspace();
-            demo::run(
-                &ws.join("target/release/vip-agent"),
-                &ws.join("target/bpfel-unknown-none/release/vip-decap"),
-            )
+            vip_demo(&["demo"])
         }
-        Cmd::Lab {
-            action: LabAction::Down,
-        } => lab::down(),
+        Cmd::Lab { action } => {
+            let action = match action {
+                LabAction::Up => {
+                    setup()?;
+                    build()?;
+                    "up"
+                }
+                LabAction::Down => "down",
+                LabAction::Status => "status",
+            };
+            vip_demo(&["lab", action])
+        }
         Cmd::Bench => {
             setup()?;
             build_ebpf()?;
@@ -116,6 +121,22 @@ fn main() -> Result<()> {
             run(Command::new(workspace().join("target/release/vip-agent")).args(args))
         }
     }
+}
+
+/// Runs the lab and demo program (in the tests crate, which shares the lab with the tests).
+fn vip_demo(args: &[&str]) -> Result<()> {
+    run(cargo()
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "vip-tests",
+            "--bin",
+            "vip-demo",
+            "--",
+        ])
+        .args(args))
 }
 
 fn workspace() -> PathBuf {
