@@ -10,6 +10,19 @@ use std::{
 
 use crate::node::Netns;
 
+/// Polls `ok` for up to 20 s; on timeout panics with `what` and the daemon's view.
+fn poll(ok: impl Fn() -> bool, what: &str, view: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            view()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A BIRD daemon in `ns`, stopped on drop.
 pub struct Bird {
     child: Child,
@@ -63,15 +76,7 @@ impl Bird {
 
     /// Polls `ok` for up to 20 s.
     pub fn wait_for(&self, ok: impl Fn(&Self) -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {}",
-                self.cli("show protocols all")
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+        poll(|| ok(self), what, || self.cli("show protocols all"));
     }
 
     pub fn stop(&mut self) {
@@ -125,15 +130,7 @@ impl GoBgp {
     }
 
     pub fn wait_for(&self, ok: impl Fn(&Self) -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok(self) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {}",
-                self.cli("neighbor")
-            );
-            thread::sleep(Duration::from_millis(200));
-        }
+        poll(|| ok(self), what, || self.cli("neighbor"));
     }
 }
 

@@ -64,6 +64,10 @@ fn family(
     Ok(())
 }
 
+fn owned(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+}
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
@@ -75,10 +79,7 @@ impl Collector for SnapshotCollector {
                 ("no_neighbour_passed", d.no_neighbour_passed),
                 ("no_route_passed", d.no_route_passed),
             ];
-            let outcomes: Vec<(String, u64)> = outcomes
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect();
+            let outcomes = owned(&outcomes);
             family(
                 &mut e,
                 "vip_datapath_packets",
@@ -93,8 +94,7 @@ impl Collector for SnapshotCollector {
                 ("no_backend", d.drop_no_backend),
                 ("no_headroom", d.drop_no_headroom),
             ];
-            let drops: Vec<(String, u64)> =
-                drops.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+            let drops = owned(&drops);
             family(
                 &mut e,
                 "vip_datapath_drops",
@@ -165,10 +165,7 @@ impl Collector for SnapshotCollector {
                 ("refused_not_vip", d.refused_not_vip),
                 ("refused_malformed", d.refused_malformed),
             ];
-            let outcomes: Vec<(String, u64)> = outcomes
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect();
+            let outcomes = owned(&outcomes);
             family(
                 &mut e,
                 "vip_decap_packets",

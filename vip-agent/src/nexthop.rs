@@ -43,6 +43,17 @@ pub enum NextHopError {
     },
 }
 
+/// Every message of a netlink dump.
+async fn dump<T>(
+    stream: impl futures::TryStream<Ok = T, Error = rtnetlink::Error>,
+    what: &'static str,
+) -> Result<Vec<T>, NextHopError> {
+    stream
+        .try_collect()
+        .await
+        .map_err(|source| NextHopError::Netlink { what, source })
+}
+
 /// A usable neighbour entry.
 #[derive(Clone, Copy)]
 struct Neighbour {
@@ -155,17 +166,9 @@ impl Resolver {
 
     /// Usable neighbour entries by (ifindex, address).
     async fn neighbours(&self) -> Result<HashMap<(u32, IpAddr), Neighbour>, NextHopError> {
-        let mut stream = self.handle.neighbours().get().execute();
+        let all = dump(self.handle.neighbours().get().execute(), "neighbour dump").await?;
         let mut out = HashMap::new();
-        loop {
-            let next = stream
-                .try_next()
-                .await
-                .map_err(|source| NextHopError::Netlink {
-                    what: "neighbour dump",
-                    source,
-                })?;
-            let Some(n) = next else { break };
+        for n in all {
             if !matches!(
                 n.header.state,
                 NeighbourState::Reachable
@@ -201,17 +204,9 @@ impl Resolver {
 
     /// MAC address of every Ethernet-like link.
     async fn link_macs(&self) -> Result<HashMap<u32, [u8; 6]>, NextHopError> {
-        let mut stream = self.handle.link().get().execute();
+        let links = dump(self.handle.link().get().execute(), "link dump").await?;
         let mut out = HashMap::new();
-        loop {
-            let next = stream
-                .try_next()
-                .await
-                .map_err(|source| NextHopError::Netlink {
-                    what: "link dump",
-                    source,
-                })?;
-            let Some(link) = next else { break };
+        for link in links {
             for attr in link.attributes {
                 if let LinkAttribute::Address(a) = attr
                     && let Ok(mac) = <[u8; 6]>::try_from(a)

@@ -283,31 +283,11 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
     {
         return Err(Verdict::Pass);
     }
-    let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV4_LEN) else {
-        return Err(Verdict::Pass);
-    };
-    let mut flow = FlowKey::v4(quoted.dst_addr, quoted.src_addr, quoted.proto);
-    flow.src_port = [ports[2], ports[3]];
-    flow.dst_port = [ports[0], ports[1]];
-    let Some(meta) = find_vip(&flow) else {
-        return Err(Verdict::Pass);
-    };
-    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    if tot_len < QUOTED + IPV4_LEN + 4 || l3 + tot_len > packet::len(ctx) {
-        return Err(Verdict::DropMalformed);
-    }
-    let inner = Inner {
-        len: tot_len as u16,
-        tos: ip.tos,
-        family: AddrFamily::V4,
-    };
-    Ok(Forward {
-        l2_len: l3,
-        meta,
-        flow,
-        policy: ConnPolicy::LookupOnly,
-        inner,
-    })
+    let flow = FlowKey::v4(quoted.dst_addr, quoted.src_addr, quoted.proto);
+    let (meta, flow) = quoted_flow(ctx, l3 + QUOTED + IPV4_LEN, flow)?;
+    let len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let error = (len, ip.tos, AddrFamily::V4);
+    icmp_to_backend(ctx, l3, meta, flow, error, QUOTED + IPV4_LEN + 4)
 }
 
 /// ICMPv6 "packet too big": as [`icmp4_too_big`].
@@ -329,30 +309,52 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
     {
         return Err(Verdict::Pass);
     }
-    let Some(ports) = read::<[u8; 4]>(ctx, l3 + QUOTED + IPV6_LEN) else {
-        return Err(Verdict::Pass);
-    };
-    let mut flow = FlowKey::v6(quoted.dst_addr, quoted.src_addr, quoted.next_hdr);
+    let flow = FlowKey::v6(quoted.dst_addr, quoted.src_addr, quoted.next_hdr);
+    let (meta, flow) = quoted_flow(ctx, l3 + QUOTED + IPV6_LEN, flow)?;
+    let len = IPV6_LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    let error = (len, traffic_class(ip), AddrFamily::V6);
+    icmp_to_backend(ctx, l3, meta, flow, error, QUOTED + IPV6_LEN + 4)
+}
+
+/// The client's view of the flow an ICMP error quotes (a backend sent the quoted packet from
+/// the VIP, so its ports are swapped), and the VIP it belongs to.
+#[inline(always)]
+fn quoted_flow(
+    ctx: &XdpContext,
+    ports_at: usize,
+    mut flow: FlowKey,
+) -> Result<(&'static VipMeta, FlowKey), Verdict> {
+    let ports = read::<[u8; 4]>(ctx, ports_at).ok_or(Verdict::Pass)?;
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
-    let Some(meta) = find_vip(&flow) else {
-        return Err(Verdict::Pass);
-    };
-    let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
-    if payload_len < ICMP_LEN + IPV6_LEN + 4 || l3 + IPV6_LEN + payload_len > packet::len(ctx) {
+    let meta = find_vip(&flow).ok_or(Verdict::Pass)?;
+    Ok((meta, flow))
+}
+
+/// Sends an ICMP error — `(length of its IP packet, TOS, family)`; at least `min_len` bytes, all
+/// in the frame — to the backend of the flow it is about.
+#[inline(always)]
+fn icmp_to_backend(
+    ctx: &XdpContext,
+    l3: usize,
+    meta: &'static VipMeta,
+    flow: FlowKey,
+    (len, tos, family): (usize, u8, AddrFamily),
+    min_len: usize,
+) -> Parsed {
+    if len < min_len || l3 + len > packet::len(ctx) {
         return Err(Verdict::DropMalformed);
     }
-    let inner = Inner {
-        len: (IPV6_LEN + payload_len) as u16,
-        tos: traffic_class(ip),
-        family: AddrFamily::V6,
-    };
     Ok(Forward {
         l2_len: l3,
         meta,
         flow,
         policy: ConnPolicy::LookupOnly,
-        inner,
+        inner: Inner {
+            len: len as u16,
+            tos,
+            family,
+        },
     })
 }
 

@@ -178,17 +178,19 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// How the eBPF crate is built (and linted).
+const EBPF_ARGS: &[&str] = &[
+    "--release",
+    "-p",
+    "vip-ebpf",
+    "--target",
+    "bpfel-unknown-none",
+    "-Z",
+    "build-std=core",
+];
+
 fn build_ebpf() -> Result<()> {
-    run(nightly_cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "vip-ebpf",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-    ]))
+    run(nightly_cargo().arg("build").args(EBPF_ARGS))
 }
 
 fn build() -> Result<()> {
@@ -200,19 +202,10 @@ fn lint() -> Result<()> {
     build_ebpf()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
-    run(nightly_cargo().args([
-        "clippy",
-        "--release",
-        "-p",
-        "vip-ebpf",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    run(nightly_cargo()
+        .arg("clippy")
+        .args(EBPF_ARGS)
+        .args(["--", "-D", "warnings"]))
 }
 
 fn setup() -> Result<()> {

@@ -12,7 +12,7 @@ use std::{net::IpAddr, time::Duration};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::config::{BgpConfig, Config};
-use session::{GRACEFUL_SHUTDOWN, Local, Peer, Route, Status};
+use session::{GRACEFUL_SHUTDOWN, Local, Route, Status};
 
 /// The announcement set for `config`.
 pub fn routes_for(config: &Config) -> Vec<Route> {
@@ -73,21 +73,11 @@ impl Speaker {
             .peers
             .iter()
             .map(|p| {
-                let mut communities = settings.communities.clone();
-                communities.extend(&p.communities);
-                let mut large = settings.large_communities.clone();
-                large.extend(&p.large_communities);
-                let peer = Peer {
-                    address: p.address,
-                    port: p.port,
-                    asn: p.asn,
-                    password: p.password.clone(),
-                    hold_time: p.hold_time,
-                    med: p.med,
-                    local_pref: p.local_pref,
-                    communities,
-                    large_communities: large,
-                };
+                // Node-wide communities first, then the peer's own.
+                let mut peer = p.clone();
+                peer.communities = [&settings.communities[..], &p.communities[..]].concat();
+                peer.large_communities =
+                    [&settings.large_communities[..], &p.large_communities[..]].concat();
                 let (status_tx, status_rx) = watch::channel(Status::default());
                 let task = tokio::spawn(session::run(
                     local.clone(),

@@ -21,6 +21,7 @@ use tokio::{
 };
 
 use super::wire::{self, Message, Notification, OpenParams, PathAttrs, code};
+use crate::config::BgpPeerConfig as Peer;
 
 /// This speaker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,22 +36,6 @@ pub struct Local {
     /// Next hops; default: the session's own local address for its family.
     pub next_hop_v4: Option<Ipv4Addr>,
     pub next_hop_v6: Option<Ipv6Addr>,
-}
-
-/// One peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Peer {
-    pub address: IpAddr,
-    pub port: u16,
-    pub asn: u32,
-    /// TCP MD5 signature key (RFC 2385).
-    pub password: Option<String>,
-    pub hold_time: Option<u16>,
-    pub med: Option<u32>,
-    /// LOCAL_PREF for iBGP peers.
-    pub local_pref: Option<u32>,
-    pub communities: Vec<u32>,
-    pub large_communities: Vec<[u32; 3]>,
 }
 
 /// One announced VIP with its own attributes.

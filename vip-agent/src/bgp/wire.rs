@@ -421,6 +421,18 @@ fn prefix_v6(a: Ipv6Addr) -> Vec<u8> {
     [&[128u8][..], &a.octets()].concat()
 }
 
+fn by_family(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for a in addrs {
+        match a {
+            IpAddr::V4(a) => v4.push(*a),
+            IpAddr::V6(a) => v6.push(*a),
+        }
+    }
+    (v4, v6)
+}
+
 /// Room for NLRI in one UPDATE after header, length fields and attributes (kept conservative).
 const NLRI_BUDGET: usize = MAX_MESSAGE_LEN - HEADER_LEN - 4 - 512;
 
@@ -430,20 +442,7 @@ const NLRI_BUDGET: usize = MAX_MESSAGE_LEN - HEADER_LEN - 4 - 512;
 pub fn encode_announce(addrs: &[IpAddr], a: &PathAttrs) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let common = common_attributes(a);
-    let v4: Vec<Ipv4Addr> = addrs
-        .iter()
-        .filter_map(|x| match x {
-            IpAddr::V4(v) => Some(*v),
-            _ => None,
-        })
-        .collect();
-    let v6: Vec<Ipv6Addr> = addrs
-        .iter()
-        .filter_map(|x| match x {
-            IpAddr::V6(v) => Some(*v),
-            _ => None,
-        })
-        .collect();
+    let (v4, v6) = by_family(addrs);
     if let Some(nh) = a.next_hop_v4 {
         for chunk in v4.chunks(NLRI_BUDGET / 5) {
             let mut attrs = common.clone();
@@ -469,20 +468,7 @@ pub fn encode_announce(addrs: &[IpAddr], a: &PathAttrs) -> Vec<Vec<u8>> {
 /// UPDATEs withdrawing host routes for `addrs`.
 pub fn encode_withdraw(addrs: &[IpAddr]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
-    let v4: Vec<Ipv4Addr> = addrs
-        .iter()
-        .filter_map(|x| match x {
-            IpAddr::V4(v) => Some(*v),
-            _ => None,
-        })
-        .collect();
-    let v6: Vec<Ipv6Addr> = addrs
-        .iter()
-        .filter_map(|x| match x {
-            IpAddr::V6(v) => Some(*v),
-            _ => None,
-        })
-        .collect();
+    let (v4, v6) = by_family(addrs);
     for chunk in v4.chunks(NLRI_BUDGET / 5) {
         let withdrawn: Vec<u8> = chunk.iter().flat_map(|p| prefix_v4(*p)).collect();
         out.push(update(&withdrawn, &[], &[]));

@@ -15,6 +15,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use vip_common::bench::{BENCH_FRAME_MAX, BenchFrame};
+// The shared panic handler.
+use vip_ebpf as _;
 
 #[btf_map]
 static BENCH_FRAME: Array<BenchFrame, 1> = Array::new();
@@ -52,12 +54,6 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn bench_floor_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
 }
 
 #[unsafe(link_section = "license")]

@@ -168,12 +168,6 @@ fn strip(ctx: &XdpContext, l2_len: usize, outer_len: usize, inner_type: [u8; 2])
     }
 }
 
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
