@@ -40,7 +40,8 @@ pub struct LabSpec {
     /// Names of namespaces, pin directories and files start with this.
     pub prefix: String,
     pub lbs: usize,
-    /// Weight of each backend (one entry per backend).
+    /// Weight of each backend (one entry per backend); 0 leaves the backend out of the LB
+    /// nodes' config (removed, not draining).
     pub weights: Vec<u32>,
 }
 
@@ -399,7 +400,13 @@ impl Lab {
         ] {
             c +=
                 &format!("\n[[vip]]\naddress = \"{vip}\"\nprotocol = \"{proto}\"\nport = {port}\n");
-            for (b, weight) in self.spec.weights.iter().enumerate() {
+            for (b, weight) in self
+                .spec
+                .weights
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w > 0)
+            {
                 let (b4, b6) = backend_addrs(b + 1);
                 let addr = if vip == VIP6 { b6 } else { b4 };
                 c += &format!("[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
@@ -477,6 +484,43 @@ impl Lab {
         if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| *n == name) {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // And its datapath: unpinning the link detaches the program.
+        fs::remove_dir_all(self.spec.pin_dir(&name))
+            .map_err(|e| format!("detaching lb{i}: {e}"))?;
+        Ok(())
+    }
+
+    /// Changes the backends' weights on the LB nodes `lbs` (config rewrite and SIGHUP), and
+    /// waits until each has applied it. Weight 0 removes a backend.
+    pub fn set_weights(&mut self, weights: &[u32], lbs: &[usize]) -> Result<()> {
+        self.spec.weights = weights.to_vec();
+        for &i in lbs {
+            let name = format!("lb{i}");
+            let log_path = self.spec.run_dir().join(format!("{name}.log"));
+            let reloads = || {
+                fs::read_to_string(&log_path)
+                    .unwrap_or_default()
+                    .matches("reloaded")
+                    .count()
+            };
+            let before = reloads();
+            let config = self.spec.run_dir().join(format!("{name}.toml"));
+            fs::write(&config, self.lb_config(i)).map_err(|e| e.to_string())?;
+            let child = self
+                .children
+                .iter()
+                .find(|(n, _)| *n == name)
+                .ok_or("no such LB node")?;
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.1.id() as i32, libc::SIGHUP) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while reloads() == before {
+                if Instant::now() > deadline {
+                    return Err(format!("{name} did not reload"));
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
         }
         Ok(())
     }
