@@ -10,7 +10,8 @@ use vip_agent::{
     tables::TableSlots,
 };
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, FlowKey, VipKey, VipMeta, addr_bytes,
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, FlowKey, VIP_F_GUE, VipKey, VipMeta,
+    addr_bytes,
     hash::flow_hash,
     maglev::{MaglevBackend, MaglevTable},
 };
@@ -47,6 +48,8 @@ pub struct VipSpec {
     pub udp_idle_ns: u64,
     /// `(prefix, bits)` for outer-source entropy toward IPv4 backends.
     pub src_prefix_v4: Option<([u8; 4], u8)>,
+    /// GUE to this port instead of IP-in-IP.
+    pub gue_port: Option<u16>,
     pub backends: Vec<(BackendId, u32)>,
 }
 
@@ -60,6 +63,7 @@ impl VipSpec {
             hash_port_mask: u32::MAX,
             udp_idle_ns: 30_000_000_000,
             src_prefix_v4: None,
+            gue_port: None,
             backends: backends.iter().map(|&id| (id, 1)).collect(),
         }
     }
@@ -198,14 +202,20 @@ impl Lb {
         let meta = VipMeta {
             vip_id,
             table: 0,
-            flags: spec.flags,
+            flags: spec.flags
+                | if spec.gue_port.is_some() {
+                    VIP_F_GUE
+                } else {
+                    0
+                },
             hash_port_mask: spec.hash_port_mask,
             udp_idle_ns: spec.udp_idle_ns,
             src_v4,
             src_v4_entropy,
             src_v6,
             src_v6_entropy: [0; 4],
-            _pad: [0; 4],
+            gue_port: spec.gue_port.unwrap_or(0).to_be_bytes(),
+            _pad: [0; 2],
         };
         let table = self.table(spec);
         self.tables

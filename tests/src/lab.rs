@@ -43,7 +43,12 @@ pub struct LabSpec {
     /// Weight of each backend (one entry per backend); 0 leaves the backend out of the LB
     /// nodes' config (removed, not draining).
     pub weights: Vec<u32>,
+    /// Encapsulate with GUE (port [`GUE_PORT`]) instead of IP-in-IP.
+    pub gue: bool,
 }
+
+/// The lab's GUE port.
+pub const GUE_PORT: u16 = 6080;
 
 impl LabSpec {
     pub fn new(prefix: &str) -> Self {
@@ -51,6 +56,7 @@ impl LabSpec {
             prefix: prefix.to_owned(),
             lbs: 2,
             weights: vec![1, 1, 1],
+            gue: false,
         }
     }
 
@@ -419,7 +425,8 @@ impl Lab {
         let (b4, b6) = backend_addrs(i);
         format!(
             "[node]\nrole = \"backend\"\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\n\n\
-             [backend]\naddresses = [\"{b4}\", \"{b6}\"]\nvips = [\"{VIP4}\", \"{VIP6}\"]\n",
+             [backend]\naddresses = [\"{b4}\", \"{b6}\"]\nvips = [\"{VIP4}\", \"{VIP6}\"]\n\
+             gue_port = {GUE_PORT}\n",
             self.spec.pin_dir(&format!("be{i}")).display()
         )
     }

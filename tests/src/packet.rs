@@ -28,6 +28,8 @@ pub struct Frame {
     pub ip_options: Vec<u8>,
     /// IPv4 flags + fragment offset field.
     pub frag: u16,
+    /// Leave the UDP checksum zero ("no checksum", allowed over IPv4).
+    pub no_udp_checksum: bool,
 }
 
 impl Frame {
@@ -44,6 +46,7 @@ impl Frame {
             payload: b"vip".to_vec(),
             ip_options: Vec::new(),
             frag: 0x4000, // DF
+            no_udp_checksum: false,
         }
     }
 
@@ -70,8 +73,39 @@ impl Frame {
         flow_key(self.src, self.sport, self.dst, self.dport, self.proto)
     }
 
-    /// The transport header and payload.
+    /// The transport header and payload, with a correct checksum (over the pseudo-header).
     fn l4(&self) -> Vec<u8> {
+        let mut l4 = self.l4_unchecked();
+        if self.proto == IPPROTO_UDP && self.no_udp_checksum {
+            return l4;
+        }
+        let at = if self.proto == IPPROTO_TCP { 16 } else { 6 };
+        let mut pseudo = Vec::new();
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                pseudo.extend_from_slice(&s.octets());
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&[0, self.proto]);
+                pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                pseudo.extend_from_slice(&s.octets());
+                pseudo.extend_from_slice(&d.octets());
+                pseudo.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, self.proto]);
+            }
+            _ => panic!("mixed address families"),
+        }
+        pseudo.extend_from_slice(&l4);
+        let sum = match !checksum::fold_sum(&pseudo) {
+            0 if self.proto == IPPROTO_UDP => 0xffff,
+            c => c,
+        };
+        l4[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        l4
+    }
+
+    fn l4_unchecked(&self) -> Vec<u8> {
         let mut l4 = Vec::new();
         l4.extend_from_slice(&self.sport.to_be_bytes());
         l4.extend_from_slice(&self.dport.to_be_bytes());
@@ -233,7 +267,17 @@ pub struct Encapsulated {
     pub outer_tos: u8,
     pub outer_ttl: u8,
     pub flow_label: Option<u32>,
+    /// GUE: (source port, destination port, UDP checksum field).
+    pub udp: Option<(u16, u16, u16)>,
     pub inner: Vec<u8>,
+}
+
+/// Splits a GUE UDP header off an outer payload: (ports and checksum, inner packet); checks
+/// the UDP length.
+fn gue(payload: &[u8]) -> ((u16, u16, u16), Vec<u8>) {
+    let word = |i: usize| u16::from_be_bytes([payload[i], payload[i + 1]]);
+    assert_eq!(usize::from(word(4)), payload.len(), "UDP length");
+    ((word(0), word(2), word(6)), payload[8..].to_vec())
 }
 
 /// Decodes an encapsulated frame, asserting every outer header invariant on the way: version,
@@ -265,6 +309,13 @@ pub fn decode_encapsulated(frame: &[u8]) -> Encapsulated {
                 0xffff,
                 "outer checksum must verify"
             );
+            let (udp, inner) = if outer[9] == 17 {
+                let (udp, inner) = gue(&outer[20..total]);
+                assert_eq!(udp.2, 0, "GUE over IPv4 sends no UDP checksum");
+                (Some(udp), inner)
+            } else {
+                (None, outer[20..total].to_vec())
+            };
             Encapsulated {
                 dst_mac,
                 src_mac,
@@ -275,12 +326,31 @@ pub fn decode_encapsulated(frame: &[u8]) -> Encapsulated {
                 outer_tos: outer[1],
                 outer_ttl: outer[8],
                 flow_label: None,
-                inner: outer[20..total].to_vec(),
+                udp,
+                inner,
             }
         }
         0x86dd => {
             assert_eq!(outer[0] >> 4, 6, "outer IPv6 version");
             let payload = u16::from_be_bytes([outer[4], outer[5]]) as usize;
+            let (udp, inner) = if outer[6] == 17 {
+                // The UDP checksum must verify over pseudo-header and the whole datagram.
+                let datagram = &outer[40..40 + payload];
+                let mut pseudo = outer[8..40].to_vec();
+                pseudo.extend_from_slice(&(payload as u32).to_be_bytes());
+                pseudo.extend_from_slice(&[0, 0, 0, 17]);
+                pseudo.extend_from_slice(datagram);
+                assert_eq!(
+                    checksum::fold_sum(&pseudo),
+                    0xffff,
+                    "GUE UDP checksum must verify"
+                );
+                let (udp, inner) = gue(datagram);
+                assert_ne!(udp.2, 0, "IPv6 UDP checksum must not be zero");
+                (Some(udp), inner)
+            } else {
+                (None, outer[40..40 + payload].to_vec())
+            };
             Encapsulated {
                 dst_mac,
                 src_mac,
@@ -291,7 +361,8 @@ pub fn decode_encapsulated(frame: &[u8]) -> Encapsulated {
                 outer_tos: (outer[0] << 4) | (outer[1] >> 4),
                 outer_ttl: outer[7],
                 flow_label: Some(u32::from_be_bytes([0, outer[1] & 0x0f, outer[2], outer[3]])),
-                inner: outer[40..40 + payload].to_vec(),
+                udp,
+                inner,
             }
         }
         other => panic!("output ether type {other:#06x} is not IP"),

@@ -114,3 +114,39 @@ fn packets_not_for_this_backend_pass_untouched() {
     assert_eq!(s.decapsulated, 0);
     assert!(s.refused_malformed > 0);
 }
+
+#[test]
+fn gue_is_stripped_on_its_port_only() {
+    let mut lb = Lb::new();
+    lb.backend(0, BACKEND4).backend(1, BACKEND6);
+    for (vip, backend) in [("198.18.100.1", 0), ("fd00:100::1", 1), ("198.18.100.2", 1)] {
+        let mut spec = VipSpec::new(vip, IPPROTO_TCP, 80, &[backend]);
+        spec.gue_port = Some(6080);
+        lb.vip(&spec);
+    }
+    let mut d = decap();
+    d.plane.set_gue_port(Some(6080)).unwrap();
+    for client in [
+        Frame::tcp("198.18.50.1", 1000, "198.18.100.1", 80, TCP_SYN),
+        Frame::tcp("fd00:50::1", 1000, "fd00:100::1", 80, TCP_SYN),
+        Frame::tcp("198.18.50.1", 1000, "198.18.100.2", 80, TCP_SYN).with_vlan(3),
+    ] {
+        let (action, encapsulated) = lb.run(&client.build());
+        assert_eq!(action, XDP_TX);
+        assert!(
+            decode_encapsulated(&encapsulated).udp.is_some(),
+            "GUE expected"
+        );
+        let (action, out) = d.run(&encapsulated);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(out, expected(&encapsulated, &client));
+    }
+    assert_eq!(counter(&d, |s| s.decapsulated), 3);
+
+    // Another port is ordinary UDP: untouched.
+    d.plane.set_gue_port(Some(6081)).unwrap();
+    let (_, encapsulated) =
+        lb.run(&Frame::tcp("198.18.50.1", 2000, "198.18.100.1", 80, TCP_SYN).build());
+    assert_eq!(d.run(&encapsulated), (XDP_PASS, encapsulated.clone()));
+    assert_eq!(counter(&d, |s| s.decapsulated), 3);
+}

@@ -12,10 +12,15 @@ use vip_tests::lab::{Lab, LabSpec, VIP4, VIP6, echo_all, tcp_hello, udp_hello};
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn lab(prefix: &str, weights: &[u32]) -> Lab {
+    lab_with(prefix, weights, false)
+}
+
+fn lab_with(prefix: &str, weights: &[u32], gue: bool) -> Lab {
     vip_tests::require_root();
     let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut spec = LabSpec::new(prefix);
     spec.weights = weights.to_vec();
+    spec.gue = gue;
     Lab::up(
         spec,
         &vip_tests::node::agent_bin(),
@@ -103,7 +108,32 @@ fn flows_spread_over_backends_by_weight() {
 
 #[test]
 fn connections_survive_the_loss_of_an_lb_node() {
-    let mut lab = lab("vipe2e-failover", &[1, 1, 1]);
+    failover(lab("vipe2e-failover", &[1, 1, 1]));
+}
+
+#[test]
+fn gue_carries_flows_and_survives_an_lb_node_failure() {
+    let lab = lab_with("vipe2e-gue", &[1, 1, 1], true);
+    let backends = lab.in_client(|| {
+        let mut seen = std::collections::HashSet::new();
+        for vip in [VIP4, VIP6] {
+            for i in 0..60 {
+                let vip: IpAddr = vip.parse().unwrap();
+                seen.insert(tcp_hello(vip, TIMEOUT).expect("TCP over GUE").1);
+                seen.insert(
+                    udp_hello(vip, &format!("g{i}"), TIMEOUT)
+                        .expect("UDP over GUE")
+                        .0,
+                );
+            }
+        }
+        seen
+    });
+    assert_eq!(backends.len(), 3, "{backends:?}");
+    failover(lab);
+}
+
+fn failover(mut lab: Lab) {
     let mut conns = lab.in_client(|| {
         (0..40)
             .map(|i| {

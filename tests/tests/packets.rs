@@ -603,3 +603,96 @@ fn vip_address_filter_follows_vip_changes() {
     assert_eq!(lb.run(&to_web).0, XDP_TX);
     assert_eq!(lb.dataplane.stats().unwrap().passed, passed_before);
 }
+
+#[test]
+fn gue_encapsulation() {
+    const PORT: u16 = 6080;
+    let mut lb = Lb::new();
+    lb.backend(0, "198.18.1.1").backend(1, "fd00:1::1");
+    let gue = |addr: &str, proto: u8, port: u16, backend: u32| {
+        let mut spec = VipSpec::new(addr, proto, port, &[backend]);
+        spec.gue_port = Some(PORT);
+        spec
+    };
+    let specs = [
+        gue("198.18.100.1", IPPROTO_TCP, 80, 0),
+        gue("198.18.100.1", IPPROTO_UDP, 53, 0),
+        gue("fd00:100::1", IPPROTO_TCP, 443, 1),
+        gue("fd00:100::1", IPPROTO_UDP, 53, 1),
+        gue("198.18.100.3", IPPROTO_TCP, 80, 1),
+        gue("198.18.100.3", IPPROTO_UDP, 53, 1),
+    ];
+    for spec in &specs {
+        lb.vip(spec);
+    }
+    let no_checksum = |f: Frame| Frame {
+        no_udp_checksum: true,
+        ..f
+    };
+    // (frame, its VIP, expected outer protocol): GUE unless the IPv6 UDP checksum cannot be
+    // derived from headers (IPv4 UDP without checksum), which goes 4in6.
+    let rows = [
+        (
+            Frame::tcp(CLIENT4, 1000, "198.18.100.1", 80, TCP_SYN).with_tos(0x28),
+            &specs[0],
+            17,
+        ),
+        (Frame::udp(CLIENT4, 1000, "198.18.100.1", 53), &specs[1], 17),
+        (
+            no_checksum(Frame::udp(CLIENT4, 1001, "198.18.100.1", 53)),
+            &specs[1],
+            17,
+        ),
+        (
+            Frame::tcp(CLIENT6, 1000, "fd00:100::1", 443, TCP_ACK),
+            &specs[2],
+            17,
+        ),
+        (
+            Frame {
+                payload: vec![7; 999],
+                ..Frame::udp(CLIENT6, 1000, "fd00:100::1", 53)
+            },
+            &specs[3],
+            17,
+        ),
+        (
+            Frame::tcp(CLIENT4, 1000, "198.18.100.3", 80, TCP_SYN),
+            &specs[4],
+            17,
+        ),
+        (Frame::udp(CLIENT4, 1000, "198.18.100.3", 53), &specs[5], 17),
+        (
+            no_checksum(Frame::udp(CLIENT4, 1002, "198.18.100.3", 53)),
+            &specs[5],
+            IPPROTO_IPIP,
+        ),
+    ];
+    for (i, (frame, spec, outer_proto)) in rows.iter().enumerate() {
+        let (action, out) = lb.run(&frame.build());
+        assert_eq!(action, XDP_TX, "row {i}");
+        // decode_encapsulated checks the UDP length, the zero IPv4 checksum, and that the
+        // IPv6 checksum verifies over the whole datagram.
+        let e = decode_encapsulated(&out);
+        let (backend, hash) = lb.predict(spec, &frame.flow());
+        assert_eq!(e.outer_dst, lb.backend_addr(backend), "row {i}");
+        assert_eq!(e.outer_proto, *outer_proto, "row {i}");
+        assert_eq!(
+            e.inner,
+            frame.ip_packet(),
+            "row {i}: inner packet byte for byte"
+        );
+        assert_eq!(e.outer_tos, frame.tos, "row {i}");
+        if *outer_proto == 17 {
+            let (sport, dport, _) = e.udp.expect("GUE");
+            assert_eq!(dport, PORT, "row {i}");
+            assert_eq!(
+                sport,
+                0xc000 | (hash as u16 & 0x3fff),
+                "row {i}: source port from the flow hash"
+            );
+        } else {
+            assert!(e.udp.is_none());
+        }
+    }
+}

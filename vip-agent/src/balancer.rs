@@ -13,13 +13,13 @@ use std::{
 };
 
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, VIP_F_HASH_ADDRS_ONLY, VipKey,
-    VipMeta, addr_bytes,
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, VIP_F_GUE, VIP_F_HASH_ADDRS_ONLY,
+    VipKey, VipMeta, addr_bytes,
     maglev::{MaglevBackend, MaglevError, MaglevTable},
 };
 
 use crate::{
-    config::{Config, HashFields, VipConfig},
+    config::{Config, Encapsulation, HashFields, VipConfig},
     dataplane::{Dataplane, DataplaneError},
     nexthop::NextHop,
     tables::{TableError, TableSlots},
@@ -332,10 +332,13 @@ impl Balancer {
             }
             None => {}
         }
-        let (flags, hash_port_mask) = match vip.hash {
+        let (mut flags, hash_port_mask) = match vip.hash {
             HashFields::FiveTuple => (0, u32::MAX),
             HashFields::Addresses => (VIP_F_HASH_ADDRS_ONLY, 0),
         };
+        if vip.encapsulation == Encapsulation::Gue {
+            flags |= VIP_F_GUE;
+        }
         VipMeta {
             vip_id,
             table: 0,
@@ -346,7 +349,8 @@ impl Balancer {
             src_v4_entropy,
             src_v6,
             src_v6_entropy,
-            _pad: [0; 4],
+            gue_port: vip.gue_port.to_be_bytes(),
+            _pad: [0; 2],
         }
     }
 }

@@ -98,7 +98,13 @@ pub enum Encapsulation {
     /// IPIP / IP6IP6 / 4in6 / 6in4, by the families of VIP and backend.
     #[default]
     Ipip,
+    /// GUE (variant 1, UDP to `gue_port`): backends spread flows over their queues by the
+    /// UDP source port.
+    Gue,
 }
+
+/// Default GUE port (as Linux `fou` examples use).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -181,6 +187,8 @@ pub struct BackendRole {
     pub addresses: Vec<IpAddr>,
     /// The VIPs it serves: inner destinations it accepts, put on `lo`.
     pub vips: Vec<IpAddr>,
+    /// UDP port of GUE packets to decapsulate; `None`: IP-in-IP only.
+    pub gue_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,6 +212,8 @@ pub struct VipConfig {
     /// 0 = all ports.
     pub port: u16,
     pub encapsulation: Encapsulation,
+    /// UDP destination port with `Encapsulation::Gue`.
+    pub gue_port: u16,
     pub source_prefix: Option<IpNet>,
     pub hash: HashFields,
     pub udp_idle_timeout: Duration,
@@ -311,6 +321,7 @@ struct RawBackendRole {
     addresses: Spanned<Vec<IpAddr>>,
     #[serde(default)]
     vips: Vec<IpAddr>,
+    gue_port: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -344,6 +355,8 @@ struct RawVip {
     port: u16,
     #[serde(default)]
     encapsulation: Encapsulation,
+    #[serde(default = "default_gue_port")]
+    gue_port: u16,
     source_prefix: Option<Spanned<IpNet>>,
     #[serde(default)]
     hash: HashFields,
@@ -369,6 +382,9 @@ struct RawBackend {
     state: BackendState,
 }
 
+fn default_gue_port() -> u16 {
+    DEFAULT_GUE_PORT
+}
 fn default_zero_u16() -> Spanned<u16> {
     Spanned::new(0..0, 0)
 }
@@ -684,6 +700,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             Some(BackendRole {
                 addresses: b.addresses.into_inner(),
                 vips: b.vips,
+                gue_port: b.gue_port.filter(|p| *p != 0),
             })
         }
         (Role::Lb, None) => None,
@@ -842,6 +859,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             protocol: v.protocol,
             port: v.port,
             encapsulation: v.encapsulation,
+            gue_port: v.gue_port,
             source_prefix: v.source_prefix.map(|p| p.into_inner().trunc()),
             hash: v.hash,
             udp_idle_timeout: Duration::from_secs(v.udp_idle_timeout),

@@ -5,11 +5,11 @@ use std::{collections::HashSet, net::IpAddr, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{Xdp, XdpMode},
 };
 use vip_common::{
-    AddrKey, DecapStats,
+    AddrKey, DecapConfig, DecapStats,
     layout::{self, DECAP_LAYOUT},
 };
 
@@ -91,6 +91,22 @@ impl DecapPlane {
             set.remove(&key).map_err(map_err(name))?;
         }
         Ok(())
+    }
+
+    /// Decapsulates GUE on this UDP port too (`None`: IP-in-IP only).
+    pub fn set_gue_port(&mut self, port: Option<u16>) -> Result<()> {
+        let name = layout::DECAP_CONFIG;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let mut config: Array<&mut MapData, DecapConfig> =
+            Array::try_from(map).map_err(map_err(name))?;
+        let value = DecapConfig {
+            gue_port: port.unwrap_or(0).to_be_bytes(),
+            _pad: [0; 2],
+        };
+        config.set(0, value, 0).map_err(map_err(name))
     }
 
     /// Counters, summed over CPUs.

@@ -264,6 +264,7 @@ impl Node {
                     .context("backend role without [backend]")?;
                 decap.set_local_addresses(&role.addresses)?;
                 decap.set_vips(&role.vips)?;
+                decap.set_gue_port(role.gue_port)?;
                 info!(addresses = ?role.addresses, vips = ?role.vips, "decapsulation configured");
             }
         }

@@ -21,6 +21,25 @@ pub fn ipv4_header_checksum(header: &[u8; 20]) -> u16 {
     !(sum as u16)
 }
 
+/// Adds the 16-bit big-endian words of `bytes` (even length) to a one's-complement sum.
+#[inline(always)]
+pub fn add_words<const N: usize>(mut sum: u32, bytes: &[u8; N]) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        i += 2;
+    }
+    sum
+}
+
+/// Folds a one's-complement sum to 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
 /// Sum of all 16-bit words of `bytes` folded to 16 bits; `0xffff` means "checksum verifies".
 pub fn fold_sum(bytes: &[u8]) -> u16 {
     let mut sum: u64 = 0;

@@ -36,6 +36,7 @@ pub const VIP_FILTER_WORDS: u32 = crate::hash::VIP_FILTER_BITS / 64;
 pub const DECAP_LOCAL: &str = "DECAP_LOCAL";
 pub const DECAP_VIPS: &str = "DECAP_VIPS";
 pub const DECAP_STATS: &str = "DECAP_STATS";
+pub const DECAP_CONFIG: &str = "DECAP_CONFIG";
 /// Addresses in each of `DECAP_LOCAL` and `DECAP_VIPS`.
 pub const MAX_DECAP_ADDRS: u32 = 4096;
 
@@ -77,8 +78,9 @@ pub const LAYOUT: [MapLayout; 9] = [
 ];
 
 /// Every map of the decapsulation program.
-pub const DECAP_LAYOUT: [MapLayout; 3] = [
+pub const DECAP_LAYOUT: [MapLayout; 4] = [
     layout::<AddrKey, u32>(DECAP_LOCAL, Some(MAX_DECAP_ADDRS)),
     layout::<AddrKey, u32>(DECAP_VIPS, Some(MAX_DECAP_ADDRS)),
     layout::<u32, DecapStats>(DECAP_STATS, Some(1)),
+    layout::<u32, DecapConfig>(DECAP_CONFIG, Some(1)),
 ];

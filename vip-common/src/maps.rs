@@ -48,6 +48,11 @@ pub struct VipKey {
 /// `VipMeta::flags`: hash on addresses only (source-IP affinity). Such a VIP also forwards IPv4
 /// fragments, which all hash alike without ports.
 pub const VIP_F_HASH_ADDRS_ONLY: u32 = 1 << 0;
+/// `VipMeta::flags`: encapsulate with GUE (variant 1: UDP to `VipMeta::gue_port`, the client's IP
+/// packet right after the UDP header) instead of IP-in-IP. The UDP source port carries the flow
+/// hash so backends spread flows over their receive queues. Packets whose IPv6 UDP checksum
+/// cannot be derived from headers (IPv4 UDP without checksum, fragments) go IP-in-IP.
+pub const VIP_F_GUE: u32 = 1 << 1;
 
 /// Value of `VIPS`: how to forward one VIP's packets. Written by the agent; every decision that can
 /// be made ahead of time (outer source, hash fields) is already resolved here.
@@ -74,7 +79,9 @@ pub struct VipMeta {
     pub src_v6: [u8; 16],
     /// Host bits of the IPv6 source prefix within the address's last 4 bytes, network order.
     pub src_v6_entropy: [u8; 4],
-    pub _pad: [u8; 4],
+    /// GUE destination port, network order (with `VIP_F_GUE`).
+    pub gue_port: [u8; 2],
+    pub _pad: [u8; 2],
 }
 
 /// `Backend::flags`: the slot holds a backend (conntrack entries to an empty slot are ignored).
@@ -227,6 +234,15 @@ pub struct AddrKey {
     pub _pad: [u8; 3],
 }
 
+/// Value of the decapsulation program's `DECAP_CONFIG` (one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct DecapConfig {
+    /// UDP port of GUE packets to decapsulate, network order; zero: GUE off.
+    pub gue_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
 /// Value of `DECAP_STATS` (per CPU, one entry): what the backend's decapsulation program did.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -278,6 +294,8 @@ mod user {
     unsafe impl aya::Pod for AddrKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DecapStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DecapConfig {}
 
     impl AddrKey {
         pub fn new(addr: IpAddr) -> Self {

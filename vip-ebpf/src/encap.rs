@@ -11,16 +11,19 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use vip_common::{
-    AddrFamily, BACKEND_F_NEXTHOP, IPPROTO_IPIP, IPPROTO_IPV6, VipMeta,
-    checksum::ipv4_header_checksum,
+    AddrFamily, BACKEND_F_NEXTHOP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
+    IPPROTO_TCP, IPPROTO_UDP, VIP_F_GUE, VipMeta,
+    checksum::{add_words, fold, ipv4_header_checksum},
 };
 
-use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, read, write};
+use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, header, read, write};
 
 use crate::{parse::Verdict, select::Choice};
 
 const OUTER_TTL: u8 = 64;
+const UDP_LEN: usize = 8;
 /// Ethernet header with one 802.1Q tag.
 const MAX_L2_LEN: usize = 18;
 const AF_INET: u8 = 2;
@@ -78,13 +81,20 @@ pub fn send(
 ) -> Verdict {
     let backend = choice.backend;
     let entropy = choice.hash.to_be_bytes();
-    let verdict = if backend.family == AddrFamily::V6 as u8 {
+    let outer_v6 = backend.family == AddrFamily::V6 as u8;
+    let gue = gue(ctx, l2_len, meta, choice.hash, &inner, outer_v6);
+    let verdict = if outer_v6 {
         let mut src = meta.src_v6;
         for i in 0..4 {
             src[12 + i] |= entropy[i] & meta.src_v6_entropy[i];
         }
         let hop = next_hop_v6(ctx, choice, &src);
-        push_ipv6(ctx, l2_len, &hop, &src, &backend.addr, choice.hash, inner).map(|()| hop)
+        let outer = Outer6 {
+            src: &src,
+            dst: &backend.addr,
+            flow_label: choice.hash,
+        };
+        push_ipv6(ctx, l2_len, &hop, &outer, inner, gue).map(|()| hop)
     } else {
         let mut src = meta.src_v4;
         for i in 0..4 {
@@ -97,7 +107,7 @@ pub fn send(
             backend.addr[3],
         ];
         let hop = next_hop_v4(ctx, choice, &src, &dst);
-        push_ipv4(ctx, l2_len, &hop, &src, &dst, inner).map(|()| hop)
+        push_ipv4(ctx, l2_len, &hop, (&src, &dst), inner, gue).map(|()| hop)
     };
     match verdict {
         None => Verdict::DropNoHeadroom,
@@ -112,54 +122,71 @@ pub fn send(
     }
 }
 
-/// Prepends an IPv4 header (IPIP, or 6in4 for an IPv6 client packet).
+/// Prepends an IPv4 header (IPIP, or 6in4 for an IPv6 client packet), and with GUE a UDP
+/// header (checksum zero, as IPv4 allows).
 #[inline(always)]
 fn push_ipv4(
     ctx: &XdpContext,
     l2_len: usize,
     hop: &NextHop,
-    src: &[u8; 4],
-    dst: &[u8; 4],
+    (src, dst): (&[u8; 4], &[u8; 4]),
     inner: Inner,
+    gue: Option<Gue>,
 ) -> Option<()> {
     const LEN: usize = 20;
+    let udp_len = if gue.is_some() { UDP_LEN } else { 0 };
     let l2 = l2_header(ctx, l2_len, hop, ETH_P_IP)?;
-    let total = inner.len.wrapping_add(LEN as u16).to_be_bytes();
+    let total = inner.len.wrapping_add((LEN + udp_len) as u16).to_be_bytes();
     let mut hdr = [0u8; LEN];
     hdr[0] = 0x45;
     hdr[1] = inner.tos;
     hdr[2] = total[0];
     hdr[3] = total[1];
     hdr[8] = OUTER_TTL;
-    hdr[9] = inner.outer_proto();
+    hdr[9] = if gue.is_some() {
+        IPPROTO_UDP
+    } else {
+        inner.outer_proto()
+    };
     hdr[12..16].copy_from_slice(src);
     hdr[16..20].copy_from_slice(dst);
     let checksum = ipv4_header_checksum(&hdr).to_be_bytes();
     hdr[10] = checksum[0];
     hdr[11] = checksum[1];
-    grow_head(ctx, LEN)?;
+    grow_head(ctx, LEN + udp_len)?;
+    if let Some(g) = gue {
+        write(ctx, l2_len + LEN, g.header(inner.len, [0; 2]))?;
+    }
     // The L2 copy is 18 bytes even without a VLAN tag; its last 4 bytes are then overwritten by
     // the outer header, written second.
     write(ctx, 0, l2)?;
     write(ctx, l2_len, hdr)
 }
 
-/// Prepends an IPv6 header (IP6IP6, or 4in6 for an IPv4 client packet). The flow label carries
-/// the flow hash so routers between LB and backend can spread flows.
+/// Outer IPv6 addresses and the flow label.
+struct Outer6<'a> {
+    src: &'a [u8; 16],
+    dst: &'a [u8; 16],
+    /// The flow hash: its low 20 bits let routers between LB and backend spread flows.
+    flow_label: u32,
+}
+
+/// Prepends an IPv6 header (IP6IP6, or 4in6 for an IPv4 client packet), and with GUE a UDP
+/// header whose checksum is derived from the headers (see [`inner_sum`]).
 #[inline(always)]
 fn push_ipv6(
     ctx: &XdpContext,
     l2_len: usize,
     hop: &NextHop,
-    src: &[u8; 16],
-    dst: &[u8; 16],
-    hash: u32,
+    outer: &Outer6,
     inner: Inner,
+    gue: Option<Gue>,
 ) -> Option<()> {
     const LEN: usize = 40;
+    let udp_len = if gue.is_some() { UDP_LEN } else { 0 };
     let l2 = l2_header(ctx, l2_len, hop, ETH_P_IPV6)?;
-    let label = hash & 0x000f_ffff;
-    let payload = inner.len.to_be_bytes();
+    let label = outer.flow_label & 0x000f_ffff;
+    let payload = inner.len.wrapping_add(udp_len as u16).to_be_bytes();
     let mut hdr = [0u8; LEN];
     hdr[0] = 0x60 | (inner.tos >> 4);
     hdr[1] = (inner.tos << 4) | (label >> 16) as u8;
@@ -167,15 +194,126 @@ fn push_ipv6(
     hdr[3] = label as u8;
     hdr[4] = payload[0];
     hdr[5] = payload[1];
-    hdr[6] = inner.outer_proto();
+    hdr[6] = if gue.is_some() {
+        IPPROTO_UDP
+    } else {
+        inner.outer_proto()
+    };
     hdr[7] = OUTER_TTL;
-    hdr[8..24].copy_from_slice(src);
-    hdr[24..40].copy_from_slice(dst);
-    grow_head(ctx, LEN)?;
+    hdr[8..24].copy_from_slice(outer.src);
+    hdr[24..40].copy_from_slice(outer.dst);
+    grow_head(ctx, LEN + udp_len)?;
+    if let Some(g) = gue {
+        let mut sum = add_words(add_words(g.inner_sum, outer.src), outer.dst);
+        // Pseudo-header length and next header, then the UDP header itself.
+        let udp_total = u32::from(inner.len) + UDP_LEN as u32;
+        sum += udp_total + u32::from(IPPROTO_UDP);
+        sum = add_words(sum, &g.header(inner.len, [0; 2]));
+        let checksum = match !fold(sum) {
+            0 => 0xffff,
+            c => c,
+        };
+        write(
+            ctx,
+            l2_len + LEN,
+            g.header(inner.len, checksum.to_be_bytes()),
+        )?;
+    }
     // The L2 copy is 18 bytes even without a VLAN tag; its last 4 bytes are then overwritten by
     // the outer header, written second.
     write(ctx, 0, l2)?;
     write(ctx, l2_len, hdr)
+}
+
+/// GUE (variant 1) for one packet: UDP ports, and for an IPv6 outer header the one's-complement
+/// sum of the client's packet.
+#[derive(Clone, Copy)]
+struct Gue {
+    src_port: [u8; 2],
+    dst_port: [u8; 2],
+    inner_sum: u32,
+}
+
+impl Gue {
+    #[inline(always)]
+    fn header(&self, inner_len: u16, checksum: [u8; 2]) -> [u8; UDP_LEN] {
+        let len = inner_len.wrapping_add(UDP_LEN as u16).to_be_bytes();
+        [
+            self.src_port[0],
+            self.src_port[1],
+            self.dst_port[0],
+            self.dst_port[1],
+            len[0],
+            len[1],
+            checksum[0],
+            checksum[1],
+        ]
+    }
+}
+
+/// Whether and how this packet goes GUE: the VIP asks for it and, under an IPv6 outer header,
+/// the UDP checksum can be derived from headers; otherwise it goes IP-in-IP.
+#[inline(always)]
+fn gue(
+    ctx: &XdpContext,
+    l2_len: usize,
+    meta: &VipMeta,
+    hash: u32,
+    inner: &Inner,
+    outer_v6: bool,
+) -> Option<Gue> {
+    if meta.flags & VIP_F_GUE == 0 {
+        return None;
+    }
+    // An ephemeral-range source port from the flow hash: backends' RSS spreads flows on it.
+    let src_port = (0xc000 | (hash as u16 & 0x3fff)).to_be_bytes();
+    let inner_sum = if outer_v6 {
+        inner_sum(ctx, l2_len, inner)?
+    } else {
+        0
+    };
+    Some(Gue {
+        src_port,
+        dst_port: meta.gue_port,
+        inner_sum,
+    })
+}
+
+/// The one's-complement sum of the client's IP packet, from its headers alone: a valid TCP,
+/// UDP or ICMPv6 checksum makes the transport segment sum to the complement of its
+/// pseudo-header, an ICMPv4 message and an IPv4 header sum to zero. `None` where that does not
+/// hold: IPv4 UDP without checksum, fragments, other protocols.
+#[inline(always)]
+fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u32> {
+    match inner.family {
+        AddrFamily::V4 => {
+            let ip = header::<Ipv4Hdr>(ctx, l3)?;
+            if ip.vihl != 0x45 || u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+                return None;
+            }
+            let segment_len = u32::from(u16::from_be_bytes(ip.tot_len)).wrapping_sub(20);
+            match ip.proto {
+                IPPROTO_ICMP => return Some(0),
+                IPPROTO_TCP => {}
+                IPPROTO_UDP if read::<[u8; 2]>(ctx, l3 + 20 + 6)? != [0, 0] => {}
+                _ => return None,
+            }
+            let pseudo = add_words(add_words(0, &ip.src_addr), &ip.dst_addr);
+            let pseudo = pseudo + u32::from(ip.proto) + segment_len;
+            Some(u32::from(!fold(pseudo)))
+        }
+        AddrFamily::V6 => {
+            let ip = header::<Ipv6Hdr>(ctx, l3)?;
+            if !matches!(ip.next_hdr, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMPV6) {
+                return None;
+            }
+            let header_sum = add_words(0, &read::<[u8; 40]>(ctx, l3)?);
+            let pseudo = add_words(add_words(0, &ip.src_addr), &ip.dst_addr);
+            let pseudo =
+                pseudo + u32::from(u16::from_be_bytes(ip.payload_len)) + u32::from(ip.next_hdr);
+            Some(header_sum + u32::from(!fold(pseudo)))
+        }
+    }
 }
 
 /// The frame's L2 header (with a VLAN tag if it has one) re-addressed to the next hop, with the

@@ -1,6 +1,7 @@
 //! vip's decapsulation program for backends (XDP).
 //!
-//! Strips the outer header of IPIP, 6in4, 4in6 and IP6IP6 packets addressed to this backend
+//! Strips the outer header of IPIP, 6in4, 4in6, IP6IP6 and GUE (variant 1, on the configured
+//! UDP port) packets addressed to this backend
 //! (`DECAP_LOCAL`) whose inner destination is one of its VIPs (`DECAP_VIPS`), and passes the
 //! client's packet to the stack, where the VIP sits on `lo`. Everything else passes untouched.
 //! The kernel needs no ipip or ip6_tunnel module.
@@ -9,14 +10,15 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, PerCpuArray},
     helpers::generated::bpf_xdp_adjust_head,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use vip_common::{
-    AddrFamily, AddrKey, DecapStats, IPPROTO_IPIP, IPPROTO_IPV6, layout::MAX_DECAP_ADDRS,
+    AddrFamily, AddrKey, DecapConfig, DecapStats, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP,
+    layout::MAX_DECAP_ADDRS,
 };
 use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, header, read, write};
 
@@ -28,6 +30,10 @@ static DECAP_LOCAL: HashMap<AddrKey, u32, { MAX_DECAP_ADDRS as usize }> = HashMa
 #[btf_map]
 static DECAP_VIPS: HashMap<AddrKey, u32, { MAX_DECAP_ADDRS as usize }> = HashMap::new();
 
+/// GUE port. Written by the agent.
+#[btf_map]
+static DECAP_CONFIG: Array<DecapConfig, 1> = Array::new();
+
 /// What happened to packets, per CPU.
 #[btf_map]
 static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
@@ -35,6 +41,7 @@ static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
 const ETH_LEN: usize = 14;
 const VLAN_ETH_LEN: usize = 18;
 const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
+const UDP_LEN: usize = 8;
 
 enum Verdict {
     Passed,
@@ -94,12 +101,13 @@ fn decap(ctx: &XdpContext) -> Verdict {
         (ETH_LEN, ether_type)
     };
     // The outer header: its length, what it carries, and whether it is addressed to us.
-    let (outer_len, inner_proto, local) = match ether_type {
+    let tunnel = |proto: u8| matches!(proto, IPPROTO_IPIP | IPPROTO_IPV6 | IPPROTO_UDP);
+    let (mut outer_len, outer_proto, local) = match ether_type {
         ETH_P_IP => {
             let Some(ip) = header::<Ipv4Hdr>(ctx, l3) else {
                 return Verdict::Passed;
             };
-            if ip.vihl != 0x45 || (ip.proto != IPPROTO_IPIP && ip.proto != IPPROTO_IPV6) {
+            if ip.vihl != 0x45 || !tunnel(ip.proto) {
                 return Verdict::Passed;
             }
             (Ipv4Hdr::LEN, ip.proto, v4_key(ip.dst_addr))
@@ -108,28 +116,38 @@ fn decap(ctx: &XdpContext) -> Verdict {
             let Some(ip) = header::<Ipv6Hdr>(ctx, l3) else {
                 return Verdict::Passed;
             };
-            if ip.next_hdr != IPPROTO_IPIP && ip.next_hdr != IPPROTO_IPV6 {
+            if !tunnel(ip.next_hdr) {
                 return Verdict::Passed;
             }
             (Ipv6Hdr::LEN, ip.next_hdr, v6_key(ip.dst_addr))
         }
         _ => return Verdict::Passed,
     };
+    if outer_proto == IPPROTO_UDP {
+        // GUE variant 1 on the configured port; any other UDP is ordinary traffic.
+        let gue_port = DECAP_CONFIG.get(0).map_or([0; 2], |c| c.gue_port);
+        match read::<[u8; 2]>(ctx, l3 + outer_len + 2) {
+            Some(port) if gue_port != [0; 2] && port == gue_port => outer_len += UDP_LEN,
+            _ => return Verdict::Passed,
+        }
+    }
     // SAFETY: hash map values stay valid for this program run.
     if unsafe { DECAP_LOCAL.get(local) }.is_none() {
         return Verdict::NotLocal;
     }
     let inner = l3 + outer_len;
-    let (vip, inner_type) = if inner_proto == IPPROTO_IPIP {
-        match header::<Ipv4Hdr>(ctx, inner) {
-            Some(ip) if ip.vihl >> 4 == 4 => (v4_key(ip.dst_addr), ETH_P_IP),
-            _ => return Verdict::Malformed,
-        }
-    } else {
-        match header::<Ipv6Hdr>(ctx, inner) {
-            Some(ip) if ip.vcf[0] >> 4 == 6 => (v6_key(ip.dst_addr), ETH_P_IPV6),
-            _ => return Verdict::Malformed,
-        }
+    // The inner packet's version: IP-in-IP says it in the outer protocol, GUE variant 1 only
+    // in the packet itself.
+    let (vip, inner_type) = match read::<u8>(ctx, inner).map(|b| b >> 4) {
+        Some(4) if outer_proto != IPPROTO_IPV6 => match header::<Ipv4Hdr>(ctx, inner) {
+            Some(ip) => (v4_key(ip.dst_addr), ETH_P_IP),
+            None => return Verdict::Malformed,
+        },
+        Some(6) if outer_proto != IPPROTO_IPIP => match header::<Ipv6Hdr>(ctx, inner) {
+            Some(ip) => (v6_key(ip.dst_addr), ETH_P_IPV6),
+            None => return Verdict::Malformed,
+        },
+        _ => return Verdict::Malformed,
     };
     // SAFETY: as above.
     if unsafe { DECAP_VIPS.get(vip) }.is_none() {
