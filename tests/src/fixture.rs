@@ -132,6 +132,7 @@ impl Lb {
             ifindex: ifindex.unwrap_or(0),
             dst_mac: GATEWAY_MAC,
             src_mac: LB_MAC,
+            vip_id: 0,
         };
         self.dataplane
             .set_backend(id, &backend)

@@ -189,7 +189,7 @@ fn agent_lifecycle_on_lb_and_backend() {
     for line in [
         "vip_vip_packets_total{vip=\"tcp/198.19.0.1:80\"} 100",
         "vip_vip_packets_total{vip=\"tcp/[fd00:19::1]:80\"} 100",
-        "vip_backend_packets_total{backend=\"198.18.1.1\"} 100",
+        "vip_backend_packets_total{vip=\"tcp/198.19.0.1:80\",backend=\"198.18.1.1\"} 100",
         "vip_datapath_packets_total{outcome=\"tx\"} 200",
         "vip_datapath_drops_total{reason=\"malformed\"} 0",
     ] {

@@ -13,8 +13,8 @@ use std::{
 };
 
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, VIP_F_GUE, VIP_F_HASH_ADDRS_ONLY,
-    VipKey, VipMeta, addr_bytes,
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, VIP_F_GUE, VIP_F_HASH_ADDRS_ONLY, VipKey,
+    VipMeta, addr_bytes,
     maglev::{MaglevBackend, MaglevError, MaglevTable},
 };
 
@@ -41,10 +41,10 @@ pub enum ApplyError {
     Dataplane(#[from] DataplaneError),
 }
 
-/// (label, traffic) per VIP and per backend.
+/// (VIP label, traffic) per VIP and ((VIP label, backend address), traffic) per backend.
 pub type TrafficReport = (
     Vec<(String, vip_common::TrafficCounters)>,
-    Vec<(String, vip_common::TrafficCounters)>,
+    Vec<((String, String), vip_common::TrafficCounters)>,
 );
 
 /// What an apply changed.
@@ -93,16 +93,31 @@ impl<K: Hash + Eq + Clone> Ids<K> {
     }
 }
 
+/// One backend of one VIP: the unit of ids, table membership, health and drain.
+pub type BackendKey = (VipKey, IpAddr);
+
+/// Run-time condition of a backend, on top of its config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// Takes new flows (if its config says so).
+    Up,
+    /// Drained at run time: no new flows, established ones continue.
+    Drained,
+    /// Failed its health checks: out of the table, and its established flows move too.
+    Down,
+}
+
 /// The datapath and what has been written into it.
 pub struct Balancer {
     dataplane: Dataplane,
     tables: TableSlots,
-    backend_ids: Ids<IpAddr>,
+    backend_ids: Ids<BackendKey>,
     vip_ids: Ids<VipKey>,
-    /// Backend entries as written, by address.
-    backends: HashMap<IpAddr, Backend>,
-    /// VIPs as applied, by key.
-    vips: HashMap<VipKey, VipConfig>,
+    /// Backend entries as written.
+    backends: HashMap<BackendKey, Backend>,
+    /// VIPs as applied, with the table weights they were published with.
+    vips: HashMap<VipKey, (VipConfig, Vec<u32>)>,
+    conditions: HashMap<BackendKey, Condition>,
     next_hops: HashMap<IpAddr, NextHop>,
     source_v4: Option<std::net::Ipv4Addr>,
     source_v6: Option<std::net::Ipv6Addr>,
@@ -118,6 +133,7 @@ impl Balancer {
             vip_ids: Ids::new(vip_common::layout::MAX_VIPS),
             backends: HashMap::new(),
             vips: HashMap::new(),
+            conditions: HashMap::new(),
             next_hops: HashMap::new(),
             source_v4: None,
             source_v6: None,
@@ -137,13 +153,16 @@ impl Balancer {
     /// until the first apply replaces them, so no packet reads a table being rewritten.
     pub fn adopt_pinned_state(&mut self) -> Result<usize, ApplyError> {
         let mut adopted = 0;
+        let vips = self.dataplane.vips()?;
         for (id, backend) in self.dataplane.backends()? {
-            if let Some(addr) = vip_common::addr_from_bytes(&backend.addr, backend.family) {
-                self.backend_ids.adopt(addr, id);
+            let vip = vips.iter().find(|(_, m)| m.vip_id == backend.vip_id);
+            let addr = vip_common::addr_from_bytes(&backend.addr, backend.family);
+            if let (Some((key, _)), Some(addr)) = (vip, addr) {
+                self.backend_ids.adopt((*key, addr), id);
                 adopted += 1;
             }
         }
-        for (key, meta) in self.dataplane.vips()? {
+        for (key, meta) in vips {
             self.tables.adopt(key, meta.table);
             self.vip_ids.adopt(key, meta.vip_id);
             adopted += 1;
@@ -151,17 +170,20 @@ impl Balancer {
         Ok(adopted)
     }
 
-    /// Traffic per VIP (labelled like `tcp/198.51.100.1:443`) and per backend address.
+    /// Traffic per VIP (labelled like `tcp/198.51.100.1:443`) and per backend of each VIP.
     pub fn traffic(&self) -> Result<TrafficReport, ApplyError> {
         let mut vips = Vec::new();
-        for (key, vip) in &self.vips {
+        let mut backends = Vec::new();
+        for (key, (vip, _)) in &self.vips {
             if let Some(id) = self.vip_id(key) {
                 vips.push((vip.to_string(), self.dataplane.vip_traffic(id)?));
             }
-        }
-        let mut backends = Vec::new();
-        for (addr, id) in &self.backend_ids.by_key {
-            backends.push((addr.to_string(), self.dataplane.backend_traffic(*id)?));
+            for b in &vip.backends {
+                if let Some(&id) = self.backend_ids.by_key.get(&(*key, b.address)) {
+                    let label = (vip.to_string(), b.address.to_string());
+                    backends.push((label, self.dataplane.backend_traffic(id)?));
+                }
+            }
         }
         vips.sort_by(|a, b| a.0.cmp(&b.0));
         backends.sort_by(|a, b| a.0.cmp(&b.0));
@@ -170,17 +192,47 @@ impl Balancer {
 
     /// Every backend address in use.
     pub fn backend_addresses(&self) -> Vec<IpAddr> {
-        self.backends.keys().copied().collect()
-    }
-
-    /// The id of a backend in use.
-    pub fn backend_id(&self, addr: &IpAddr) -> Option<BackendId> {
-        self.backend_ids.by_key.get(addr).copied()
+        let mut v: Vec<IpAddr> = self.backends.keys().map(|(_, a)| *a).collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// The `vip_id` (index of its counters) of a VIP in use.
     pub fn vip_id(&self, key: &VipKey) -> Option<u32> {
         self.vip_ids.by_key.get(key).copied()
+    }
+
+    /// Whether a VIP has a backend that takes new flows now (config, health and drain): only
+    /// such VIPs are announced.
+    pub fn usable(&self, key: &VipKey) -> bool {
+        self.vips
+            .get(key)
+            .is_some_and(|(_, weights)| weights.iter().any(|w| *w > 0))
+    }
+
+    /// A backend's run-time condition.
+    pub fn condition(&self, key: &BackendKey) -> Condition {
+        self.conditions.get(key).copied().unwrap_or(Condition::Up)
+    }
+
+    /// Changes a backend's run-time condition and applies it: its VIP's table is recomputed
+    /// (Maglev moves only that backend's slots) and, for `Down`, its entry is emptied so its
+    /// established flows move too. Returns whether anything changed.
+    pub fn set_condition(
+        &mut self,
+        key: BackendKey,
+        condition: Condition,
+    ) -> Result<bool, ApplyError> {
+        if self.condition(&key) == condition {
+            return Ok(false);
+        }
+        self.conditions.insert(key, condition);
+        self.write_backend(key)?;
+        if let Some((vip, _)) = self.vips.get(&key.0).cloned() {
+            self.publish(&vip)?;
+        }
+        Ok(true)
     }
 
     /// Applies `config`, changing only what differs from what is applied.
@@ -192,15 +244,18 @@ impl Balancer {
         self.source_v6 = config.node.source_v6;
 
         // 1. Backends first: a table must never name an empty backend slot.
-        let mut wanted: Vec<IpAddr> = config
+        let wanted: Vec<BackendKey> = config
             .vips
             .iter()
-            .flat_map(|v| v.backends.iter().map(|b| b.address))
+            .flat_map(|v| v.backends.iter().map(move |b| (v.key(), b.address)))
             .collect();
-        wanted.sort();
-        wanted.dedup();
-        for &addr in &wanted {
-            if self.write_backend(addr)? {
+        for vip in &config.vips {
+            self.vip_ids
+                .get_or_assign(&vip.key())
+                .ok_or(ApplyError::IdsExhausted("VIP"))?;
+        }
+        for &key in &wanted {
+            if self.write_backend(key)? {
                 report.backends_written += 1;
             }
         }
@@ -208,11 +263,10 @@ impl Balancer {
         // 2. New and changed VIPs: whole table into a spare slot, then the flip.
         for vip in &config.vips {
             let key = vip.key();
-            if !sources_changed && self.vips.get(&key) == Some(vip) {
+            if !sources_changed && self.vips.get(&key).is_some_and(|(v, _)| v == vip) {
                 continue;
             }
             self.publish(vip)?;
-            self.vips.insert(key, vip.clone());
             report.vips_published += 1;
         }
 
@@ -232,19 +286,20 @@ impl Balancer {
         }
 
         // 4. Backends no table names any more: emptied, so conntrack entries re-hash.
-        let unused: Vec<IpAddr> = self
+        let unused: Vec<BackendKey> = self
             .backend_ids
             .by_key
             .keys()
-            .filter(|a| wanted.binary_search(a).is_err())
+            .filter(|k| !wanted.contains(k))
             .copied()
             .collect();
-        for addr in unused {
-            if let Some(id) = self.backend_ids.release(&addr) {
+        for key in unused {
+            if let Some(id) = self.backend_ids.release(&key) {
                 self.dataplane
                     .set_backend(id, &bytemuck::Zeroable::zeroed())?;
             }
-            self.backends.remove(&addr);
+            self.backends.remove(&key);
+            self.conditions.remove(&key);
             report.backends_removed += 1;
         }
         Ok(report)
@@ -254,52 +309,71 @@ impl Balancer {
     pub fn set_next_hops(&mut self, hops: HashMap<IpAddr, NextHop>) -> Result<usize, ApplyError> {
         self.next_hops = hops;
         let mut changed = 0;
-        for addr in self.backend_addresses() {
-            if self.write_backend(addr)? {
+        let keys: Vec<BackendKey> = self.backends.keys().copied().collect();
+        for key in keys {
+            if self.write_backend(key)? {
                 changed += 1;
             }
         }
         Ok(changed)
     }
 
-    /// Writes a backend entry if it differs from what is written; true if written.
-    fn write_backend(&mut self, addr: IpAddr) -> Result<bool, ApplyError> {
+    /// Writes a backend entry if it differs from what is written; true if written. A backend
+    /// that is down is written empty: conntrack entries pointing at it re-hash.
+    fn write_backend(&mut self, key: BackendKey) -> Result<bool, ApplyError> {
         let id = self
             .backend_ids
-            .get_or_assign(&addr)
+            .get_or_assign(&key)
             .ok_or(ApplyError::IdsExhausted("backend"))?;
-        let (bytes, family) = addr_bytes(addr);
-        let hop = self.next_hops.get(&addr);
+        let vip_id = self.vip_ids.by_key.get(&key.0).copied().unwrap_or(0);
+        let (bytes, family) = addr_bytes(key.1);
+        let hop = self.next_hops.get(&key.1);
+        let present = if self.condition(&key) == Condition::Down {
+            0
+        } else {
+            BACKEND_F_PRESENT
+        };
         let entry = Backend {
             addr: bytes,
             family: family as u8,
-            flags: BACKEND_F_PRESENT | if hop.is_some() { BACKEND_F_NEXTHOP } else { 0 },
+            flags: present | if hop.is_some() { BACKEND_F_NEXTHOP } else { 0 },
             _pad: [0; 2],
             ifindex: hop.map_or(0, |h| h.ifindex),
             dst_mac: hop.map_or([0; 6], |h| h.dst_mac),
             src_mac: hop.map_or([0; 6], |h| h.src_mac),
+            vip_id,
         };
-        if self.backends.get(&addr) == Some(&entry) {
+        if self.backends.get(&key) == Some(&entry) {
             return Ok(false);
         }
         self.dataplane.set_backend(id, &entry)?;
-        self.backends.insert(addr, entry);
+        self.backends.insert(key, entry);
         Ok(true)
     }
 
+    /// Publishes a VIP's table for its backends' current weights (config, health, drain).
     fn publish(&mut self, vip: &VipConfig) -> Result<(), ApplyError> {
         let key = vip.key();
         let vip_id = self
             .vip_ids
             .get_or_assign(&key)
             .ok_or(ApplyError::IdsExhausted("VIP"))?;
+        let weights: Vec<u32> = vip
+            .backends
+            .iter()
+            .map(|b| match self.condition(&(key, b.address)) {
+                Condition::Up => b.table_weight(),
+                Condition::Drained | Condition::Down => 0,
+            })
+            .collect();
         let members: Vec<MaglevBackend> = vip
             .backends
             .iter()
-            .map(|b| MaglevBackend {
+            .zip(&weights)
+            .map(|(b, &weight)| MaglevBackend {
                 addr: b.address,
-                weight: b.table_weight(),
-                id: self.backend_ids.by_key[&b.address],
+                weight,
+                id: self.backend_ids.by_key[&(key, b.address)],
             })
             .collect();
         let table = MaglevTable::build(self.dataplane.options().table_size, &members).map_err(
@@ -311,6 +385,7 @@ impl Balancer {
         let meta = self.meta(vip, vip_id);
         self.tables
             .publish(&mut self.dataplane, key, meta, &table)?;
+        self.vips.insert(key, (vip.clone(), weights));
         Ok(())
     }
 

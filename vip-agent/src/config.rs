@@ -225,11 +225,6 @@ pub struct VipConfig {
 }
 
 impl VipConfig {
-    /// Whether the VIP has a backend that takes new flows (and so may be announced).
-    pub fn has_usable_backend(&self) -> bool {
-        self.backends.iter().any(|b| b.table_weight() > 0)
-    }
-
     pub fn key(&self) -> VipKey {
         VipKey::new(self.address, self.protocol.number(), self.port)
     }

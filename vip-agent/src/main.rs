@@ -271,6 +271,14 @@ impl Node {
         Ok(())
     }
 
+    /// What BGP announces now: VIPs with a backend that takes new flows.
+    fn routes(&self, cfg: &Config) -> Vec<bgp::session::Route> {
+        match self {
+            Node::Lb { balancer, .. } => bgp::routes_for(cfg, |k| balancer.usable(k)),
+            Node::Backend { .. } => Vec::new(),
+        }
+    }
+
     /// Periodic work: keeping next hops current.
     async fn refresh(&mut self, cfg: &Config) {
         if let Node::Lb { balancer, resolver } = self {
@@ -344,7 +352,7 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     let speaker = cfg
         .bgp
         .as_ref()
-        .map(|b| Speaker::start(b, bgp::routes_for(&cfg), restarted));
+        .map(|b| Speaker::start(b, node.routes(&cfg), restarted));
     let shared = Arc::new(Shared {
         node: tokio::sync::Mutex::new(node),
         ready: AtomicBool::new(true),
@@ -362,33 +370,7 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = hangup.recv() => match config::load(&path) {
-                Ok(new) if new.node != cfg.node || bgp_settings(&new) != bgp_settings(&cfg) => {
-                    shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    error!("node or BGP session settings changed: they need a restart; nothing applied");
-                }
-                Ok(new) => match shared.node.lock().await.apply(&new) {
-                    Ok(()) => {
-                        cfg = new;
-                        shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                        if let Some(speaker) = &*shared.speaker.lock().await {
-                            speaker.announce(bgp::routes_for(&cfg));
-                        }
-                        match lo.sync(&cfg.loopback_addresses()).await {
-                            Ok((added, removed)) => info!(added, removed, "reloaded"),
-                            Err(e) => error!(error = %e, "updating VIP addresses on lo"),
-                        }
-                    }
-                    Err(e) => {
-                        shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                        error!(error = %e, "reload failed part way; fix and reload again")
-                    }
-                },
-                Err(e) => {
-                    shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    error!(error = %e, "reload rejected; the running config stays")
-                }
-            },
+            _ = hangup.recv() => reload(&path, &mut cfg, &shared, &lo).await,
             _ = refresh.tick() => shared.node.lock().await.refresh(&cfg).await,
             result = &mut server => {
                 bail!("metrics server on {metrics_address} stopped: {result:?}");
@@ -413,6 +395,40 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// SIGHUP: a new config, validated whole; a bad one changes nothing.
+async fn reload(path: &Path, cfg: &mut Config, shared: &Shared, lo: &LoopbackVips) {
+    let new = match config::load(path) {
+        Ok(new) => new,
+        Err(e) => {
+            shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+            error!(error = %e, "reload rejected; the running config stays");
+            return;
+        }
+    };
+    if new.node != cfg.node || bgp_settings(&new) != bgp_settings(cfg) {
+        shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        error!("node or BGP session settings changed: they need a restart; nothing applied");
+        return;
+    }
+    let mut node = shared.node.lock().await;
+    if let Err(e) = node.apply(&new) {
+        shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        error!(error = %e, "reload failed part way; fix and reload again");
+        return;
+    }
+    *cfg = new;
+    shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+    let routes = node.routes(cfg);
+    drop(node);
+    if let Some(speaker) = &*shared.speaker.lock().await {
+        speaker.announce(routes);
+    }
+    match lo.sync(&cfg.loopback_addresses()).await {
+        Ok((added, removed)) => info!(added, removed, "reloaded"),
+        Err(e) => error!(error = %e, "updating VIP addresses on lo"),
+    }
 }
 
 /// BGP settings that need a restart when changed (everything but the announcement set).
@@ -534,8 +550,14 @@ fn status(pin_dir: &Path) -> Result<()> {
             t.bytes
         );
     }
+    let vips = dp.vips()?;
     println!("backends:");
     for (id, b) in dp.backends()? {
+        let vip = vips
+            .iter()
+            .find(|(_, m)| m.vip_id == b.vip_id)
+            .and_then(|(k, _)| addr_from_bytes(&k.addr, k.family))
+            .map_or("?".to_owned(), |a| a.to_string());
         let t = dp.backend_traffic(id)?;
         let addr = addr_from_bytes(&b.addr, b.family).map_or("?".into(), |a| a.to_string());
         let hop = if b.flags & vip_common::BACKEND_F_NEXTHOP != 0 {
@@ -544,7 +566,7 @@ fn status(pin_dir: &Path) -> Result<()> {
             "next hop unresolved (FIB lookup)".into()
         };
         println!(
-            "  [{id}] {addr} {hop}: {} packets, {} bytes",
+            "  [{id}] {addr} of VIP {vip} {hop}: {} packets, {} bytes",
             t.packets, t.bytes
         );
     }

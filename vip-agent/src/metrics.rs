@@ -25,8 +25,8 @@ pub struct Snapshot {
     pub decap: Option<DecapStats>,
     /// (VIP label, traffic).
     pub vips: Vec<(String, TrafficCounters)>,
-    /// (backend address, traffic).
-    pub backends: Vec<(String, TrafficCounters)>,
+    /// ((VIP label, backend address), traffic).
+    pub backends: Vec<((String, String), TrafficCounters)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// (peer, established, routes announced).
@@ -47,21 +47,25 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std
     ConstCounter::new(value).encode(metric)
 }
 
-/// A counter family with one label.
-fn family(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[(String, u64)],
-) -> std::fmt::Result {
+/// Rows of a labelled family: (label pairs, value).
+type Rows = Vec<(Vec<(String, String)>, u64)>;
+
+/// A counter family.
+fn family(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &Rows) -> std::fmt::Result {
     let mut metric = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (label_value, value) in values {
-        let labels = [(label.to_owned(), label_value.clone())];
-        let m = metric.encode_family(&labels)?;
+    for (labels, value) in rows {
+        let m = metric.encode_family(labels)?;
         ConstCounter::new(*value).encode(m)?;
     }
     Ok(())
+}
+
+/// Rows with one label.
+fn one(label: &str, values: &[(String, u64)]) -> Rows {
+    values
+        .iter()
+        .map(|(v, n)| (vec![(label.to_owned(), v.clone())], *n))
+        .collect()
 }
 
 fn owned(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
@@ -84,8 +88,7 @@ impl Collector for SnapshotCollector {
                 &mut e,
                 "vip_datapath_packets",
                 "Packets by outcome.",
-                "outcome",
-                &outcomes,
+                &one("outcome", &outcomes),
             )?;
             let drops = [
                 ("fragment", d.drop_fragment),
@@ -99,8 +102,7 @@ impl Collector for SnapshotCollector {
                 &mut e,
                 "vip_datapath_drops",
                 "Packets to VIPs dropped, by reason.",
-                "reason",
-                &drops,
+                &one("reason", &drops),
             )?;
             counter(
                 &mut e,
@@ -132,30 +134,37 @@ impl Collector for SnapshotCollector {
             &mut e,
             "vip_vip_packets",
             "Packets forwarded per VIP.",
-            "vip",
-            &p,
+            &one("vip", &p),
         )?;
         family(
             &mut e,
             "vip_vip_bytes",
             "Bytes (client packets) forwarded per VIP.",
-            "vip",
-            &b,
+            &one("vip", &b),
         )?;
-        let (p, b) = split(&s.backends);
+        let per_backend = |f: fn(&TrafficCounters) -> u64| -> Rows {
+            s.backends
+                .iter()
+                .map(|((vip, backend), t)| {
+                    let labels = vec![
+                        ("vip".to_owned(), vip.clone()),
+                        ("backend".to_owned(), backend.clone()),
+                    ];
+                    (labels, f(t))
+                })
+                .collect()
+        };
         family(
             &mut e,
             "vip_backend_packets",
-            "Packets forwarded per backend.",
-            "backend",
-            &p,
+            "Packets forwarded per backend of a VIP.",
+            &per_backend(|t| t.packets),
         )?;
         family(
             &mut e,
             "vip_backend_bytes",
-            "Bytes (client packets) forwarded per backend.",
-            "backend",
-            &b,
+            "Bytes (client packets) forwarded per backend of a VIP.",
+            &per_backend(|t| t.bytes),
         )?;
         if let Some(d) = &s.decap {
             let outcomes = [
@@ -170,19 +179,18 @@ impl Collector for SnapshotCollector {
                 &mut e,
                 "vip_decap_packets",
                 "Backend decapsulation outcomes.",
-                "outcome",
-                &outcomes,
+                &one("outcome", &outcomes),
             )?;
         }
+        let reloads = [
+            ("success".into(), s.reloads_ok),
+            ("failure".into(), s.reloads_failed),
+        ];
         family(
             &mut e,
             "vip_config_reloads",
             "Config reloads by result.",
-            "result",
-            &[
-                ("success".into(), s.reloads_ok),
-                ("failure".into(), s.reloads_failed),
-            ],
+            &one("result", &reloads),
         )?;
         let metric =
             e.encode_descriptor("vip_up", "The agent is running.", None, MetricType::Gauge)?;

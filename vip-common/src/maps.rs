@@ -90,7 +90,9 @@ pub const BACKEND_F_PRESENT: u8 = 1 << 0;
 /// datapath asks `bpf_fib_lookup`.
 pub const BACKEND_F_NEXTHOP: u8 = 1 << 1;
 
-/// Value of `BACKENDS` (indexed by [`BackendId`]): where to send a VIP's packets.
+/// Value of `BACKENDS` (indexed by [`BackendId`]): one backend of one VIP, and where to send
+/// its packets. A backend address serving several VIPs has one entry per VIP, so its health,
+/// drain state and counters are per VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct Backend {
@@ -107,6 +109,9 @@ pub struct Backend {
     pub dst_mac: [u8; 6],
     /// MAC of `ifindex`.
     pub src_mac: [u8; 6],
+    /// `VipMeta::vip_id` of the VIP this entry belongs to (for the agent; the datapath does
+    /// not read it).
+    pub vip_id: u32,
 }
 
 /// Key of `CONNTRACK`: a flow as the client sent it (source = client, destination = VIP).

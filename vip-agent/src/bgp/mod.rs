@@ -11,31 +11,35 @@ use std::{net::IpAddr, time::Duration};
 
 use tokio::{sync::watch, task::JoinHandle};
 
+use vip_common::VipKey;
+
 use crate::config::{BgpConfig, Config};
 use session::{GRACEFUL_SHUTDOWN, Local, Route, Status};
 
-/// The announcement set for `config`.
-pub fn routes_for(config: &Config) -> Vec<Route> {
-    let mut routes: Vec<Route> = config.vips.iter().filter(|v| v.has_usable_backend()).fold(
-        Vec::<Route>::new(),
-        |mut acc, v| {
-            // Several VIPs (ports, protocols) share one address: one route, their communities.
-            match acc.iter_mut().find(|r| r.prefix == v.address) {
-                Some(r) => {
-                    r.communities.extend(&v.communities);
-                    r.large_communities.extend(&v.large_communities);
-                    r.med = r.med.or(v.med);
+/// The announcement set: the VIPs of `config` that `usable` says can take new flows.
+pub fn routes_for(config: &Config, usable: impl Fn(&VipKey) -> bool) -> Vec<Route> {
+    let mut routes: Vec<Route> =
+        config
+            .vips
+            .iter()
+            .filter(|v| usable(&v.key()))
+            .fold(Vec::<Route>::new(), |mut acc, v| {
+                // Several VIPs (ports, protocols) share one address: one route, their communities.
+                match acc.iter_mut().find(|r| r.prefix == v.address) {
+                    Some(r) => {
+                        r.communities.extend(&v.communities);
+                        r.large_communities.extend(&v.large_communities);
+                        r.med = r.med.or(v.med);
+                    }
+                    None => acc.push(Route {
+                        prefix: v.address,
+                        communities: v.communities.clone(),
+                        large_communities: v.large_communities.clone(),
+                        med: v.med,
+                    }),
                 }
-                None => acc.push(Route {
-                    prefix: v.address,
-                    communities: v.communities.clone(),
-                    large_communities: v.large_communities.clone(),
-                    med: v.med,
-                }),
-            }
-            acc
-        },
-    );
+                acc
+            });
     for r in &mut routes {
         r.communities.sort();
         r.communities.dedup();
