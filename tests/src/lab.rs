@@ -45,6 +45,8 @@ pub struct LabSpec {
     pub weights: Vec<u32>,
     /// Encapsulate with GUE (port [`GUE_PORT`]) instead of IP-in-IP.
     pub gue: bool,
+    /// A `[vip.health]` table for every VIP, e.g. `check = "tcp"`.
+    pub health: Option<String>,
 }
 
 /// The lab's GUE port.
@@ -57,6 +59,7 @@ impl LabSpec {
             lbs: 2,
             weights: vec![1, 1, 1],
             gue: false,
+            health: None,
         }
     }
 
@@ -179,6 +182,8 @@ pub fn backend_addrs(i: usize) -> (String, String) {
 pub struct Lab {
     pub spec: LabSpec,
     agent: PathBuf,
+    /// The program that runs the backends' services (`serve`).
+    services: PathBuf,
     children: Vec<(String, Child)>,
     keep: bool,
 }
@@ -191,6 +196,7 @@ impl Lab {
         let mut lab = Self {
             spec,
             agent: agent.to_owned(),
+            services: services.to_owned(),
             children: Vec::new(),
             keep: false,
         };
@@ -200,11 +206,7 @@ impl Lab {
         for i in 1..=lab.spec.backends() {
             let name = format!("be{i}");
             lab.start_agent(&name, &lab.backend_config(i))?;
-            lab.spawn(
-                &format!("svc{i}"),
-                services,
-                &["serve", "--netns", &lab.spec.ns(&name), "--name", &name],
-            )?;
+            lab.start_service(i)?;
         }
         for i in 1..=lab.spec.lbs {
             lab.start_agent(&format!("lb{i}"), &lab.lb_config(i))?;
@@ -352,6 +354,37 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts backend `i`'s services.
+    pub fn start_service(&mut self, i: usize) -> Result<()> {
+        let name = format!("be{i}");
+        let ns = self.spec.ns(&name);
+        let (b4, _) = backend_addrs(i);
+        let program = self.services.clone();
+        self.spawn(
+            &format!("svc{i}"),
+            &program,
+            &["serve", "--netns", &ns, "--name", &name, "--address", &b4],
+        )
+    }
+
+    /// Stops backend `i`'s services (the host stays up).
+    pub fn stop_service(&mut self, i: usize) {
+        let name = format!("svc{i}");
+        for (_, child) in self.children.iter_mut().filter(|(n, _)| *n == name) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.retain(|(n, _)| *n != name);
+    }
+
+    /// `vip-agent ARGS` inside LB node `i`'s namespace (where its agent's HTTP endpoint is).
+    pub fn agent_cli(&self, i: usize, args: &[&str]) -> Result<String> {
+        let agent = self.agent.to_string_lossy().into_owned();
+        let mut cmd = vec![agent.as_str()];
+        cmd.extend_from_slice(args);
+        in_ns(&self.spec.ns(&format!("lb{i}")), &cmd)
+    }
+
     fn spawn(&mut self, name: &str, program: &Path, args: &[&str]) -> Result<()> {
         let log = fs::File::create(self.spec.run_dir().join(format!("{name}.log")))
             .map_err(|e| e.to_string())?;
@@ -406,6 +439,26 @@ impl Lab {
         ] {
             c +=
                 &format!("\n[[vip]]\naddress = \"{vip}\"\nprotocol = \"{proto}\"\nport = {port}\n");
+            if self.spec.gue {
+                c += &format!("encapsulation = \"gue\"\ngue_port = {GUE_PORT}\n");
+            }
+            if let Some(health) = &self.spec.health {
+                // UDP VIPs are checked with a datagram the lab's service echoes.
+                let health = if proto == "udp" {
+                    health.replace(
+                        "check = \"tcp\"",
+                        "check = \"udp\"
+udp_expect = \"ping\"",
+                    )
+                } else {
+                    health.clone()
+                };
+                c += &format!(
+                    "[vip.health]
+{health}
+"
+                );
+            }
             for (b, weight) in self
                 .spec
                 .weights
@@ -627,10 +680,12 @@ pub fn status(prefix: &str) -> String {
     out
 }
 
-/// The backends' services (run as `vip-demo serve --netns NS --name NAME`): a TCP service that
-/// greets each connection with "NAME CLIENT-ADDRESS" and echoes, and a UDP service that answers
-/// "NAME CLIENT-ADDRESS PAYLOAD", both bound to the VIPs so replies leave from the VIP.
-pub fn serve(ns: &str, name: &str) -> Result<()> {
+/// The backends' services (run as `vip-demo serve --netns NS --name NAME --address ADDR`): a TCP
+/// service on every address (the VIPs on lo, and the backend's own for health checks) that greets
+/// each connection with "NAME CLIENT-ADDRESS" and echoes, and a UDP service that answers
+/// "NAME CLIENT-ADDRESS PAYLOAD", bound to each VIP (so replies leave from the VIP) and to the
+/// backend's own address.
+pub fn serve(ns: &str, name: &str, own: &str) -> Result<()> {
     enter(ns)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let bind = |f: &dyn Fn() -> std::io::Result<()>| -> Result<()> {
@@ -643,20 +698,24 @@ pub fn serve(ns: &str, name: &str) -> Result<()> {
             }
         }
     };
-    for vip in [VIP4, VIP6] {
-        let addr: IpAddr = vip.parse().expect("VIP");
-        let label = name.to_owned();
-        bind(&|| {
-            let tcp = TcpListener::bind(SocketAddr::new(addr, TCP_PORT))?;
-            let label = label.clone();
-            thread::spawn(move || {
-                for stream in tcp.incoming().flatten() {
-                    let label = label.clone();
-                    thread::spawn(move || serve_tcp(stream, &label));
-                }
-            });
-            Ok(())
-        })?;
+    let label = name.to_owned();
+    // One dual-stack wildcard listener: the accepted socket's local address is the VIP for
+    // client connections, the backend's own address for health checks.
+    bind(&|| {
+        let tcp = TcpListener::bind(SocketAddr::new("::".parse().expect("any"), TCP_PORT))?;
+        let label = label.clone();
+        thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                let label = label.clone();
+                thread::spawn(move || serve_tcp(stream, &label));
+            }
+        });
+        Ok(())
+    })?;
+    for udp_addr in [VIP4, VIP6, own] {
+        let addr: IpAddr = udp_addr
+            .parse()
+            .map_err(|_| format!("bad address {udp_addr}"))?;
         let label = name.to_owned();
         bind(&|| {
             let udp = UdpSocket::bind(SocketAddr::new(addr, UDP_PORT))?;
@@ -681,7 +740,7 @@ fn serve_tcp(mut stream: TcpStream, label: &str) {
     use std::io::{Read, Write};
     let peer = stream
         .peer_addr()
-        .map(|a| a.ip().to_string())
+        .map(|a| a.ip().to_canonical().to_string())
         .unwrap_or_default();
     let _ = stream.write_all(format!("{label} {peer}\n").as_bytes());
     let mut buf = [0u8; 1024];

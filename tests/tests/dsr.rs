@@ -114,6 +114,13 @@ fn connections_survive_the_loss_of_an_lb_node() {
 #[test]
 fn gue_carries_flows_and_survives_an_lb_node_failure() {
     let lab = lab_with("vipe2e-gue", &[1, 1, 1], true);
+    for i in 1..=2 {
+        let status = lab.status(&format!("lb{i}"));
+        assert!(
+            status.contains("GUE to port 6080") && !status.contains("IP-in-IP"),
+            "{status}"
+        );
+    }
     let backends = lab.in_client(|| {
         let mut seen = std::collections::HashSet::new();
         for vip in [VIP4, VIP6] {

@@ -248,6 +248,41 @@ pub struct BackendConfig {
     pub address: IpAddr,
     pub weight: u32,
     pub state: BackendState,
+    /// The VIP's health check with this backend's overrides.
+    pub health: HealthCheck,
+}
+
+/// What a health check sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// No checks: the backend is always up.
+    #[default]
+    None,
+    /// A TCP connection that completes.
+    Tcp,
+    /// `GET path` answered with the expected status.
+    Http,
+    /// A UDP datagram answered with a datagram that contains the expected text.
+    Udp,
+}
+
+/// A backend health check, to the backend's own address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port checked; the VIP's port by default.
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend back.
+    pub rise: u32,
+    /// Failures in a row that take a backend down.
+    pub fall: u32,
+    pub http_path: String,
+    pub http_status: u16,
+    pub udp_send: String,
+    pub udp_expect: String,
 }
 
 impl BackendConfig {
@@ -365,6 +400,8 @@ struct RawVip {
     #[serde(default)]
     large_communities: Vec<Spanned<String>>,
     med: Option<u32>,
+    #[serde(default)]
+    health: RawHealth,
 }
 
 #[derive(Deserialize)]
@@ -375,6 +412,89 @@ struct RawBackend {
     weight: Spanned<u32>,
     #[serde(default)]
     state: BackendState,
+    health: Option<RawHealth>,
+}
+
+/// `[vip.health]` and `[vip.backend.health]`: every field optional, so a backend's table only
+/// overrides what it names.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    check: Option<CheckKind>,
+    port: Option<u16>,
+    /// Seconds (fractions allowed).
+    interval: Option<f64>,
+    timeout: Option<f64>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    http_path: Option<String>,
+    http_status: Option<u16>,
+    udp_send: Option<String>,
+    udp_expect: Option<String>,
+}
+
+impl RawHealth {
+    /// `self` with `over`'s fields where it has them.
+    fn merged(&self, over: &RawHealth) -> RawHealth {
+        RawHealth {
+            check: over.check.or(self.check),
+            port: over.port.or(self.port),
+            interval: over.interval.or(self.interval),
+            timeout: over.timeout.or(self.timeout),
+            rise: over.rise.or(self.rise),
+            fall: over.fall.or(self.fall),
+            http_path: over.http_path.clone().or_else(|| self.http_path.clone()),
+            http_status: over.http_status.or(self.http_status),
+            udp_send: over.udp_send.clone().or_else(|| self.udp_send.clone()),
+            udp_expect: over.udp_expect.clone().or_else(|| self.udp_expect.clone()),
+        }
+    }
+
+    /// The check, with defaults, or what is wrong with it.
+    fn resolve(&self, vip_port: u16) -> Result<HealthCheck, String> {
+        let seconds = |v: Option<f64>, default: f64, what: &str| -> Result<Duration, String> {
+            let v = v.unwrap_or(default);
+            if !(0.05..=3600.0).contains(&v) {
+                return Err(format!("{what} = {v}: use 0.05 to 3600 seconds"));
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        let kind = self.check.unwrap_or_default();
+        let interval = seconds(self.interval, 2.0, "interval")?;
+        let timeout = seconds(self.timeout, 1.0, "timeout")?;
+        if timeout > interval {
+            return Err(format!(
+                "timeout {timeout:?} is longer than interval {interval:?}"
+            ));
+        }
+        let port = self.port.unwrap_or(vip_port);
+        if kind != CheckKind::None && port == 0 {
+            return Err("an all-ports VIP needs `port` for its health check".into());
+        }
+        let rise = self.rise.unwrap_or(2);
+        let fall = self.fall.unwrap_or(3);
+        if !(1..=100).contains(&rise) || !(1..=100).contains(&fall) {
+            return Err(format!("rise {rise} and fall {fall}: use 1 to 100"));
+        }
+        let http_path = self.http_path.clone().unwrap_or_else(|| "/".into());
+        if !http_path.starts_with('/') || http_path.contains(char::is_whitespace) {
+            return Err(format!(
+                "http_path {http_path:?}: an absolute path without spaces"
+            ));
+        }
+        Ok(HealthCheck {
+            kind,
+            port,
+            interval,
+            timeout,
+            rise,
+            fall,
+            http_path,
+            http_status: self.http_status.unwrap_or(200),
+            udp_send: self.udp_send.clone().unwrap_or_else(|| "ping".into()),
+            udp_expect: self.udp_expect.clone().unwrap_or_default(),
+        })
+    }
 }
 
 fn default_gue_port() -> u16 {
@@ -803,10 +923,23 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                 ));
             }
             all_backends.insert(baddr);
+            let health = v
+                .health
+                .merged(b.health.as_ref().unwrap_or(&RawHealth::default()))
+                .resolve(v.port)
+                .map_err(|m| {
+                    let f = if b.health.is_some() {
+                        bfield("health")
+                    } else {
+                        field("health")
+                    };
+                    err(&b.address.span(), f, m)
+                })?;
             backends.push(BackendConfig {
                 address: baddr,
                 weight,
                 state: b.state,
+                health,
             });
         }
         if let Some(prefix) = &v.source_prefix {
@@ -979,6 +1112,28 @@ state = "draining"
 
         let e = error(&GOOD.replace("address = \"198.19.0.1\"", "address = \"198.19.0.300\""));
         assert_eq!(e.line, Some(8));
+    }
+
+    #[test]
+    fn health_checks_merge_vip_and_backend_settings() {
+        let text = GOOD.replace(
+            "port = 80\n",
+            "port = 80\n[vip.health]\ncheck = \"http\"\ninterval = 0.5\ntimeout = 0.2\nhttp_path = \"/ok\"\n",
+        )
+        .replace("state = \"draining\"\n", "state = \"draining\"\n[vip.backend.health]\nfall = 5\nport = 8080\n");
+        let c = parse(Path::new("h.toml"), &text).unwrap();
+        let (a, b) = (&c.vips[0].backends[0].health, &c.vips[0].backends[1].health);
+        assert_eq!(
+            (a.kind, a.port, a.fall, a.rise),
+            (CheckKind::Http, 80, 3, 2)
+        );
+        assert_eq!(a.interval, Duration::from_millis(500));
+        assert_eq!(
+            (b.kind, b.port, b.fall, b.http_path.as_str()),
+            (CheckKind::Http, 8080, 5, "/ok")
+        );
+        let e = error(&text.replace("timeout = 0.2", "timeout = 2"));
+        assert!(e.message.contains("longer than interval"), "{e}");
     }
 
     #[test]

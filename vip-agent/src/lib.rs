@@ -6,6 +6,7 @@ pub mod bgp;
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod lo;
 pub mod metrics;
 pub mod nexthop;

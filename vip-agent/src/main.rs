@@ -14,14 +14,18 @@ use std::sync::{
 use anyhow::{Context, Result, bail};
 use aya::programs::XdpMode;
 use clap::{Parser, Subcommand};
+use std::collections::{HashMap, HashSet};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
+
+use tokio::sync::mpsc;
 use vip_agent::{
-    balancer::Balancer,
+    balancer::{BackendKey, Balancer, Condition},
     bgp::{self, Speaker, session::State},
     config::{self, AttachMode, Config, Role},
     dataplane::{Dataplane, DataplaneOptions, detach_all},
     decap::DecapPlane,
+    health::{self, Checker},
     lo::LoopbackVips,
     metrics,
     nexthop::Resolver,
@@ -36,6 +40,17 @@ use vip_common::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    #[arg(long)]
+    backend: Option<IpAddr>,
+    #[arg(long)]
+    vip: Option<IpAddr>,
+    /// The agent's metrics address.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    agent: SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +101,18 @@ enum Command {
         flow: SocketAddr,
         #[arg(long, default_value = "tcp")]
         protocol: String,
+    },
+    /// Drain at run time: a backend (no new flows; established ones continue), of every VIP
+    /// or of `--vip`; without `--backend`, the whole node (BGP GRACEFUL_SHUTDOWN). Lasts until
+    /// `undrain`, a reload or a restart.
+    Drain(ControlArgs),
+    /// Ends a run-time drain.
+    Undrain(ControlArgs),
+    /// The running agent's backends: condition and latest health check.
+    Backends {
+        /// The agent's metrics address.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        agent: SocketAddr,
     },
     /// Maglev table statistics for a backend set: `--backend ADDR[:WEIGHT]`.
     Maglev {
@@ -140,6 +167,12 @@ fn main() -> Result<()> {
             protocol,
         } => which(&pin_dir, vip, flow, &protocol),
         Command::Maglev { size, backends } => maglev(size, &backends),
+        Command::Drain(args) => control("POST", "/drain", &args),
+        Command::Undrain(args) => control("POST", "/undrain", &args),
+        Command::Backends { agent } => {
+            print!("{}", request(agent, "GET", "/backends")?);
+            Ok(())
+        }
     }
 }
 
@@ -193,6 +226,7 @@ enum Node {
     Lb {
         balancer: Box<Balancer>,
         resolver: Resolver,
+        checker: Checker,
     },
     Backend {
         decap: DecapPlane,
@@ -201,9 +235,10 @@ enum Node {
 
 impl Node {
     /// Loads the program (reusing pinned state), applies `cfg`, and attaches. Also returns
-    /// whether it took over a running datapath.
-    async fn start(cfg: &Config) -> Result<(Self, bool)> {
+    /// whether it took over a running datapath, and the health checks' events.
+    async fn start(cfg: &Config) -> Result<(Self, bool, Option<mpsc::Receiver<health::Event>>)> {
         let mut restarted = false;
+        let mut events = None;
         let mut node = match cfg.node.role {
             Role::Lb => {
                 let dataplane = Dataplane::load(options(cfg)).context("loading the datapath")?;
@@ -218,7 +253,13 @@ impl Node {
                 }
                 let resolver = Resolver::new()?;
                 balancer.set_next_hops(resolver.resolve_all(&all_backends(cfg)).await?)?;
-                Node::Lb { balancer, resolver }
+                let (checker, rx) = Checker::new();
+                events = Some(rx);
+                Node::Lb {
+                    balancer,
+                    resolver,
+                    checker,
+                }
             }
             Role::Backend => Node::Backend {
                 decap: DecapPlane::load(Some(&cfg.node.pin_dir))
@@ -247,14 +288,17 @@ impl Node {
                 Some(mode) => info!(%iface, ?mode, "attached"),
             }
         }
-        Ok((node, restarted))
+        Ok((node, restarted, events))
     }
 
     /// Applies a (validated) config to the maps.
     fn apply(&mut self, cfg: &Config) -> Result<()> {
         match self {
-            Node::Lb { balancer, .. } => {
+            Node::Lb {
+                balancer, checker, ..
+            } => {
                 let report = balancer.apply(cfg)?;
+                checker.sync(cfg);
                 info!(?report, "config applied");
             }
             Node::Backend { decap } => {
@@ -271,17 +315,27 @@ impl Node {
         Ok(())
     }
 
-    /// What BGP announces now: VIPs with a backend that takes new flows.
-    fn routes(&self, cfg: &Config) -> Vec<bgp::session::Route> {
-        match self {
+    /// What BGP announces now: VIPs with a backend that takes new flows; with the
+    /// GRACEFUL_SHUTDOWN community while the node is drained.
+    fn routes(&self, cfg: &Config, node_drained: bool) -> Vec<bgp::session::Route> {
+        let mut routes = match self {
             Node::Lb { balancer, .. } => bgp::routes_for(cfg, |k| balancer.usable(k)),
             Node::Backend { .. } => Vec::new(),
+        };
+        if node_drained {
+            for r in &mut routes {
+                r.communities.push(bgp::session::GRACEFUL_SHUTDOWN);
+            }
         }
+        routes
     }
 
     /// Periodic work: keeping next hops current.
     async fn refresh(&mut self, cfg: &Config) {
-        if let Node::Lb { balancer, resolver } = self {
+        if let Node::Lb {
+            balancer, resolver, ..
+        } = self
+        {
             match resolver.resolve_all(&all_backends(cfg)).await {
                 Ok(hops) => match balancer.set_next_hops(hops) {
                     Ok(0) => {}
@@ -301,6 +355,74 @@ struct Shared {
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
     speaker: tokio::sync::Mutex<Option<Speaker>>,
+    config: std::sync::Mutex<Config>,
+    overrides: std::sync::Mutex<Overrides>,
+}
+
+/// Run-time state on top of the config: health verdicts and drains. Drains do not survive a
+/// reload: to keep a backend drained, say `state = "draining"` in the config.
+#[derive(Default)]
+struct Overrides {
+    down: HashSet<BackendKey>,
+    drained: HashSet<BackendKey>,
+    node_drained: bool,
+}
+
+impl Overrides {
+    fn condition(&self, key: &BackendKey) -> Condition {
+        if self.down.contains(key) {
+            Condition::Down
+        } else if self.drained.contains(key) {
+            Condition::Drained
+        } else {
+            Condition::Up
+        }
+    }
+}
+
+impl Shared {
+    /// Applies a backend's condition to the datapath and the announcements.
+    async fn update(&self, keys: &[BackendKey]) {
+        let (node_drained, conditions): (bool, Vec<(BackendKey, Condition)>) = {
+            let o = self.overrides.lock().expect("overrides lock");
+            (
+                o.node_drained,
+                keys.iter().map(|k| (*k, o.condition(k))).collect(),
+            )
+        };
+        let cfg = self.config.lock().expect("config lock").clone();
+        let mut node = self.node.lock().await;
+        if let Node::Lb { balancer, .. } = &mut *node {
+            for (key, condition) in conditions {
+                if let Err(e) = balancer.set_condition(key, condition) {
+                    error!(backend = %key.1, error = %e, "applying a backend's condition");
+                }
+            }
+        }
+        let routes = node.routes(&cfg, node_drained);
+        drop(node);
+        if let Some(speaker) = &*self.speaker.lock().await {
+            speaker.announce(routes);
+        }
+    }
+
+    /// The backends a drain request names: every VIP's backend at `backend`, or only `vip`'s.
+    fn matching(&self, backend: IpAddr, vip: Option<IpAddr>) -> Vec<BackendKey> {
+        let cfg = self.config.lock().expect("config lock");
+        cfg.vips
+            .iter()
+            .filter(|v| vip.is_none_or(|a| a == v.address))
+            .flat_map(|v| v.backends.iter().map(move |b| (v.key(), b.address)))
+            .filter(|(_, a)| *a == backend)
+            .collect()
+    }
+}
+
+/// `key=value` pairs of a request's query string.
+fn query(path: &str) -> HashMap<&str, &str> {
+    path.split_once('?')
+        .map(|(_, q)| q.split('&').filter_map(|kv| kv.split_once('=')).collect())
+        .unwrap_or_default()
 }
 
 impl metrics::Source for Shared {
@@ -312,7 +434,20 @@ impl metrics::Source for Shared {
             ..Default::default()
         };
         match &*node {
-            Node::Lb { balancer, .. } => {
+            Node::Lb {
+                balancer, checker, ..
+            } => {
+                let cfg = self.config.lock().expect("config lock").clone();
+                let reports = checker.reports();
+                for vip in &cfg.vips {
+                    for b in &vip.backends {
+                        if let Some(r) = reports.get(&(vip.key(), b.address)) {
+                            let label = (vip.to_string(), b.address.to_string());
+                            s.health
+                                .push((label, r.up, r.latency.as_secs_f64(), r.changes));
+                        }
+                    }
+                }
                 s.datapath = balancer.dataplane().stats().ok();
                 if let Ok((vips, backends)) = balancer.traffic() {
                     s.vips = vips;
@@ -341,10 +476,91 @@ impl metrics::Source for Shared {
     async fn ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
+
+    async fn control(&self, method: &str, path: &str) -> (u16, String) {
+        let route = path.split('?').next().unwrap_or("");
+        let q = query(path);
+        match (method, route) {
+            ("GET", "/backends") => (200, self.backends_text().await),
+            ("POST", "/drain" | "/undrain") => {
+                let on = route == "/drain";
+                let Some(backend) = q.get("backend") else {
+                    // The whole node: GRACEFUL_SHUTDOWN on every route (or off again).
+                    self.overrides.lock().expect("overrides lock").node_drained = on;
+                    self.update(&[]).await;
+                    info!(drained = on, "node drain");
+                    return (
+                        200,
+                        format!("node {}\n", if on { "drained" } else { "undrained" }),
+                    );
+                };
+                let Ok(backend) = backend.parse::<IpAddr>() else {
+                    return (400, format!("backend {backend:?} is not an address\n"));
+                };
+                let vip = match q.get("vip").map(|v| v.parse::<IpAddr>()) {
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(_)) => return (400, "vip is not an address\n".into()),
+                    None => None,
+                };
+                let keys = self.matching(backend, vip);
+                if keys.is_empty() {
+                    return (404, format!("no VIP has backend {backend}\n"));
+                }
+                {
+                    let mut o = self.overrides.lock().expect("overrides lock");
+                    for k in &keys {
+                        if on {
+                            o.drained.insert(*k);
+                        } else {
+                            o.drained.remove(k);
+                        }
+                    }
+                }
+                self.update(&keys).await;
+                info!(%backend, drained = on, count = keys.len(), "backend drain");
+                let word = if on { "drained" } else { "undrained" };
+                (200, format!("{word} {backend} on {} VIPs\n", keys.len()))
+            }
+            _ => (404, "not found\n".into()),
+        }
+    }
+}
+
+impl Shared {
+    /// One line per backend of each VIP: condition and latest health check.
+    async fn backends_text(&self) -> String {
+        let node = self.node.lock().await;
+        let Node::Lb { checker, .. } = &*node else {
+            return "a backend node has no backends\n".into();
+        };
+        let reports = checker.reports();
+        let cfg = self.config.lock().expect("config lock").clone();
+        let o = self.overrides.lock().expect("overrides lock");
+        let mut out = String::new();
+        for vip in &cfg.vips {
+            for b in &vip.backends {
+                let key = (vip.key(), b.address);
+                let condition = match (o.condition(&key), b.table_weight()) {
+                    (Condition::Up, 0) => "draining (config)",
+                    (Condition::Up, _) => "active",
+                    (Condition::Drained, _) => "drained",
+                    (Condition::Down, _) => "down",
+                };
+                let check = reports
+                    .get(&key)
+                    .map_or("no health check".to_owned(), |r| r.last_detail.clone());
+                out += &format!(
+                    "{vip} {} weight {} {condition}: {check}\n",
+                    b.address, b.weight
+                );
+            }
+        }
+        out
+    }
 }
 
 async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
-    let (node, restarted) = Node::start(&cfg).await?;
+    let (node, restarted, mut health_events) = Node::start(&cfg).await?;
     let lo = LoopbackVips::new().await?;
     let (added, removed) = lo.sync(&cfg.loopback_addresses()).await?;
     info!(added, removed, "VIP addresses on lo");
@@ -352,13 +568,15 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     let speaker = cfg
         .bgp
         .as_ref()
-        .map(|b| Speaker::start(b, node.routes(&cfg), restarted));
+        .map(|b| Speaker::start(b, node.routes(&cfg, false), restarted));
     let shared = Arc::new(Shared {
         node: tokio::sync::Mutex::new(node),
         ready: AtomicBool::new(true),
         reloads_ok: AtomicU64::new(0),
         reloads_failed: AtomicU64::new(0),
         speaker: tokio::sync::Mutex::new(speaker),
+        config: std::sync::Mutex::new(cfg.clone()),
+        overrides: std::sync::Mutex::default(),
     });
     let metrics_address = cfg.node.metrics_address;
     let mut server = tokio::spawn(metrics::serve(metrics_address, shared.clone()));
@@ -372,6 +590,16 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         tokio::select! {
             _ = hangup.recv() => reload(&path, &mut cfg, &shared, &lo).await,
             _ = refresh.tick() => shared.node.lock().await.refresh(&cfg).await,
+            Some(event) = async { health_events.as_mut()?.recv().await } => {
+                if event.up {
+                    info!(vip = ?event.key.0, backend = %event.key.1, reason = %event.reason, "backend up");
+                    shared.overrides.lock().expect("overrides lock").down.remove(&event.key);
+                } else {
+                    warn!(vip = ?event.key.0, backend = %event.key.1, reason = %event.reason, "backend down");
+                    shared.overrides.lock().expect("overrides lock").down.insert(event.key);
+                }
+                shared.update(&[event.key]).await;
+            }
             result = &mut server => {
                 bail!("metrics server on {metrics_address} stopped: {result:?}");
             }
@@ -412,19 +640,22 @@ async fn reload(path: &Path, cfg: &mut Config, shared: &Shared, lo: &LoopbackVip
         error!("node or BGP session settings changed: they need a restart; nothing applied");
         return;
     }
-    let mut node = shared.node.lock().await;
-    if let Err(e) = node.apply(&new) {
+    let applied = shared.node.lock().await.apply(&new);
+    if let Err(e) = applied {
         shared.reloads_failed.fetch_add(1, Ordering::Relaxed);
         error!(error = %e, "reload failed part way; fix and reload again");
         return;
     }
     *cfg = new;
+    *shared.config.lock().expect("config lock") = cfg.clone();
     shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
-    let routes = node.routes(cfg);
-    drop(node);
-    if let Some(speaker) = &*shared.speaker.lock().await {
-        speaker.announce(routes);
-    }
+    // Run-time drains end with a reload; health verdicts of backends still configured stay.
+    let undrained: Vec<BackendKey> = {
+        let mut o = shared.overrides.lock().expect("overrides lock");
+        o.node_drained = false;
+        std::mem::take(&mut o.drained).into_iter().collect()
+    };
+    shared.update(&undrained).await;
     match lo.sync(&cfg.loopback_addresses()).await {
         Ok((added, removed)) => info!(added, removed, "reloaded"),
         Err(e) => error!(error = %e, "updating VIP addresses on lo"),
@@ -537,8 +768,13 @@ fn status(pin_dir: &Path) -> Result<()> {
         let t = dp.vip_traffic(meta.vip_id)?;
         let addr = addr_from_bytes(&key.addr, key.family).map_or("?".into(), |a| a.to_string());
         let port = u16::from_be_bytes(key.port);
+        let encap = if meta.flags & vip_common::VIP_F_GUE != 0 {
+            format!("GUE to port {}", u16::from_be_bytes(meta.gue_port))
+        } else {
+            "IP-in-IP".to_owned()
+        };
         println!(
-            "  {addr} proto {} port {} -> table slot {}: {} packets, {} bytes",
+            "  {addr} proto {} port {} ({encap}) -> table slot {}: {} packets, {} bytes",
             key.proto,
             if port == 0 {
                 "*".into()
@@ -578,6 +814,37 @@ fn mac(m: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+fn control(method: &str, route: &str, args: &ControlArgs) -> Result<()> {
+    let mut path = route.to_owned();
+    let mut sep = '?';
+    if let Some(b) = args.backend {
+        path += &format!("{sep}backend={b}");
+        sep = '&';
+    }
+    if let Some(v) = args.vip {
+        path += &format!("{sep}vip={v}");
+    }
+    print!("{}", request(args.agent, method, &path)?);
+    Ok(())
+}
+
+/// One HTTP/1.0 request to the running agent; the body, or an error with it.
+fn request(agent: SocketAddr, method: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect_timeout(&agent, Duration::from_secs(3))
+        .with_context(|| {
+            format!("no agent at {agent} (is it running? its node.metrics_address?)")
+        })?;
+    conn.write_all(format!("{method} {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{}: {}", head.lines().next().unwrap_or(""), body.trim());
+    }
+    Ok(body.to_owned())
 }
 
 /// `ADDR`, `ADDR:WEIGHT` or `[V6ADDR]:WEIGHT`.

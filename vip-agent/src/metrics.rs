@@ -1,4 +1,5 @@
-//! Prometheus metrics and health endpoints on the node's metrics address.
+//! Prometheus metrics, health endpoints and the agent's controls on the node's metrics address
+//! (which should stay on loopback: `POST /drain` changes what the node does).
 //!
 //! Datapath counters live in per-CPU maps and are read at scrape time into a [`Snapshot`],
 //! which a prometheus-client collector encodes as constant metrics. `/healthz` answers while the
@@ -31,12 +32,16 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     /// (peer, established, routes announced).
     pub bgp: Vec<(String, bool, u64)>,
+    /// ((VIP label, backend), up, last check latency in seconds, state changes).
+    pub health: Vec<((String, String), bool, f64, u64)>,
 }
 
-/// Where a scrape gets its snapshot, and whether the node is ready.
+/// Where a scrape gets its snapshot, whether the node is ready, and the agent's controls.
 pub trait Source: Send + Sync + 'static {
     fn snapshot(&self) -> impl Future<Output = Snapshot> + Send;
     fn ready(&self) -> impl Future<Output = bool> + Send;
+    /// Any other request (`method`, path with query): (HTTP status, body).
+    fn control(&self, method: &str, path: &str) -> impl Future<Output = (u16, String)> + Send;
 }
 
 #[derive(Debug)]
@@ -192,6 +197,43 @@ impl Collector for SnapshotCollector {
             "Config reloads by result.",
             &one("result", &reloads),
         )?;
+        if !s.health.is_empty() {
+            let labels = |(vip, backend): &(String, String)| {
+                vec![
+                    ("vip".to_owned(), vip.clone()),
+                    ("backend".to_owned(), backend.clone()),
+                ]
+            };
+            let mut m = e.encode_descriptor(
+                "vip_backend_healthy",
+                "1 while the backend passes its health checks.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (key, up, _, _) in &s.health {
+                ConstGauge::new(i64::from(*up)).encode(m.encode_family(&labels(key))?)?;
+            }
+            let mut m = e.encode_descriptor(
+                "vip_backend_check_seconds",
+                "Latency of the last health check.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (key, _, latency, _) in &s.health {
+                ConstGauge::new(*latency).encode(m.encode_family(&labels(key))?)?;
+            }
+            let rows: Rows = s
+                .health
+                .iter()
+                .map(|(key, _, _, changes)| (labels(key), *changes))
+                .collect();
+            family(
+                &mut e,
+                "vip_backend_health_changes",
+                "Health state changes.",
+                &rows,
+            )?;
+        }
         let metric =
             e.encode_descriptor("vip_up", "The agent is running.", None, MetricType::Gauge)?;
         ConstGauge::new(1i64).encode(metric)?;
@@ -225,13 +267,22 @@ pub async fn serve(addr: SocketAddr, source: Arc<impl Source>) -> std::io::Resul
                 }
             }
             let line = String::from_utf8_lossy(&request[..len]);
-            let path = line.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = match path {
-                "/metrics" => ("200 OK", render(source.snapshot().await)),
-                "/healthz" => ("200 OK", "ok\n".to_owned()),
-                "/readyz" if source.ready().await => ("200 OK", "ready\n".to_owned()),
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_owned()),
-                _ => ("404 Not Found", "not found\n".to_owned()),
+            let mut words = line.split_whitespace();
+            let method = words.next().unwrap_or("");
+            let path = words.next().unwrap_or("");
+            let (status, body) = match (method, path) {
+                ("GET", "/metrics") => (200, render(source.snapshot().await)),
+                ("GET", "/healthz") => (200, "ok\n".to_owned()),
+                ("GET", "/readyz") if source.ready().await => (200, "ready\n".to_owned()),
+                ("GET", "/readyz") => (503, "not ready\n".to_owned()),
+                _ => source.control(method, path).await,
+            };
+            let status = match status {
+                200 => "200 OK",
+                400 => "400 Bad Request",
+                404 => "404 Not Found",
+                503 => "503 Service Unavailable",
+                _ => "500 Internal Server Error",
             };
             let mut response = String::new();
             let _ = write!(

@@ -51,8 +51,11 @@ fn main() {
             print!("{}", lab::status(PREFIX));
             Ok(())
         }
-        ["serve", "--netns", ns, "--name", name] => lab::serve(ns, name),
-        _ => Err("usage: vip-demo demo | lab up|down|status | serve --netns NS --name NAME".into()),
+        ["serve", "--netns", ns, "--name", name, "--address", own] => lab::serve(ns, name, own),
+        _ => Err(
+            "usage: vip-demo demo | lab up|down|status | serve --netns NS --name NAME --address A"
+                .into(),
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

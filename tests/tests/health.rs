@@ -1,0 +1,169 @@
+//! Backend health checks and run-time drain, in the lab (two LB nodes, three backends), with
+//! TCP checks every 0.5 s, timeout 0.3 s, rise 2, fall 2.
+
+use std::{
+    net::{IpAddr, TcpStream},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use vip_tests::lab::{Lab, LabSpec, VIP4, echo_all, tcp_hello};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// interval × fall, plus one interval for where the checks fall in it, plus slack.
+const DETECT: Duration = Duration::from_millis(0500 * 2 + 500 + 2000);
+
+fn lab(prefix: &str) -> Lab {
+    vip_tests::require_root();
+    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut spec = LabSpec::new(prefix);
+    spec.health = Some("check = \"tcp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2".into());
+    Lab::up(
+        spec,
+        &vip_tests::node::agent_bin(),
+        &ws.join("target/bpfel-unknown-none/release/vip-decap"),
+        &PathBuf::from(env!("CARGO_BIN_EXE_vip-demo")),
+    )
+    .expect("lab up")
+}
+
+fn connections(lab: &Lab, n: usize) -> Vec<(TcpStream, String)> {
+    lab.in_client(move || {
+        (0..n)
+            .map(|_| {
+                let (s, b, _) = tcp_hello(VIP4.parse().unwrap(), TIMEOUT).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                (s, b)
+            })
+            .collect()
+    })
+}
+
+fn backends_seen(lab: &Lab, n: usize) -> Vec<String> {
+    connections(lab, n).into_iter().map(|(_, b)| b).collect()
+}
+
+/// Waits until both LB nodes report `backend`'s line containing `what`.
+fn wait_condition(lab: &Lab, backend: &str, what: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let all = (1..=2).all(|i| {
+            lab.agent_cli(i, &["backends"])
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with(&format!("tcp/{VIP4}:80 {backend} ")) && l.contains(what))
+        });
+        if all {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{backend} not {what} within {within:?}: {}",
+            lab.agent_cli(1, &["backends"]).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_dead_service_is_taken_out_and_comes_back() {
+    let mut lab = lab("vipe2e-health");
+    let mut conns = connections(&lab, 60);
+    assert!(conns.iter().any(|(_, b)| b == "be3"));
+
+    lab.stop_service(3);
+    let took = wait_condition(&lab, "198.18.13.2", "down", DETECT);
+    eprintln!("be3 marked down {took:?} after its service stopped (interval 0.5 s × fall 2)");
+    // New flows avoid it; established flows to the other backends did not move.
+    assert!(backends_seen(&lab, 60).iter().all(|b| b != "be3"));
+    for (i, (c, b)) in conns
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, (_, b))| b != "be3")
+    {
+        assert_eq!(
+            echo_all(std::slice::from_mut(c), "while be3 is down"),
+            1,
+            "connection {i} to {b} moved"
+        );
+    }
+
+    lab.start_service(3).unwrap();
+    let took = wait_condition(&lab, "198.18.13.2", "active", DETECT);
+    eprintln!("be3 back {took:?} after its service restarted (rise 2)");
+    assert!(backends_seen(&lab, 90).iter().any(|b| b == "be3"));
+}
+
+#[test]
+fn drain_keeps_established_connections_and_avoids_new_ones() {
+    let lab = lab("vipe2e-drain");
+    let mut conns = connections(&lab, 60);
+    let on_be1 = conns.iter().filter(|(_, b)| b == "be1").count();
+    assert!(on_be1 > 0);
+    for i in 1..=2 {
+        let out = lab
+            .agent_cli(i, &["drain", "--backend", "198.18.11.2", "--vip", VIP4])
+            .unwrap();
+        // The VIP address has a TCP and a UDP service.
+        assert!(out.contains("drained 198.18.11.2 on 2 VIPs"), "{out}");
+    }
+    wait_condition(&lab, "198.18.11.2", "drained", TIMEOUT);
+    assert_eq!(
+        echo_all(
+            &mut conns
+                .iter()
+                .map(|(c, _)| c.try_clone().unwrap())
+                .collect::<Vec<_>>(),
+            "drained"
+        ),
+        60
+    );
+    assert!(
+        backends_seen(&lab, 60).iter().all(|b| b != "be1"),
+        "new flows went to a drained backend"
+    );
+
+    for i in 1..=2 {
+        lab.agent_cli(i, &["undrain", "--backend", "198.18.11.2"])
+            .unwrap();
+    }
+    wait_condition(&lab, "198.18.11.2", "active", TIMEOUT);
+    assert!(backends_seen(&lab, 60).iter().any(|b| b == "be1"));
+    conns.clear();
+}
+
+#[test]
+fn a_vip_without_backends_is_withdrawn_and_comes_back() {
+    let mut lab = lab("vipe2e-alldown");
+    for i in 1..=3 {
+        lab.stop_service(i);
+    }
+    let start = Instant::now();
+    while lab.router_next_hops(VIP4) > 0 {
+        assert!(
+            start.elapsed() < DETECT * 2,
+            "still routed: {}",
+            lab.router_route(VIP4)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "VIP withdrawn {:?} after its last backend died",
+        start.elapsed()
+    );
+    lab.start_service(2).unwrap();
+    let start = Instant::now();
+    while lab.router_next_hops(VIP4) < 2 {
+        assert!(
+            start.elapsed() < DETECT * 2,
+            "not announced again: {}",
+            lab.router_route(VIP4)
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (_, backend, _) = lab
+        .in_client(|| tcp_hello(VIP4.parse::<IpAddr>().unwrap(), TIMEOUT))
+        .expect("the VIP works again");
+    assert_eq!(backend, "be2");
+}
