@@ -12,7 +12,7 @@ use vip_tests::lab::{Lab, LabSpec, VIP4, echo_all, tcp_hello};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// interval × fall, plus one interval for where the checks fall in it, plus slack.
-const DETECT: Duration = Duration::from_millis(0500 * 2 + 500 + 2000);
+const DETECT: Duration = Duration::from_millis(500 * 2 + 500 + 2000);
 
 fn lab(prefix: &str) -> Lab {
     vip_tests::require_root();
