@@ -120,6 +120,12 @@ enum Command {
         size: u32,
         #[arg(long = "backend", required = true)]
         backends: Vec<String>,
+        /// Also show how many slots move when these backends leave.
+        #[arg(long)]
+        remove: Vec<IpAddr>,
+        /// Also show how many slots move when these backends (ADDR[:WEIGHT]) join.
+        #[arg(long)]
+        add: Vec<String>,
     },
 }
 
@@ -166,7 +172,12 @@ fn main() -> Result<()> {
             flow,
             protocol,
         } => which(&pin_dir, vip, flow, &protocol),
-        Command::Maglev { size, backends } => maglev(size, &backends),
+        Command::Maglev {
+            size,
+            backends,
+            remove,
+            add,
+        } => maglev(size, &backends, &remove, &add),
         Command::Drain(args) => control("POST", "/drain", &args),
         Command::Undrain(args) => control("POST", "/undrain", &args),
         Command::Backends { agent } => {
@@ -856,7 +867,7 @@ fn parse_weighted(spec: &str) -> Result<(IpAddr, u32)> {
     Ok((addr.trim_matches(['[', ']']).parse()?, weight.parse()?))
 }
 
-fn maglev(size: u32, specs: &[String]) -> Result<()> {
+fn maglev(size: u32, specs: &[String], remove: &[IpAddr], add: &[String]) -> Result<()> {
     let mut backends = Vec::new();
     for (i, spec) in specs.iter().enumerate() {
         let (addr, weight) = parse_weighted(spec).with_context(|| {
@@ -897,6 +908,38 @@ fn maglev(size: u32, specs: &[String]) -> Result<()> {
     println!(
         "largest deviation from the weighted ideal: {:.3}%",
         worst * 100.0
+    );
+    if remove.is_empty() && add.is_empty() {
+        return Ok(());
+    }
+    let mut changed: Vec<MaglevBackend> = backends
+        .iter()
+        .filter(|b| !remove.contains(&b.addr))
+        .copied()
+        .collect();
+    for spec in add {
+        let (addr, weight) = parse_weighted(spec).with_context(|| format!("--add {spec}"))?;
+        changed.push(MaglevBackend {
+            addr,
+            weight,
+            id: backends.len() as u32 + changed.len() as u32,
+        });
+    }
+    let after = MaglevTable::build(size, &changed)?;
+    let moved = table.moved_slots(&after);
+    let removed_own: usize = backends
+        .iter()
+        .filter(|b| remove.contains(&b.addr))
+        .map(|b| table.share(b.id))
+        .sum();
+    println!(
+        "after removing {} and adding {}: {moved} slots move ({:.2}%), {removed_own} of them the \
+         removed backends' own, {} others ({:.2}% of the table)",
+        remove.len(),
+        add.len(),
+        moved as f64 / f64::from(size) * 100.0,
+        moved - removed_own,
+        (moved - removed_own) as f64 / f64::from(size) * 100.0
     );
     Ok(())
 }
