@@ -197,6 +197,27 @@ impl Collector for SnapshotCollector {
             "Config reloads by result.",
             &one("result", &reloads),
         )?;
+        if !s.bgp.is_empty() {
+            let peer = |p: &String| vec![("peer".to_owned(), p.clone())];
+            let mut m = e.encode_descriptor(
+                "vip_bgp_session_established",
+                "1 while the BGP session is established.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (p, up, _) in &s.bgp {
+                ConstGauge::new(i64::from(*up)).encode(m.encode_family(&peer(p))?)?;
+            }
+            let mut m = e.encode_descriptor(
+                "vip_bgp_routes_announced",
+                "Routes announced to the peer.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (p, _, n) in &s.bgp {
+                ConstGauge::new(*n as i64).encode(m.encode_family(&peer(p))?)?;
+            }
+        }
         if !s.health.is_empty() {
             let labels = |(vip, backend): &(String, String)| {
                 vec![
@@ -293,5 +314,73 @@ pub async fn serve(addr: SocketAddr, source: Arc<impl Source>) -> std::io::Resul
             );
             let _ = conn.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn full_snapshot() -> Snapshot {
+        let traffic = TrafficCounters {
+            packets: 1,
+            bytes: 2,
+        };
+        Snapshot {
+            datapath: Some(DatapathStats::default()),
+            decap: Some(DecapStats::default()),
+            vips: vec![("tcp/198.51.100.1:443".into(), traffic)],
+            backends: vec![(
+                ("tcp/198.51.100.1:443".into(), "192.0.2.21".into()),
+                traffic,
+            )],
+            reloads_ok: 1,
+            reloads_failed: 0,
+            bgp: vec![("192.0.2.1".into(), true, 1)],
+            health: vec![(
+                ("tcp/198.51.100.1:443".into(), "192.0.2.21".into()),
+                true,
+                0.001,
+                2,
+            )],
+        }
+    }
+
+    /// Every metric name the dashboard queries is one the agent exports.
+    #[test]
+    fn dashboard_queries_only_exported_metrics() {
+        let text = render(full_snapshot());
+        let exported: HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/vip-dashboard.json"
+        );
+        let dashboard = std::fs::read_to_string(path).expect("dashboard");
+        let mut queried = HashSet::new();
+        let mut rest = dashboard.as_str();
+        while let Some(i) = rest.find("vip_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            // "vip-lb", "vip_up" as a label_values argument, and so on: names only.
+            if name.len() > 4 {
+                queried.insert(name);
+            }
+        }
+        assert!(queried.len() >= 10, "{queried:?}");
+        for name in &queried {
+            assert!(
+                exported.contains(name.as_str()),
+                "the dashboard queries {name}, which is not exported: {exported:?}"
+            );
+        }
     }
 }

@@ -233,6 +233,7 @@ fn setup() -> Result<()> {
     ]))?;
     run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
     install_bpf_linker()?;
+    install_manifest_validator()?;
     if !Path::new("/sys/fs/bpf").join(".").exists() || !is_bpffs("/sys/fs/bpf") {
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
@@ -254,6 +255,22 @@ fn is_bpffs(path: &str) -> bool {
                 .any(|l| l.split(' ').nth(1) == Some(path) && l.contains(" bpf "))
         })
         .unwrap_or(false)
+}
+
+/// kubernetes-validate (PyPI; it carries the Kubernetes schemas, so it validates offline), in a
+/// venv of its own.
+fn install_manifest_validator() -> Result<()> {
+    let home = std::env::var("HOME").context("HOME")?;
+    let venv = PathBuf::from(home).join(".cache/vip/venv");
+    if venv.join("bin/kubernetes-validate").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "setup: installing kubernetes-validate in {}",
+        venv.display()
+    );
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "kubernetes-validate"]))
 }
 
 /// bpf-linker built against nightly's own libLLVM: no LLVM download is needed (or possible).

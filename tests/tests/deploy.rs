@@ -1,0 +1,233 @@
+//! The deployment files, tested as far as this machine allows: the systemd unit's commands run
+//! exactly as systemd runs them, the container's entrypoint and arguments against the CLI, the
+//! Kubernetes manifests validated (strict, offline schemas) and their configs and commands
+//! against the agent.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use vip_tests::node::{Netns, agent, agent_bin};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `Key=value` lines of a unit file.
+fn unit_values(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A command line of the unit with the installed paths replaced by the test's.
+fn localize(line: &str, config: &Path) -> Vec<String> {
+    line.split_whitespace()
+        .map(|w| match w {
+            "/usr/local/bin/vip-agent" => agent_bin().to_string_lossy().into_owned(),
+            "/etc/vip/vip.toml" => config.to_string_lossy().into_owned(),
+            other => other.to_owned(),
+        })
+        .collect()
+}
+
+#[test]
+fn systemd_unit_starts_reloads_and_stops_the_agent() {
+    let unit = fs::read_to_string(repo().join("deploy/systemd/vip-agent.service")).unwrap();
+    let ns = Netns::new("systemd");
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "eth1", "up"]);
+    let dir = std::env::temp_dir().join(&ns.name);
+    fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("vip.toml");
+    let text = "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"198.18.0.2\"\n\n[[vip]]\n\
+                address = \"198.19.0.1\"\nprotocol = \"tcp\"\nport = 80\n[[vip.backend]]\n\
+                address = \"198.18.1.1\"\n";
+    fs::write(&config, text).unwrap();
+
+    for pre in unit_values(&unit, "ExecStartPre") {
+        let cmd = localize(&pre, &config);
+        let out = Command::new(&cmd[0]).args(&cmd[1..]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ExecStartPre {pre}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // ExecStart as written (default pin dir and all), on a host of its own: a network
+    // namespace with a private bpffs at /sys/fs/bpf.
+    let start = unit_values(&unit, "ExecStart").pop().expect("ExecStart");
+    let cmd = localize(&start, &config).join(" ");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "sh", "-c"])
+        .arg(format!("mount -t bpf bpf /sys/fs/bpf && exec {cmd}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| {
+        let path = path.to_owned();
+        ns.within(move || {
+            use std::io::{Read, Write};
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9100").ok()?;
+            c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .ok()?;
+            let mut r = String::new();
+            c.read_to_string(&mut r).ok()?;
+            Some(r)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !get("/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent started by ExecStart never became ready"
+        );
+        assert!(matches!(child.try_wait(), Ok(None)), "the agent exited");
+        thread::sleep(Duration::from_millis(100));
+    }
+    // ExecReload: `kill -HUP $MAINPID`.
+    let reload = unit_values(&unit, "ExecReload").pop().expect("ExecReload");
+    assert_eq!(reload, "/bin/kill -HUP $MAINPID");
+    let out = Command::new("/bin/kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !get("/metrics")
+        .is_some_and(|m| m.contains("vip_config_reloads_total{result=\"success\"} 1"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no successful reload after ExecReload"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // systemctl stop: SIGTERM (KillSignal default).
+    Command::new("/bin/kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn container_entrypoint_and_arguments_match_the_cli() {
+    let dockerfile = fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let json_array = |key: &str| -> Vec<String> {
+        let line = dockerfile
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key}"));
+        let list = line[key.len()..]
+            .trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        list.split(',')
+            .map(|s| s.trim().trim_matches('"').to_owned())
+            .collect()
+    };
+    let entrypoint = json_array("ENTRYPOINT");
+    let cmd = json_array("CMD");
+    assert_eq!(entrypoint, ["/usr/local/bin/vip-agent"]);
+    assert!(
+        dockerfile
+            .contains("COPY --from=build /src/target/release/vip-agent /usr/local/bin/vip-agent")
+    );
+    // The arguments parse: the agent gets as far as reading the (absent) config file.
+    let args: Vec<String> = cmd
+        .iter()
+        .map(|a| a.replace("/etc/vip/vip.toml", "/nonexistent/vip.toml"))
+        .collect();
+    let out = Command::new(agent_bin()).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("/nonexistent/vip.toml")
+            && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+/// The `vip.toml: |` block of a manifest's ConfigMap.
+fn embedded_config(manifest: &str) -> String {
+    let lines = manifest
+        .lines()
+        .skip_while(|l| !l.trim_end().ends_with("vip.toml: |"))
+        .skip(1);
+    let first = lines.clone().next().expect("config block");
+    let indent = first.len() - first.trim_start().len();
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_match_the_agent() {
+    let dir = repo().join("deploy/kubernetes");
+    let validator = PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".cache/vip/venv/bin/kubernetes-validate");
+    let files: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let out = Command::new(&validator)
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate (installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for name in ["lb-daemonset.yaml", "backend-daemonset.yaml"] {
+        let manifest = fs::read_to_string(dir.join(name)).unwrap();
+        let config =
+            std::env::temp_dir().join(format!("vip-k8s-{}-{name}.toml", std::process::id()));
+        fs::write(&config, embedded_config(&manifest)).unwrap();
+        let out = agent(&["check-config", config.to_str().unwrap()]);
+        let _ = fs::remove_file(&config);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            manifest.contains(r#"args: ["run", "--config", "/etc/vip/vip.toml"]"#),
+            "{name}"
+        );
+        assert!(
+            manifest.contains("mountPath: /etc/vip") && manifest.contains("path: /sys/fs/bpf"),
+            "{name}"
+        );
+        assert!(
+            manifest.contains("path: /healthz") && manifest.contains("path: /readyz"),
+            "{name}"
+        );
+        assert!(
+            manifest.contains("hostNetwork: true") && manifest.contains("privileged: true"),
+            "{name}"
+        );
+    }
+    // The preStop drain is a command the agent knows, and the grace period covers it.
+    let lb = fs::read_to_string(dir.join("lb-daemonset.yaml")).unwrap();
+    assert!(lb.contains("/usr/local/bin/vip-agent drain; sleep 15"));
+    let drain = agent(&["drain", "--help"]);
+    assert!(drain.status.success());
+    assert!(lb.contains("terminationGracePeriodSeconds: 60") && lb.contains("drain_time = 10"));
+}
