@@ -410,3 +410,30 @@ fn malformed_messages_reset_the_session_and_the_agent_stays_up() {
         agent.log_text()
     );
 }
+
+#[test]
+fn node_drain_marks_routes_graceful_shutdown_and_undrain_clears_it() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    let cli = |cmd: &str| lbs[0].exec(&[vip_tests::node::agent_bin().to_str().unwrap(), cmd]);
+    assert!(cli("drain").contains("node drained"));
+    bird.wait_for(
+        |b| {
+            b.cli(&format!("show route {VIP4}/32 all"))
+                .contains("(65535,0)")
+        },
+        "GRACEFUL_SHUTDOWN while drained",
+    );
+    // Drained, not withdrawn.
+    assert!(bird.cli("show route").contains(VIP4));
+    assert!(cli("undrain").contains("node undrained"));
+    bird.wait_for(
+        |b| {
+            !b.cli(&format!("show route {VIP4}/32 all"))
+                .contains("(65535,0)")
+        },
+        "the community gone after undrain",
+    );
+}
