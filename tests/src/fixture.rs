@@ -50,6 +50,8 @@ pub struct VipSpec {
     pub src_prefix_v4: Option<([u8; 4], u8)>,
     /// GUE to this port instead of IP-in-IP.
     pub gue_port: Option<u16>,
+    /// Use this `vip_id` (as an agent reusing a freed one would) instead of the next.
+    pub vip_id: Option<u32>,
     pub backends: Vec<(BackendId, u32)>,
 }
 
@@ -64,6 +66,7 @@ impl VipSpec {
             udp_idle_ns: 30_000_000_000,
             src_prefix_v4: None,
             gue_port: None,
+            vip_id: None,
             backends: backends.iter().map(|&id| (id, 1)).collect(),
         }
     }
@@ -189,8 +192,8 @@ impl Lb {
 
     /// Publishes a VIP (or switches it to a new table); returns its `vip_id`.
     pub fn vip(&mut self, spec: &VipSpec) -> u32 {
-        let vip_id = self.next_vip_id;
-        self.next_vip_id += 1;
+        let vip_id = spec.vip_id.unwrap_or(self.next_vip_id);
+        self.next_vip_id = self.next_vip_id.max(vip_id + 1);
         let (src_v4, _) = addr_bytes(LB_SRC4.parse().unwrap());
         let (src_v6, _) = addr_bytes(LB_SRC6.parse().unwrap());
         let (src_v4, src_v4_entropy) = match spec.src_prefix_v4 {
@@ -201,6 +204,8 @@ impl Lb {
             None => ([src_v4[0], src_v4[1], src_v4[2], src_v4[3]], [0; 4]),
         };
         let meta = VipMeta {
+            vip: spec.key(),
+            _pad_key: [0; 4],
             vip_id,
             table: 0,
             flags: spec.flags

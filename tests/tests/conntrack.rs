@@ -154,3 +154,34 @@ fn tcp_entries_do_not_expire() {
         assert_eq!(outer_dst(&mut lb, f), *addr);
     }
 }
+
+#[test]
+fn a_removed_vip_keeps_no_flows_even_when_its_id_is_reused() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    let mut a = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0]);
+    a.vip_id = Some(5);
+    lb.vip(&a);
+    let to_a = Frame::tcp("198.18.50.1", 4242, "198.18.100.1", 80, TCP_ACK);
+    assert_eq!(
+        outer_dst(&mut lb, &to_a),
+        "198.18.1.1".parse::<IpAddr>().unwrap()
+    );
+    assert!(lb.dataplane.conntrack(&to_a.flow()).unwrap().is_some());
+
+    // A goes; B comes with A's id and backend. A's conntrack entry is still there.
+    lb.tables.remove(&mut lb.dataplane, &a.key()).unwrap();
+    let mut b = VipSpec::new("198.18.100.2", IPPROTO_TCP, 80, &[0]);
+    b.vip_id = Some(5);
+    lb.vip(&b);
+    assert!(lb.dataplane.conntrack(&to_a.flow()).unwrap().is_some());
+    let (action, out) = lb.run(&to_a.build());
+    assert_eq!(action, XDP_PASS, "a flow of a removed VIP was forwarded");
+    assert_eq!(out, to_a.build());
+    // B works.
+    let to_b = Frame::tcp("198.18.50.1", 4242, "198.18.100.2", 80, TCP_ACK);
+    assert_eq!(
+        outer_dst(&mut lb, &to_b),
+        "198.18.1.1".parse::<IpAddr>().unwrap()
+    );
+}

@@ -415,6 +415,8 @@ impl Balancer {
             flags |= VIP_F_GUE;
         }
         VipMeta {
+            vip: vip.key(),
+            _pad_key: [0; 4],
             vip_id,
             table: 0,
             flags,

@@ -277,6 +277,10 @@ impl Dataplane {
     /// datapath never filters out a VIP it has.
     pub fn set_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<()> {
         self.set_filter_bit(vip_filter_bit(&key.addr), true)?;
+        let meta = VipMeta { vip: *key, ..*meta };
+        self.array::<VipMeta>(layout::VIP_META)?
+            .set(meta.vip_id, meta, 0)
+            .map_err(map_err(layout::VIP_META))?;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
         vips.insert(key, meta, 0).map_err(map_err(layout::VIPS))
@@ -287,7 +291,12 @@ impl Dataplane {
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
+        let vip_id = vips.get(key, 0).map_err(map_err(layout::VIPS))?.vip_id;
         vips.remove(key).map_err(map_err(layout::VIPS))?;
+        // Established flows of this VIP now find no settings by id, and re-resolve by key.
+        self.array::<VipMeta>(layout::VIP_META)?
+            .set(vip_id, <VipMeta as bytemuck::Zeroable>::zeroed(), 0)
+            .map_err(map_err(layout::VIP_META))?;
         let bit = vip_filter_bit(&key.addr);
         let still_needed = self
             .vips()?

@@ -30,6 +30,7 @@ pub const VIP_STATS: &str = "VIP_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const VIP_FILTER: &str = "VIP_FILTER";
+pub const VIP_META: &str = "VIP_META";
 /// 64-bit words of `VIP_FILTER`.
 pub const VIP_FILTER_WORDS: u32 = crate::hash::VIP_FILTER_BITS / 64;
 
@@ -65,7 +66,7 @@ const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout
 }
 
 /// Every map of the load-balancer program.
-pub const LAYOUT: [MapLayout; 9] = [
+pub const LAYOUT: [MapLayout; 10] = [
     layout::<VipKey, VipMeta>(VIPS, Some(MAX_VIPS)),
     layout::<u32, Backend>(BACKENDS, Some(MAX_BACKENDS)),
     layout::<u32, BackendId>(MAGLEV, None),
@@ -75,6 +76,7 @@ pub const LAYOUT: [MapLayout; 9] = [
     layout::<u32, TrafficCounters>(BACKEND_STATS, Some(MAX_BACKENDS)),
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
     layout::<u32, u64>(VIP_FILTER, Some(VIP_FILTER_WORDS)),
+    layout::<u32, VipMeta>(VIP_META, Some(MAX_VIPS)),
 ];
 
 /// Every map of the decapsulation program.

@@ -54,11 +54,16 @@ pub const VIP_F_HASH_ADDRS_ONLY: u32 = 1 << 0;
 /// cannot be derived from headers (IPv4 UDP without checksum, fragments) go IP-in-IP.
 pub const VIP_F_GUE: u32 = 1 << 1;
 
-/// Value of `VIPS`: how to forward one VIP's packets. Written by the agent; every decision that can
-/// be made ahead of time (outer source, hash fields) is already resolved here.
+/// Value of `VIPS`, and of `VIP_META` at index `vip_id`: how to forward one VIP's packets.
+/// Written by the agent; every decision that can be made ahead of time (outer source, hash
+/// fields) is already resolved here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct VipMeta {
+    /// The VIP itself. Established flows find their VIP's settings by `vip_id` (an array read)
+    /// and must match this key: a conntrack entry of a removed VIP whose id was reused does not.
+    pub vip: VipKey,
+    pub _pad_key: [u8; 4],
     /// Index into `VIP_STATS`.
     pub vip_id: u32,
     /// Which Maglev table slot is live: the table occupies `MAGLEV[table * M .. (table + 1) * M]`.
@@ -178,7 +183,9 @@ impl FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ConnEntry {
     pub backend: BackendId,
-    pub _pad: u32,
+    /// `VipMeta::vip_id` of the flow's VIP: established packets read its settings from
+    /// `VIP_META` instead of looking the VIP up by key.
+    pub vip_id: u32,
     /// `bpf_ktime_get_coarse_ns` when a UDP packet last used the entry (UDP idle expiry); the time
     /// of creation for TCP, whose entries live until LRU eviction.
     pub last_seen_ns: u64,

@@ -20,6 +20,12 @@ use vip_common::{
 #[btf_map]
 pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }> = HashMap::new();
 
+/// The VIPs again, by `vip_id`: established flows read their VIP's settings here (an array
+/// read) instead of looking it up by key. Written by the agent with `VIPS`; emptied when the VIP
+/// goes.
+#[btf_map]
+pub static VIP_META: Array<VipMeta, { MAX_VIPS as usize }> = Array::new();
+
 /// Backends of all VIPs with their resolved next hops, indexed by `BackendId`. Written by the agent.
 #[btf_map]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();

@@ -13,8 +13,8 @@ use network_types::{
     udp::UdpHdr,
 };
 use vip_common::{
-    AddrFamily, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
+    AddrFamily, BackendId, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
+    IPPROTO_UDP, NO_BACKEND, VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
     hash::{vip_filter_bit, vip_filter_bit_v4},
 };
 
@@ -157,25 +157,19 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         // Too short for ports: not something we could ever forward correctly.
         return Err(Verdict::Pass);
     };
-    let Some(meta) = find_vip(&flow) else {
-        return Err(Verdict::Pass);
-    };
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    if tot_len < IPV4_LEN + min_l4_len(ip.proto) || l3 + tot_len > packet::len(ctx) {
-        return Err(Verdict::DropMalformed);
-    }
-    let policy = ConnPolicy::for_packet(ip.proto, syn);
-    let inner = Inner {
-        len: tot_len as u16,
-        tos: ip.tos,
-        family: AddrFamily::V4,
-    };
-    Ok(Forward {
+    let malformed = tot_len < IPV4_LEN + min_l4_len(ip.proto) || l3 + tot_len > packet::len(ctx);
+    Ok(Candidate {
         l2_len: l3,
-        meta,
+        meta: None,
         flow,
-        policy,
-        inner,
+        policy: ConnPolicy::for_packet(ip.proto, syn),
+        inner: Inner {
+            len: tot_len as u16,
+            tos: ip.tos,
+            family: AddrFamily::V4,
+        },
+        malformed,
     })
 }
 
@@ -208,12 +202,13 @@ fn ipv4_irregular(
         tos: ip.tos,
         family: AddrFamily::V4,
     };
-    Ok(Forward {
+    Ok(Candidate {
         l2_len: l3,
-        meta,
+        meta: Some(meta),
         flow,
         policy: ConnPolicy::Stateless,
         inner,
+        malformed: false,
     })
 }
 
@@ -236,25 +231,20 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     let Some(syn) = ports_and_syn(ctx, l3 + IPV6_LEN, &mut flow) else {
         return Err(Verdict::Pass);
     };
-    let Some(meta) = find_vip(&flow) else {
-        return Err(Verdict::Pass);
-    };
     let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
-    if payload_len < min_l4_len(ip.next_hdr) || l3 + IPV6_LEN + payload_len > packet::len(ctx) {
-        return Err(Verdict::DropMalformed);
-    }
-    let policy = ConnPolicy::for_packet(ip.next_hdr, syn);
-    let inner = Inner {
-        len: (IPV6_LEN + payload_len) as u16,
-        tos: traffic_class(ip),
-        family: AddrFamily::V6,
-    };
-    Ok(Forward {
+    let malformed =
+        payload_len < min_l4_len(ip.next_hdr) || l3 + IPV6_LEN + payload_len > packet::len(ctx);
+    Ok(Candidate {
         l2_len: l3,
-        meta,
+        meta: None,
         flow,
-        policy,
-        inner,
+        policy: ConnPolicy::for_packet(ip.next_hdr, syn),
+        inner: Inner {
+            len: (IPV6_LEN + payload_len) as u16,
+            tos: traffic_class(ip),
+            family: AddrFamily::V6,
+        },
+        malformed,
     })
 }
 
@@ -284,10 +274,10 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
         return Err(Verdict::Pass);
     }
     let flow = FlowKey::v4(quoted.dst_addr, quoted.src_addr, quoted.proto);
-    let (meta, flow) = quoted_flow(ctx, l3 + QUOTED + IPV4_LEN, flow)?;
+    let flow = quoted_flow(ctx, l3 + QUOTED + IPV4_LEN, flow)?;
     let len = usize::from(u16::from_be_bytes(ip.tot_len));
     let error = (len, ip.tos, AddrFamily::V4);
-    icmp_to_backend(ctx, l3, meta, flow, error, QUOTED + IPV4_LEN + 4)
+    icmp_to_backend(ctx, l3, flow, error, QUOTED + IPV4_LEN + 4)
 }
 
 /// ICMPv6 "packet too big": as [`icmp4_too_big`].
@@ -310,44 +300,35 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
         return Err(Verdict::Pass);
     }
     let flow = FlowKey::v6(quoted.dst_addr, quoted.src_addr, quoted.next_hdr);
-    let (meta, flow) = quoted_flow(ctx, l3 + QUOTED + IPV6_LEN, flow)?;
+    let flow = quoted_flow(ctx, l3 + QUOTED + IPV6_LEN, flow)?;
     let len = IPV6_LEN + usize::from(u16::from_be_bytes(ip.payload_len));
     let error = (len, traffic_class(ip), AddrFamily::V6);
-    icmp_to_backend(ctx, l3, meta, flow, error, QUOTED + IPV6_LEN + 4)
+    icmp_to_backend(ctx, l3, flow, error, QUOTED + IPV6_LEN + 4)
 }
 
 /// The client's view of the flow an ICMP error quotes (a backend sent the quoted packet from
-/// the VIP, so its ports are swapped), and the VIP it belongs to.
+/// the VIP, so its ports are swapped).
 #[inline(always)]
-fn quoted_flow(
-    ctx: &XdpContext,
-    ports_at: usize,
-    mut flow: FlowKey,
-) -> Result<(&'static VipMeta, FlowKey), Verdict> {
+fn quoted_flow(ctx: &XdpContext, ports_at: usize, mut flow: FlowKey) -> Result<FlowKey, Verdict> {
     let ports = read::<[u8; 4]>(ctx, ports_at).ok_or(Verdict::Pass)?;
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
-    let meta = find_vip(&flow).ok_or(Verdict::Pass)?;
-    Ok((meta, flow))
+    Ok(flow)
 }
 
-/// Sends an ICMP error — `(length of its IP packet, TOS, family)`; at least `min_len` bytes, all
-/// in the frame — to the backend of the flow it is about.
+/// An ICMP error — `(length of its IP packet, TOS, family)`; at least `min_len` bytes, all in
+/// the frame — for the backend of the flow it is about.
 #[inline(always)]
 fn icmp_to_backend(
     ctx: &XdpContext,
     l3: usize,
-    meta: &'static VipMeta,
     flow: FlowKey,
     (len, tos, family): (usize, u8, AddrFamily),
     min_len: usize,
 ) -> Parsed {
-    if len < min_len || l3 + len > packet::len(ctx) {
-        return Err(Verdict::DropMalformed);
-    }
-    Ok(Forward {
+    Ok(Candidate {
         l2_len: l3,
-        meta,
+        meta: None,
         flow,
         policy: ConnPolicy::LookupOnly,
         inner: Inner {
@@ -355,42 +336,81 @@ fn icmp_to_backend(
             tos,
             family,
         },
+        malformed: len < min_len || l3 + len > packet::len(ctx),
     })
 }
 
-/// A packet to forward to one of a VIP's backends.
-pub struct Forward {
+/// A packet that may be for a VIP, as parsed: what resolving its VIP needs.
+pub struct Candidate {
     /// Length of the L2 header (where the IP header starts).
     pub l2_len: usize,
-    pub meta: &'static VipMeta,
+    /// The VIP, when parsing already had to find it (fragments).
+    pub meta: Option<&'static VipMeta>,
     /// The flow as the client sent it: conntrack key and hash input.
     pub flow: FlowKey,
     pub policy: ConnPolicy,
     pub inner: Inner,
+    /// Its lengths are inconsistent: dropped if it is for a VIP, passed if not.
+    pub malformed: bool,
 }
 
-/// A packet to forward, or what else became of it.
-pub type Parsed = Result<Forward, Verdict>;
+/// A packet that may be for a VIP, or what else became of it.
+pub type Parsed = Result<Candidate, Verdict>;
 
-/// Handles one packet. The single call site of `forward` keeps one inlined copy of backend
-/// choice and encapsulation (and their stack) in the program.
+/// Handles one packet. Resolving the VIP (conntrack first, then by key), choosing the backend
+/// and encapsulating happen at this one call site, so the program holds one inlined copy of
+/// them (and of their stack).
 #[inline(always)]
 pub fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
-    match classify(ctx) {
-        Ok(fwd) => forward(ctx, &fwd, stats),
-        Err(verdict) => verdict,
+    let candidate = match classify(ctx) {
+        Ok(c) => c,
+        Err(verdict) => return verdict,
+    };
+    // An established flow's entry names its VIP: no lookup by key. (A plain id with a
+    // sentinel, not an `Option`: the verifier rejects the undefined payload of a `None` that
+    // LLVM may move around.)
+    let mut established = NO_BACKEND;
+    let meta = match candidate.meta {
+        Some(meta) => meta,
+        None => match select::established(&candidate.flow, candidate.policy) {
+            Some((meta, id)) => {
+                established = id;
+                meta
+            }
+            None => match find_vip(&candidate.flow) {
+                Some(meta) => meta,
+                None => return Verdict::Pass,
+            },
+        },
+    };
+    if candidate.malformed {
+        return Verdict::DropMalformed;
     }
+    forward(ctx, &candidate, meta, established, stats)
 }
 
-/// Picks the backend and sends the packet to it.
+/// Picks the backend (unless conntrack already did) and sends the packet to it.
 #[inline(always)]
-fn forward(ctx: &XdpContext, fwd: &Forward, stats: &mut DatapathStats) -> Verdict {
-    if fwd.policy == ConnPolicy::LookupOnly {
+fn forward(
+    ctx: &XdpContext,
+    c: &Candidate,
+    meta: &VipMeta,
+    established: BackendId,
+    stats: &mut DatapathStats,
+) -> Verdict {
+    if c.policy == ConnPolicy::LookupOnly {
         stats.icmp_too_big += 1;
     }
-    let Some(choice) = select::backend(fwd.meta, &fwd.flow, fwd.policy, stats) else {
-        return Verdict::DropNoBackend;
+    let choice = match select::chosen(meta, &c.flow, established) {
+        Some(choice) => {
+            stats.conntrack_hit += 1;
+            choice
+        }
+        None => match select::backend(meta, &c.flow, c.policy, stats) {
+            Some(choice) => choice,
+            None => return Verdict::DropNoBackend,
+        },
     };
-    select::count_traffic(fwd.meta, choice.id, fwd.inner.len);
-    encap::send(ctx, fwd.l2_len, fwd.meta, &choice, fwd.inner)
+    select::count_traffic(meta, choice.id, c.inner.len);
+    encap::send(ctx, c.l2_len, meta, &choice, c.inner)
 }

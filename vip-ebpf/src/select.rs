@@ -3,11 +3,13 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use vip_common::{
     BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, IPPROTO_UDP,
-    TrafficCounters, VipMeta,
+    NO_BACKEND, TrafficCounters, VipMeta,
     hash::{flow_hash, maglev_slot},
 };
 
-use crate::maps::{BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, MAGLEV, VIP_STATS};
+use crate::maps::{
+    BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, MAGLEV, VIP_META, VIP_STATS,
+};
 
 /// How a packet uses connection tracking.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -52,7 +54,57 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
 }
 
-/// The backend for `flow`, or `None` when the VIP has no usable backend.
+/// An established flow: its conntrack entry, and the settings of the VIP the entry was made for,
+/// read by `vip_id` from `VIP_META` (an array read) instead of looking the VIP up by key. The
+/// entry counts only while that VIP still is the flow's VIP (a removed VIP's id may be reused),
+/// its backend is usable, and, for UDP, it is not idle past the VIP's timeout.
+#[inline(always)]
+pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMeta, BackendId)> {
+    if !matches!(
+        policy,
+        ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
+    ) {
+        return None;
+    }
+    // SAFETY: a map value pointer stays valid for this program run; racing writers of the
+    // same flow on other CPUs can only store another valid backend id or time.
+    let entry = unsafe { &mut *CONNTRACK.get_ptr_mut(flow)? };
+    let meta = VIP_META.get(entry.vip_id)?;
+    let vip = &meta.vip;
+    if vip.addr != flow.dst
+        || vip.proto != flow.proto
+        || vip.family != flow.family
+        || (vip.port != flow.dst_port && vip.port != [0; 2])
+    {
+        return None;
+    }
+    // Only UDP entries age, so only UDP pays for reading the clock on a hit.
+    if policy == ConnPolicy::TrackIdle {
+        let now = now();
+        if now.wrapping_sub(entry.last_seen_ns) > meta.udp_idle_ns {
+            return None;
+        }
+        entry.last_seen_ns = now;
+    }
+    usable(entry.backend)?;
+    Some((meta, entry.backend))
+}
+
+/// The backend `established` found, as a [`Choice`]; `None` for `NO_BACKEND`.
+#[inline(always)]
+pub fn chosen(meta: &VipMeta, flow: &FlowKey, id: BackendId) -> Option<Choice> {
+    if id == NO_BACKEND {
+        return None;
+    }
+    Some(Choice {
+        id,
+        backend: usable(id)?,
+        hash: flow_hash(flow, meta.hash_port_mask),
+    })
+}
+
+/// The VIP's Maglev answer for `flow` (recorded in conntrack as `policy` says), or `None` when
+/// the VIP has no usable backend.
 #[inline(always)]
 pub fn backend(
     meta: &VipMeta,
@@ -61,33 +113,6 @@ pub fn backend(
     stats: &mut DatapathStats,
 ) -> Option<Choice> {
     let hash = flow_hash(flow, meta.hash_port_mask);
-    if matches!(
-        policy,
-        ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
-    ) && let Some(entry) = CONNTRACK.get_ptr_mut(flow)
-    {
-        // SAFETY: a map value pointer stays valid for this program run; racing writers of the
-        // same flow on other CPUs can only store another valid backend id or time.
-        let entry = unsafe { &mut *entry };
-        // Only UDP entries age, so only UDP pays for reading the clock on a hit.
-        let fresh = policy != ConnPolicy::TrackIdle || {
-            let now = now();
-            let fresh = now.wrapping_sub(entry.last_seen_ns) <= meta.udp_idle_ns;
-            if fresh {
-                entry.last_seen_ns = now;
-            }
-            fresh
-        };
-        if fresh && let Some(backend) = usable(entry.backend) {
-            stats.conntrack_hit += 1;
-            return Some(Choice {
-                id: entry.backend,
-                backend,
-                hash,
-            });
-        }
-    }
-
     let table_size = DATAPATH_CONFIG.get(0)?.table_size;
     if table_size == 0 {
         return None;
@@ -104,7 +129,7 @@ pub fn backend(
     ) {
         let entry = ConnEntry {
             backend: id,
-            _pad: 0,
+            vip_id: meta.vip_id,
             last_seen_ns: now(),
         };
         // A full LRU evicts its oldest entry; an error here only costs the next packet a re-hash,
