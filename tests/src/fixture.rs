@@ -95,11 +95,17 @@ impl Lb {
     }
 
     pub fn with_table_size(table_size: u32) -> Self {
+        Self::with_sizes(table_size, 65_536)
+    }
+
+    /// A copy with `conntrack_entries` of connection tracking (per-CPU LRU lists: each CPU's
+    /// list holds its share).
+    pub fn with_sizes(table_size: u32, conntrack_entries: u32) -> Self {
         crate::require_root();
         let options = DataplaneOptions {
             table_size,
             table_slots: TABLE_SLOTS,
-            conntrack_entries: 65_536,
+            conntrack_entries,
             pin_dir: None,
         };
         let mut dataplane = Dataplane::load(options).expect("load the vip-ebpf object");

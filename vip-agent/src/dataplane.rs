@@ -346,6 +346,15 @@ impl Dataplane {
         Ok(out)
     }
 
+    /// Writes a connection-tracking entry (benchmarks and tests fill the table with it).
+    pub fn insert_flow(&mut self, flow: &FlowKey, entry: &ConnEntry) -> Result<()> {
+        let mut map: HashMap<&mut MapData, FlowKey, ConnEntry> =
+            HashMap::try_from(self.map_mut(layout::CONNTRACK)?)
+                .map_err(map_err(layout::CONNTRACK))?;
+        map.insert(flow, entry, 0)
+            .map_err(map_err(layout::CONNTRACK))
+    }
+
     /// Every connection-tracking entry (a snapshot; the datapath keeps changing it).
     pub fn flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>> {
         let map: HashMap<&MapData, FlowKey, ConnEntry> =

@@ -103,6 +103,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn set_frame(frames: &mut Array<aya::maps::MapData, BenchFrame>, frame: &[u8]) {
+    frames
+        .set(0, bench_frame(frame), 0)
+        .expect("write BENCH_FRAME");
+}
+
+fn bench_frame(frame: &[u8]) -> BenchFrame {
     assert!(frame.len() <= BENCH_FRAME_MAX);
     let mut f = BenchFrame {
         len: frame.len() as u32,
@@ -110,7 +116,7 @@ fn set_frame(frames: &mut Array<aya::maps::MapData, BenchFrame>, frame: &[u8]) {
         bytes: [0; BENCH_FRAME_MAX],
     };
     f.bytes[..frame.len()].copy_from_slice(frame);
-    frames.set(0, f, 0).expect("write BENCH_FRAME");
+    f
 }
 
 fn main() {
@@ -274,9 +280,133 @@ fn main() {
         )
         .unwrap();
     }
+    conntrack_scaling(&mut md, &mut harness, (&mut targets, &mut frames), wrapped);
+    maglev_builds(&mut md);
     print!("{md}");
     std::fs::write(&output, md).expect("write BENCHMARKS.md");
     eprintln!("wrote {}", output.display());
+}
+
+/// Established-flow cost with 1, 1,000 and 1,000,000 flows in conntrack: a hash table's cost
+/// should not grow with its fill (cache misses aside).
+fn conntrack_scaling(
+    md: &mut String,
+    harness: &mut aya::Ebpf,
+    (targets, frames): (
+        &mut ProgramArray<aya::maps::MapData>,
+        &mut Array<aya::maps::MapData, BenchFrame>,
+    ),
+    wrapped_floor: f64,
+) {
+    let mut lb = Lb::with_sizes(DEFAULT_TABLE_SIZE, 2_200_000);
+    lb.backend(0, "198.18.1.1").backend(1, "198.18.1.2");
+    let spec = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1]);
+    let vip_id = lb.vip(&spec);
+    let frame = Frame::tcp("198.18.50.1", 40001, "198.18.100.1", 80, TCP_ACK).build();
+    let (want_action, want_out) = lb.run(&frame);
+    assert_eq!(want_action, XDP_TX);
+    let lb_fd: ProgramFd = lb
+        .dataplane
+        .program()
+        .unwrap()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap();
+    targets.set(0, &lb_fd, 0).unwrap();
+    set_frame(frames, &frame);
+
+    writeln!(md, "\n## Established flow vs conntrack fill\n").unwrap();
+    writeln!(
+        md,
+        "Same method; the conntrack table is filled with other flows first.\n"
+    )
+    .unwrap();
+    writeln!(md, "| flows in conntrack | established TCP net ns |").unwrap();
+    writeln!(md, "|---:|---:|").unwrap();
+    let mut filled = 1u32;
+    for target in [1u32, 1_000, 1_000_000] {
+        while filled < target {
+            let mut flow = vip_common::FlowKey::v4(
+                (0xc612_0000u32 + (filled >> 16)).to_be_bytes(),
+                [198, 18, 100, 1],
+                IPPROTO_TCP,
+            );
+            flow.src_port = (filled as u16).to_be_bytes();
+            flow.dst_port = 80u16.to_be_bytes();
+            let entry = vip_common::ConnEntry {
+                backend: filled % 2,
+                vip_id,
+                last_seen_ns: 0,
+            };
+            lb.dataplane
+                .insert_flow(&flow, &entry)
+                .expect("fill conntrack");
+            filled += 1;
+        }
+        let wrapper: &mut Xdp = harness
+            .program_mut(BENCH_RESTORE_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut samples = Vec::new();
+        for _ in 0..RUNS {
+            let (ns, action, out) = timed(wrapper, &frame, REPEAT);
+            assert_eq!(
+                (action, &out),
+                (want_action, &want_out),
+                "conntrack scaling output"
+            );
+            samples.push(ns - wrapped_floor);
+        }
+        writeln!(md, "| {target} | {:.1} |", median(samples)).unwrap();
+    }
+}
+
+/// Maglev table builds (userspace, single core) and the disruption of removing one backend.
+fn maglev_builds(md: &mut String) {
+    use vip_common::maglev::{MaglevBackend, MaglevTable};
+    writeln!(
+        md,
+        "\n## Maglev table builds (size {DEFAULT_TABLE_SIZE}, one core)\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "Median of 5 builds. \"moved\": slots that change when one backend leaves, against the \
+         ideal (the removed backend's own slots, 1/N). Target: build under 5 ms at 1,000 backends; \
+         moved within 1.2x of ideal plus the removed backend's share.\n"
+    )
+    .unwrap();
+    writeln!(md, "| backends | build ms | moved % | ideal % | ratio |").unwrap();
+    writeln!(md, "|---:|---:|---:|---:|---:|").unwrap();
+    for n in [10u32, 100, 1_000] {
+        let backends: Vec<MaglevBackend> = (0..n)
+            .map(|i| MaglevBackend {
+                addr: std::net::IpAddr::from([10, 0, (i >> 8) as u8, i as u8]),
+                weight: 1,
+                id: i,
+            })
+            .collect();
+        let mut times = Vec::new();
+        let mut table = None;
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            table = Some(MaglevTable::build(DEFAULT_TABLE_SIZE, &backends).unwrap());
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        let table = table.unwrap();
+        let after = MaglevTable::build(DEFAULT_TABLE_SIZE, &backends[1..]).unwrap();
+        let moved = table.moved_slots(&after) as f64 / f64::from(DEFAULT_TABLE_SIZE) * 100.0;
+        let ideal = 100.0 / f64::from(n);
+        writeln!(
+            md,
+            "| {n} | {:.2} | {moved:.2} | {ideal:.2} | {:.2}x |",
+            median(times),
+            moved / ideal
+        )
+        .unwrap();
+    }
 }
 
 fn shell(cmd: &str) -> String {
