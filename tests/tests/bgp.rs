@@ -437,3 +437,82 @@ fn node_drain_marks_routes_graceful_shutdown_and_undrain_clears_it() {
         "the community gone after undrain",
     );
 }
+
+#[test]
+fn passive_peers_are_accepted_and_strangers_refused() {
+    use std::io::{Read, Write};
+    let (rt, lbs) = topology(1);
+    let config = lb_config(&lbs[0], 1, "", &[VIP4])
+        .replace("asn = 65000\n", "asn = 65000\npassive = true\n");
+    let _agent = Agent::start(&lbs[0], &config, &[]);
+    // BIRD connects (vip does not); the session comes up and the route is there.
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    bird.wait_for(
+        |b| b.cli("show route").contains(VIP4),
+        "the route over a passive session",
+    );
+
+    // A connection from an address that is no peer: Cease / connection rejected.
+    rt.ip(&["addr", "add", "198.18.1.9/24", "dev", "r1"]);
+    let reply = rt.within(|| {
+        // From the stranger's address, 198.18.1.9.
+        let s = socket2_connect("198.18.1.9", "198.18.1.2:179");
+        let mut s = s.expect("connect to the agent's BGP port");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = s.write_all(&[]);
+        let mut buf = vec![0u8; 64];
+        let n = s.read(&mut buf).unwrap_or(0);
+        buf.truncate(n);
+        buf
+    });
+    assert!(reply.len() >= 21, "no NOTIFICATION: {reply:?}");
+    assert_eq!(
+        (reply[18], reply[19], reply[20]),
+        (3, 6, 5),
+        "Cease / connection rejected expected"
+    );
+}
+
+/// A TCP connection from a chosen source address.
+fn socket2_connect(source: &str, target: &str) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd;
+    let src: std::net::SocketAddrV4 = format!("{source}:0").parse().unwrap();
+    let dst: std::net::SocketAddrV4 = target.parse().unwrap();
+    let sockaddr = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket calls on a fresh descriptor we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = std::net::TcpStream::from_raw_fd(fd);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let s = sockaddr(src);
+        if libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let d = sockaddr(dst);
+        if libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+#[test]
+fn a_peer_with_another_router_id_is_refused() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let config = lb_config(&lbs[0], 1, "", &[VIP4])
+        .replace("asn = 65000\n", "asn = 65000\nrouter_id = \"9.9.9.9\"\n");
+    let mut agent = Agent::start(&lbs[0], &config, &[]);
+    agent.wait_for_log("bad BGP identifier", 1);
+    assert!(!established(&bird, "lb1"));
+}

@@ -159,6 +159,10 @@ pub struct BgpPeerConfig {
     pub address: IpAddr,
     pub asn: u32,
     pub port: u16,
+    /// Wait for the peer to connect (vip listens on port 179) instead of connecting.
+    pub passive: bool,
+    /// When set, the peer's OPEN must carry this BGP identifier.
+    pub router_id: Option<Ipv4Addr>,
     pub password: Option<String>,
     pub hold_time: Option<u16>,
     pub med: Option<u32>,
@@ -335,6 +339,9 @@ struct RawPeer {
     asn: u32,
     #[serde(default = "default_bgp_port")]
     port: u16,
+    #[serde(default)]
+    passive: bool,
+    router_id: Option<Ipv4Addr>,
     password: Option<Spanned<String>>,
     hold_time: Option<Spanned<u16>>,
     med: Option<u32>,
@@ -750,6 +757,8 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
             address,
             asn: p.asn,
             port: p.port,
+            passive: p.passive,
+            router_id: p.router_id,
             password: p.password.map(|s| s.into_inner()),
             hold_time: p.hold_time.map(|h| h.into_inner()),
             med: p.med,

@@ -132,7 +132,9 @@ enum Command {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                // netlink-packet-route warns on every dump that this kernel is newer than it.
+                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
         )
         .init();
     match Cli::parse().command {

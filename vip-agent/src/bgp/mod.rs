@@ -7,9 +7,18 @@
 pub mod session;
 pub mod wire;
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
-use tokio::{sync::watch, task::JoinHandle};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpSocket, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinHandle,
+};
 
 use vip_common::VipKey;
 
@@ -55,7 +64,55 @@ pub struct Speaker {
     routes: watch::Sender<Vec<Route>>,
     shutdown: watch::Sender<bool>,
     sessions: Vec<(IpAddr, watch::Receiver<Status>, JoinHandle<()>)>,
+    listener: Option<JoinHandle<()>>,
     settings: BgpConfig,
+}
+
+/// BGP's port, where passive peers connect.
+pub const BGP_PORT: u16 = 179;
+
+/// Accepts BGP connections (when some peer is passive) and hands each to the session of the
+/// peer it comes from; connections from unconfigured addresses get Cease / connection rejected.
+fn listen(
+    settings: &BgpConfig,
+    peers: HashMap<IpAddr, mpsc::Sender<TcpStream>>,
+) -> std::io::Result<JoinHandle<()>> {
+    let socket = TcpSocket::new_v6()?;
+    socket.set_reuseaddr(true)?;
+    // Dual-stack: IPv4 peers arrive as v4-mapped addresses.
+    socket.bind(SocketAddr::from((
+        std::net::Ipv6Addr::UNSPECIFIED,
+        BGP_PORT,
+    )))?;
+    for p in settings.peers.iter().filter(|p| p.passive) {
+        if let Some(key) = &p.password {
+            let mapped = match p.address {
+                IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+                v6 => v6,
+            };
+            session::set_md5(&socket, SocketAddr::new(mapped, 0), key)?;
+        }
+    }
+    let listener = socket.listen(16)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut stream, from)) = listener.accept().await {
+            let from = from.ip().to_canonical();
+            match peers.get(&from) {
+                Some(tx) => {
+                    let _ = tx.try_send(stream);
+                }
+                None => {
+                    tracing::warn!(%from, "BGP connection from an unconfigured address refused");
+                    let n = wire::Notification::new(
+                        wire::code::CEASE,
+                        wire::code::CONNECTION_REJECTED,
+                        &[],
+                    );
+                    let _ = stream.write_all(&wire::encode_notification(&n)).await;
+                }
+            }
+        }
+    }))
 }
 
 impl Speaker {
@@ -64,6 +121,7 @@ impl Speaker {
     pub fn start(settings: &BgpConfig, routes: Vec<Route>, restarted: bool) -> Self {
         let (routes_tx, _) = watch::channel(routes);
         let (shutdown_tx, _) = watch::channel(false);
+        let mut inbound = HashMap::new();
         let local = Local {
             asn: settings.asn,
             router_id: settings.router_id,
@@ -83,20 +141,35 @@ impl Speaker {
                 peer.large_communities =
                     [&settings.large_communities[..], &p.large_communities[..]].concat();
                 let (status_tx, status_rx) = watch::channel(Status::default());
+                let (inbound_tx, inbound_rx) = mpsc::channel(4);
+                inbound.insert(p.address, inbound_tx);
                 let task = tokio::spawn(session::run(
                     local.clone(),
                     peer,
                     routes_tx.subscribe(),
                     status_tx,
                     shutdown_tx.subscribe(),
+                    inbound_rx,
                 ));
                 (p.address, status_rx, task)
             })
             .collect();
+        let listener = if settings.peers.iter().any(|p| p.passive) {
+            match listen(settings, inbound) {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: passive peers cannot connect");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Self {
             routes: routes_tx,
             shutdown: shutdown_tx,
             sessions,
+            listener,
             settings: settings.clone(),
         }
     }
@@ -141,6 +214,9 @@ impl Speaker {
         // Let the sessions send their withdrawals before the Cease.
         tokio::time::sleep(Duration::from_millis(200)).await;
         self.shutdown.send_replace(true);
+        if let Some(listener) = self.listener {
+            listener.abort();
+        }
         for (_, _, task) in self.sessions {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }

@@ -16,7 +16,7 @@ use std::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
-    sync::watch,
+    sync::{mpsc, watch},
     time::{Instant, sleep, sleep_until, timeout},
 };
 
@@ -94,6 +94,7 @@ pub async fn run(
     mut routes: watch::Receiver<Vec<Route>>,
     status: watch::Sender<Status>,
     mut shutdown: watch::Receiver<bool>,
+    mut inbound: mpsc::Receiver<TcpStream>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -102,7 +103,15 @@ pub async fn run(
         }
         status.send_modify(|s| s.state = State::Connect);
         let before = status.borrow().established_transitions;
-        let result = session(&local, &peer, &mut routes, &status, &mut shutdown).await;
+        let result = session(
+            &local,
+            &peer,
+            &mut routes,
+            &status,
+            &mut shutdown,
+            &mut inbound,
+        )
+        .await;
         status.send_modify(|s| {
             s.state = State::Idle;
             s.announced = 0;
@@ -153,8 +162,9 @@ struct TcpMd5Sig {
     key: [u8; 80],
 }
 
-/// Signs every segment to `peer` with `key` (RFC 2385).
-fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Result<()> {
+/// Signs every segment to `peer` with `key` (RFC 2385). On an IPv6 socket an IPv4 peer is given
+/// as its v4-mapped address.
+pub fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Result<()> {
     if key.len() > 80 {
         return Err(std::io::Error::other("TCP MD5 keys are at most 80 bytes"));
     }
@@ -216,14 +226,32 @@ async fn notify(stream: &mut TcpStream, n: Notification) -> SessionError {
     SessionError::Sent(n)
 }
 
+/// The session's TCP connection: connected to the peer, or accepted from it (passive peers only
+/// accept). `None`: told to stop while waiting.
+async fn transport(
+    peer: &Peer,
+    shutdown: &mut watch::Receiver<bool>,
+    inbound: &mut mpsc::Receiver<TcpStream>,
+) -> Result<Option<TcpStream>, SessionError> {
+    tokio::select! {
+        // `None` (no listener: no passive peers) disables this branch rather than ending.
+        Some(accepted) = inbound.recv() => Ok(Some(accepted)),
+        connected = connect(peer), if !peer.passive => connected.map(Some),
+        _ = shutdown.changed() => Ok(None),
+    }
+}
+
 async fn session(
     local: &Local,
     peer: &Peer,
     routes: &mut watch::Receiver<Vec<Route>>,
     status: &watch::Sender<Status>,
     shutdown: &mut watch::Receiver<bool>,
+    inbound: &mut mpsc::Receiver<TcpStream>,
 ) -> Result<End, SessionError> {
-    let mut stream = connect(peer).await?;
+    let Some(mut stream) = transport(peer, shutdown, inbound).await? else {
+        return Ok(End::Shutdown);
+    };
     let _ = stream.set_nodelay(true);
     let our_hold = peer.hold_time.unwrap_or(local.hold_time);
     stream
@@ -248,6 +276,13 @@ async fn session(
         Ok(Ok(_)) => return Err(notify(&mut stream, Notification::new(code::FSM, 1, &[])).await),
         Ok(Err(e)) => return Err(e),
     };
+    if peer.router_id.is_some_and(|id| id != open.router_id) {
+        return Err(notify(
+            &mut stream,
+            Notification::new(code::OPEN_MESSAGE, code::BAD_BGP_IDENTIFIER, &[]),
+        )
+        .await);
+    }
     if open.asn != peer.asn {
         let data = (open.asn as u16).to_be_bytes();
         return Err(notify(
@@ -287,7 +322,8 @@ async fn session(
     });
     tracing::info!(peer = %peer.address, asn = peer.asn, hold, "BGP session established");
 
-    let local_addr = stream.local_addr()?.ip();
+    // Accepted on the dual-stack listener, an IPv4 session's address is v4-mapped.
+    let local_addr = stream.local_addr()?.ip().to_canonical();
     let attrs = |r: &Route| -> PathAttrs {
         let ebgp = peer.asn != local.asn;
         let mut communities = peer.communities.clone();
@@ -350,6 +386,11 @@ async fn session(
             _ = sleep_until(next_keepalive.unwrap_or_else(far)), if next_keepalive.is_some() => {
                 stream.write_all(&wire::encode_keepalive()).await?;
                 next_keepalive = keepalive_every.map(|k| Instant::now() + k);
+            }
+            // Collision with an established session: the new connection goes (RFC 4271 6.8).
+            Some(mut late) = inbound.recv() => {
+                let n = Notification::new(code::CEASE, code::CONNECTION_COLLISION, &[]);
+                let _ = late.write_all(&wire::encode_notification(&n)).await;
             }
             changed = routes.changed() => {
                 if changed.is_err() {
