@@ -79,6 +79,9 @@ enum Command {
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/vip")]
         pin_dir: PathBuf,
+        /// The running agent's metrics address (attachments, BGP sessions).
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        agent: SocketAddr,
     },
     /// The connection-tracking entries, decoded.
     Flows {
@@ -166,7 +169,14 @@ fn main() -> Result<()> {
             println!("detached from {:?}; removed {}", ifaces, pin_dir.display());
             Ok(())
         }
-        Command::Status { pin_dir } => status(&pin_dir),
+        Command::Status { pin_dir, agent } => {
+            status(&pin_dir)?;
+            match request(agent, "GET", "/status") {
+                Ok(text) => print!("agent:\n{}", indent(&text)),
+                Err(e) => println!("agent: {e:#}"),
+            }
+            Ok(())
+        }
         Command::Flows { pin_dir, vip } => flows(&pin_dir, vip),
         Command::Which {
             pin_dir,
@@ -234,6 +244,16 @@ fn enable_forwarding(iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// A started node and what starting it found.
+struct Started {
+    node: Node,
+    /// It took over a running datapath.
+    restarted: bool,
+    events: Option<mpsc::Receiver<health::Event>>,
+    /// How each interface is attached.
+    attached: Vec<String>,
+}
+
 /// What runs on this node: the load balancer or a backend's decapsulation.
 enum Node {
     Lb {
@@ -249,8 +269,9 @@ enum Node {
 impl Node {
     /// Loads the program (reusing pinned state), applies `cfg`, and attaches. Also returns
     /// whether it took over a running datapath, and the health checks' events.
-    async fn start(cfg: &Config) -> Result<(Self, bool, Option<mpsc::Receiver<health::Event>>)> {
+    async fn start(cfg: &Config) -> Result<Started> {
         let mut restarted = false;
+        let mut attached = Vec::new();
         let mut events = None;
         let mut node = match cfg.node.role {
             Role::Lb => {
@@ -293,15 +314,28 @@ impl Node {
                 Node::Backend { decap } => decap.attach_pinned(iface, modes, pin_dir),
             }
             .with_context(|| format!("attaching XDP to {iface}"))?;
-            match mode {
-                None => info!(%iface, "switched the running program to this one (no gap)"),
-                Some(XdpMode::Skb) => {
-                    warn!(%iface, "attached in generic mode: the driver has no native XDP")
+            let how = match mode {
+                None => {
+                    info!(%iface, "switched the running program to this one (no gap)");
+                    "took over the running attachment"
                 }
-                Some(mode) => info!(%iface, ?mode, "attached"),
-            }
+                Some(XdpMode::Skb) => {
+                    warn!(%iface, "attached in generic mode: the driver has no native XDP");
+                    "generic (skb) mode"
+                }
+                Some(mode) => {
+                    info!(%iface, ?mode, "attached");
+                    "driver mode"
+                }
+            };
+            attached.push(format!("{iface}: {how}"));
         }
-        Ok((node, restarted, events))
+        Ok(Started {
+            node,
+            restarted,
+            events,
+            attached,
+        })
     }
 
     /// Applies a (validated) config to the maps.
@@ -370,6 +404,7 @@ struct Shared {
     speaker: tokio::sync::Mutex<Option<Speaker>>,
     config: std::sync::Mutex<Config>,
     overrides: std::sync::Mutex<Overrides>,
+    attached: Vec<String>,
 }
 
 /// Run-time state on top of the config: health verdicts and drains. Drains do not survive a
@@ -495,6 +530,7 @@ impl metrics::Source for Shared {
         let q = query(path);
         match (method, route) {
             ("GET", "/backends") => (200, self.backends_text().await),
+            ("GET", "/status") => (200, self.status_text().await),
             ("POST", "/drain" | "/undrain") => {
                 let on = route == "/drain";
                 let Some(backend) = q.get("backend") else {
@@ -540,6 +576,36 @@ impl metrics::Source for Shared {
 }
 
 impl Shared {
+    /// What only the running agent knows: attachments, drain, BGP sessions.
+    async fn status_text(&self) -> String {
+        let mut out = String::new();
+        for a in &self.attached {
+            out += &format!("attached {a}\n");
+        }
+        let drained = self.overrides.lock().expect("overrides lock").node_drained;
+        out += &format!(
+            "node: {}\n",
+            if drained {
+                "drained (GRACEFUL_SHUTDOWN)"
+            } else {
+                "serving"
+            }
+        );
+        if let Some(speaker) = &*self.speaker.lock().await {
+            for (peer, st) in speaker.status() {
+                out += &format!(
+                    "bgp peer {peer}: {:?}, {} routes announced",
+                    st.state, st.announced
+                );
+                if let Some(e) = &st.last_error {
+                    out += &format!(", last error: {e}");
+                }
+                out += "\n";
+            }
+        }
+        out
+    }
+
     /// One line per backend of each VIP: condition and latest health check.
     async fn backends_text(&self) -> String {
         let node = self.node.lock().await;
@@ -573,7 +639,12 @@ impl Shared {
 }
 
 async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
-    let (node, restarted, mut health_events) = Node::start(&cfg).await?;
+    let Started {
+        node,
+        restarted,
+        events: mut health_events,
+        attached,
+    } = Node::start(&cfg).await?;
     let lo = LoopbackVips::new().await?;
     let (added, removed) = lo.sync(&cfg.loopback_addresses()).await?;
     info!(added, removed, "VIP addresses on lo");
@@ -590,6 +661,7 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         speaker: tokio::sync::Mutex::new(speaker),
         config: std::sync::Mutex::new(cfg.clone()),
         overrides: std::sync::Mutex::default(),
+        attached,
     });
     let metrics_address = cfg.node.metrics_address;
     let mut server = tokio::spawn(metrics::serve(metrics_address, shared.clone()));
@@ -827,6 +899,10 @@ fn mac(m: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
 }
 
 fn control(method: &str, route: &str, args: &ControlArgs) -> Result<()> {
