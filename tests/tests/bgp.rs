@@ -120,6 +120,38 @@ fn announces_to_bird_and_withdraws() {
         rt.ip(&["route", "show", &format!("{VIP4}/32")])
             .contains("198.18.1.2")
     );
+    // The session is in the agent's metrics, and `status` shows it and the attachment.
+    let metrics = lbs[0].within(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).unwrap();
+        r
+    });
+    assert!(
+        metrics.contains("vip_bgp_session_established{peer=\"198.18.1.1\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vip_bgp_routes_announced{peer=\"198.18.1.1\"} 2"),
+        "{metrics}"
+    );
+    let pin = lbs[0].pin_dir.to_string_lossy().into_owned();
+    let agent_bin = vip_tests::node::agent_bin().to_string_lossy().into_owned();
+    // From this network namespace but the host's mount namespace (where the pins are).
+    let status = lbs[0].within(move || {
+        let out = std::process::Command::new(&agent_bin)
+            .args(["status", "--pin-dir", &pin])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    });
+    assert!(
+        status.contains("bgp peer 198.18.1.1: Established, 2 routes announced"),
+        "{status}"
+    );
+    assert!(status.contains("attached up0: driver mode"), "{status}");
 
     // Removing a VIP from the config and reloading withdraws it.
     agent.rewrite_config(&lb_config(&lbs[0], 1, "", &[VIP4]));
