@@ -16,7 +16,16 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests and the demo use.
 const APT_PACKAGES: &[&str] = &[
-    "bpftool", "iproute2", "ethtool", "tcpdump", "procps", "bird2", "gobgpd",
+    "bpftool",
+    "iproute2",
+    "ethtool",
+    "tcpdump",
+    "procps",
+    "bird2",
+    "gobgpd",
+    // kubernetes-validate runs in a venv.
+    "python3",
+    "python3-venv",
 ];
 
 #[derive(Parser)]
