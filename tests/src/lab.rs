@@ -29,6 +29,11 @@ pub const VIP4: &str = "198.19.0.1";
 pub const VIP6: &str = "fd00:19::1";
 pub const TCP_PORT: u16 = 80;
 pub const UDP_PORT: u16 = 53;
+/// MTU of the lab's links; the client's own link is set back to 1500.
+const LINK_MTU: u32 = 1600;
+
+/// iperf3's port: a VIP for throughput measurements (`cargo xtask bench`).
+pub const IPERF_PORT: u16 = 5201;
 const ROUTER_ASN: u32 = 65000;
 const LB_ASN: u32 = 65001;
 
@@ -146,6 +151,11 @@ fn link(
     ip(&[
         "link", "add", a_dev, "netns", a, "type", "veth", "peer", "name", b_dev, "netns", b,
     ])?;
+    // Encapsulated packets are 20-48 bytes longer than the client's: the links inside the "data
+    // centre" have room for them (the client's link stays at 1500).
+    for (n, dev) in [(a, a_dev), (b, b_dev)] {
+        ip(&["-n", n, "link", "set", dev, "mtu", &LINK_MTU.to_string()])?;
+    }
     for (n, dev, addrs) in [(a, a_dev, a_addrs), (b, b_dev, b_addrs)] {
         for addr in addrs {
             ip(&["-n", n, "addr", "add", addr, "dev", dev, "nodad"])?;
@@ -253,6 +263,9 @@ impl Lab {
         // Keep each flow on its path: TCP would re-hash (and so change LB node) after every
         // retransmission timeout otherwise, which hides what failover does.
         sysctl(&client, "net.core.txrehash", "0")?;
+        // The client's network has an ordinary MTU.
+        ip(&["-n", &client, "link", "set", "eth0", "mtu", "1500"])?;
+        ip(&["-n", &router, "link", "set", "r-client", "mtu", "1500"])?;
         // Full checksums from the client (veth offload would leave them to "hardware").
         in_ns(&client, &["ethtool", "-K", "eth0", "tx", "off"])?;
         for i in 1..=s.lbs {
@@ -436,9 +449,14 @@ impl Lab {
             (VIP4, "udp", UDP_PORT),
             (VIP6, "tcp", TCP_PORT),
             (VIP6, "udp", UDP_PORT),
+            (VIP4, "tcp", IPERF_PORT),
         ] {
             c +=
                 &format!("\n[[vip]]\naddress = \"{vip}\"\nprotocol = \"{proto}\"\nport = {port}\n");
+            if port == IPERF_PORT {
+                // iperf3's control and data connections must reach the same server.
+                c += "hash = \"addresses\"\n";
+            }
             if self.spec.gue {
                 c += &format!("encapsulation = \"gue\"\ngue_port = {GUE_PORT}\n");
             }
@@ -583,6 +601,56 @@ udp_expect = \"ping\"",
             }
         }
         Ok(())
+    }
+
+    /// TCP throughput from the client to `target` (iperf3, `streams` parallel flows, `secs`
+    /// seconds), in Gbit/s. Starts iperf3 servers on the backends the first time.
+    pub fn iperf(&mut self, target: &str, streams: u32, secs: u32) -> Result<f64> {
+        if !self.children.iter().any(|(n, _)| n.starts_with("iperf")) {
+            for i in 1..=self.spec.backends() {
+                let ns = self.spec.ns(&format!("be{i}"));
+                self.spawn(
+                    &format!("iperf{i}"),
+                    Path::new("ip"),
+                    &[
+                        "netns",
+                        "exec",
+                        &ns,
+                        "iperf3",
+                        "-s",
+                        "-p",
+                        &IPERF_PORT.to_string(),
+                    ],
+                )?;
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        let out = in_ns(
+            &self.spec.ns("client"),
+            &[
+                "iperf3",
+                "-c",
+                target,
+                "-p",
+                &IPERF_PORT.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-t",
+                &secs.to_string(),
+                "-J",
+            ],
+        )?;
+        // "sum_received": { ... "bits_per_second": N } near the end of iperf3's JSON.
+        let at = out
+            .rfind("\"sum_received\"")
+            .ok_or("no sum_received in iperf3 output")?;
+        let bps = out[at..]
+            .split("\"bits_per_second\":")
+            .nth(1)
+            .and_then(|v| v.split([',', '}', '\n']).next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or("no bits_per_second in iperf3 output")?;
+        Ok(bps / 1e9)
     }
 
     /// Runs `f` on a thread inside the client's namespace; sockets it makes stay there.

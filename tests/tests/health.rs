@@ -105,8 +105,8 @@ fn drain_keeps_established_connections_and_avoids_new_ones() {
         let out = lab
             .agent_cli(i, &["drain", "--backend", "198.18.11.2", "--vip", VIP4])
             .unwrap();
-        // The VIP address has a TCP and a UDP service.
-        assert!(out.contains("drained 198.18.11.2 on 2 VIPs"), "{out}");
+        // The VIP address has TCP, UDP and iperf3 services.
+        assert!(out.contains("drained 198.18.11.2 on 3 VIPs"), "{out}");
     }
     wait_condition(&lab, "198.18.11.2", "drained", TIMEOUT);
     assert_eq!(

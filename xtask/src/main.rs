@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "bird2",
     "gobgpd",
+    "iperf3",
     // kubernetes-validate runs in a venv.
     "python3",
     "python3-venv",
@@ -111,7 +112,9 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             setup()?;
-            build_ebpf()?;
+            // The lab part runs the agent and the lab's services.
+            build()?;
+            run(cargo().args(["build", "--release", "-p", "vip-tests", "--bin", "vip-demo"]))?;
             run(cargo()
                 .args([
                     "run",
