@@ -1,5 +1,6 @@
 //! Connection tracking: established flows stay on their backend when the table changes; SYNs
-//! take the new table; removed backends are never used; UDP entries expire when idle.
+//! take the new table; removed backends are never used; SYN floods do not evict flows; UDP
+//! entries expire when idle.
 
 use std::{net::IpAddr, thread, time::Duration};
 
@@ -10,6 +11,17 @@ fn outer_dst(lb: &mut Lb, frame: &Frame) -> IpAddr {
     let (action, out) = lb.run(&frame.build());
     assert_eq!(action, XDP_TX, "{frame:?}");
     decode_encapsulated(&out).outer_dst
+}
+
+/// A SYN and the handshake's first ACK (which records the flow); the backend both went to.
+fn handshake(lb: &mut Lb, syn: &Frame) -> IpAddr {
+    let to = outer_dst(lb, syn);
+    let ack = Frame {
+        tcp_flags: TCP_ACK,
+        ..syn.clone()
+    };
+    assert_eq!(outer_dst(lb, &ack), to, "the ACK left its SYN's backend");
+    to
 }
 
 fn four_backends(lb: &mut Lb) {
@@ -85,7 +97,7 @@ fn removed_backend_is_never_used() {
         .map(|i| Frame::tcp("198.18.50.1", 20_000 + i, "198.18.100.1", 80, TCP_SYN))
         .collect();
     let removed: IpAddr = "198.18.1.4".parse().unwrap();
-    let original: Vec<IpAddr> = flows.iter().map(|f| outer_dst(&mut lb, f)).collect();
+    let original: Vec<IpAddr> = flows.iter().map(|f| handshake(&mut lb, f)).collect();
     assert!(original.iter().filter(|&&a| a == removed).count() > 20);
 
     // The agent's order: new table without it, then the backend slot is emptied.
@@ -105,6 +117,46 @@ fn removed_backend_is_never_used() {
             // Untouched by the removal.
             assert_eq!(got, *was, "a flow of a surviving backend moved");
         }
+    }
+}
+
+#[test]
+fn a_syn_flood_cannot_evict_established_flows() {
+    // 1,024 entries: a flood four times that size would have emptied it if SYNs were recorded.
+    let mut lb = Lb::with_sizes(SMALL_TABLE, 1_024);
+    four_backends(&mut lb);
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+    let clients: Vec<Frame> = (0..100)
+        .map(|i| Frame::tcp("198.18.50.1", 30_000 + i, "198.18.100.1", 80, TCP_SYN))
+        .collect();
+    let original: Vec<IpAddr> = clients.iter().map(|f| handshake(&mut lb, f)).collect();
+    assert_eq!(lb.dataplane.flows().unwrap().len(), clients.len());
+
+    for i in 0..4_096u32 {
+        let spoofed = format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250);
+        let syn = Frame::tcp(&spoofed, 1_024 + i as u16, "198.18.100.1", 80, TCP_SYN);
+        let (action, _) = lb.run(&syn.build());
+        assert_eq!(action, XDP_TX);
+    }
+    assert_eq!(
+        lb.dataplane.flows().unwrap().len(),
+        clients.len(),
+        "the SYN flood left entries in conntrack"
+    );
+
+    // The clients' flows are still pinned: a table change does not move them.
+    lb.vip(&VipSpec::new(
+        "198.18.100.1",
+        IPPROTO_TCP,
+        80,
+        &[0, 1, 2, 3],
+    ));
+    for (syn, was) in clients.iter().zip(&original) {
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        assert_eq!(outer_dst(&mut lb, &ack), *was, "an established flow moved");
     }
 }
 

@@ -14,7 +14,9 @@ use crate::maps::{
 /// How a packet uses connection tracking.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum ConnPolicy {
-    /// A TCP SYN: always the Maglev answer, overwriting any old entry (a new connection).
+    /// A TCP SYN: always the Maglev answer (a new connection). An old entry for the same
+    /// 5-tuple is overwritten, but no entry is created: the handshake's first ACK records the
+    /// flow. A flood of spoofed SYNs, which never ACK, so cannot evict real clients' flows.
     New,
     /// TCP: an entry decides; on a miss, Maglev decides and is recorded.
     Track,
@@ -123,18 +125,25 @@ pub fn backend(
         .wrapping_add(maglev_slot(hash, table_size));
     let id = *MAGLEV.get(slot)?;
     let backend = usable(id)?;
-    if matches!(
-        policy,
-        ConnPolicy::New | ConnPolicy::Track | ConnPolicy::TrackIdle
-    ) {
-        let entry = ConnEntry {
-            backend: id,
-            vip_id: meta.vip_id,
-            last_seen_ns: now(),
-        };
-        // A full LRU evicts its oldest entry; an error here only costs the next packet a re-hash,
-        // which picks the same backend while the table is unchanged.
-        let _ = CONNTRACK.insert(flow, entry, 0);
+    let entry = || ConnEntry {
+        backend: id,
+        vip_id: meta.vip_id,
+        last_seen_ns: now(),
+    };
+    match policy {
+        ConnPolicy::New => {
+            // A reused 5-tuple: its next packets must follow this SYN, not the old connection.
+            if let Some(old) = CONNTRACK.get_ptr_mut(flow) {
+                // SAFETY: a map value pointer stays valid for this program run.
+                unsafe { *old = entry() };
+            }
+        }
+        ConnPolicy::Track | ConnPolicy::TrackIdle => {
+            // A full LRU evicts its oldest entry; an error here only costs the next packet a
+            // re-hash, which picks the same backend while the table is unchanged.
+            let _ = CONNTRACK.insert(flow, entry(), 0);
+        }
+        ConnPolicy::LookupOnly | ConnPolicy::Stateless => {}
     }
     stats.conntrack_miss += 1;
     Some(Choice { id, backend, hash })
