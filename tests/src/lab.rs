@@ -603,6 +603,27 @@ udp_expect = \"ping\"",
         Ok(())
     }
 
+    /// Makes the router send the client's packets for `dst` through LB node `lb`, which routes
+    /// them back (the LB node "only routing": a baseline for the LB path, same hops, same links).
+    pub fn route_through_lb(&self, dst: &str, lb: usize) -> Result<()> {
+        let (router, node) = (self.spec.ns("router"), self.spec.ns(&format!("lb{lb}")));
+        let (lb4, ..) = lb_addrs(lb);
+        sysctl(&node, "net.ipv4.ip_forward", "1")?;
+        // It forwards out of the interface the packet came in on: no redirects, no rp check.
+        sysctl(&node, "net.ipv4.conf.all.send_redirects", "0")?;
+        sysctl(&node, "net.ipv4.conf.eth0.send_redirects", "0")?;
+        sysctl(&router, "net.ipv4.conf.all.rp_filter", "0")?;
+        sysctl(&router, &format!("net.ipv4.conf.r-lb{lb}.rp_filter"), "0")?;
+        let table = "100";
+        ip(&[
+            "-n", &router, "route", "add", dst, "via", &lb4, "table", table,
+        ])?;
+        ip(&[
+            "-n", &router, "rule", "add", "pref", "50", "iif", "r-client", "to", dst, "lookup",
+            table,
+        ])
+    }
+
     /// TCP throughput from the client to `target` (iperf3, `streams` parallel flows, `secs`
     /// seconds), in Gbit/s. Starts iperf3 servers on the backends the first time.
     pub fn iperf(&mut self, target: &str, streams: u32, secs: u32) -> Result<f64> {
