@@ -674,6 +674,26 @@ udp_expect = \"ping\"",
         Ok(bps / 1e9)
     }
 
+    /// Opens `n` TCP connections from the client to the IPv4 VIP (each given `timeout` to
+    /// answer) and returns them, reads limited to `read_timeout`, with the backend each reached.
+    pub fn connections(
+        &self,
+        n: usize,
+        timeout: Duration,
+        read_timeout: Duration,
+    ) -> Vec<(TcpStream, String)> {
+        self.in_client(move || {
+            (0..n)
+                .map(|_| {
+                    let (s, backend, _) =
+                        tcp_hello(VIP4.parse().unwrap(), timeout).expect("connect to the VIP");
+                    s.set_read_timeout(Some(read_timeout)).unwrap();
+                    (s, backend)
+                })
+                .collect()
+        })
+    }
+
     /// Runs `f` on a thread inside the client's namespace; sockets it makes stay there.
     pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let ns = self.spec.ns("client");

@@ -114,28 +114,19 @@ fn agent_lifecycle_on_lb_and_backend() {
     lb.ip(&["-6", "route", "add", "fd00:1::/64", "via", "fd00:18::1"]);
     let gen_mac = be.mac("gen0");
     let mac = gen_mac.map(|b| format!("{b:02x}")).join(":");
-    lb.ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.1",
-        "lladdr",
-        &mac,
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ]);
-    lb.ip(&[
-        "neigh",
-        "replace",
-        "fd00:18::1",
-        "lladdr",
-        &mac,
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ]);
+    for gateway in ["198.18.0.1", "fd00:18::1"] {
+        lb.ip(&[
+            "neigh",
+            "replace",
+            gateway,
+            "lladdr",
+            &mac,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+    }
 
     // The backend: decapsulation on gen0, VIPs on its lo.
     let backend_config = format!(

@@ -187,15 +187,7 @@ fn failover(mut lab: Lab) {
 
 /// Opens `n` connections to the IPv4 VIP; returns them with the backend each reached.
 fn connections(lab: &Lab, n: usize) -> Vec<(std::net::TcpStream, String)> {
-    lab.in_client(move || {
-        (0..n)
-            .map(|_| {
-                let (s, backend, _) = tcp_hello(VIP4.parse().unwrap(), TIMEOUT).expect("connect");
-                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                (s, backend)
-            })
-            .collect()
-    })
+    lab.connections(n, TIMEOUT, Duration::from_secs(2))
 }
 
 /// Whether a connection still carries data.

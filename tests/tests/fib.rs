@@ -67,28 +67,19 @@ fn fib_lookup_without_and_with_a_neighbour() {
     assert_eq!((stats.no_neighbour_passed, stats.no_route_passed), (2, 0));
 
     // The kernel knows the gateways now: the datapath forwards with the FIB's MACs.
-    ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.1",
-        "lladdr",
-        GW_MAC,
-        "dev",
-        "vipfib0",
-        "nud",
-        "permanent",
-    ]);
-    ip(&[
-        "neigh",
-        "replace",
-        "fd00:18::1",
-        "lladdr",
-        GW_MAC,
-        "dev",
-        "vipfib0",
-        "nud",
-        "permanent",
-    ]);
+    for gateway in ["198.18.0.1", "fd00:18::1"] {
+        ip(&[
+            "neigh",
+            "replace",
+            gateway,
+            "lladdr",
+            GW_MAC,
+            "dev",
+            "vipfib0",
+            "nud",
+            "permanent",
+        ]);
+    }
     for f in &frames {
         let (action, out) = lb.run_on(&f.build(), ifindex);
         assert_eq!(action, XDP_TX, "{f:?}");

@@ -29,15 +29,7 @@ fn lab(prefix: &str) -> Lab {
 }
 
 fn connections(lab: &Lab, n: usize) -> Vec<(TcpStream, String)> {
-    lab.in_client(move || {
-        (0..n)
-            .map(|_| {
-                let (s, b, _) = tcp_hello(VIP4.parse().unwrap(), TIMEOUT).expect("connect");
-                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-                (s, b)
-            })
-            .collect()
-    })
+    lab.connections(n, TIMEOUT, TIMEOUT)
 }
 
 fn backends_seen(lab: &Lab, n: usize) -> Vec<String> {

@@ -8,7 +8,12 @@
 //! trivial XDP_TX program with and without the wrapper) and subtracted. Every case's output
 //! after the timed runs is checked against a plain single run of the same frame.
 
-use std::{fmt::Write as _, path::PathBuf, process::Command, time::Duration};
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use aya::{
     EbpfLoader,
@@ -283,6 +288,7 @@ fn main() {
     conntrack_scaling(&mut md, &mut harness, (&mut targets, &mut frames), wrapped);
     maglev_builds(&mut md);
     lab_throughput(&mut md);
+    agent_startup(&mut md);
     print!("{md}");
     std::fs::write(&output, md).expect("write BENCHMARKS.md");
     eprintln!("wrote {}", output.display());
@@ -392,7 +398,7 @@ fn maglev_builds(md: &mut String) {
         let mut times = Vec::new();
         let mut table = None;
         for _ in 0..5 {
-            let start = std::time::Instant::now();
+            let start = Instant::now();
             table = Some(MaglevTable::build(DEFAULT_TABLE_SIZE, &backends).unwrap());
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
@@ -479,6 +485,88 @@ fn lab_throughput(md: &mut String) {
         )
         .unwrap();
     }
+}
+
+/// Time from `vip-agent run` until its program is attached with the maps filled (start-up's last
+/// step), for 100 VIPs × 10 backends at the default table size: cold, and restarted over the
+/// pinned state its predecessor left (where the datapath never stopped forwarding).
+fn agent_startup(md: &mut String) {
+    use vip_tests::node::{Agent, Netns};
+    const VIPS: u32 = 100;
+    const RUNS: usize = 5;
+    let lb = Netns::new("bench-lb");
+    let peer = Netns::new("bench-gw");
+    lb.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "gw0", "netns", &peer.name,
+    ]);
+    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
+    lb.ip(&["link", "set", "up0", "up"]);
+    peer.ip(&["addr", "add", "198.18.0.1/24", "dev", "gw0"]);
+    peer.ip(&["link", "set", "gw0", "up"]);
+    lb.ip(&["route", "add", "198.18.128.0/24", "via", "198.18.0.1"]);
+    let mut config = format!(
+        "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
+         table_slots = {}\n",
+        lb.pin_dir.display(),
+        VIPS + 8
+    );
+    for i in 0..VIPS {
+        config += &format!(
+            "\n[[vip]]\naddress = \"198.19.0.{}\"\nprotocol = \"tcp\"\nport = 80\n",
+            1 + i
+        );
+        for b in 0..10 {
+            config += &format!(
+                "[[vip.backend]]\naddress = \"198.18.128.{}\"\n",
+                1 + (i + b) % 250
+            );
+        }
+    }
+    // --cleanup: the agent removes its pins when it stops, so the next start is cold.
+    let started = || {
+        let t = Instant::now();
+        let mut agent = Agent::start(&lb, &config, &["--cleanup"]);
+        while !agent.log_text().contains("attached") && !agent.log_text().contains("no gap") {
+            assert!(agent.running(), "agent exited: {}", agent.log_text());
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (t.elapsed().as_secs_f64() * 1e3, agent)
+    };
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let (ms, mut first) = started();
+        cold.push(ms);
+        // Killed, not stopped: its pins stay, as after a crash or an upgrade.
+        first.kill();
+        let (ms, mut second) = started();
+        assert!(
+            second.log_text().contains("took over pinned state"),
+            "{}",
+            second.log_text()
+        );
+        warm.push(ms);
+        second.signal(libc::SIGTERM);
+        assert!(second.wait(), "{}", second.log_text());
+    }
+    writeln!(
+        md,
+        "\n## Agent start-up ({VIPS} VIPs × 10 backends, table size {DEFAULT_TABLE_SIZE}, median of {RUNS})\n"
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "From `vip-agent run` to the program attached with every map filled. On a restart the \
+         old program keeps forwarding from its pinned maps the whole time.\n"
+    )
+    .unwrap();
+    writeln!(md, "| start | ms |\n|---|---:|").unwrap();
+    writeln!(md, "| cold (nothing pinned) | {:.0} |", median(cold)).unwrap();
+    writeln!(md, "| restart over pinned state | {:.0} |", median(warm)).unwrap();
 }
 
 fn shell(cmd: &str) -> String {
