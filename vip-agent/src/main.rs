@@ -639,6 +639,11 @@ impl Shared {
 }
 
 async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
+    // Before anything else: a signal during start-up waits for the loop below (and a clean
+    // shutdown) instead of killing the agent halfway.
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let Started {
         node,
         restarted,
@@ -667,9 +672,6 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     let mut server = tokio::spawn(metrics::serve(metrics_address, shared.clone()));
     info!(%metrics_address, "serving /metrics, /healthz, /readyz");
 
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
