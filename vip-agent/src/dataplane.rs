@@ -64,8 +64,8 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
-    #[error("map {map}: batch update: {source}")]
-    Batch {
+    #[error("map {map}: mmap (pinned by an older agent? `vip-agent detach` first): {source}")]
+    Mmap {
         map: &'static str,
         #[source]
         source: std::io::Error,
@@ -90,56 +90,41 @@ pub enum DataplaneError {
 
 pub(crate) type Result<T> = std::result::Result<T, DataplaneError>;
 
-/// `bpf_attr` for the `BPF_MAP_*_BATCH` commands.
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-/// Writes `values[i]` at `keys[i]` with `BPF_MAP_UPDATE_BATCH` (aya has no batch call): a
-/// Maglev table of 65,537 slots is one system call instead of 65,537, which is what makes
-/// start-up and table changes fast with many VIPs.
-fn update_batch(map: BorrowedFd<'_>, keys: &[u32], values: &[u32]) -> std::io::Result<()> {
-    assert_eq!(keys.len(), values.len());
-    let mut done = 0;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: (keys.len() - done) as u32,
-            map_fd: map.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: `attr` is a valid BPF_MAP_UPDATE_BATCH attribute whose pointers cover
-        // `count` keys and values, alive for the call; the kernel writes back only `count`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                size_of::<BatchAttr>(),
-            )
-        };
-        if rc >= 0 {
-            return Ok(());
-        }
-        // On failure `count` says how many elements were written; an interrupted call resumes.
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-        done += attr.count as usize;
+/// Writes `values` into entries `first..first + values.len()` of a `BPF_F_MMAPABLE` array map
+/// of 4-byte values, through a shared mapping of just the pages that hold them (the kernel maps
+/// every page of the range eagerly, so mapping the whole map per table would cost more than the
+/// writes). The kernel stores every array value in a multiple of 8 bytes, so each entry is a
+/// `u64` here whose low half (little-endian: its first 4 bytes) is the value.
+fn write_mmapped(map: BorrowedFd<'_>, first: usize, values: &[u32]) -> std::io::Result<()> {
+    const ENTRY: usize = size_of::<u64>();
+    // SAFETY: plain query of the system page size.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    let start = first * ENTRY / page * page;
+    let len = ((first + values.len()) * ENTRY).div_ceil(page) * page - start;
+    // SAFETY: a fresh shared mapping of part of the map's value area; the kernel checks the
+    // range against the map's size and that the map is mmapable.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            map.as_raw_fd(),
+            start as libc::off_t,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: the mapping covers `len` bytes from entry `start / ENTRY`, page-aligned, so
+    // 8-byte aligned; it is unmapped below, after the last use of `entries`.
+    let entries = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u64>(), len / ENTRY) };
+    let skip = first - start / ENTRY;
+    for (entry, &value) in entries[skip..skip + values.len()].iter_mut().zip(values) {
+        *entry = u64::from(value);
+    }
+    // SAFETY: unmapping exactly the mapping made above.
+    unsafe { libc::munmap(ptr, len) };
     Ok(())
 }
 
@@ -328,13 +313,12 @@ impl Dataplane {
         let aya::maps::Map::Array(maglev) = self.map(layout::MAGLEV)? else {
             return Err(DataplaneError::MissingMap(layout::MAGLEV));
         };
-        let keys: Vec<u32> = (slot * size..(slot + 1) * size).collect();
-        update_batch(maglev.fd().as_fd(), &keys, table.slots()).map_err(|source| {
-            DataplaneError::Batch {
+        write_mmapped(maglev.fd().as_fd(), (slot * size) as usize, table.slots()).map_err(
+            |source| DataplaneError::Mmap {
                 map: layout::MAGLEV,
                 source,
-            }
-        })
+            },
+        )
     }
 
     /// Adds or replaces a VIP. Replacing the value is atomic for the datapath, which is how a

@@ -2,7 +2,7 @@
 //! every map except `CONNTRACK` and the counters, which only the datapath writes.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -31,10 +31,14 @@ pub static VIP_META: Array<VipMeta, { MAX_VIPS as usize }> = Array::new();
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
 /// Maglev tables, `table_size` entries per table slot. The agent sizes it at load time and writes
-/// a whole table into a free slot before pointing a VIP at it.
+/// a whole table into a free slot before pointing a VIP at it. Memory-mappable: the agent writes
+/// a table with one copy, not one system call per entry.
 #[btf_map]
-pub static MAGLEV: Array<BackendId, { (DEFAULT_TABLE_SLOTS * DEFAULT_TABLE_SIZE) as usize }> =
-    Array::new();
+pub static MAGLEV: Array<
+    BackendId,
+    { (DEFAULT_TABLE_SLOTS * DEFAULT_TABLE_SIZE) as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
 
 /// Connection tracking: flow to backend. Written by the datapath; LRU evicts idle flows. The
 /// LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no lock shared
