@@ -57,6 +57,22 @@ impl Netns {
         ns
     }
 
+    /// An LB node's namespace `up0` (198.18.0.2/24) linked to a gateway's `gw0` (198.18.0.1),
+    /// with 198.18.128.0/24 (the backends) routed through the gateway: `(lb, gateway)`.
+    pub fn lb_with_gateway(tag: &str) -> (Self, Self) {
+        let lb = Self::new(&format!("{tag}-lb"));
+        let gw = Self::new(&format!("{tag}-gw"));
+        lb.ip(&[
+            "link", "add", "up0", "type", "veth", "peer", "name", "gw0", "netns", &gw.name,
+        ]);
+        lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
+        lb.ip(&["link", "set", "up0", "up"]);
+        gw.ip(&["addr", "add", "198.18.0.1/24", "dev", "gw0"]);
+        gw.ip(&["link", "set", "gw0", "up"]);
+        lb.ip(&["route", "add", "198.18.128.0/24", "via", "198.18.0.1"]);
+        (lb, gw)
+    }
+
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut full = vec!["-n", self.name.as_str()];

@@ -7,16 +7,8 @@ use vip_tests::node::{Agent, Netns};
 
 #[test]
 fn two_hundred_backends_at_one_second_intervals() {
-    let lb = Netns::new("scale-lb");
-    let be = Netns::new("scale-be");
-    lb.ip(&[
-        "link", "add", "up0", "type", "veth", "peer", "name", "be0", "netns", &be.name,
-    ]);
-    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
-    lb.ip(&["link", "set", "up0", "up"]);
-    be.ip(&["addr", "add", "198.18.0.1/24", "dev", "be0"]);
-    be.ip(&["link", "set", "be0", "up"]);
-    lb.ip(&["route", "add", "198.18.128.0/24", "via", "198.18.0.1"]);
+    // The "gateway" holds the 200 backend addresses itself.
+    let (lb, be) = Netns::lb_with_gateway("scale");
     let mut config = format!(
         "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
          table_size = 4099\nconntrack_entries = 4096\n\n[[vip]]\naddress = \"198.19.0.1\"\n\

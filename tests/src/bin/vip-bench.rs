@@ -494,16 +494,7 @@ fn agent_startup(md: &mut String) {
     use vip_tests::node::{Agent, Netns};
     const VIPS: u32 = 100;
     const RUNS: usize = 5;
-    let lb = Netns::new("bench-lb");
-    let peer = Netns::new("bench-gw");
-    lb.ip(&[
-        "link", "add", "up0", "type", "veth", "peer", "name", "gw0", "netns", &peer.name,
-    ]);
-    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
-    lb.ip(&["link", "set", "up0", "up"]);
-    peer.ip(&["addr", "add", "198.18.0.1/24", "dev", "gw0"]);
-    peer.ip(&["link", "set", "gw0", "up"]);
-    lb.ip(&["route", "add", "198.18.128.0/24", "via", "198.18.0.1"]);
+    let (lb, _gateway) = Netns::lb_with_gateway("bench");
     let mut config = format!(
         "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
          table_slots = {}\n",
