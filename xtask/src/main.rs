@@ -83,6 +83,7 @@ fn main() -> Result<()> {
         Cmd::Build => build(),
         Cmd::Test { args } => {
             setup()?;
+            let _bpffs = Bpffs::ensure()?;
             // The tests run the real agent binary too.
             build()?;
             let mut cmd = cargo();
@@ -95,6 +96,7 @@ fn main() -> Result<()> {
         Cmd::Lint => lint(),
         Cmd::Demo => {
             setup()?;
+            let _bpffs = Bpffs::ensure()?;
             build()?;
             vip_demo(&["demo"])
         }
@@ -102,6 +104,7 @@ fn main() -> Result<()> {
             let action = match action {
                 LabAction::Up => {
                     setup()?;
+                    Bpffs::ensure()?.keep();
                     build()?;
                     "up"
                 }
@@ -112,6 +115,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench => {
             setup()?;
+            let _bpffs = Bpffs::ensure()?;
             // The lab part runs the agent and the lab's services.
             build()?;
             run(cargo().args(["build", "--release", "-p", "vip-tests", "--bin", "vip-demo"]))?;
@@ -130,6 +134,7 @@ fn main() -> Result<()> {
         }
         Cmd::Run { args } => {
             build()?;
+            Bpffs::ensure()?.keep();
             run(Command::new(workspace().join("target/release/vip-agent")).args(args))
         }
     }
@@ -246,10 +251,39 @@ fn setup() -> Result<()> {
     run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
     install_bpf_linker()?;
     install_manifest_validator()?;
-    if !Path::new("/sys/fs/bpf").join(".").exists() || !is_bpffs("/sys/fs/bpf") {
-        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
-    }
     Ok(())
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// bpffs at /sys/fs/bpf, which the agent and the tests pin into. Mounted here only when missing;
+/// a mount made for a command that ends (tests, demo, bench) is undone when it ends, since the
+/// kernel's bpf_preload pins debug iterators into every fresh bpffs that only an unmount removes.
+struct Bpffs {
+    mounted_here: bool,
+}
+
+impl Bpffs {
+    fn ensure() -> Result<Self> {
+        let mounted_here = !is_bpffs(BPFFS);
+        if mounted_here {
+            run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))?;
+        }
+        Ok(Self { mounted_here })
+    }
+
+    /// Leaves the mount in place: for commands that leave an agent or a lab running.
+    fn keep(mut self) {
+        self.mounted_here = false;
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if self.mounted_here {
+            let _ = Command::new("umount").arg(BPFFS).status();
+        }
+    }
 }
 
 fn installed(package: &str) -> bool {
