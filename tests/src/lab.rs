@@ -199,6 +199,18 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// [`Lab::up`] with this workspace's release builds: the agent, the decapsulation object and
+    /// `vip-demo` (which also serves the backends' services).
+    pub fn up_built(spec: LabSpec) -> Result<Self> {
+        let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        Self::up(
+            spec,
+            &crate::node::agent_bin(),
+            &target.join("bpfel-unknown-none/release/vip-decap"),
+            &target.join("release/vip-demo"),
+        )
+    }
+
     /// Builds the topology, starts BIRD, the agents and the services, and waits until the
     /// router has the VIPs with one next hop per LB node.
     pub fn up(spec: LabSpec, agent: &Path, decap_object: &Path, services: &Path) -> Result<Self> {

@@ -2,7 +2,6 @@
 
 use std::{
     net::IpAddr,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -17,17 +16,10 @@ fn lab(prefix: &str, weights: &[u32]) -> Lab {
 
 fn lab_with(prefix: &str, weights: &[u32], gue: bool) -> Lab {
     vip_tests::require_root();
-    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut spec = LabSpec::new(prefix);
     spec.weights = weights.to_vec();
     spec.gue = gue;
-    Lab::up(
-        spec,
-        &vip_tests::node::agent_bin(),
-        &ws.join("target/bpfel-unknown-none/release/vip-decap"),
-        &PathBuf::from(env!("CARGO_BIN_EXE_vip-demo")),
-    )
-    .expect("lab up")
+    Lab::up_built(spec).expect("lab up")
 }
 
 #[test]

@@ -3,7 +3,6 @@
 
 use std::{
     net::{IpAddr, TcpStream},
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -16,16 +15,9 @@ const DETECT: Duration = Duration::from_millis(500 * 2 + 500 + 2000);
 
 fn lab(prefix: &str) -> Lab {
     vip_tests::require_root();
-    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut spec = LabSpec::new(prefix);
     spec.health = Some("check = \"tcp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2".into());
-    Lab::up(
-        spec,
-        &vip_tests::node::agent_bin(),
-        &ws.join("target/bpfel-unknown-none/release/vip-decap"),
-        &PathBuf::from(env!("CARGO_BIN_EXE_vip-demo")),
-    )
-    .expect("lab up")
+    Lab::up_built(spec).expect("lab up")
 }
 
 fn connections(lab: &Lab, n: usize) -> Vec<(TcpStream, String)> {

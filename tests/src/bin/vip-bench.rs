@@ -416,20 +416,14 @@ fn maglev_builds(md: &mut String) {
     }
 }
 
-/// TCP throughput through the lab: client → router → LB node (XDP) → backends, against client →
-/// router → backend routed directly (no LB node, one hop fewer: a strict baseline), alternating
-/// so both see the same machine load. Medians of 3 runs of 5 s, 8 parallel flows.
+/// TCP throughput through the lab: client → router → LB node (XDP) → backends, against the same
+/// hops with the LB node only routing, and against router → backend directly (one hop fewer),
+/// alternating so all see the same machine load. Medians of 3 runs of 5 s, 8 parallel flows.
 fn lab_throughput(md: &mut String) {
     use vip_tests::lab::{Lab, LabSpec, VIP4};
-    let ws = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut spec = LabSpec::new("vipbench");
     spec.lbs = 1;
-    let mut lab = match Lab::up(
-        spec,
-        &vip_tests::node::agent_bin(),
-        &ws.join("target/bpfel-unknown-none/release/vip-decap"),
-        &ws.join("target/release/vip-demo"),
-    ) {
+    let mut lab = match Lab::up_built(spec) {
         Ok(lab) => lab,
         Err(e) => {
             writeln!(md, "\n## Lab throughput\n\nnot measured: {e}").unwrap();

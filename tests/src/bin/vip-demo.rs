@@ -9,7 +9,6 @@
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -22,18 +21,8 @@ const UDP_FLOWS: usize = 200;
 const LONG_LIVED: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn up() -> Result<Lab, String> {
-    let ws = workspace();
-    Lab::up(
-        LabSpec::new(PREFIX),
-        &ws.join("target/release/vip-agent"),
-        &ws.join("target/bpfel-unknown-none/release/vip-decap"),
-        &std::env::current_exe().map_err(|e| e.to_string())?,
-    )
+    Lab::up_built(LabSpec::new(PREFIX))
 }
 
 fn main() {
