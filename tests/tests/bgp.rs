@@ -300,8 +300,15 @@ fn graceful_restart_keeps_routes_while_the_agent_restarts() {
         route.contains(VIP4),
         "route dropped despite graceful restart: {route}"
     );
+    // Kept as stale, for the restart time.
+    let protocol = bird.cli("show protocols all lb1");
+    assert!(
+        protocol.contains("Neighbor graceful restart active") && protocol.contains("Restart timer"),
+        "{protocol}"
+    );
     // The pinned datapath still forwards; a new agent takes over and refreshes the routes.
     assert!(lbs[0].pin_dir.join("links/xdp_up0").exists());
+    assert!(lbs[0].ip(&["link", "show", "up0"]).contains("xdp"));
     let mut again = Agent::start(&lbs[0], &lb_conf, &[]);
     again.wait_for_log("took over pinned state", 1);
     bird.wait_for(|b| established(b, "lb1"), "the session again");
@@ -337,10 +344,15 @@ mod scripted {
     }
 
     pub fn open() -> Vec<u8> {
+        open_as("198.18.1.1")
+    }
+
+    /// The router's OPEN with BGP identifier `router_id`.
+    pub fn open_as(router_id: &str) -> Vec<u8> {
         wire::encode_open(&OpenParams {
             asn: 65000,
             hold_time: 9,
-            router_id: "198.18.1.1".parse().unwrap(),
+            router_id: router_id.parse().unwrap(),
             graceful_restart: None,
         })
     }
@@ -435,12 +447,84 @@ fn malformed_messages_reset_the_session_and_the_agent_stays_up() {
     // The agent survived all of it and keeps trying.
     let mut s = scripted::accept(&listener);
     scripted::establish(&mut s);
+
+    // 5. Not malformed: a message split over segments that straddle the agent's keepalive timer
+    // (every second with hold time 3). The partial read must survive the timer firing.
+    let downs = || agent_log_count(&agent, "BGP session down");
+    let before = downs();
+    let mut split = wire::encode_end_of_rib().remove(0);
+    split.extend(wire::encode_keepalive());
+    s.write_all(&split[..10]).unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    s.write_all(&split[10..]).unwrap();
+    thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        downs(),
+        before,
+        "session broken by a split message: {}",
+        agent.log_text()
+    );
     assert!(agent.running(), "{}", agent.log_text());
     assert!(
         !agent.log_text().contains("panicked"),
         "{}",
         agent.log_text()
     );
+}
+
+/// Both sides connect at once (RFC 4271 6.8): the connection opened by the speaker with the
+/// higher BGP identifier stays, the other gets Cease / connection collision. The agent is
+/// 198.18.1.2; the scripted router first has the lower identifier, then the higher.
+#[test]
+fn connection_collisions_keep_the_connection_of_the_higher_router_id() {
+    use std::{io::Write, net::TcpStream};
+    use vip_agent::bgp::wire::{self, Message, code};
+
+    for (router_id, agent_keeps_its_own) in [("198.18.1.1", true), ("198.18.1.3", false)] {
+        let (rt, lbs) = topology(1);
+        let listener =
+            rt.within(|| std::net::TcpListener::bind("198.18.1.1:179").expect("bind 179"));
+        let config = lb_config(&lbs[0], 1, "listen = true\n", &[VIP4]);
+        let mut agent = Agent::start(&lbs[0], &config, &[]);
+        // The agent's connection, in OpenSent.
+        let mut ours = scripted::accept(&listener);
+        assert!(matches!(scripted::read(&mut ours), Some(Message::Open(_))));
+        // The router connects too, as one whose connect raced the agent's would.
+        let mut theirs = rt.within(|| TcpStream::connect("198.18.1.2:179").expect("connect"));
+        theirs
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        theirs.write_all(&scripted::open_as(router_id)).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        // The router's OPEN on the agent's connection: the agent now knows both identifiers.
+        ours.write_all(&scripted::open_as(router_id)).unwrap();
+
+        let (mut kept, mut closed) = if agent_keeps_its_own {
+            (ours, theirs)
+        } else {
+            (theirs, ours)
+        };
+        let n = scripted::notification(&mut closed);
+        assert_eq!(
+            (n.code, n.subcode),
+            (code::CEASE, code::CONNECTION_COLLISION),
+            "router {router_id}: the losing connection is closed"
+        );
+        if !agent_keeps_its_own {
+            // The agent continues on the router's connection with its own OPEN.
+            assert!(matches!(scripted::read(&mut kept), Some(Message::Open(_))));
+        }
+        assert!(matches!(
+            scripted::read(&mut kept),
+            Some(Message::Keepalive)
+        ));
+        kept.write_all(&wire::encode_keepalive()).unwrap();
+        assert!(
+            matches!(scripted::read(&mut kept), Some(Message::Update)),
+            "router {router_id}: routes on the surviving connection"
+        );
+        assert!(agent.running(), "{}", agent.log_text());
+    }
 }
 
 #[test]
@@ -503,6 +587,10 @@ fn passive_peers_are_accepted_and_strangers_refused() {
         (3, 6, 5),
         "Cease / connection rejected expected"
     );
+}
+
+fn agent_log_count(agent: &Agent, needle: &str) -> usize {
+    agent.log_text().matches(needle).count()
 }
 
 /// A TCP connection from a chosen source address.

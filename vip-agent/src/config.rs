@@ -151,6 +151,9 @@ pub struct BgpConfig {
     pub large_communities: Vec<[u32; 3]>,
     /// On SIGTERM: announce with GRACEFUL_SHUTDOWN this long before withdrawing.
     pub drain_time: Duration,
+    /// Accept connections from configured peers on port 179 (always, when a peer is passive);
+    /// a connection that collides with our own is resolved as RFC 4271 6.8 says.
+    pub listen: bool,
     pub peers: Vec<BgpPeerConfig>,
 }
 
@@ -328,6 +331,8 @@ struct RawBgp {
     large_communities: Vec<Spanned<String>>,
     #[serde(default)]
     drain_time: u64,
+    #[serde(default)]
+    listen: bool,
     #[serde(default, rename = "peer")]
     peers: Vec<Spanned<RawPeer>>,
 }
@@ -777,6 +782,7 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
         communities,
         large_communities,
         drain_time: Duration::from_secs(b.drain_time),
+        listen: b.listen || peers.iter().any(|p| p.passive),
         peers,
     })
 }

@@ -71,8 +71,9 @@ pub struct Speaker {
 /// BGP's port, where passive peers connect.
 pub const BGP_PORT: u16 = 179;
 
-/// Accepts BGP connections (when some peer is passive) and hands each to the session of the
-/// peer it comes from; connections from unconfigured addresses get Cease / connection rejected.
+/// Accepts BGP connections (`listen`, or some peer is passive) and hands each to the session
+/// of the peer it comes from; connections from unconfigured addresses get Cease / connection
+/// rejected.
 fn listen(
     settings: &BgpConfig,
     peers: HashMap<IpAddr, mpsc::Sender<TcpStream>>,
@@ -84,7 +85,7 @@ fn listen(
         std::net::Ipv6Addr::UNSPECIFIED,
         BGP_PORT,
     )))?;
-    for p in settings.peers.iter().filter(|p| p.passive) {
+    for p in &settings.peers {
         if let Some(key) = &p.password {
             let mapped = match p.address {
                 IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
@@ -154,11 +155,11 @@ impl Speaker {
                 (p.address, status_rx, task)
             })
             .collect();
-        let listener = if settings.peers.iter().any(|p| p.passive) {
+        let listener = if settings.listen {
             match listen(settings, inbound) {
                 Ok(task) => Some(task),
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: passive peers cannot connect");
+                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: peers cannot connect to us");
                     None
                 }
             }

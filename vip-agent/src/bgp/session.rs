@@ -5,6 +5,8 @@
 //! the difference whenever the set changes; everything again on ROUTE-REFRESH; KEEPALIVE every
 //! hold/3; NOTIFICATION and a reset on any error; Cease when told to stop. Lost sessions are
 //! retried with exponential backoff (routers such as GoBGP refuse a reconnect for a while).
+//! When the peer connects while we do, the connection of the speaker with the higher BGP
+//! identifier stays (RFC 4271 6.8).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -17,7 +19,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
     sync::{mpsc, watch},
-    time::{Instant, sleep, sleep_until, timeout},
+    time::{Instant, sleep, sleep_until, timeout, timeout_at},
 };
 
 use super::wire::{self, Message, Notification, OpenParams, PathAttrs, code};
@@ -202,28 +204,60 @@ pub fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Resu
     Ok(())
 }
 
-/// Reads one message; a malformed one is answered with its NOTIFICATION.
-async fn read_message(stream: &mut TcpStream) -> Result<Message, SessionError> {
-    let mut header = [0u8; wire::HEADER_LEN];
-    stream.read_exact(&mut header).await?;
-    let (kind, len) = match wire::parse_header(&header) {
-        Ok(h) => h,
-        Err(n) => return Err(notify(stream, n).await),
-    };
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).await?;
-    match wire::decode_body(kind, &body) {
-        Ok(Message::Notification(n)) => Err(SessionError::Received(n)),
-        Ok(m) => Ok(m),
-        Err(n) => Err(notify(stream, n).await),
-    }
+/// A session's TCP connection. Messages are read through a buffer, so a read interrupted by
+/// another event (a timer, a route change, a colliding connection) loses no bytes.
+struct Connection {
+    stream: TcpStream,
+    received: Vec<u8>,
+    /// We opened it; otherwise we accepted the peer's.
+    ours: bool,
 }
 
-/// Sends a NOTIFICATION; the session then ends.
-async fn notify(stream: &mut TcpStream, n: Notification) -> SessionError {
-    let _ = stream.write_all(&wire::encode_notification(&n)).await;
-    let _ = stream.shutdown().await;
-    SessionError::Sent(n)
+impl Connection {
+    fn new(stream: TcpStream, ours: bool) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self {
+            stream,
+            received: Vec::with_capacity(wire::MAX_MESSAGE_LEN),
+            ours,
+        }
+    }
+
+    /// The next message; a malformed one is answered with its NOTIFICATION. Cancel-safe.
+    async fn read(&mut self) -> Result<Message, SessionError> {
+        loop {
+            if let Some(header) = self.received.first_chunk::<{ wire::HEADER_LEN }>() {
+                let (kind, len) = match wire::parse_header(header) {
+                    Ok(h) => h,
+                    Err(n) => return Err(self.notify(n).await),
+                };
+                let end = wire::HEADER_LEN + len;
+                if self.received.len() >= end {
+                    let decoded = wire::decode_body(kind, &self.received[wire::HEADER_LEN..end]);
+                    self.received.drain(..end);
+                    return match decoded {
+                        Ok(Message::Notification(n)) => Err(SessionError::Received(n)),
+                        Ok(m) => Ok(m),
+                        Err(n) => Err(self.notify(n).await),
+                    };
+                }
+            }
+            if self.stream.read_buf(&mut self.received).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+    }
+
+    async fn send(&mut self, message: &[u8]) -> Result<(), SessionError> {
+        Ok(self.stream.write_all(message).await?)
+    }
+
+    /// Sends a NOTIFICATION; the session then ends.
+    async fn notify(&mut self, n: Notification) -> SessionError {
+        let _ = self.stream.write_all(&wire::encode_notification(&n)).await;
+        let _ = self.stream.shutdown().await;
+        SessionError::Sent(n)
+    }
 }
 
 /// The session's TCP connection: connected to the peer, or accepted from it (passive peers only
@@ -232,12 +266,100 @@ async fn transport(
     peer: &Peer,
     shutdown: &mut watch::Receiver<bool>,
     inbound: &mut mpsc::Receiver<TcpStream>,
-) -> Result<Option<TcpStream>, SessionError> {
+) -> Result<Option<Connection>, SessionError> {
     tokio::select! {
-        // `None` (no listener: no passive peers) disables this branch rather than ending.
-        Some(accepted) = inbound.recv() => Ok(Some(accepted)),
-        connected = connect(peer), if !peer.passive => connected.map(Some),
+        // `None` (no listener) disables this branch rather than ending.
+        Some(accepted) = inbound.recv() => Ok(Some(Connection::new(accepted, false))),
+        connected = connect(peer), if !peer.passive => Ok(Some(Connection::new(connected?, true))),
         _ = shutdown.changed() => Ok(None),
+    }
+}
+
+/// How an OPEN exchange ended.
+enum Handshake {
+    /// Both OPENs accepted and confirmed, with this hold time.
+    Established(u16),
+    /// The peer's connection collided with ours and wins: continue on it.
+    Yield(TcpStream),
+}
+
+fn collision() -> Notification {
+    Notification::new(code::CEASE, code::CONNECTION_COLLISION, &[])
+}
+
+/// OpenSent and OpenConfirm on `conn`. A connection the peer opens meanwhile is a collision
+/// (RFC 4271 6.8): the connection opened by the speaker with the higher BGP identifier stays,
+/// the other is closed with Cease / connection collision.
+async fn handshake(
+    local: &Local,
+    peer: &Peer,
+    conn: &mut Connection,
+    status: &watch::Sender<Status>,
+    inbound: &mut mpsc::Receiver<TcpStream>,
+) -> Result<Handshake, SessionError> {
+    let our_hold = peer.hold_time.unwrap_or(local.hold_time);
+    conn.send(&wire::encode_open(&OpenParams {
+        asn: local.asn,
+        hold_time: our_hold,
+        router_id: local.router_id,
+        graceful_restart: local.graceful_restart.map(|t| (t, local.restarted)),
+    }))
+    .await?;
+    status.send_modify(|s| s.state = State::OpenSent);
+    // RFC 4271 suggests a large hold time until the OPEN arrives. A colliding connection waits
+    // in `inbound` until then: the comparison needs the peer's identifier.
+    let open = match timeout(Duration::from_secs(240), conn.read()).await {
+        Err(_) => {
+            return Err(conn
+                .notify(Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[]))
+                .await);
+        }
+        Ok(Ok(Message::Open(open))) => open,
+        Ok(Ok(_)) => return Err(conn.notify(Notification::new(code::FSM, 1, &[])).await),
+        Ok(Err(e)) => return Err(e),
+    };
+    let bad_identifier = || Notification::new(code::OPEN_MESSAGE, code::BAD_BGP_IDENTIFIER, &[]);
+    if peer.router_id.is_some_and(|id| id != open.router_id) {
+        return Err(conn.notify(bad_identifier()).await);
+    }
+    if open.asn != peer.asn {
+        let data = (open.asn as u16).to_be_bytes();
+        return Err(conn
+            .notify(Notification::new(
+                code::OPEN_MESSAGE,
+                code::BAD_PEER_AS,
+                &data,
+            ))
+            .await);
+    }
+    if open.router_id == local.router_id && peer.asn == local.asn {
+        return Err(conn.notify(bad_identifier()).await);
+    }
+    let hold = our_hold.min(open.hold_time);
+    conn.send(&wire::encode_keepalive()).await?;
+    status.send_modify(|s| s.state = State::OpenConfirm);
+    let wait = if hold > 0 { u64::from(hold) } else { 240 };
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    let peer_wins = conn.ours && u32::from(local.router_id) < u32::from(open.router_id);
+    loop {
+        tokio::select! {
+            biased;
+            Some(mut theirs) = inbound.recv() => {
+                if peer_wins {
+                    tracing::info!(peer = %peer.address, "connection collision: continuing on the peer's connection");
+                    let _ = conn.notify(collision()).await;
+                    return Ok(Handshake::Yield(theirs));
+                }
+                tracing::info!(peer = %peer.address, "connection collision: keeping ours");
+                let _ = theirs.write_all(&wire::encode_notification(&collision())).await;
+            }
+            message = timeout_at(deadline, conn.read()) => return match message {
+                Err(_) => Err(conn.notify(Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[])).await),
+                Ok(Ok(Message::Keepalive)) => Ok(Handshake::Established(hold)),
+                Ok(Ok(_)) => Err(conn.notify(Notification::new(code::FSM, 2, &[])).await),
+                Ok(Err(e)) => Err(e),
+            },
+        }
     }
 }
 
@@ -249,72 +371,16 @@ async fn session(
     shutdown: &mut watch::Receiver<bool>,
     inbound: &mut mpsc::Receiver<TcpStream>,
 ) -> Result<End, SessionError> {
-    let Some(mut stream) = transport(peer, shutdown, inbound).await? else {
+    let Some(mut conn) = transport(peer, shutdown, inbound).await? else {
         return Ok(End::Shutdown);
     };
-    let _ = stream.set_nodelay(true);
-    let our_hold = peer.hold_time.unwrap_or(local.hold_time);
-    stream
-        .write_all(&wire::encode_open(&OpenParams {
-            asn: local.asn,
-            hold_time: our_hold,
-            router_id: local.router_id,
-            graceful_restart: local.graceful_restart.map(|t| (t, local.restarted)),
-        }))
-        .await?;
-    status.send_modify(|s| s.state = State::OpenSent);
-    // RFC 4271 suggests a large hold time until the OPEN arrives.
-    let open = match timeout(Duration::from_secs(240), read_message(&mut stream)).await {
-        Err(_) => {
-            return Err(notify(
-                &mut stream,
-                Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[]),
-            )
-            .await);
+    let hold = loop {
+        match handshake(local, peer, &mut conn, status, inbound).await? {
+            Handshake::Established(hold) => break hold,
+            Handshake::Yield(theirs) => conn = Connection::new(theirs, false),
         }
-        Ok(Ok(Message::Open(open))) => open,
-        Ok(Ok(_)) => return Err(notify(&mut stream, Notification::new(code::FSM, 1, &[])).await),
-        Ok(Err(e)) => return Err(e),
     };
-    if peer.router_id.is_some_and(|id| id != open.router_id) {
-        return Err(notify(
-            &mut stream,
-            Notification::new(code::OPEN_MESSAGE, code::BAD_BGP_IDENTIFIER, &[]),
-        )
-        .await);
-    }
-    if open.asn != peer.asn {
-        let data = (open.asn as u16).to_be_bytes();
-        return Err(notify(
-            &mut stream,
-            Notification::new(code::OPEN_MESSAGE, code::BAD_PEER_AS, &data),
-        )
-        .await);
-    }
-    if open.router_id == local.router_id && peer.asn == local.asn {
-        return Err(notify(
-            &mut stream,
-            Notification::new(code::OPEN_MESSAGE, code::BAD_BGP_IDENTIFIER, &[]),
-        )
-        .await);
-    }
-    let hold = our_hold.min(open.hold_time);
-    stream.write_all(&wire::encode_keepalive()).await?;
-    status.send_modify(|s| s.state = State::OpenConfirm);
     let hold_duration = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
-    let wait = hold_duration.unwrap_or(Duration::from_secs(240));
-    match timeout(wait, read_message(&mut stream)).await {
-        Err(_) => {
-            return Err(notify(
-                &mut stream,
-                Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[]),
-            )
-            .await);
-        }
-        Ok(Ok(Message::Keepalive)) => {}
-        Ok(Ok(_)) => return Err(notify(&mut stream, Notification::new(code::FSM, 2, &[])).await),
-        Ok(Err(e)) => return Err(e),
-    }
     status.send_modify(|s| {
         s.state = State::Established;
         s.established_transitions += 1;
@@ -323,7 +389,7 @@ async fn session(
     tracing::info!(peer = %peer.address, asn = peer.asn, hold, "BGP session established");
 
     // Accepted on the dual-stack listener, an IPv4 session's address is v4-mapped.
-    let local_addr = stream.local_addr()?.ip().to_canonical();
+    let local_addr = conn.stream.local_addr()?.ip().to_canonical();
     let attrs = |r: &Route| -> PathAttrs {
         let ebgp = peer.asn != local.asn;
         let mut communities = peer.communities.clone();
@@ -354,9 +420,9 @@ async fn session(
     // Everything, then End-of-RIB.
     let mut announced: HashMap<IpAddr, Route> = HashMap::new();
     let current = routes.borrow_and_update().clone();
-    send_changes(&mut stream, &mut announced, &current, &attrs).await?;
+    send_changes(&mut conn, &mut announced, &current, &attrs).await?;
     for m in wire::encode_end_of_rib() {
-        stream.write_all(&m).await?;
+        conn.send(&m).await?;
     }
     status.send_modify(|s| s.announced = announced.len());
 
@@ -366,7 +432,7 @@ async fn session(
     let far = || Instant::now() + Duration::from_secs(3600);
     loop {
         tokio::select! {
-            message = read_message(&mut stream) => match message? {
+            message = conn.read() => match message? {
                 Message::Keepalive | Message::Update => {
                     hold_deadline = hold_duration.map(|h| Instant::now() + h);
                 }
@@ -374,37 +440,35 @@ async fn session(
                     hold_deadline = hold_duration.map(|h| Instant::now() + h);
                     let all = routes.borrow().clone();
                     announced.clear();
-                    send_changes(&mut stream, &mut announced, &all, &attrs).await?;
+                    send_changes(&mut conn, &mut announced, &all, &attrs).await?;
                 }
                 Message::Open(_) | Message::Notification(_) => {
-                    return Err(notify(&mut stream, Notification::new(code::FSM, 3, &[])).await);
+                    return Err(conn.notify(Notification::new(code::FSM, 3, &[])).await);
                 }
             },
             _ = sleep_until(hold_deadline.unwrap_or_else(far)), if hold_deadline.is_some() => {
-                return Err(notify(&mut stream, Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[])).await);
+                return Err(conn.notify(Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[])).await);
             }
             _ = sleep_until(next_keepalive.unwrap_or_else(far)), if next_keepalive.is_some() => {
-                stream.write_all(&wire::encode_keepalive()).await?;
+                conn.send(&wire::encode_keepalive()).await?;
                 next_keepalive = keepalive_every.map(|k| Instant::now() + k);
             }
             // Collision with an established session: the new connection goes (RFC 4271 6.8).
             Some(mut late) = inbound.recv() => {
-                let n = Notification::new(code::CEASE, code::CONNECTION_COLLISION, &[]);
-                let _ = late.write_all(&wire::encode_notification(&n)).await;
+                let _ = late.write_all(&wire::encode_notification(&collision())).await;
             }
             changed = routes.changed() => {
                 if changed.is_err() {
                     return Ok(End::Shutdown);
                 }
                 let wanted = routes.borrow_and_update().clone();
-                send_changes(&mut stream, &mut announced, &wanted, &attrs).await?;
+                send_changes(&mut conn, &mut announced, &wanted, &attrs).await?;
                 status.send_modify(|s| s.announced = announced.len());
             }
             _ = shutdown.changed() => {
                 if *shutdown.borrow() {
                     let cease = Notification::new(code::CEASE, code::ADMINISTRATIVE_SHUTDOWN, &[]);
-                    let _ = stream.write_all(&wire::encode_notification(&cease)).await;
-                    let _ = stream.shutdown().await;
+                    let _ = conn.notify(cease).await;
                     return Ok(End::Shutdown);
                 }
             }
@@ -415,7 +479,7 @@ async fn session(
 /// Withdraws what is no longer wanted and announces what is new or changed, grouping routes
 /// with the same attributes into one UPDATE.
 async fn send_changes(
-    stream: &mut TcpStream,
+    conn: &mut Connection,
     announced: &mut HashMap<IpAddr, Route>,
     wanted: &[Route],
     attrs: &impl Fn(&Route) -> PathAttrs,
@@ -426,7 +490,7 @@ async fn send_changes(
         .copied()
         .collect();
     for m in wire::encode_withdraw(&gone) {
-        stream.write_all(&m).await?;
+        conn.send(&m).await?;
     }
     for p in &gone {
         announced.remove(p);
@@ -447,7 +511,7 @@ async fn send_changes(
     }
     for (a, prefixes) in groups.into_values() {
         for m in wire::encode_announce(&prefixes, &a) {
-            stream.write_all(&m).await?;
+            conn.send(&m).await?;
         }
     }
     Ok(())
