@@ -321,3 +321,68 @@ fn agent_lifecycle_on_lb_and_backend() {
     assert!(!lo.contains(VIP4) && !lo.contains(VIP4B), "{lo}");
     assert!(!lo_addresses(&be).contains(VIP4));
 }
+
+/// Next hops follow the kernel's neighbour and route events: each change shows in the
+/// backend's entry within the time of an event, well inside the agent's fallback timer (10 s).
+#[test]
+fn next_hops_follow_neighbour_and_route_changes() {
+    let lb = Netns::new("nh");
+    let gw = Netns::new("nhgw");
+    lb.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "gw0", "netns", &gw.name,
+    ]);
+    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
+    lb.ip(&["link", "set", "up0", "up"]);
+    gw.ip(&["link", "set", "gw0", "up"]);
+    lb.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"]);
+    let neighbour = |address: &str, mac: &str| {
+        lb.ip(&[
+            "neigh",
+            "replace",
+            address,
+            "lladdr",
+            mac,
+            "dev",
+            "up0",
+            "nud",
+            "permanent",
+        ]);
+    };
+    neighbour("198.18.0.1", "02:00:00:00:00:01");
+    let mut agent = Agent::start(
+        &lb,
+        &lb_config(&lb.pin_dir, &vip(VIP4, "tcp", 80, BACKEND4)),
+        &[],
+    );
+    agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
+    let maps = lb_maps(&lb.pin_dir);
+    let backend: std::net::Ipv4Addr = BACKEND4.parse().unwrap();
+    let next_hop_mac = || {
+        let backends = maps.backends().expect("read BACKENDS");
+        let (_, b) = backends
+            .iter()
+            .find(|(_, b)| b.addr[..4] == backend.octets())
+            .expect("the backend's entry");
+        (b.flags & vip_common::BACKEND_F_NEXTHOP != 0).then_some(b.dst_mac)
+    };
+    let expect = |what: &str, mac: Option<[u8; 6]>| {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while next_hop_mac() != mac {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: next hop {:?}, want {mac:?}\n{}",
+                next_hop_mac(),
+                agent.log_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    };
+    expect("at start", Some([2, 0, 0, 0, 0, 1]));
+    neighbour("198.18.0.1", "02:00:00:00:00:02");
+    expect("gateway's MAC changed", Some([2, 0, 0, 0, 0, 2]));
+    neighbour("198.18.0.3", "02:00:00:00:00:03");
+    lb.ip(&["route", "replace", "198.18.1.0/24", "via", "198.18.0.3"]);
+    expect("route via another gateway", Some([2, 0, 0, 0, 0, 3]));
+    lb.ip(&["neigh", "del", "198.18.0.3", "dev", "up0"]);
+    expect("gateway's neighbour gone", None);
+}

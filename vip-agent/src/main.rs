@@ -28,7 +28,7 @@ use vip_agent::{
     health::{self, Checker},
     lo::LoopbackVips,
     metrics,
-    nexthop::Resolver,
+    nexthop::{KernelChanges, Resolver},
 };
 use vip_common::{
     addr_from_bytes,
@@ -672,10 +672,14 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
     let mut server = tokio::spawn(metrics::serve(metrics_address, shared.clone()));
     info!(%metrics_address, "serving /metrics, /healthz, /readyz");
 
-    let mut refresh = tokio::time::interval(Duration::from_secs(1));
+    // Next hops follow the kernel's events; the timer only retries what events cannot bring
+    // (a neighbour that never answered).
+    let mut kernel = KernelChanges::subscribe()?;
+    let mut refresh = tokio::time::interval(Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = hangup.recv() => reload(&path, &mut cfg, &shared, &lo).await,
+            Some(()) = kernel.next() => shared.node.lock().await.refresh(&cfg).await,
             _ = refresh.tick() => shared.node.lock().await.refresh(&cfg).await,
             Some(event) = async { health_events.as_mut()?.recv().await } => {
                 if event.up {

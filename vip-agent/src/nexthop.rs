@@ -7,20 +7,26 @@
 //! known yet stays unresolved (the datapath then asks `bpf_fib_lookup`), and the resolver makes
 //! the kernel resolve it: packets the XDP program forwards never touch the neighbour table, so
 //! nothing else would. It sends one byte to the backend's discard port (UDP 9), which makes the
-//! kernel resolve (or re-confirm a stale) neighbour; the next refresh picks it up.
+//! kernel resolve (or re-confirm a stale) neighbour; the kernel's neighbour event then triggers
+//! the next refresh ([`KernelChanges`]).
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
+    time::Duration,
 };
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt, channel::mpsc::UnboundedReceiver};
 use netlink_packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::LinkAttribute,
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage},
+};
+use rtnetlink::{
+    constants::{RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH},
+    sys::AsyncSocket,
 };
 
 /// A resolved next hop.
@@ -70,6 +76,46 @@ fn nudge(backend: IpAddr) {
     };
     if let Err(e) = UdpSocket::bind(bind).and_then(|s| s.send_to(&[0], (backend, 9))) {
         tracing::debug!(%backend, error = %e, "neighbour nudge");
+    }
+}
+
+/// The kernel's route, neighbour and link changes: the signal to resolve next hops again.
+pub struct KernelChanges {
+    messages: UnboundedReceiver<(
+        NetlinkMessage<RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+    _handle: rtnetlink::Handle,
+}
+
+/// How long a burst of changes (a route change brings neighbour and link messages) may take to
+/// settle before next hops are resolved once for all of it.
+const SETTLE: Duration = Duration::from_millis(50);
+
+impl KernelChanges {
+    /// Subscribes (in the caller's network namespace) on the current runtime.
+    pub fn subscribe() -> Result<Self, NextHopError> {
+        let (mut connection, handle, messages) =
+            rtnetlink::new_connection().map_err(NextHopError::Socket)?;
+        let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+        connection
+            .socket_mut()
+            .socket_mut()
+            .bind(&rtnetlink::sys::SocketAddr::new(0, groups))
+            .map_err(NextHopError::Socket)?;
+        tokio::spawn(connection);
+        Ok(Self {
+            messages,
+            _handle: handle,
+        })
+    }
+
+    /// Waits for a change and lets its burst settle. `None`: the subscription ended.
+    pub async fn next(&mut self) -> Option<()> {
+        self.messages.next().await?;
+        tokio::time::sleep(SETTLE).await;
+        while self.messages.try_recv().is_ok() {}
+        Some(())
     }
 }
 
