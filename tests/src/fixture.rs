@@ -107,6 +107,7 @@ impl Lb {
             table_slots: TABLE_SLOTS,
             conntrack_entries,
             pin_dir: None,
+            datapath_log: false,
         };
         let mut dataplane = Dataplane::load(options).expect("load the vip-ebpf object");
         dataplane.program().expect("the verifier accepts vip_lb");

@@ -176,6 +176,8 @@ fn agent_lifecycle_on_lb_and_backend() {
         .map(|(_, m)| maps.vip_traffic(m.vip_id).unwrap().packets)
         .sum();
     assert_eq!(per_vip, 200);
+    // Datapath logs are off unless asked for.
+    assert!(!first.log_text().contains("XDP_TX"), "{}", first.log_text());
     let metrics = http_get(&lb, "/metrics");
     for line in [
         "vip_vip_packets_total{vip=\"tcp/198.19.0.1:80\"} 100",
@@ -385,4 +387,55 @@ fn next_hops_follow_neighbour_and_route_changes() {
     expect("route via another gateway", Some([2, 0, 0, 0, 0, 3]));
     lb.ip(&["neigh", "del", "198.18.0.3", "dev", "up0"]);
     expect("gateway's neighbour gone", None);
+}
+
+/// `run --datapath-log`: the datapath logs each packet for a VIP through aya-log, with what
+/// became of it, the client's flow and the backend.
+#[test]
+fn datapath_logs_say_what_became_of_each_packet() {
+    let lb = Netns::new("dlog");
+    let be = Netns::new("dloggen");
+    lb.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "gen0", "netns", &be.name,
+    ]);
+    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
+    lb.ip(&["link", "set", "up0", "up"]);
+    be.ip(&["link", "set", "gen0", "up"]);
+    lb.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"]);
+    let mac = be.mac("gen0").map(|b| format!("{b:02x}")).join(":");
+    lb.ip(&[
+        "neigh",
+        "replace",
+        "198.18.0.1",
+        "lladdr",
+        &mac,
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ]);
+    let mut agent = Agent::start(
+        &lb,
+        &lb_config(&lb.pin_dir, &vip(VIP4, "tcp", 80, BACKEND4)),
+        &["--datapath-log"],
+    );
+    agent.wait_for_log("datapath debug logs on", 1);
+    agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
+
+    let sender = FrameSender::open(&be, "gen0");
+    sender.send(&client_frame(1, VIP4, 80));
+    let mut lying = client_frame(2, VIP4, 80);
+    lying[16..18].copy_from_slice(&[0x05, 0xdc]); // IPv4 total length beyond the frame
+    sender.send(&lying);
+    // Not for a VIP: passed, and not logged.
+    sender.send(&client_frame(3, "198.19.0.99", 80));
+    agent.wait_for_log(
+        "XDP_TX 198.18.50.7:10001 -> 198.19.0.1:80 proto 6 to backend 198.18.1.1",
+        1,
+    );
+    agent.wait_for_log(
+        "dropped: malformed 198.18.50.7:10002 -> 198.19.0.1:80 proto 6",
+        1,
+    );
+    assert!(!agent.log_text().contains("198.19.0.99"));
 }

@@ -33,6 +33,7 @@ fn options(pins: &PinDir) -> DataplaneOptions {
         table_slots: 4,
         conntrack_entries: 4096,
         pin_dir: Some(pins.0.clone()),
+        datapath_log: false,
     }
 }
 

@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, ProgramArray},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -28,6 +28,11 @@ use vip_common::{
     maglev::{MaglevTable, is_prime},
 };
 
+use crate::datapath_log::{DatapathLog, ToTracing};
+
+/// aya-log's level global in the eBPF object.
+const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
     #[error("Maglev table size {0} must be a prime number")]
@@ -42,6 +47,8 @@ pub enum DataplaneError {
     },
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
+    #[error("starting the datapath log reader: {0}")]
+    LogReader(#[source] std::io::Error),
     #[error("the eBPF object has no program {0}")]
     MissingProgram(&'static str),
     #[error(
@@ -143,6 +150,8 @@ pub struct DataplaneOptions {
     pub conntrack_entries: u32,
     /// Pin (and reuse pinned) maps in this bpffs directory; `None` keeps maps private to this load.
     pub pin_dir: Option<PathBuf>,
+    /// Datapath debug logs ([`Dataplane::start_log`]); off, the log path is pruned at load.
+    pub datapath_log: bool,
 }
 
 impl Default for DataplaneOptions {
@@ -152,6 +161,7 @@ impl Default for DataplaneOptions {
             table_slots: DEFAULT_TABLE_SLOTS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             pin_dir: None,
+            datapath_log: false,
         }
     }
 }
@@ -179,6 +189,7 @@ impl DataplaneOptions {
             table_slots: info(layout::MAGLEV)?.max_entries() / table_size,
             conntrack_entries: info(layout::CONNTRACK)?.max_entries(),
             pin_dir: Some(pin_dir.to_owned()),
+            datapath_log: false,
         })
     }
 
@@ -210,6 +221,13 @@ impl Dataplane {
             return Err(DataplaneError::TableSizeNotPrime(options.table_size));
         }
         let mut loader = EbpfLoader::new();
+        // aya-log's level: Debug turns the log path on, 0 lets the verifier prune it.
+        let log_level = if options.datapath_log {
+            aya_log::Level::Debug as u8
+        } else {
+            0
+        };
+        loader.override_global(AYA_LOG_LEVEL, &log_level, true);
         let pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 create_pin_dir(dir)?;
@@ -248,6 +266,33 @@ impl Dataplane {
     /// The XDP program, loaded into the kernel (verified) on first use.
     pub fn program(&mut self) -> Result<&mut Xdp> {
         xdp_program(&mut self.ebpf, layout::LB_PROGRAM)
+    }
+
+    /// With [`DataplaneOptions::datapath_log`]: loads `vip_lb_log`, puts it where `vip_lb`
+    /// tail-calls it, and returns the reader of its records (to [`forward`]).
+    ///
+    /// [`forward`]: crate::datapath_log::forward
+    pub fn start_log(&mut self) -> Result<Option<DatapathLog>> {
+        if !self.options.datapath_log {
+            return Ok(None);
+        }
+        let fd = xdp_program(&mut self.ebpf, layout::LB_LOG_PROGRAM)?
+            .fd()
+            .map_err(|source| DataplaneError::Program {
+                program: layout::LB_LOG_PROGRAM,
+                source,
+            })?
+            .try_clone()
+            .map_err(DataplaneError::LogReader)?;
+        let mut programs: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(self.map_mut(layout::LOG_PROGRAM)?)
+                .map_err(map_err(layout::LOG_PROGRAM))?;
+        programs
+            .set(0, &fd, 0)
+            .map_err(map_err(layout::LOG_PROGRAM))?;
+        let reader = aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, ToTracing)
+            .map_err(|e| DataplaneError::LogReader(std::io::Error::other(e)))?;
+        Ok(Some(reader))
     }
 
     /// Attaches to `iface` with a pinned link; see [`attach_xdp_pinned`].

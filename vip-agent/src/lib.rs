@@ -4,6 +4,7 @@
 pub mod balancer;
 pub mod bgp;
 pub mod config;
+pub mod datapath_log;
 pub mod dataplane;
 pub mod decap;
 pub mod health;

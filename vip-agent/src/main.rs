@@ -23,6 +23,7 @@ use vip_agent::{
     balancer::{BackendKey, Balancer, Condition},
     bgp::{self, Speaker, session::State},
     config::{self, AttachMode, Config, Role},
+    datapath_log,
     dataplane::{Dataplane, DataplaneOptions, detach_all},
     decap::DecapPlane,
     health::{self, Checker},
@@ -67,6 +68,10 @@ enum Command {
         /// host's bpffs.
         #[arg(long)]
         netns: Option<String>,
+        /// Log every packet for a VIP from the datapath (aya-log, target `vip::datapath`):
+        /// for debugging only, it costs a tail call and a record per packet.
+        #[arg(long)]
+        datapath_log: bool,
     },
     /// Validate a config file without touching the system.
     CheckConfig { file: PathBuf },
@@ -133,25 +138,34 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // netlink-packet-route warns on every dump that this kernel is newer than it.
-                .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
-        )
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // netlink-packet-route warns on every dump that this kernel is newer than it.
+        .unwrap_or_else(|_| "info,netlink_packet_route=error".into());
+    if let Command::Run {
+        datapath_log: true, ..
+    } = cli.command
+    {
+        filter = filter.add_directive(
+            format!("{}=debug", datapath_log::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    }
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    match cli.command {
         Command::Run {
             config,
             cleanup,
             netns,
+            datapath_log,
         } => {
             let cfg = config::load(&config)?;
             if let Some(ns) = netns {
                 // Before the runtime exists: its threads inherit this thread's namespace.
                 enter_netns(&ns)?;
             }
-            tokio::runtime::Runtime::new()?.block_on(run(config, cfg, cleanup))
+            tokio::runtime::Runtime::new()?.block_on(run(config, cfg, cleanup, datapath_log))
         }
         Command::CheckConfig { file } => {
             let cfg = config::load(&file)?;
@@ -211,12 +225,13 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn options(cfg: &Config) -> DataplaneOptions {
+fn options(cfg: &Config, datapath_log: bool) -> DataplaneOptions {
     DataplaneOptions {
         table_size: cfg.node.table_size,
         table_slots: cfg.node.table_slots,
         conntrack_entries: cfg.node.conntrack_entries,
         pin_dir: Some(cfg.node.pin_dir.clone()),
+        datapath_log,
     }
 }
 
@@ -269,13 +284,22 @@ enum Node {
 impl Node {
     /// Loads the program (reusing pinned state), applies `cfg`, and attaches. Also returns
     /// whether it took over a running datapath, and the health checks' events.
-    async fn start(cfg: &Config) -> Result<Started> {
+    async fn start(cfg: &Config, datapath_log: bool) -> Result<Started> {
         let mut restarted = false;
         let mut attached = Vec::new();
         let mut events = None;
         let mut node = match cfg.node.role {
             Role::Lb => {
-                let dataplane = Dataplane::load(options(cfg)).context("loading the datapath")?;
+                let mut dataplane =
+                    Dataplane::load(options(cfg, datapath_log)).context("loading the datapath")?;
+                if let Some(log) = dataplane.start_log()? {
+                    info!(target = datapath_log::TARGET, "datapath debug logs on");
+                    tokio::spawn(async move {
+                        if let Err(e) = datapath_log::forward(log).await {
+                            warn!(error = %e, "datapath debug logs stopped");
+                        }
+                    });
+                }
                 let mut balancer = Box::new(Balancer::new(dataplane));
                 let adopted = balancer.adopt_pinned_state()?;
                 if adopted > 0 {
@@ -638,7 +662,7 @@ impl Shared {
     }
 }
 
-async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
+async fn run(path: PathBuf, mut cfg: Config, cleanup: bool, datapath_log: bool) -> Result<()> {
     // Before anything else: a signal during start-up waits for the loop below (and a clean
     // shutdown) instead of killing the agent halfway.
     let mut hangup = signal(SignalKind::hangup())?;
@@ -649,7 +673,7 @@ async fn run(path: PathBuf, mut cfg: Config, cleanup: bool) -> Result<()> {
         restarted,
         events: mut health_events,
         attached,
-    } = Node::start(&cfg).await?;
+    } = Node::start(&cfg, datapath_log).await?;
     let lo = LoopbackVips::new().await?;
     let (added, removed) = lo.sync(&cfg.loopback_addresses()).await?;
     info!(added, removed, "VIP addresses on lo");

@@ -46,6 +46,10 @@ pub const DECAP_PROGRAM: &str = "vip_decap";
 
 /// Name of the load-balancer XDP program in the object.
 pub const LB_PROGRAM: &str = "vip_lb";
+/// The program `vip_lb` tail-calls with datapath logs on, and the (unpinned) program array it
+/// is called through.
+pub const LB_LOG_PROGRAM: &str = "vip_lb_log";
+pub const LOG_PROGRAM: &str = "LOG_PROGRAM";
 
 /// How a map must look. `max_entries: None` means "set by the agent at load time".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

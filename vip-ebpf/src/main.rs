@@ -8,6 +8,7 @@
 #![no_main]
 
 mod encap;
+mod log;
 mod maps;
 mod parse;
 mod select;
@@ -23,8 +24,9 @@ pub fn vip_lb(ctx: XdpContext) -> u32 {
     let Some(stats) = STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p }) else {
         return xdp_action::XDP_PASS;
     };
+    let verdict = parse::process(&ctx, stats);
     // The one place where what happened becomes an action and a counter.
-    match parse::process(&ctx, stats) {
+    let action = match verdict {
         Verdict::Pass => {
             stats.passed += 1;
             xdp_action::XDP_PASS
@@ -65,7 +67,15 @@ pub fn vip_lb(ctx: XdpContext) -> u32 {
             stats.drop_no_headroom += 1;
             xdp_action::XDP_DROP
         }
-    }
+    };
+    log::hand_over(&ctx, &verdict, action);
+    action
+}
+
+/// Datapath debug logs (see `log`): tail-called by `vip_lb` when logs are on.
+#[xdp]
+pub fn vip_lb_log(ctx: XdpContext) -> u32 {
+    log::record(&ctx)
 }
 
 #[unsafe(link_section = "license")]

@@ -1,0 +1,185 @@
+//! Datapath debug logs through aya-log: one record per packet addressed to a VIP, saying what
+//! became of it, and for a forwarded packet the client's flow and the backend it went to.
+//!
+//! Off unless the agent is asked for them (`vip-agent run --datapath-log`): the agent sets
+//! `AYA_LOG_LEVEL` before loading, and below Debug the verifier removes the hand-over as dead
+//! code, so a node without logs pays nothing. With logs on, `vip_lb` hands the finished packet
+//! to `vip_lb_log` with a tail call (its own stack: `vip_lb` uses nearly all of its 512 bytes),
+//! which reads the record back from the packet as it leaves and returns `vip_lb`'s action.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    btf_maps::{PerCpuArray, ProgramArray},
+    macros::btf_map,
+    programs::XdpContext,
+};
+use aya_log_ebpf::{
+    debug,
+    macro_support::{Level, level_enabled},
+};
+use vip_common::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP};
+
+use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, read};
+
+use crate::parse::Verdict;
+
+/// `vip_lb_log` at index 0, put there by the agent when logs are on.
+#[btf_map]
+static LOG_PROGRAM: ProgramArray<1> = ProgramArray::new();
+
+/// What `vip_lb` hands `vip_lb_log`, per CPU: (outcome code, action).
+#[btf_map]
+static LOG_HANDOVER: PerCpuArray<[u32; 2], 1> = PerCpuArray::new();
+
+/// An outcome worth a record, as handed over: 0 (a packet for no VIP, passed) is not logged.
+#[inline(always)]
+fn outcome_code(verdict: &Verdict) -> u32 {
+    match verdict {
+        Verdict::Pass => 0,
+        Verdict::Tx => 1,
+        Verdict::Redirect(_) => 2,
+        Verdict::NoNeighbourPass => 3,
+        Verdict::NoRoutePass => 4,
+        Verdict::DropFragment => 5,
+        Verdict::DropIpOptions => 6,
+        Verdict::DropMalformed => 7,
+        Verdict::DropNoBackend => 8,
+        Verdict::DropNoHeadroom => 9,
+    }
+}
+
+/// The text of an outcome code, and whether the packet left encapsulated. Branches, not a
+/// table: a string pointer loaded from a table is a plain number to the verifier.
+#[inline(always)]
+fn outcome_text(code: u32) -> (&'static str, bool) {
+    match code {
+        1 => ("XDP_TX", true),
+        2 => ("redirect", true),
+        3 => ("no neighbour yet, to the stack", true),
+        4 => ("no route, to the stack", true),
+        5 => ("dropped: fragment", false),
+        6 => ("dropped: IP options", false),
+        7 => ("dropped: malformed", false),
+        8 => ("dropped: no backend", false),
+        _ => ("dropped: no headroom", false),
+    }
+}
+
+/// With logs on, hands the packet and `action` to `vip_lb_log`, which then ends this run.
+/// Returns when logs are off, the packet was for no VIP, or `vip_lb_log` is not loaded.
+#[inline(always)]
+pub fn hand_over(ctx: &XdpContext, verdict: &Verdict, action: u32) {
+    let code = outcome_code(verdict);
+    if code == 0 || !level_enabled(Level::Debug) {
+        return;
+    }
+    if let Some(slot) = LOG_HANDOVER.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; `vip_lb_log` reads it in this same run.
+        unsafe {
+            *slot = [code, action];
+            LOG_PROGRAM.tail_call(ctx, 0);
+        }
+    }
+}
+
+const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
+const UDP_LEN: usize = 8;
+
+/// One IP header's view of a packet.
+struct Endpoints {
+    src: IpAddr,
+    dst: IpAddr,
+    /// Protocol (IPv4) or next header (IPv6).
+    proto: u8,
+    /// Where the IP payload starts.
+    payload: usize,
+}
+
+#[inline(always)]
+fn endpoints(ctx: &XdpContext, l3: usize) -> Option<Endpoints> {
+    // Whole headers, not single bytes: the verifier follows `data + off + size > data_end` for
+    // a variable `off` only when `size` survives compilation, which a 1-byte read may not.
+    if read::<[u8; 2]>(ctx, l3)?[0] >> 4 == 4 {
+        let h = read::<[u8; 20]>(ctx, l3)?;
+        let at = |i: usize| [h[i], h[i + 1], h[i + 2], h[i + 3]];
+        return Some(Endpoints {
+            src: IpAddr::V4(Ipv4Addr::from(at(12))),
+            dst: IpAddr::V4(Ipv4Addr::from(at(16))),
+            proto: h[9],
+            payload: l3 + usize::from(h[0] & 0x0f) * 4,
+        });
+    }
+    let h = read::<[u8; 40]>(ctx, l3)?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    Some(Endpoints {
+        src: IpAddr::V6(Ipv6Addr::from(src)),
+        dst: IpAddr::V6(Ipv6Addr::from(dst)),
+        proto: h[6],
+        payload: l3 + 40,
+    })
+}
+
+/// The IP header after the Ethernet header (and one VLAN tag).
+#[inline(always)]
+fn l3(ctx: &XdpContext) -> Option<usize> {
+    let (ether_type, l3) = match read::<[u8; 2]>(ctx, 12)? {
+        ETH_P_8021Q => (read::<[u8; 2]>(ctx, 16)?, 18),
+        other => (other, 14),
+    };
+    (ether_type == ETH_P_IP || ether_type == ETH_P_IPV6).then_some(l3)
+}
+
+/// `vip_lb_log`: logs the packet `vip_lb` handed over and returns `vip_lb`'s action.
+#[inline(always)]
+pub fn record(ctx: &XdpContext) -> u32 {
+    let Some(&[code, action]) = LOG_HANDOVER.get(0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (what, encapsulated) = outcome_text(code);
+    let _ = (|| {
+        let packet = endpoints(ctx, l3(ctx)?)?;
+        let (client, backend) = if encapsulated {
+            let inner = match packet.proto {
+                IPPROTO_IPIP | IPPROTO_IPV6 => packet.payload,
+                IPPROTO_UDP => packet.payload + UDP_LEN,
+                _ => return None,
+            };
+            (endpoints(ctx, inner)?, Some(packet.dst))
+        } else {
+            (packet, None)
+        };
+        let ports = read::<[u8; 4]>(ctx, client.payload).unwrap_or_default();
+        let src_port = u16::from_be_bytes([ports[0], ports[1]]);
+        let dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+        match backend {
+            Some(backend) => debug!(
+                ctx,
+                "{} {}:{} -> {}:{} proto {} to backend {}",
+                what,
+                client.src,
+                src_port,
+                client.dst,
+                dst_port,
+                client.proto,
+                backend
+            ),
+            None => debug!(
+                ctx,
+                "{} {}:{} -> {}:{} proto {}",
+                what,
+                client.src,
+                src_port,
+                client.dst,
+                dst_port,
+                client.proto
+            ),
+        }
+        Some(())
+    })();
+    action
+}
