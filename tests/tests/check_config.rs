@@ -196,6 +196,22 @@ fn bad_configs_are_rejected_with_the_field_named() {
             GOOD.replace("[node]", "[node]\nrole = \"router\""),
             "lb",
         ),
+        (
+            "bad health check path",
+            GOOD.replace(
+                "weight = 2",
+                "weight = 2\n[vip.backend.health]\ncheck = \"tcp\"\nvia = \"tunnel\"",
+            ),
+            "datapath",
+        ),
+        (
+            "data-path check of a backend of another family",
+            GOOD.replace(
+                "address = \"198.18.1.2\"\nstate = \"draining\"",
+                "address = \"fd00:1::2\"\n[vip.backend.health]\ncheck = \"tcp\"\nvia = \"datapath\"",
+            ),
+            "backend[1].health.via",
+        ),
     ];
     assert!(cases.len() >= 20);
     for (what, text, needle) in cases {

@@ -14,9 +14,15 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 const DETECT: Duration = Duration::from_millis(500 * 2 + 500 + 2000);
 
 fn lab(prefix: &str) -> Lab {
+    lab_with(prefix, "")
+}
+
+fn lab_with(prefix: &str, extra_health: &str) -> Lab {
     vip_tests::require_root();
     let mut spec = LabSpec::new(prefix);
-    spec.health = Some("check = \"tcp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2".into());
+    spec.health = Some(format!(
+        "check = \"tcp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2\n{extra_health}"
+    ));
     Lab::up_built(spec).expect("lab up")
 }
 
@@ -150,4 +156,57 @@ fn a_vip_without_backends_is_withdrawn_and_comes_back() {
         .in_client(|| tcp_hello(VIP4.parse::<IpAddr>().unwrap(), TIMEOUT))
         .expect("the VIP works again");
     assert_eq!(backend, "be2");
+}
+
+/// `via = "datapath"`: checks go to the VIP, encapsulated toward the backend like client
+/// traffic. A backend whose host and service answer, but whose VIP is not on `lo`, fails them
+/// (a check to its own address would pass), and comes back once the VIP is there again.
+#[test]
+fn a_backend_without_the_vip_on_lo_fails_the_data_path_check() {
+    let lab = lab_with("vipe2e-hcpath", "via = \"datapath\"");
+    // Every backend passes through the data path, IPv4 and IPv6, TCP and UDP (the lab runs
+    // no iperf3 server on :5201 yet).
+    let deadline = Instant::now() + DETECT;
+    loop {
+        let all_ok = (1..=2).all(|i| {
+            let out = lab.agent_cli(i, &["backends"]).unwrap_or_default();
+            let lines: Vec<&str> = out.lines().filter(|l| l.contains(" weight ")).collect();
+            lines.len() == 15
+                && lines
+                    .iter()
+                    .filter(|l| !l.contains(":5201 "))
+                    .all(|l| l.contains("active: ok in") && l.contains("through the data path"))
+        });
+        if all_ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every backend passed through the data path: {}",
+            lab.agent_cli(1, &["backends"]).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let be3 = lab.spec.ns("be3");
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &be3])
+            .args(args)
+            .output()
+            .expect("ip");
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&["addr", "del", &format!("{VIP4}/32"), "dev", "lo"]);
+    let took = wait_condition(&lab, "198.18.13.2", "down", DETECT);
+    eprintln!("be3 without {VIP4} on lo marked down {took:?} later");
+    // Its service still answers on its own address: a direct check would not have noticed.
+    let own: std::net::SocketAddr = "198.18.13.2:80".parse().unwrap();
+    lab.in_client(move || TcpStream::connect_timeout(&own, TIMEOUT))
+        .expect("be3's own address still serves");
+    assert!(backends_seen(&lab, 60).iter().all(|b| b != "be3"));
+
+    ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
+    wait_condition(&lab, "198.18.13.2", "active", DETECT);
+    assert!(backends_seen(&lab, 90).iter().any(|b| b == "be3"));
 }

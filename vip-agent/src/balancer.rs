@@ -124,6 +124,11 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// The datapath's id of a backend of a VIP, once applied.
+    pub fn backend_id(&self, key: &BackendKey) -> Option<vip_common::BackendId> {
+        self.backend_ids.by_key.get(key).copied()
+    }
+
     pub fn new(dataplane: Dataplane) -> Self {
         let slots = dataplane.options().table_slots;
         Self {

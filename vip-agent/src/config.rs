@@ -175,6 +175,14 @@ pub struct BgpPeerConfig {
 }
 
 impl Config {
+    /// Whether some backend is health-checked through the data path.
+    pub fn has_datapath_checks(&self) -> bool {
+        self.vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .any(|b| b.health.via == CheckVia::Datapath && b.health.kind != CheckKind::None)
+    }
+
     /// Addresses to put on `lo`: the VIPs this node load-balances or serves.
     pub fn loopback_addresses(&self) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = match &self.backend {
@@ -274,10 +282,23 @@ pub enum CheckKind {
     Udp,
 }
 
-/// A backend health check, to the backend's own address.
+/// Where health checks go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckVia {
+    /// To the backend's own address: proves the host and service are up.
+    #[default]
+    Direct,
+    /// To the VIP, encapsulated toward the backend like client traffic: also proves that the
+    /// backend decapsulates, has the VIP on `lo` and serves it there.
+    Datapath,
+}
+
+/// A backend health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     pub kind: CheckKind,
+    pub via: CheckVia,
     /// Port checked; the VIP's port by default.
     pub port: u16,
     pub interval: Duration,
@@ -433,6 +454,7 @@ struct RawBackend {
 #[serde(deny_unknown_fields)]
 struct RawHealth {
     check: Option<CheckKind>,
+    via: Option<CheckVia>,
     port: Option<u16>,
     /// Seconds (fractions allowed).
     interval: Option<f64>,
@@ -450,6 +472,7 @@ impl RawHealth {
     fn merged(&self, over: &RawHealth) -> RawHealth {
         RawHealth {
             check: over.check.or(self.check),
+            via: over.via.or(self.via),
             port: over.port.or(self.port),
             interval: over.interval.or(self.interval),
             timeout: over.timeout.or(self.timeout),
@@ -496,6 +519,7 @@ impl RawHealth {
         }
         Ok(HealthCheck {
             kind,
+            via: self.via.unwrap_or_default(),
             port,
             interval,
             timeout,
@@ -950,6 +974,34 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                     };
                     err(&b.address.span(), f, m)
                 })?;
+            if health.via == CheckVia::Datapath && health.kind != CheckKind::None {
+                let problem = if baddr.is_ipv4() != address.is_ipv4() {
+                    Some("the backend's address family must match the VIP's".to_string())
+                } else if baddr.is_ipv6() && v.encapsulation == Encapsulation::Gue {
+                    Some("GUE VIPs are checked through the data path over IPv4 only".into())
+                } else if source_missing {
+                    let which = if baddr.is_ipv4() {
+                        "source_v4"
+                    } else {
+                        "source_v6"
+                    };
+                    Some(format!("the probes come from node.{which}: set it"))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    let f = if b.health.is_some() {
+                        bfield("health.via")
+                    } else {
+                        field("health.via")
+                    };
+                    return Err(err(
+                        &b.address.span(),
+                        f,
+                        format!("via = \"datapath\" with backend {baddr}: {problem}"),
+                    ));
+                }
+            }
             backends.push(BackendConfig {
                 address: baddr,
                 weight,

@@ -12,8 +12,9 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, ProgramArray},
     programs::{
-        ProgramError, Xdp, XdpMode,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc,
         xdp::XdpLink,
     },
 };
@@ -207,6 +208,8 @@ impl DataplaneOptions {
 pub struct Dataplane {
     ebpf: Ebpf,
     options: DataplaneOptions,
+    /// `vip_hc` is attached to `lo` (for as long as this lives).
+    health_check_program: bool,
 }
 
 impl Dataplane {
@@ -247,7 +250,11 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(object).map_err(DataplaneError::Load)?;
-        let mut dataplane = Self { ebpf, options };
+        let mut dataplane = Self {
+            ebpf,
+            options,
+            health_check_program: false,
+        };
         let config = DatapathConfig {
             table_size: dataplane.options.table_size,
             _pad: 0,
@@ -293,6 +300,31 @@ impl Dataplane {
         let reader = aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, ToTracing)
             .map_err(|e| DataplaneError::LogReader(std::io::Error::other(e)))?;
         Ok(Some(reader))
+    }
+
+    /// Attaches `vip_hc` to the egress of `lo` (once; detached when this is dropped): the
+    /// program that carries data-path health checks to their backends.
+    pub fn attach_health_check_program(&mut self) -> Result<()> {
+        if self.health_check_program {
+            return Ok(());
+        }
+        let program_err = |source| DataplaneError::Program {
+            program: layout::HEALTH_CHECK_PROGRAM,
+            source,
+        };
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(layout::HEALTH_CHECK_PROGRAM)
+            .ok_or(DataplaneError::MissingProgram(layout::HEALTH_CHECK_PROGRAM))?
+            .try_into()
+            .map_err(program_err)?;
+        prog.load().map_err(program_err)?;
+        // A tcx link on this kernel; the clsact qdisc is only for the netlink fallback.
+        let _ = tc::qdisc_add_clsact("lo");
+        prog.attach("lo", TcAttachType::Egress)
+            .map_err(program_err)?;
+        self.health_check_program = true;
+        Ok(())
     }
 
     /// Attaches to `iface` with a pinned link; see [`attach_xdp_pinned`].

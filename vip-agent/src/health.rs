@@ -2,6 +2,10 @@
 //! so a slow or hung backend never delays the others, and spread over the interval so a
 //! restart does not check every backend at the same instant.
 //!
+//! A check goes to the backend's own address, or (`via = "datapath"`) to the VIP from the node's
+//! own address, marked so that the datapath's `vip_hc` program carries it to the backend
+//! encapsulated like client traffic; the backend answers directly, as it answers clients.
+//!
 //! A backend goes down after `fall` failures in a row and comes back after `rise` successes.
 //! Flapping is damped: a backend that comes back and goes down again within ten intervals
 //! needs twice as many successes the next time (up to 16 × `rise`); ten quiet intervals reset it.
@@ -9,23 +13,104 @@
 use std::{
     collections::HashMap,
     hash::{DefaultHasher, Hash, Hasher},
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsRawFd,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream, UdpSocket},
     sync::mpsc,
     task::JoinHandle,
     time::{Instant, sleep, timeout},
 };
 
+use vip_common::{BackendId, HEALTH_CHECK_MARK};
+
 use crate::{
     balancer::BackendKey,
-    config::{CheckKind, Config, HealthCheck},
+    config::{CheckKind, CheckVia, Config, HealthCheck},
 };
+
+/// Where a check's packets go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// The backend's own address.
+    Direct(SocketAddr),
+    /// The VIP, from this node's `source` address, with packets marked for `vip_hc`.
+    Datapath {
+        vip: SocketAddr,
+        source: IpAddr,
+        mark: u32,
+    },
+}
+
+impl Target {
+    fn address(&self) -> SocketAddr {
+        match *self {
+            Target::Direct(a) | Target::Datapath { vip: a, .. } => a,
+        }
+    }
+
+    /// The probe socket's local address and mark.
+    fn local(&self) -> (SocketAddr, Option<u32>) {
+        match *self {
+            Target::Direct(a) => (unspecified(a), None),
+            Target::Datapath { source, mark, .. } => (SocketAddr::new(source, 0), Some(mark)),
+        }
+    }
+}
+
+fn unspecified(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    }
+}
+
+/// Marks every packet of a socket (SO_MARK; needs CAP_NET_ADMIN).
+fn set_mark(socket: &impl AsRawFd, mark: u32) -> std::io::Result<()> {
+    // SAFETY: setsockopt with a pointer to a live u32 and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as u32,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+async fn tcp_connect(target: &Target) -> std::io::Result<TcpStream> {
+    let (local, mark) = target.local();
+    let socket = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+        socket.bind(local)?;
+    }
+    socket.connect(target.address()).await
+}
+
+async fn udp_connect(target: &Target) -> std::io::Result<UdpSocket> {
+    let (local, mark) = target.local();
+    let socket = UdpSocket::bind(local).await?;
+    if let Some(mark) = mark {
+        set_mark(&socket, mark)?;
+    }
+    socket.connect(target.address()).await?;
+    Ok(socket)
+}
 
 /// A backend changed state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +146,7 @@ type Reports = Arc<Mutex<HashMap<BackendKey, Report>>>;
 
 /// Runs the checks of every backend that has one.
 pub struct Checker {
-    tasks: HashMap<BackendKey, (HealthCheck, JoinHandle<()>)>,
+    tasks: HashMap<BackendKey, (HealthCheck, Target, JoinHandle<()>)>,
     events: mpsc::Sender<Event>,
     reports: Reports,
 }
@@ -80,18 +165,40 @@ impl Checker {
     }
 
     /// Makes the running checks those of `config`: starts new ones, stops removed ones,
-    /// restarts changed ones (their state starts afresh: up).
-    pub fn sync(&mut self, config: &Config) {
-        let mut wanted: HashMap<BackendKey, HealthCheck> = HashMap::new();
+    /// restarts changed ones (their state starts afresh: up). `ids`: the backends' ids in the
+    /// datapath, which data-path checks carry in their mark.
+    pub fn sync(&mut self, config: &Config, ids: impl Fn(&BackendKey) -> Option<BackendId>) {
+        let mut wanted: HashMap<BackendKey, (HealthCheck, Target)> = HashMap::new();
         for vip in &config.vips {
             for b in &vip.backends {
-                if b.health.kind != CheckKind::None {
-                    wanted.insert((vip.key(), b.address), b.health.clone());
+                if b.health.kind == CheckKind::None {
+                    continue;
                 }
+                let key = (vip.key(), b.address);
+                let target = match b.health.via {
+                    CheckVia::Direct => Target::Direct(SocketAddr::new(b.address, b.health.port)),
+                    CheckVia::Datapath => {
+                        // Validation made sure the node has a source of the VIP's family.
+                        let source = match vip.address {
+                            IpAddr::V4(_) => config.node.source_v4.map(IpAddr::V4),
+                            IpAddr::V6(_) => config.node.source_v6.map(IpAddr::V6),
+                        };
+                        let (Some(source), Some(id)) = (source, ids(&key)) else {
+                            tracing::warn!(vip = %vip.address, backend = %b.address, "no data-path check: no source address or backend id");
+                            continue;
+                        };
+                        Target::Datapath {
+                            vip: SocketAddr::new(vip.address, b.health.port),
+                            source,
+                            mark: HEALTH_CHECK_MARK | id,
+                        }
+                    }
+                };
+                wanted.insert(key, (b.health.clone(), target));
             }
         }
-        self.tasks.retain(|key, (check, task)| {
-            let keep = wanted.get(key) == Some(check);
+        self.tasks.retain(|key, (check, target, task)| {
+            let keep = wanted.get(key) == Some(&(check.clone(), *target));
             if !keep {
                 task.abort();
             }
@@ -99,7 +206,7 @@ impl Checker {
         });
         let mut reports = self.reports.lock().expect("reports lock");
         reports.retain(|key, _| self.tasks.contains_key(key) || wanted.contains_key(key));
-        for (key, check) in wanted {
+        for (key, (check, target)) in wanted {
             if self.tasks.contains_key(&key) {
                 continue;
             }
@@ -107,10 +214,11 @@ impl Checker {
             let task = tokio::spawn(run(
                 key,
                 check.clone(),
+                target,
                 self.events.clone(),
                 self.reports.clone(),
             ));
-            self.tasks.insert(key, (check, task));
+            self.tasks.insert(key, (check, target, task));
         }
     }
 
@@ -122,7 +230,7 @@ impl Checker {
 
 impl Drop for Checker {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.values() {
+        for (_, _, task) in self.tasks.values() {
             task.abort();
         }
     }
@@ -135,8 +243,13 @@ fn offset(key: &BackendKey, interval: Duration) -> Duration {
     interval.mul_f64((h.finish() % 1000) as f64 / 1000.0)
 }
 
-async fn run(key: BackendKey, check: HealthCheck, events: mpsc::Sender<Event>, reports: Reports) {
-    let target = SocketAddr::new(key.1, check.port);
+async fn run(
+    key: BackendKey,
+    check: HealthCheck,
+    target: Target,
+    events: mpsc::Sender<Event>,
+    reports: Reports,
+) {
     let mut up = true;
     let (mut successes, mut failures) = (0u32, 0u32);
     let mut flaps = 0u32;
@@ -146,7 +259,7 @@ async fn run(key: BackendKey, check: HealthCheck, events: mpsc::Sender<Event>, r
         tokio::time::sleep_until(next).await;
         next += check.interval;
         let started = Instant::now();
-        let result = match timeout(check.timeout, probe(target, &check)).await {
+        let result = match timeout(check.timeout, probe(&target, &check)).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {:?}", check.timeout)),
         };
@@ -171,7 +284,10 @@ async fn run(key: BackendKey, check: HealthCheck, events: mpsc::Sender<Event>, r
             None
         };
         let detail = match &result {
-            Ok(()) => format!("ok in {latency:.1?}"),
+            Ok(()) => match target {
+                Target::Direct(_) => format!("ok in {latency:.1?}"),
+                Target::Datapath { .. } => format!("ok in {latency:.1?} through the data path"),
+            },
             Err(e) => e.clone(),
         };
         {
@@ -209,18 +325,22 @@ async fn run(key: BackendKey, check: HealthCheck, events: mpsc::Sender<Event>, r
 }
 
 /// One check.
-async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), String> {
+async fn probe(target: &Target, check: &HealthCheck) -> Result<(), String> {
+    let to = match target {
+        Target::Direct(a) => a.to_string(),
+        Target::Datapath { vip, .. } => format!("{vip} through the data path"),
+    };
     match check.kind {
         CheckKind::None => Ok(()),
-        CheckKind::Tcp => TcpStream::connect(target)
+        CheckKind::Tcp => tcp_connect(target)
             .await
             .map(drop)
-            .map_err(|e| format!("TCP {target}: {e}")),
+            .map_err(|e| format!("TCP {to}: {e}")),
         CheckKind::Http => {
-            let mut stream = TcpStream::connect(target)
+            let mut stream = tcp_connect(target)
                 .await
-                .map_err(|e| format!("HTTP {target}: {e}"))?;
-            let host = match target.ip() {
+                .map_err(|e| format!("HTTP {to}: {e}"))?;
+            let host = match target.address().ip() {
                 IpAddr::V4(a) => a.to_string(),
                 IpAddr::V6(a) => format!("[{a}]"),
             };
@@ -231,49 +351,40 @@ async fn probe(target: SocketAddr, check: &HealthCheck) -> Result<(), String> {
             stream
                 .write_all(request.as_bytes())
                 .await
-                .map_err(|e| format!("HTTP {target}: {e}"))?;
+                .map_err(|e| format!("HTTP {to}: {e}"))?;
             let mut head = [0u8; 64];
             let n = stream
                 .read(&mut head)
                 .await
-                .map_err(|e| format!("HTTP {target}: {e}"))?;
+                .map_err(|e| format!("HTTP {to}: {e}"))?;
             let line = String::from_utf8_lossy(&head[..n]);
             let status: Option<u16> = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
             match status {
                 Some(s) if s == check.http_status => Ok(()),
                 Some(s) => Err(format!(
-                    "HTTP {target}{}: status {s}, want {}",
+                    "HTTP {to}{}: status {s}, want {}",
                     check.http_path, check.http_status
                 )),
-                None => Err(format!("HTTP {target}: no status line")),
+                None => Err(format!("HTTP {to}: no status line")),
             }
         }
         CheckKind::Udp => {
-            let bind: SocketAddr = if target.is_ipv4() {
-                (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-            } else {
-                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let socket = UdpSocket::bind(bind)
+            let socket = udp_connect(target)
                 .await
-                .map_err(|e| format!("UDP: {e}"))?;
-            socket
-                .connect(target)
-                .await
-                .map_err(|e| format!("UDP {target}: {e}"))?;
+                .map_err(|e| format!("UDP {to}: {e}"))?;
             socket
                 .send(check.udp_send.as_bytes())
                 .await
-                .map_err(|e| format!("UDP {target}: {e}"))?;
+                .map_err(|e| format!("UDP {to}: {e}"))?;
             let mut buf = [0u8; 1500];
             let n = socket
                 .recv(&mut buf)
                 .await
-                .map_err(|e| format!("UDP {target}: {e}"))?;
+                .map_err(|e| format!("UDP {to}: {e}"))?;
             if String::from_utf8_lossy(&buf[..n]).contains(&check.udp_expect) {
                 Ok(())
             } else {
-                Err(format!("UDP {target}: reply lacks {:?}", check.udp_expect))
+                Err(format!("UDP {to}: reply lacks {:?}", check.udp_expect))
             }
         }
     }

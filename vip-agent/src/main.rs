@@ -259,6 +259,18 @@ fn enable_forwarding(iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// Data-path health checks: the backend answers the probe from the VIP, which is also on this
+/// node's `lo`. IPv4 drops such packets as martians unless the uplink accepts local sources.
+fn accept_local(iface: &str) -> Result<()> {
+    let knob = format!("/proc/sys/net/ipv4/conf/{iface}/accept_local");
+    if std::fs::read_to_string(&knob).is_ok_and(|v| v.trim() == "1") {
+        return Ok(());
+    }
+    std::fs::write(&knob, "1").with_context(|| format!("enabling {knob}"))?;
+    info!(%knob, "enabled for data-path health checks");
+    Ok(())
+}
+
 /// A started node and what starting it found.
 struct Started {
     node: Node,
@@ -369,7 +381,16 @@ impl Node {
                 balancer, checker, ..
             } => {
                 let report = balancer.apply(cfg)?;
-                checker.sync(cfg);
+                if cfg.has_datapath_checks() {
+                    for iface in &cfg.node.interfaces {
+                        accept_local(iface)?;
+                    }
+                    balancer
+                        .dataplane_mut()
+                        .attach_health_check_program()
+                        .context("attaching the data-path health check program to lo")?;
+                }
+                checker.sync(cfg, |key| balancer.backend_id(key));
                 info!(?report, "config applied");
             }
             Node::Backend { decap } => {

@@ -50,6 +50,8 @@ pub const LB_PROGRAM: &str = "vip_lb";
 /// is called through.
 pub const LB_LOG_PROGRAM: &str = "vip_lb_log";
 pub const LOG_PROGRAM: &str = "LOG_PROGRAM";
+/// The tc program (egress of `lo`) that sends health-check probes through the data path.
+pub const HEALTH_CHECK_PROGRAM: &str = "vip_hc";
 
 /// How a map must look. `max_entries: None` means "set by the agent at load time".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -95,6 +95,13 @@ pub const BACKEND_F_PRESENT: u8 = 1 << 0;
 /// datapath asks `bpf_fib_lookup`.
 pub const BACKEND_F_NEXTHOP: u8 = 1 << 1;
 
+/// Health checks through the data path: the agent marks a probe socket's packets (to the VIP)
+/// with `HEALTH_CHECK_MARK | BackendId`, and `vip_hc` (tc egress on `lo`, where packets to the
+/// node's own VIPs go) encapsulates them toward that backend as the datapath would.
+pub const HEALTH_CHECK_MARK: u32 = 0x7669_0000;
+/// The bits of a packet mark that say "health check"; the rest is the [`BackendId`].
+pub const HEALTH_CHECK_MARK_MASK: u32 = 0xffff_0000;
+
 /// Value of `BACKENDS` (indexed by [`BackendId`]): one backend of one VIP, and where to send
 /// its packets. A backend address serving several VIPs has one entry per VIP, so its health,
 /// drain state and counters are per VIP.

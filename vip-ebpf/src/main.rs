@@ -8,12 +8,17 @@
 #![no_main]
 
 mod encap;
+mod hc;
 mod log;
 mod maps;
 mod parse;
 mod select;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
 
 use crate::{maps::STATS, parse::Verdict};
 
@@ -70,6 +75,12 @@ pub fn vip_lb(ctx: XdpContext) -> u32 {
     };
     log::hand_over(&ctx, &verdict, action);
     action
+}
+
+/// Health checks through the data path (see `hc`): tc egress of `lo`.
+#[classifier]
+pub fn vip_hc(ctx: TcContext) -> i32 {
+    hc::encapsulate(&ctx)
 }
 
 /// Datapath debug logs (see `log`): tail-called by `vip_lb` when logs are on.
