@@ -14,14 +14,15 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 const DETECT: Duration = Duration::from_millis(500 * 2 + 500 + 2000);
 
 fn lab(prefix: &str) -> Lab {
-    lab_with(prefix, "")
+    lab_with(prefix, "check = \"tcp\"")
 }
 
-fn lab_with(prefix: &str, extra_health: &str) -> Lab {
+/// The lab with `check` (lines of `[vip.health]`) and the timing above.
+fn lab_with(prefix: &str, check: &str) -> Lab {
     vip_tests::require_root();
     let mut spec = LabSpec::new(prefix);
     spec.health = Some(format!(
-        "check = \"tcp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2\n{extra_health}"
+        "{check}\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2"
     ));
     Lab::up_built(spec).expect("lab up")
 }
@@ -163,7 +164,7 @@ fn a_vip_without_backends_is_withdrawn_and_comes_back() {
 /// (a check to its own address would pass), and comes back once the VIP is there again.
 #[test]
 fn a_backend_without_the_vip_on_lo_fails_the_data_path_check() {
-    let lab = lab_with("vipe2e-hcpath", "via = \"datapath\"");
+    let lab = lab_with("vipe2e-hcpath", "check = \"tcp\"\nvia = \"datapath\"");
     // Every backend passes through the data path, IPv4 and IPv6, TCP and UDP (the lab runs
     // no iperf3 server on :5201 yet).
     let deadline = Instant::now() + DETECT;
@@ -209,4 +210,75 @@ fn a_backend_without_the_vip_on_lo_fails_the_data_path_check() {
     ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"]);
     wait_condition(&lab, "198.18.13.2", "active", DETECT);
     assert!(backends_seen(&lab, 90).iter().any(|b| b == "be3"));
+}
+
+/// An HTTPS service (`openssl s_server -www`, self-signed) on a backend's own address.
+struct HttpsService(std::process::Child);
+
+impl HttpsService {
+    fn start(lab: &Lab, backend: usize, dir: &std::path::Path) -> Self {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.spec.ns(&format!("be{backend}"))])
+            .args(["openssl", "s_server", "-quiet", "-www", "-accept", "8443"])
+            .arg("-cert")
+            .arg(dir.join("cert.pem"))
+            .arg("-key")
+            .arg(dir.join("key.pem"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        Self(child)
+    }
+}
+
+impl Drop for HttpsService {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `check = "https"`: a TLS handshake and a GET; the backend goes down when its HTTPS service
+/// stops and comes back when it returns.
+#[test]
+fn https_checks_follow_the_service() {
+    let dir = std::env::temp_dir().join(format!("vip-https-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=backend.vip.test"])
+        .arg("-keyout")
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("cert.pem"))
+        .output()
+        .expect("openssl req");
+    assert!(made.status.success(), "{made:?}");
+    let lab = lab_with(
+        "vipe2e-https",
+        "check = \"https\"\nport = 8443\ntls_server_name = \"backend.vip.test\"",
+    );
+    let mut services: Vec<Option<HttpsService>> = (1..=3)
+        .map(|i| Some(HttpsService::start(&lab, i, &dir)))
+        .collect();
+    for backend in ["198.18.11.2", "198.18.12.2", "198.18.13.2"] {
+        wait_condition(&lab, backend, "active: ok in", DETECT * 2);
+    }
+    services[2] = None;
+    wait_condition(&lab, "198.18.13.2", "down", DETECT);
+    let backends = lab.agent_cli(1, &["backends"]).unwrap();
+    assert!(backends.contains("HTTPS 198.18.13.2:8443"), "{backends}");
+    services[2] = Some(HttpsService::start(&lab, 3, &dir));
+    wait_condition(&lab, "198.18.13.2", "active: ok in", DETECT);
+    drop(services);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -278,6 +278,9 @@ pub enum CheckKind {
     Tcp,
     /// `GET path` answered with the expected status.
     Http,
+    /// `GET path` over TLS answered with the expected status. The certificate is not verified
+    /// (backends are addressed by IP): the check proves the TLS service answers.
+    Https,
     /// A UDP datagram answered with a datagram that contains the expected text.
     Udp,
 }
@@ -309,6 +312,8 @@ pub struct HealthCheck {
     pub fall: u32,
     pub http_path: String,
     pub http_status: u16,
+    /// HTTPS: the server name (SNI) to ask for; none by default.
+    pub tls_server_name: Option<String>,
     pub udp_send: String,
     pub udp_expect: String,
 }
@@ -463,6 +468,7 @@ struct RawHealth {
     fall: Option<u32>,
     http_path: Option<String>,
     http_status: Option<u16>,
+    tls_server_name: Option<String>,
     udp_send: Option<String>,
     udp_expect: Option<String>,
 }
@@ -480,6 +486,10 @@ impl RawHealth {
             fall: over.fall.or(self.fall),
             http_path: over.http_path.clone().or_else(|| self.http_path.clone()),
             http_status: over.http_status.or(self.http_status),
+            tls_server_name: over
+                .tls_server_name
+                .clone()
+                .or_else(|| self.tls_server_name.clone()),
             udp_send: over.udp_send.clone().or_else(|| self.udp_send.clone()),
             udp_expect: over.udp_expect.clone().or_else(|| self.udp_expect.clone()),
         }
@@ -517,6 +527,12 @@ impl RawHealth {
                 "http_path {http_path:?}: an absolute path without spaces"
             ));
         }
+        let tls_server_name = self.tls_server_name.clone();
+        if let Some(name) = &tls_server_name
+            && rustls::pki_types::DnsName::try_from(name.as_str()).is_err()
+        {
+            return Err(format!("tls_server_name {name:?}: a DNS name"));
+        }
         Ok(HealthCheck {
             kind,
             via: self.via.unwrap_or_default(),
@@ -527,6 +543,7 @@ impl RawHealth {
             fall,
             http_path,
             http_status: self.http_status.unwrap_or(200),
+            tls_server_name,
             udp_send: self.udp_send.clone().unwrap_or_else(|| "ping".into()),
             udp_expect: self.udp_expect.clone().unwrap_or_default(),
         })

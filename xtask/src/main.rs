@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "bird2",
     "gobgpd",
     "iperf3",
+    // The HTTPS health-check test's backend service and certificate.
+    "openssl",
     // kubernetes-validate runs in a venv.
     "python3",
     "python3-venv",
