@@ -101,19 +101,27 @@ impl Lb {
     /// A copy with `conntrack_entries` of connection tracking (per-CPU LRU lists: each CPU's
     /// list holds its share).
     pub fn with_sizes(table_size: u32, conntrack_entries: u32) -> Self {
-        crate::require_root();
-        let options = DataplaneOptions {
+        Self::with_options(DataplaneOptions {
             table_size,
             table_slots: TABLE_SLOTS,
             conntrack_entries,
+            ..DataplaneOptions::default()
+        })
+    }
+
+    /// A copy loaded with `options` (never pinned).
+    pub fn with_options(options: DataplaneOptions) -> Self {
+        crate::require_root();
+        let slots = options.table_slots;
+        let mut dataplane = Dataplane::load(DataplaneOptions {
             pin_dir: None,
-            datapath_log: false,
-        };
-        let mut dataplane = Dataplane::load(options).expect("load the vip-ebpf object");
+            ..options
+        })
+        .expect("load the vip-ebpf object");
         dataplane.program().expect("the verifier accepts vip_lb");
         Self {
             dataplane,
-            tables: TableSlots::new(TABLE_SLOTS),
+            tables: TableSlots::new(slots),
             backends: Vec::new(),
             next_vip_id: 0,
             table_cache: RefCell::default(),

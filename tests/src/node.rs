@@ -119,6 +119,8 @@ impl Drop for Netns {
             .args(["netns", "del", &self.name])
             .status();
         let _ = fs::remove_dir_all(&self.pin_dir);
+        // Configs and logs of agents that ran here (`Agent::start`).
+        let _ = fs::remove_dir_all(std::env::temp_dir().join(&self.name));
     }
 }
 

@@ -324,32 +324,41 @@ fn agent_lifecycle_on_lb_and_backend() {
     assert!(!lo_addresses(&be).contains(VIP4));
 }
 
+/// An LB namespace `tag` whose `up0` (198.18.0.2/24) is a veth to `peer_dev` in a second
+/// namespace, with the backends' network 198.18.1.0/24 routed via 198.18.0.1.
+fn lb_with_peer(tag: &str, peer_dev: &str) -> (Netns, Netns) {
+    let lb = Netns::new(tag);
+    let peer = Netns::new(&format!("{tag}p"));
+    lb.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", peer_dev, "netns", &peer.name,
+    ]);
+    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
+    lb.ip(&["link", "set", "up0", "up"]);
+    peer.ip(&["link", "set", peer_dev, "up"]);
+    lb.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"]);
+    (lb, peer)
+}
+
+fn permanent_neighbour(ns: &Netns, address: &str, mac: &str) {
+    ns.ip(&[
+        "neigh",
+        "replace",
+        address,
+        "lladdr",
+        mac,
+        "dev",
+        "up0",
+        "nud",
+        "permanent",
+    ]);
+}
+
 /// Next hops follow the kernel's neighbour and route events: each change shows in the
 /// backend's entry within the time of an event, well inside the agent's fallback timer (10 s).
 #[test]
 fn next_hops_follow_neighbour_and_route_changes() {
-    let lb = Netns::new("nh");
-    let gw = Netns::new("nhgw");
-    lb.ip(&[
-        "link", "add", "up0", "type", "veth", "peer", "name", "gw0", "netns", &gw.name,
-    ]);
-    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
-    lb.ip(&["link", "set", "up0", "up"]);
-    gw.ip(&["link", "set", "gw0", "up"]);
-    lb.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"]);
-    let neighbour = |address: &str, mac: &str| {
-        lb.ip(&[
-            "neigh",
-            "replace",
-            address,
-            "lladdr",
-            mac,
-            "dev",
-            "up0",
-            "nud",
-            "permanent",
-        ]);
-    };
+    let (lb, _gw) = lb_with_peer("nh", "gw0");
+    let neighbour = |address: &str, mac: &str| permanent_neighbour(&lb, address, mac);
     neighbour("198.18.0.1", "02:00:00:00:00:01");
     let mut agent = Agent::start(
         &lb,
@@ -393,27 +402,9 @@ fn next_hops_follow_neighbour_and_route_changes() {
 /// became of it, the client's flow and the backend.
 #[test]
 fn datapath_logs_say_what_became_of_each_packet() {
-    let lb = Netns::new("dlog");
-    let be = Netns::new("dloggen");
-    lb.ip(&[
-        "link", "add", "up0", "type", "veth", "peer", "name", "gen0", "netns", &be.name,
-    ]);
-    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
-    lb.ip(&["link", "set", "up0", "up"]);
-    be.ip(&["link", "set", "gen0", "up"]);
-    lb.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"]);
+    let (lb, be) = lb_with_peer("dlog", "gen0");
     let mac = be.mac("gen0").map(|b| format!("{b:02x}")).join(":");
-    lb.ip(&[
-        "neigh",
-        "replace",
-        "198.18.0.1",
-        "lladdr",
-        &mac,
-        "dev",
-        "up0",
-        "nud",
-        "permanent",
-    ]);
+    permanent_neighbour(&lb, "198.18.0.1", &mac);
     let mut agent = Agent::start(
         &lb,
         &lb_config(&lb.pin_dir, &vip(VIP4, "tcp", 80, BACKEND4)),

@@ -32,6 +32,8 @@ fn options(pins: &PinDir) -> DataplaneOptions {
         table_size: 251,
         table_slots: 4,
         conntrack_entries: 4096,
+        max_vips: 64,
+        max_backends: 256,
         pin_dir: Some(pins.0.clone()),
         datapath_log: false,
     }
@@ -54,6 +56,8 @@ fn layout_matches_the_object_and_pins_are_reused_or_refused() {
         let entries = match l.name {
             "MAGLEV" => opts.table_size * opts.table_slots,
             "CONNTRACK" => opts.conntrack_entries,
+            "VIPS" | "VIP_META" | "VIP_STATS" => opts.max_vips,
+            "BACKENDS" | "BACKEND_STATS" => opts.max_backends,
             _ => l.max_entries.expect("fixed size"),
         };
         assert_eq!(info.max_entries(), entries, "{}: entries", l.name);

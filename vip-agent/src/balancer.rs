@@ -7,7 +7,7 @@
 //! removed VIPs and unused backends go.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     hash::Hash,
     net::IpAddr,
 };
@@ -130,12 +130,14 @@ impl Balancer {
     }
 
     pub fn new(dataplane: Dataplane) -> Self {
-        let slots = dataplane.options().table_slots;
+        let options = dataplane.options();
+        let (slots, max_vips, max_backends) =
+            (options.table_slots, options.max_vips, options.max_backends);
         Self {
             dataplane,
             tables: TableSlots::new(slots),
-            backend_ids: Ids::new(vip_common::layout::MAX_BACKENDS),
-            vip_ids: Ids::new(vip_common::layout::MAX_VIPS),
+            backend_ids: Ids::new(max_backends),
+            vip_ids: Ids::new(max_vips),
             backends: HashMap::new(),
             vips: HashMap::new(),
             conditions: HashMap::new(),
@@ -275,12 +277,13 @@ impl Balancer {
             report.vips_published += 1;
         }
 
-        // 3. VIPs gone from the config.
+        // 3. VIPs gone from the config. (Sets: a node may have 10,000 VIPs.)
+        let configured: HashSet<VipKey> = config.vips.iter().map(|v| v.key()).collect();
         let gone: Vec<VipKey> = self
             .vip_ids
             .by_key
             .keys()
-            .filter(|k| !config.vips.iter().any(|v| v.key() == **k))
+            .filter(|k| !configured.contains(*k))
             .copied()
             .collect();
         for key in gone {
@@ -291,6 +294,7 @@ impl Balancer {
         }
 
         // 4. Backends no table names any more: emptied, so conntrack entries re-hash.
+        let wanted: HashSet<BackendKey> = wanted.into_iter().collect();
         let unused: Vec<BackendKey> = self
             .backend_ids
             .by_key

@@ -20,7 +20,8 @@ use toml::Spanned;
 use vip_common::{
     IPPROTO_TCP, IPPROTO_UDP, VipKey,
     layout::{
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAX_BACKENDS, MAX_VIPS,
+        CAPACITY_LIMIT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS,
     },
     maglev::is_prime,
 };
@@ -218,6 +219,10 @@ pub struct NodeConfig {
     pub table_size: u32,
     pub table_slots: u32,
     pub conntrack_entries: u32,
+    /// VIP capacity of the datapath's maps.
+    pub max_vips: u32,
+    /// Backend capacity, counting each backend of each VIP.
+    pub max_backends: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -412,6 +417,10 @@ struct RawNode {
     table_slots: Spanned<u32>,
     #[serde(default = "default_conntrack_entries")]
     conntrack_entries: u32,
+    #[serde(default = "default_max_vips")]
+    max_vips: Spanned<u32>,
+    #[serde(default = "default_max_backends")]
+    max_backends: Spanned<u32>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +582,12 @@ fn default_metrics_address() -> SocketAddr {
 }
 fn default_table_size() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_TABLE_SIZE)
+}
+fn default_max_vips() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_MAX_VIPS)
+}
+fn default_max_backends() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_MAX_BACKENDS)
 }
 fn default_table_slots() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_TABLE_SLOTS)
@@ -904,17 +919,44 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             ),
         ));
     }
-    if raw.vips.len() > MAX_VIPS as usize {
+    for (capacity, name) in [
+        (&node.max_vips, "max_vips"),
+        (&node.max_backends, "max_backends"),
+    ] {
+        if !(1..=CAPACITY_LIMIT).contains(capacity.get_ref()) {
+            return Err(err(
+                &capacity.span(),
+                format!("node.{name}"),
+                format!("{}: use 1 to {CAPACITY_LIMIT}", capacity.get_ref()),
+            ));
+        }
+    }
+    let max_vips = *node.max_vips.get_ref();
+    if raw.vips.len() > max_vips as usize {
         return Err(err(
-            &(0..0),
-            "vip".into(),
-            format!("{} VIPs, at most {MAX_VIPS} are allowed", raw.vips.len()),
+            &node.max_vips.span(),
+            "node.max_vips".into(),
+            format!(
+                "{} VIPs, but max_vips is {max_vips}: raise it",
+                raw.vips.len()
+            ),
+        ));
+    }
+    let max_backends = *node.max_backends.get_ref();
+    let backend_entries: usize = raw.vips.iter().map(|v| v.get_ref().backends.len()).sum();
+    if backend_entries > max_backends as usize {
+        return Err(err(
+            &node.max_backends.span(),
+            "node.max_backends".into(),
+            format!(
+                "{backend_entries} backends over all VIPs (each backend of each VIP counts), but \
+                 max_backends is {max_backends}: raise it"
+            ),
         ));
     }
 
     let mut vips = Vec::new();
     let mut keys = HashSet::new();
-    let mut all_backends = HashSet::new();
     for (i, spanned) in raw.vips.into_iter().enumerate() {
         let vip_span = spanned.span();
         let v = spanned.into_inner();
@@ -978,7 +1020,6 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
                     ),
                 ));
             }
-            all_backends.insert(baddr);
             let health = v
                 .health
                 .merged(b.health.as_ref().unwrap_or(&RawHealth::default()))
@@ -1078,16 +1119,6 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             backends,
         });
     }
-    if all_backends.len() > MAX_BACKENDS as usize {
-        return Err(err(
-            &(0..0),
-            "vip.backend".into(),
-            format!(
-                "{} distinct backends, at most {MAX_BACKENDS} are allowed",
-                all_backends.len()
-            ),
-        ));
-    }
     let bgp = match raw.bgp {
         None => None,
         Some(b) if role == Role::Backend => {
@@ -1113,6 +1144,8 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             table_size,
             table_slots,
             conntrack_entries: node.conntrack_entries,
+            max_vips,
+            max_backends,
         },
         vips,
     })

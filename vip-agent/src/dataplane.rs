@@ -23,8 +23,8 @@ use vip_common::{
     VipMeta,
     hash::vip_filter_bit,
     layout::{
-        self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS,
-        LAYOUT, MapLayout,
+        self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT, MapLayout,
     },
     maglev::{MaglevTable, is_prime},
 };
@@ -149,6 +149,10 @@ pub struct DataplaneOptions {
     pub table_slots: u32,
     /// `CONNTRACK` entries.
     pub conntrack_entries: u32,
+    /// VIP capacity: entries of `VIPS`, `VIP_META`, `VIP_STATS`.
+    pub max_vips: u32,
+    /// Backend capacity (one per backend of each VIP): entries of `BACKENDS`, `BACKEND_STATS`.
+    pub max_backends: u32,
     /// Pin (and reuse pinned) maps in this bpffs directory; `None` keeps maps private to this load.
     pub pin_dir: Option<PathBuf>,
     /// Datapath debug logs ([`Dataplane::start_log`]); off, the log path is pruned at load.
@@ -161,6 +165,8 @@ impl Default for DataplaneOptions {
             table_size: DEFAULT_TABLE_SIZE,
             table_slots: DEFAULT_TABLE_SLOTS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            max_vips: DEFAULT_MAX_VIPS,
+            max_backends: DEFAULT_MAX_BACKENDS,
             pin_dir: None,
             datapath_log: false,
         }
@@ -189,6 +195,8 @@ impl DataplaneOptions {
             table_size,
             table_slots: info(layout::MAGLEV)?.max_entries() / table_size,
             conntrack_entries: info(layout::CONNTRACK)?.max_entries(),
+            max_vips: info(layout::VIPS)?.max_entries(),
+            max_backends: info(layout::BACKENDS)?.max_entries(),
             pin_dir: Some(pin_dir.to_owned()),
             datapath_log: false,
         })
@@ -199,6 +207,8 @@ impl DataplaneOptions {
         match name {
             layout::MAGLEV => Some(self.table_size * self.table_slots),
             layout::CONNTRACK => Some(self.conntrack_entries),
+            layout::VIPS | layout::VIP_META | layout::VIP_STATS => Some(self.max_vips),
+            layout::BACKENDS | layout::BACKEND_STATS => Some(self.max_backends),
             _ => LAYOUT.iter().find(|l| l.name == name)?.max_entries,
         }
     }

@@ -230,6 +230,8 @@ fn options(cfg: &Config, datapath_log: bool) -> DataplaneOptions {
         table_size: cfg.node.table_size,
         table_slots: cfg.node.table_slots,
         conntrack_entries: cfg.node.conntrack_entries,
+        max_vips: cfg.node.max_vips,
+        max_backends: cfg.node.max_backends,
         pin_dir: Some(cfg.node.pin_dir.clone()),
         datapath_log,
     }

@@ -10,10 +10,15 @@ use crate::maps::*;
 
 /// Default Maglev table size (prime), as in the Maglev paper.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
-/// VIPs a node can serve (entries of `VIPS` and `VIP_STATS`).
-pub const MAX_VIPS: u32 = 1024;
-/// Backends over all VIPs (entries of `BACKENDS` and `BACKEND_STATS`).
-pub const MAX_BACKENDS: u32 = 4096;
+/// Default VIP capacity (entries of `VIPS`, `VIP_META` and `VIP_STATS`); the agent sizes them
+/// at load time (`node.max_vips`).
+pub const DEFAULT_MAX_VIPS: u32 = 1024;
+/// Default backend capacity, over all VIPs (entries of `BACKENDS` and `BACKEND_STATS`; one per
+/// backend of each VIP); the agent sizes them at load time (`node.max_backends`).
+pub const DEFAULT_MAX_BACKENDS: u32 = 4096;
+/// Upper bound of both capacities: a [`BackendId`](crate::BackendId) must fit the low 16 bits
+/// of a health-check mark.
+pub const CAPACITY_LIMIT: u32 = 1 << 16;
 /// Default number of Maglev table slots in `MAGLEV` (each of `table_size` entries). A VIP uses
 /// one live slot; a table switch writes a free one, so this bounds VIPs per node at a given table
 /// size. The agent sizes the map with `EbpfLoader::set_max_entries`.
@@ -73,16 +78,16 @@ const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout
 
 /// Every map of the load-balancer program.
 pub const LAYOUT: [MapLayout; 10] = [
-    layout::<VipKey, VipMeta>(VIPS, Some(MAX_VIPS)),
-    layout::<u32, Backend>(BACKENDS, Some(MAX_BACKENDS)),
+    layout::<VipKey, VipMeta>(VIPS, None),
+    layout::<u32, Backend>(BACKENDS, None),
     layout::<u32, BackendId>(MAGLEV, None),
     layout::<FlowKey, ConnEntry>(CONNTRACK, None),
     layout::<u32, DatapathStats>(STATS, Some(1)),
-    layout::<u32, TrafficCounters>(VIP_STATS, Some(MAX_VIPS)),
-    layout::<u32, TrafficCounters>(BACKEND_STATS, Some(MAX_BACKENDS)),
+    layout::<u32, TrafficCounters>(VIP_STATS, None),
+    layout::<u32, TrafficCounters>(BACKEND_STATS, None),
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
     layout::<u32, u64>(VIP_FILTER, Some(VIP_FILTER_WORDS)),
-    layout::<u32, VipMeta>(VIP_META, Some(MAX_VIPS)),
+    layout::<u32, VipMeta>(VIP_META, None),
 ];
 
 /// Every map of the decapsulation program.

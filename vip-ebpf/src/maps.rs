@@ -10,25 +10,26 @@ use vip_common::{
     Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
     VipMeta,
     layout::{
-        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, MAX_BACKENDS, MAX_VIPS,
-        VIP_FILTER_WORDS,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
+        DEFAULT_TABLE_SLOTS, VIP_FILTER_WORDS,
     },
 };
 
 /// The services: VIP (address, protocol, port or 0) to how it is forwarded. Written by the agent
-/// after the VIP's table and backends are in place.
+/// after the VIP's table and backends are in place. The VIP and backend maps are sized by the
+/// agent at load time (`node.max_vips`, `node.max_backends`); the sizes here are the defaults.
 #[btf_map]
-pub static VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }> = HashMap::new();
+pub static VIPS: HashMap<VipKey, VipMeta, { DEFAULT_MAX_VIPS as usize }> = HashMap::new();
 
 /// The VIPs again, by `vip_id`: established flows read their VIP's settings here (an array
 /// read) instead of looking it up by key. Written by the agent with `VIPS`; emptied when the VIP
 /// goes.
 #[btf_map]
-pub static VIP_META: Array<VipMeta, { MAX_VIPS as usize }> = Array::new();
+pub static VIP_META: Array<VipMeta, { DEFAULT_MAX_VIPS as usize }> = Array::new();
 
 /// Backends of all VIPs with their resolved next hops, indexed by `BackendId`. Written by the agent.
 #[btf_map]
-pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+pub static BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize }> = Array::new();
 
 /// Maglev tables, `table_size` entries per table slot. The agent sizes it at load time and writes
 /// a whole table into a free slot before pointing a VIP at it. Memory-mappable: the agent writes
@@ -57,11 +58,12 @@ pub static STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 
 /// Traffic per VIP (`VipMeta::vip_id`), per CPU.
 #[btf_map]
-pub static VIP_STATS: PerCpuArray<TrafficCounters, { MAX_VIPS as usize }> = PerCpuArray::new();
+pub static VIP_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_VIPS as usize }> =
+    PerCpuArray::new();
 
 /// Traffic per backend (`BackendId`), per CPU.
 #[btf_map]
-pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { MAX_BACKENDS as usize }> =
+pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_BACKENDS as usize }> =
     PerCpuArray::new();
 
 /// Bitmap over `vip_filter_bit(destination)`: a clear bit means "no VIP has this address", and

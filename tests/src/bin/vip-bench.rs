@@ -98,6 +98,17 @@ fn timed(prog: &mut Xdp, frame: &[u8], repeat: u32) -> (f64, u32, Vec<u8>) {
     (duration_ns(r.duration), r.return_value, out)
 }
 
+/// A descriptor of `lb`'s program, for the wrapper's program array.
+fn program_fd(lb: &mut Lb) -> ProgramFd {
+    lb.dataplane
+        .program()
+        .unwrap()
+        .fd()
+        .unwrap()
+        .try_clone()
+        .unwrap()
+}
+
 fn duration_ns(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
 }
@@ -125,11 +136,14 @@ fn bench_frame(frame: &[u8]) -> BenchFrame {
 }
 
 fn main() {
-    let output = std::env::args()
-        .skip_while(|a| a != "--output")
-        .nth(1)
+    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1);
+    let output = arg("--output")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("BENCHMARKS.md"));
+    // `--only SECTION` (maglev, lab, startup, control-plane): the datapath cases and that
+    // section, for working on one of them; `cargo xtask bench` runs everything.
+    let only = arg("--only");
+    let wanted = |section: &str| only.as_deref().is_none_or(|o| o == section);
     vip_tests::require_root();
 
     let mut lb = Lb::with_table_size(DEFAULT_TABLE_SIZE);
@@ -161,14 +175,7 @@ fn main() {
             .unwrap();
         p.fd().unwrap().try_clone().unwrap()
     };
-    let lb_fd: ProgramFd = lb
-        .dataplane
-        .program()
-        .unwrap()
-        .fd()
-        .unwrap()
-        .try_clone()
-        .unwrap();
+    let lb_fd = program_fd(&mut lb);
     let mut targets: ProgramArray<aya::maps::MapData> =
         ProgramArray::try_from(harness.take_map(BENCH_TARGET).unwrap()).unwrap();
     let mut frames: Array<aya::maps::MapData, BenchFrame> =
@@ -285,48 +292,82 @@ fn main() {
         )
         .unwrap();
     }
-    conntrack_scaling(&mut md, &mut harness, (&mut targets, &mut frames), wrapped);
-    maglev_builds(&mut md);
-    lab_throughput(&mut md);
-    agent_startup(&mut md);
+    table_scaling(
+        &mut md,
+        &mut Harness {
+            ebpf: &mut harness,
+            targets: &mut targets,
+            frames: &mut frames,
+            wrapped_floor: wrapped,
+        },
+    );
+    if wanted("maglev") {
+        maglev_builds(&mut md);
+    }
+    if wanted("lab") {
+        lab_throughput(&mut md);
+    }
+    if wanted("startup") {
+        agent_startup(&mut md);
+    }
+    if wanted("control-plane") {
+        control_plane(&mut md);
+    }
     print!("{md}");
     std::fs::write(&output, md).expect("write BENCHMARKS.md");
     eprintln!("wrote {}", output.display());
 }
 
-/// Established-flow cost with 1, 1,000 and 1,000,000 flows in conntrack: a hash table's cost
-/// should not grow with its fill (cache misses aside).
-fn conntrack_scaling(
-    md: &mut String,
-    harness: &mut aya::Ebpf,
-    (targets, frames): (
-        &mut ProgramArray<aya::maps::MapData>,
-        &mut Array<aya::maps::MapData, BenchFrame>,
-    ),
+/// The harness, ready to time one program: the input-restoring wrapper and the maps it uses.
+struct Harness<'a> {
+    ebpf: &'a mut aya::Ebpf,
+    targets: &'a mut ProgramArray<aya::maps::MapData>,
+    frames: &'a mut Array<aya::maps::MapData, BenchFrame>,
+    /// The trivial program's time behind the wrapper, subtracted from every result.
     wrapped_floor: f64,
-) {
+}
+
+impl Harness<'_> {
+    /// Net ns per packet of an established flow (`frame`, a TCP ACK) through `lb`: the median
+    /// of `RUNS`, each run's output checked against a plain run.
+    fn established_ns(&mut self, lb: &mut Lb, frame: &[u8]) -> f64 {
+        let (want_action, want_out) = lb.run(frame);
+        assert_eq!(want_action, XDP_TX);
+        let lb_fd = program_fd(lb);
+        self.targets.set(0, &lb_fd, 0).unwrap();
+        set_frame(self.frames, frame);
+        let wrapper: &mut Xdp = self
+            .ebpf
+            .program_mut(BENCH_RESTORE_PROGRAM)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let samples = (0..RUNS)
+            .map(|_| {
+                let (ns, action, out) = timed(wrapper, frame, REPEAT);
+                assert_eq!((action, &out), (want_action, &want_out), "timed output");
+                ns - self.wrapped_floor
+            })
+            .collect();
+        median(samples)
+    }
+}
+
+/// Established-flow cost with 1, 1,000 and 1,000,000 flows in conntrack, and with 1, 100 and
+/// 10,000 VIPs configured: hash and array lookups should not grow with their fill (cache
+/// misses aside).
+fn table_scaling(md: &mut String, harness: &mut Harness) {
+    let frame = Frame::tcp("198.18.50.1", 40001, "198.18.100.1", 80, TCP_ACK).build();
+    let spec = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1]);
+
     let mut lb = Lb::with_sizes(DEFAULT_TABLE_SIZE, 2_200_000);
     lb.backend(0, "198.18.1.1").backend(1, "198.18.1.2");
-    let spec = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1]);
     let vip_id = lb.vip(&spec);
-    let frame = Frame::tcp("198.18.50.1", 40001, "198.18.100.1", 80, TCP_ACK).build();
-    let (want_action, want_out) = lb.run(&frame);
-    assert_eq!(want_action, XDP_TX);
-    let lb_fd: ProgramFd = lb
-        .dataplane
-        .program()
-        .unwrap()
-        .fd()
-        .unwrap()
-        .try_clone()
-        .unwrap();
-    targets.set(0, &lb_fd, 0).unwrap();
-    set_frame(frames, &frame);
-
-    writeln!(md, "\n## Established flow vs conntrack fill\n").unwrap();
+    writeln!(md, "\n## Established flow vs table fill\n").unwrap();
     writeln!(
         md,
-        "Same method; the conntrack table is filled with other flows first.\n"
+        "Same method. Conntrack is filled with other flows first; VIPs are added around the \
+         measured one (table size 251 for them all).\n"
     )
     .unwrap();
     writeln!(md, "| flows in conntrack | established TCP net ns |").unwrap();
@@ -351,22 +392,39 @@ fn conntrack_scaling(
                 .expect("fill conntrack");
             filled += 1;
         }
-        let wrapper: &mut Xdp = harness
-            .program_mut(BENCH_RESTORE_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut samples = Vec::new();
-        for _ in 0..RUNS {
-            let (ns, action, out) = timed(wrapper, &frame, REPEAT);
-            assert_eq!(
-                (action, &out),
-                (want_action, &want_out),
-                "conntrack scaling output"
-            );
-            samples.push(ns - wrapped_floor);
+        writeln!(
+            md,
+            "| {target} | {:.1} |",
+            harness.established_ns(&mut lb, &frame)
+        )
+        .unwrap();
+    }
+    drop(lb);
+
+    const MANY: u32 = 10_000;
+    let mut lb = Lb::with_options(vip_agent::dataplane::DataplaneOptions {
+        table_size: 251,
+        table_slots: MANY + 8,
+        max_vips: MANY + 8,
+        ..Default::default()
+    });
+    lb.backend(0, "198.18.1.1").backend(1, "198.18.1.2");
+    lb.vip(&spec);
+    writeln!(md, "\n| VIPs configured | established TCP net ns |").unwrap();
+    writeln!(md, "|---:|---:|").unwrap();
+    let mut configured = 1u32;
+    for target in [1u32, 100, MANY] {
+        while configured < target {
+            let addr = format!("198.19.{}.{}", configured / 250, 1 + configured % 250);
+            lb.vip(&VipSpec::new(&addr, IPPROTO_TCP, 80, &[0, 1]));
+            configured += 1;
         }
-        writeln!(md, "| {target} | {:.1} |", median(samples)).unwrap();
+        writeln!(
+            md,
+            "| {target} | {:.1} |",
+            harness.established_ns(&mut lb, &frame)
+        )
+        .unwrap();
     }
 }
 
@@ -552,6 +610,191 @@ fn agent_startup(md: &mut String) {
     writeln!(md, "| start | ms |\n|---|---:|").unwrap();
     writeln!(md, "| cold (nothing pinned) | {:.0} |", median(cold)).unwrap();
     writeln!(md, "| restart over pinned state | {:.0} |", median(warm)).unwrap();
+}
+
+/// The agent's node config for the control-plane runs: room for `vips` VIPs with `backends`
+/// backends each, plus spares for the changes.
+fn scale_node(
+    lb: &vip_tests::node::Netns,
+    table_size: u32,
+    vips: usize,
+    backends: usize,
+) -> String {
+    format!(
+        "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
+         table_size = {table_size}\ntable_slots = {}\nmax_vips = {}\nmax_backends = {}\n",
+        lb.pin_dir.display(),
+        vips + 8,
+        vips + 8,
+        (vips + 8) * backends + 64
+    )
+}
+
+/// VIP `i` of the scale runs: 198.19.0.1, 198.19.0.2, ... (250 per /24).
+fn scale_vip(i: usize, backends: &[String]) -> String {
+    let mut v = format!(
+        "\n[[vip]]\naddress = \"198.19.{}.{}\"\nprotocol = \"tcp\"\nport = 80\n",
+        i / 250,
+        1 + i % 250
+    );
+    for b in backends {
+        v += &format!("[[vip.backend]]\naddress = \"{b}\"\n");
+    }
+    v
+}
+
+/// Backend address `i`: 198.18.128.1, ... (250 per /24).
+fn scale_backend(i: usize) -> String {
+    format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250)
+}
+
+/// Starts the agent (cold) and waits until it has attached: the time that took.
+fn start_agent(lb: &vip_tests::node::Netns, config: &str) -> (Duration, vip_tests::node::Agent) {
+    let t = Instant::now();
+    let mut agent = vip_tests::node::Agent::start(lb, config, &["--cleanup"]);
+    while !agent.log_text().contains("attached") {
+        assert!(agent.running(), "agent exited: {}", agent.log_text());
+        assert!(
+            t.elapsed() < Duration::from_secs(300),
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (t.elapsed(), agent)
+}
+
+/// Rewrites the config, sends SIGHUP and waits until `live` says the change is in the maps:
+/// the time from the signal to that.
+fn reload_until(
+    agent: &vip_tests::node::Agent,
+    config: &str,
+    mut live: impl FnMut() -> bool,
+) -> Duration {
+    agent.rewrite_config(config);
+    let t = Instant::now();
+    agent.signal(libc::SIGHUP);
+    while !live() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{}",
+            agent.log_text()
+        );
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    t.elapsed()
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Control plane at scale, through the real agent: a node with 10,000 VIPs (start-up, memory,
+/// adding and removing one VIP) and a VIP with 1,000 backends (replacing one), each from SIGHUP
+/// to the change being live in the pinned maps.
+fn control_plane(md: &mut String) {
+    use aya::maps::{HashMap as BpfHashMap, Map, MapData};
+    use vip_common::{VipKey, VipMeta, layout};
+    const VIPS: usize = 10_000;
+    const SMALL_TABLE: u32 = 1021;
+    const BACKENDS: usize = 1_000;
+    const RUNS: usize = 5;
+    let (lb, _gateway) = vip_tests::node::Netns::lb_with_gateway("cplane");
+    let vips_map = |lb: &vip_tests::node::Netns| {
+        let data = MapData::from_pin(lb.pin_dir.join(layout::VIPS)).expect("pinned VIPS");
+        BpfHashMap::<MapData, VipKey, VipMeta>::try_from(Map::HashMap(data)).expect("VIPS")
+    };
+    let key = |i: usize| {
+        VipKey::new(
+            format!("198.19.{}.{}", i / 250, 1 + i % 250)
+                .parse()
+                .unwrap(),
+            IPPROTO_TCP,
+            80,
+        )
+    };
+
+    // 10,000 VIPs, two backends each.
+    let pair = |i: usize| [scale_backend(i % 250), scale_backend((i + 1) % 250)];
+    let base: String = (0..VIPS).map(|i| scale_vip(i, &pair(i))).collect();
+    let node = scale_node(&lb, SMALL_TABLE, VIPS + 1, 2);
+    let config = format!("{node}{base}");
+    let with_one_more = format!("{config}{}", scale_vip(VIPS, &pair(VIPS)));
+    let (startup, agent) = start_agent(&lb, &config);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_mib(agent.pid());
+    let map = vips_map(&lb);
+    let (mut adds, mut removes) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        adds.push(reload_until(&agent, &with_one_more, || {
+            map.get(&key(VIPS), 0).is_ok()
+        }));
+        removes.push(reload_until(&agent, &config, || {
+            map.get(&key(VIPS), 0).is_err()
+        }));
+    }
+    agent.signal(libc::SIGTERM);
+    let mut agent = agent;
+    assert!(agent.wait(), "{}", agent.log_text());
+
+    // One VIP with 1,000 backends at the default table size; replace one of them.
+    let backends: Vec<String> = (0..BACKENDS).map(scale_backend).collect();
+    let mut replaced = backends.clone();
+    replaced[BACKENDS / 2] = scale_backend(BACKENDS);
+    let node = scale_node(&lb, DEFAULT_TABLE_SIZE, 1, BACKENDS + 1);
+    let config = format!("{node}{}", scale_vip(0, &backends));
+    let changed = format!("{node}{}", scale_vip(0, &replaced));
+    let (_, agent) = start_agent(&lb, &config);
+    let map = vips_map(&lb);
+    let table = || map.get(&key(0), 0).expect("the VIP").table;
+    let mut swaps = Vec::new();
+    for run in 0..RUNS * 2 {
+        let before = table();
+        let next = if run % 2 == 0 { &changed } else { &config };
+        swaps.push(reload_until(&agent, next, || table() != before));
+    }
+    agent.signal(libc::SIGTERM);
+    let mut agent = agent;
+    assert!(agent.wait(), "{}", agent.log_text());
+
+    let ms = |v: Vec<Duration>| median(v.iter().map(|d| d.as_secs_f64() * 1e3).collect());
+    writeln!(md, "\n## Control plane at scale (median of {RUNS})\n").unwrap();
+    writeln!(
+        md,
+        "The real agent in a namespace. A change is timed from SIGHUP (config re-read, \
+         validated, diffed, applied) until the pinned maps show it: the VIP in `VIPS`, or the \
+         VIP pointing at its new Maglev table.\n"
+    )
+    .unwrap();
+    writeln!(md, "| what | ms |\n|---|---:|").unwrap();
+    writeln!(
+        md,
+        "| start-up with {VIPS} VIPs × 2 backends, table size {SMALL_TABLE} (cold, once) | {:.0} |",
+        startup.as_secs_f64() * 1e3
+    )
+    .unwrap();
+    writeln!(md, "| add 1 VIP to {VIPS} | {:.1} |", ms(adds)).unwrap();
+    writeln!(md, "| remove it again | {:.1} |", ms(removes)).unwrap();
+    writeln!(
+        md,
+        "| replace 1 of {BACKENDS} backends of a VIP, table size {DEFAULT_TABLE_SIZE} | {:.1} |",
+        ms(swaps)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "\nAgent memory (RSS) at idle with {VIPS} VIPs: {rss:.1} MiB. The datapath's Maglev map \
+         for them takes {:.0} MiB more, in the kernel ({} table slots × {SMALL_TABLE} entries × \
+         8 bytes).",
+        ((VIPS + 9) as f64 * f64::from(SMALL_TABLE) * 8.0) / (1024.0 * 1024.0),
+        VIPS + 9
+    )
+    .unwrap();
 }
 
 fn shell(cmd: &str) -> String {
