@@ -581,6 +581,16 @@ udp_expect = \"ping\"",
         Ok(())
     }
 
+    /// Sends SIGTERM to LB node `i`'s agent, as an operator stopping it would: it withdraws
+    /// its routes and closes its sessions (Cease); its datapath stays attached.
+    pub fn stop_lb(&mut self, i: usize) {
+        let name = format!("lb{i}");
+        if let Some((_, child)) = self.children.iter().find(|(n, _)| *n == name) {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+    }
+
     /// Changes the backends' weights on the LB nodes `lbs` (config rewrite and SIGHUP), and
     /// waits until each has applied it. Weight 0 removes a backend.
     pub fn set_weights(&mut self, weights: &[u32], lbs: &[usize]) -> Result<()> {

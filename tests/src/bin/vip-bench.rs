@@ -313,6 +313,9 @@ fn main() {
     if wanted("control-plane") {
         control_plane(&mut md);
     }
+    if wanted("failover") {
+        failover(&mut md);
+    }
     print!("{md}");
     std::fs::write(&output, md).expect("write BENCHMARKS.md");
     eprintln!("wrote {}", output.display());
@@ -537,6 +540,84 @@ fn lab_throughput(md: &mut String) {
         )
         .unwrap();
     }
+}
+
+/// Waits until `done`, polling every 10 ms for at most `limit`: the time it took.
+fn time_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    while !done() {
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Some(t.elapsed())
+}
+
+/// Failover in the lab (3 LB nodes, BGP hold time 3 s, TCP health checks every 0.5 s with fall
+/// 2): an LB node stopped (SIGTERM: withdraw and Cease) and one that dies (no message: the
+/// router waits for the hold time), until the router's route has only the survivors; and a
+/// backend's service dying, until both LB nodes have taken it out of their tables.
+fn failover(md: &mut String) {
+    use vip_tests::lab::{Lab, LabSpec, VIP4};
+    const RUNS: usize = 3;
+    let (mut stopped, mut died, mut backend) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let mut spec = LabSpec::new(&format!("vipbfo{run}"));
+        spec.lbs = 3;
+        spec.health =
+            Some("check = \"tcp\"\ninterval = 0.5\ntimeout = 0.3\nrise = 2\nfall = 2".into());
+        let mut lab = match Lab::up_built(spec) {
+            Ok(lab) => lab,
+            Err(e) => {
+                writeln!(md, "\n## Failover\n\nnot measured: {e}").unwrap();
+                return;
+            }
+        };
+        let limit = Duration::from_secs(20);
+        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+        lab.stop_lb(3);
+        stopped.push(ms(time_until(limit, || lab.router_next_hops(VIP4) == 2)));
+        let _ = lab.kill_lb(2);
+        died.push(ms(time_until(limit, || lab.router_next_hops(VIP4) == 1)));
+        lab.stop_service(3);
+        let down = |lab: &Lab| {
+            lab.agent_cli(1, &["backends"])
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.starts_with(&format!("tcp/{VIP4}:80 198.18.13.2 ")) && l.contains("down")
+                })
+        };
+        backend.push(ms(time_until(limit, || down(&lab))));
+    }
+    writeln!(md, "\n## Failover (lab, median of {RUNS})\n").unwrap();
+    writeln!(
+        md,
+        "Three LB nodes announce the VIPs to a BIRD router (ECMP, hold time 3 s); times are from \
+         the event until the router's kernel route (or the surviving LB node's table) shows it, \
+         polled every 10 ms. Connections survive these events; the lab tests check that.\n"
+    )
+    .unwrap();
+    writeln!(md, "| event | until | ms |\n|---|---|---:|").unwrap();
+    writeln!(
+        md,
+        "| LB node stopped (SIGTERM: withdraw, Cease) | router routes to the other two | {:.0} |",
+        median(stopped)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| LB node dies (no message) | router routes to the survivor (hold time 3 s) | {:.0} |",
+        median(died)
+    )
+    .unwrap();
+    writeln!(
+        md,
+        "| backend's service dies | LB node took it out of its tables (0.5 s × fall 2) | {:.0} |",
+        median(backend)
+    )
+    .unwrap();
 }
 
 /// Time from `vip-agent run` until its program is attached with the maps filled (start-up's last
