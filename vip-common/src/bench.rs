@@ -13,6 +13,11 @@ pub const BENCH_FRAME_MAX: usize = 256;
 pub struct BenchFrame {
     /// Frame length in bytes, 1..=BENCH_FRAME_MAX.
     pub len: u32,
+    /// Nonzero: the offset of 4 bytes (an IPv4 source address) that the wrapper overwrites
+    /// with `seq` before each run, so every run is a new flow (timing conntrack inserts).
+    pub new_flow_at: u32,
+    /// The wrapper's running count of new flows (written back after each run).
+    pub seq: u32,
     pub _pad: u32,
     pub bytes: [u8; BENCH_FRAME_MAX],
 }

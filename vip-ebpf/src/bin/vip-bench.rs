@@ -46,6 +46,14 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
         if bpf_xdp_store_bytes(ctx.ctx, 0, frame.bytes.as_mut_ptr().cast(), len as u32) != 0 {
             return xdp_action::XDP_ABORTED;
         }
+        if frame.new_flow_at != 0 {
+            frame.seq = frame.seq.wrapping_add(1);
+            let mut source = frame.seq.to_be_bytes();
+            let at = frame.new_flow_at & (BENCH_FRAME_MAX as u32 - 1);
+            if bpf_xdp_store_bytes(ctx.ctx, at, source.as_mut_ptr().cast(), 4) != 0 {
+                return xdp_action::XDP_ABORTED;
+            }
+        }
         BENCH_TARGET.tail_call(&ctx, 0);
     }
     xdp_action::XDP_ABORTED
