@@ -160,6 +160,57 @@ fn a_syn_flood_cannot_evict_established_flows() {
     }
 }
 
+/// A flood of new flows that the SYN rule cannot stop (spoofed ACKs, each from another source):
+/// with an insert limit, each CPU records at most its budget per window; the rest are forwarded
+/// by Maglev without an entry, and the real clients' flows stay pinned.
+#[test]
+fn an_ack_flood_is_held_to_the_insert_limit() {
+    let mut lb = Lb::with_sizes(SMALL_TABLE, 1_024);
+    four_backends(&mut lb);
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+    let clients: Vec<Frame> = (0..100)
+        .map(|i| Frame::tcp("198.18.50.1", 30_000 + i, "198.18.100.1", 80, TCP_SYN))
+        .collect();
+    let original: Vec<IpAddr> = clients.iter().map(|f| handshake(&mut lb, f)).collect();
+
+    // 1,000 per second: one insert per ~1 ms window.
+    lb.dataplane.set_conntrack_insert_limit(1_000).unwrap();
+    const FLOOD: u32 = 2_048;
+    let started = std::time::Instant::now();
+    for i in 0..FLOOD {
+        let spoofed = format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250);
+        let ack = Frame::tcp(&spoofed, 1_024 + i as u16, "198.18.100.1", 80, TCP_ACK);
+        let (action, _) = lb.run(&ack.build());
+        assert_eq!(action, XDP_TX, "flood packets are still forwarded");
+    }
+    let windows = started.elapsed().as_nanos() as u64 / (1 << vip_common::INSERT_WINDOW_SHIFT) + 2;
+    let recorded = (lb.dataplane.flows().unwrap().len() - clients.len()) as u64;
+    let skipped = lb.dataplane.stats().unwrap().conntrack_insert_skipped;
+    assert!(
+        recorded <= windows,
+        "{recorded} flood flows recorded in {windows} windows of one insert each"
+    );
+    assert_eq!(
+        recorded + skipped,
+        u64::from(FLOOD),
+        "every flood flow recorded or counted"
+    );
+
+    lb.vip(&VipSpec::new(
+        "198.18.100.1",
+        IPPROTO_TCP,
+        80,
+        &[0, 1, 2, 3],
+    ));
+    for (syn, was) in clients.iter().zip(&original) {
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        assert_eq!(outer_dst(&mut lb, &ack), *was, "an established flow moved");
+    }
+}
+
 #[test]
 fn udp_entries_expire_when_idle() {
     let mut lb = Lb::new();

@@ -121,6 +121,8 @@ pub struct Balancer {
     next_hops: HashMap<IpAddr, NextHop>,
     source_v4: Option<std::net::Ipv4Addr>,
     source_v6: Option<std::net::Ipv6Addr>,
+    /// The conntrack insert limit written, once written.
+    insert_limit: Option<u32>,
 }
 
 impl Balancer {
@@ -144,6 +146,7 @@ impl Balancer {
             next_hops: HashMap::new(),
             source_v4: None,
             source_v6: None,
+            insert_limit: None,
         }
     }
 
@@ -249,6 +252,11 @@ impl Balancer {
             self.source_v4 != config.node.source_v4 || self.source_v6 != config.node.source_v6;
         self.source_v4 = config.node.source_v4;
         self.source_v6 = config.node.source_v6;
+        if self.insert_limit != Some(config.node.conntrack_insert_limit) {
+            self.dataplane
+                .set_conntrack_insert_limit(config.node.conntrack_insert_limit)?;
+            self.insert_limit = Some(config.node.conntrack_insert_limit);
+        }
 
         // 1. Backends first: a table must never name an empty backend slot.
         let wanted: Vec<BackendKey> = config

@@ -219,6 +219,9 @@ pub struct NodeConfig {
     pub table_size: u32,
     pub table_slots: u32,
     pub conntrack_entries: u32,
+    /// New conntrack entries per second and CPU (0: no limit): beyond it new flows are
+    /// forwarded by Maglev alone, so floods cannot churn the LRU faster.
+    pub conntrack_insert_limit: u32,
     /// VIP capacity of the datapath's maps.
     pub max_vips: u32,
     /// Backend capacity, counting each backend of each VIP.
@@ -417,6 +420,8 @@ struct RawNode {
     table_slots: Spanned<u32>,
     #[serde(default = "default_conntrack_entries")]
     conntrack_entries: u32,
+    #[serde(default = "default_conntrack_insert_limit")]
+    conntrack_insert_limit: u32,
     #[serde(default = "default_max_vips")]
     max_vips: Spanned<u32>,
     #[serde(default = "default_max_backends")]
@@ -582,6 +587,10 @@ fn default_metrics_address() -> SocketAddr {
 }
 fn default_table_size() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_TABLE_SIZE)
+}
+/// Per CPU: far above what real clients open, far below what a flood sends.
+fn default_conntrack_insert_limit() -> u32 {
+    200_000
 }
 fn default_max_vips() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_MAX_VIPS)
@@ -1144,6 +1153,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             table_size,
             table_slots,
             conntrack_entries: node.conntrack_entries,
+            conntrack_insert_limit: node.conntrack_insert_limit,
             max_vips,
             max_backends,
         },

@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use vip_common::{
-    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
-    VipMeta,
+    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
+    TrafficCounters, VipKey, VipMeta,
     hash::vip_filter_bit,
     layout::{
         self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
@@ -265,9 +265,10 @@ impl Dataplane {
             options,
             health_check_program: false,
         };
+        // No insert limit until the agent applies its config.
         let config = DatapathConfig {
             table_size: dataplane.options.table_size,
-            _pad: 0,
+            conntrack_inserts_per_window: 0,
         };
         dataplane
             .array::<DatapathConfig>(layout::DATAPATH_CONFIG)?
@@ -372,6 +373,20 @@ impl Dataplane {
                 packets: acc.packets + v.packets,
                 bytes: acc.bytes + v.bytes,
             }))
+    }
+
+    /// Limits new conntrack entries to `per_second` per CPU (0: no limit); the datapath counts
+    /// them in windows of 2^INSERT_WINDOW_SHIFT ns.
+    pub fn set_conntrack_insert_limit(&mut self, per_second: u32) -> Result<()> {
+        let window_ns = (1u64 << INSERT_WINDOW_SHIFT) as f64;
+        let per_window = (f64::from(per_second) * window_ns / 1e9).ceil() as u32;
+        let config = DatapathConfig {
+            table_size: self.options.table_size,
+            conntrack_inserts_per_window: per_window,
+        };
+        self.array::<DatapathConfig>(layout::DATAPATH_CONFIG)?
+            .set(0, config, 0)
+            .map_err(map_err(layout::DATAPATH_CONFIG))
     }
 
     /// Writes a backend (with its next hop) into its slot.

@@ -901,6 +901,10 @@ fn status(pin_dir: &Path) -> Result<()> {
         s.no_neighbour_passed,
         s.no_route_passed
     );
+    println!(
+        "  new flows not recorded (conntrack insert limit): {}",
+        s.conntrack_insert_skipped
+    );
     println!("VIPs:");
     for (key, meta) in dp.vips()? {
         let t = dp.vip_traffic(meta.vip_id)?;

@@ -123,6 +123,12 @@ impl Collector for SnapshotCollector {
             )?;
             counter(
                 &mut e,
+                "vip_conntrack_inserts_skipped",
+                "New flows forwarded without a conntrack entry: the per-CPU insert limit was reached.",
+                d.conntrack_insert_skipped,
+            )?;
+            counter(
+                &mut e,
                 "vip_icmp_too_big",
                 "ICMP too-big forwarded to the flow's backend.",
                 d.icmp_too_big,

@@ -225,8 +225,11 @@ pub struct DatapathStats {
     pub no_route_passed: u64,
     /// A conntrack entry chose the backend.
     pub conntrack_hit: u64,
-    /// Maglev chose the backend (and a conntrack entry was written).
+    /// Maglev chose the backend (and a conntrack entry was written, unless skipped below).
     pub conntrack_miss: u64,
+    /// New flows forwarded without a conntrack entry: this CPU's insert budget for the
+    /// current window was spent (a flood of new flows).
+    pub conntrack_insert_skipped: u64,
     /// ICMP "fragmentation needed" / "packet too big" forwarded to the flow's backend.
     pub icmp_too_big: u64,
     /// IPv4 fragment to a VIP that hashes on ports.
@@ -286,6 +289,23 @@ pub struct DecapStats {
 pub struct DatapathConfig {
     /// Maglev table size M (prime); every table slot holds M entries.
     pub table_size: u32,
+    /// New conntrack entries each CPU may make per [`INSERT_WINDOW_SHIFT`] window; 0: no
+    /// limit. Beyond it, new flows are still forwarded (Maglev) but not recorded, so a flood
+    /// of new flows (spoofed ACKs, UDP) cannot push the established ones out of the LRU faster
+    /// than this.
+    pub conntrack_inserts_per_window: u32,
+}
+
+/// The conntrack insert budget's window: `ktime >> 20`, about 1.05 ms (a shift, not a divide).
+pub const INSERT_WINDOW_SHIFT: u32 = 20;
+
+/// Value of `INSERT_BUDGET` (per CPU): inserts made in the current window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct InsertBudget {
+    /// `ktime >> INSERT_WINDOW_SHIFT` of the window being counted.
+    pub window: u64,
+    pub used: u32,
     pub _pad: u32,
 }
 

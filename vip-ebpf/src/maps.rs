@@ -7,8 +7,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vip_common::{
-    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, TrafficCounters, VipKey,
-    VipMeta,
+    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, InsertBudget,
+    TrafficCounters, VipKey, VipMeta,
     layout::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
         DEFAULT_TABLE_SLOTS, VIP_FILTER_WORDS,
@@ -51,6 +51,11 @@ pub static CONNTRACK: LruHashMap<
     { DEFAULT_CONNTRACK_ENTRIES as usize },
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
+
+/// Conntrack inserts made in the current window, per CPU (see `DatapathConfig`). Not pinned:
+/// a new program starts counting afresh.
+#[btf_map]
+pub static INSERT_BUDGET: PerCpuArray<InsertBudget, 1> = PerCpuArray::new();
 
 /// What happened to packets, per CPU.
 #[btf_map]

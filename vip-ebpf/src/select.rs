@@ -2,13 +2,13 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use vip_common::{
-    BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, IPPROTO_UDP,
-    NO_BACKEND, TrafficCounters, VipMeta,
+    BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
+    IPPROTO_UDP, NO_BACKEND, TrafficCounters, VipMeta,
     hash::{flow_hash, maglev_slot},
 };
 
 use crate::maps::{
-    BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, MAGLEV, VIP_META, VIP_STATS,
+    BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV, VIP_META, VIP_STATS,
 };
 
 /// How a packet uses connection tracking.
@@ -115,7 +115,8 @@ pub fn backend(
     stats: &mut DatapathStats,
 ) -> Option<Choice> {
     let hash = flow_hash(flow, meta.hash_port_mask);
-    let table_size = DATAPATH_CONFIG.get(0)?.table_size;
+    let config = DATAPATH_CONFIG.get(0)?;
+    let table_size = config.table_size;
     if table_size == 0 {
         return None;
     }
@@ -139,14 +140,42 @@ pub fn backend(
             }
         }
         ConnPolicy::Track | ConnPolicy::TrackIdle => {
-            // A full LRU evicts its oldest entry; an error here only costs the next packet a
-            // re-hash, which picks the same backend while the table is unchanged.
-            let _ = CONNTRACK.insert(flow, entry(), 0);
+            let entry = entry();
+            if insert_allowed(config.conntrack_inserts_per_window, entry.last_seen_ns) {
+                // A full LRU evicts its oldest entry; an error here only costs the next packet
+                // a re-hash, which picks the same backend while the table is unchanged.
+                let _ = CONNTRACK.insert(flow, entry, 0);
+            } else {
+                stats.conntrack_insert_skipped += 1;
+            }
         }
         ConnPolicy::LookupOnly | ConnPolicy::Stateless => {}
     }
     stats.conntrack_miss += 1;
     Some(Choice { id, backend, hash })
+}
+
+/// Whether this CPU may make another conntrack entry in the window of `now_ns`.
+#[inline(always)]
+fn insert_allowed(per_window: u32, now_ns: u64) -> bool {
+    if per_window == 0 {
+        return true;
+    }
+    let Some(budget) = INSERT_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's copy of a per-CPU array entry; XDP runs with preemption disabled.
+    let budget = unsafe { &mut *budget };
+    let window = now_ns >> INSERT_WINDOW_SHIFT;
+    if budget.window != window {
+        budget.window = window;
+        budget.used = 0;
+    }
+    if budget.used >= per_window {
+        return false;
+    }
+    budget.used += 1;
+    true
 }
 
 #[inline(always)]
