@@ -329,7 +329,7 @@ impl Dataplane {
             .ok_or(DataplaneError::MissingProgram(layout::HEALTH_CHECK_PROGRAM))?
             .try_into()
             .map_err(program_err)?;
-        prog.load().map_err(program_err)?;
+        load_retrying(|| prog.load()).map_err(program_err)?;
         // A tcx link on this kernel; the clsact qdisc is only for the netlink fallback.
         let _ = tc::qdisc_add_clsact("lo");
         prog.attach("lo", TcAttachType::Egress)
@@ -595,6 +595,24 @@ pub(crate) fn create_pin_dir(dir: &Path) -> Result<()> {
 }
 
 /// Loads (verifies) the XDP program `name` of `ebpf` on first use.
+/// Loads a program, again when the verifier was interrupted: it gives up with EAGAIN when a
+/// signal arrives while it works (as libbpf does, up to five attempts).
+fn load_retrying(
+    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
+) -> std::result::Result<(), ProgramError> {
+    let mut attempts = 5;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
+            {
+                attempts -= 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(crate) fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
     let program_err = |source| DataplaneError::Program {
         program: name,
@@ -606,7 +624,7 @@ pub(crate) fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<
         .try_into()
         .map_err(program_err)?;
     if prog.fd().is_err() {
-        prog.load().map_err(program_err)?;
+        load_retrying(|| prog.load()).map_err(program_err)?;
     }
     Ok(prog)
 }
