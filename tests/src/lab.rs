@@ -180,6 +180,19 @@ fn lb_addrs(i: usize) -> (String, String, String, String) {
     )
 }
 
+/// The number `field` in the object `section` near the end of iperf3's JSON report.
+fn json_number(json: &str, section: &str, field: &str) -> Result<f64> {
+    let at = json
+        .rfind(&format!("\"{section}\""))
+        .ok_or(format!("no {section} in iperf3 output"))?;
+    json[at..]
+        .split(&format!("\"{field}\":"))
+        .nth(1)
+        .and_then(|v| v.split([',', '}', '\n']).next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .ok_or(format!("no {section}.{field} in iperf3 output"))
+}
+
 /// Backend `i` (1-based): IPv4 and IPv6 addresses.
 pub fn backend_addrs(i: usize) -> (String, String) {
     (
@@ -462,6 +475,7 @@ impl Lab {
             (VIP6, "tcp", TCP_PORT),
             (VIP6, "udp", UDP_PORT),
             (VIP4, "tcp", IPERF_PORT),
+            (VIP4, "udp", IPERF_PORT),
         ] {
             c +=
                 &format!("\n[[vip]]\naddress = \"{vip}\"\nprotocol = \"{proto}\"\nport = {port}\n");
@@ -646,54 +660,56 @@ udp_expect = \"ping\"",
         ])
     }
 
-    /// TCP throughput from the client to `target` (iperf3, `streams` parallel flows, `secs`
-    /// seconds), in Gbit/s. Starts iperf3 servers on the backends the first time.
-    pub fn iperf(&mut self, target: &str, streams: u32, secs: u32) -> Result<f64> {
+    /// iperf3 from the client to `target` with `args`, its JSON report. Starts iperf3 servers
+    /// on every backend first (once): one bound to the VIP, one to the backend's own address,
+    /// so that UDP replies leave from the address the client sent to (DSR).
+    fn iperf3(&mut self, target: &str, args: &[&str]) -> Result<String> {
         if !self.children.iter().any(|(n, _)| n.starts_with("iperf")) {
             for i in 1..=self.spec.backends() {
                 let ns = self.spec.ns(&format!("be{i}"));
-                self.spawn(
-                    &format!("iperf{i}"),
-                    Path::new("ip"),
-                    &[
-                        "netns",
-                        "exec",
-                        &ns,
-                        "iperf3",
-                        "-s",
-                        "-p",
-                        &IPERF_PORT.to_string(),
-                    ],
-                )?;
+                let (own, _) = backend_addrs(i);
+                for (tag, address) in [("vip", VIP4), ("own", own.as_str())] {
+                    self.spawn(
+                        &format!("iperf{i}{tag}"),
+                        Path::new("ip"),
+                        &[
+                            "netns",
+                            "exec",
+                            &ns,
+                            "iperf3",
+                            "-s",
+                            "-B",
+                            address,
+                            "-p",
+                            &IPERF_PORT.to_string(),
+                        ],
+                    )?;
+                }
             }
             thread::sleep(Duration::from_millis(500));
         }
-        let out = in_ns(
-            &self.spec.ns("client"),
-            &[
-                "iperf3",
-                "-c",
-                target,
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-P",
-                &streams.to_string(),
-                "-t",
-                &secs.to_string(),
-                "-J",
-            ],
-        )?;
-        // "sum_received": { ... "bits_per_second": N } near the end of iperf3's JSON.
-        let at = out
-            .rfind("\"sum_received\"")
-            .ok_or("no sum_received in iperf3 output")?;
-        let bps = out[at..]
-            .split("\"bits_per_second\":")
-            .nth(1)
-            .and_then(|v| v.split([',', '}', '\n']).next())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .ok_or("no bits_per_second in iperf3 output")?;
-        Ok(bps / 1e9)
+        let port = IPERF_PORT.to_string();
+        let mut cmd = vec!["iperf3", "-c", target, "-p", &port, "-J"];
+        cmd.extend_from_slice(args);
+        in_ns(&self.spec.ns("client"), &cmd)
+    }
+
+    /// TCP throughput (Gbit/s) from the client to `target` over `streams` connections.
+    pub fn iperf(&mut self, target: &str, streams: u32, secs: u32) -> Result<f64> {
+        let (streams, secs) = (streams.to_string(), secs.to_string());
+        let out = self.iperf3(target, &["-P", &streams, "-t", &secs])?;
+        Ok(json_number(&out, "sum_received", "bits_per_second")? / 1e9)
+    }
+
+    /// UDP packets per second (millions) that reach `target` from the client sending
+    /// `len`-byte datagrams as fast as it can.
+    pub fn iperf_udp(&mut self, target: &str, len: u32, secs: u32) -> Result<f64> {
+        let (len, secs) = (len.to_string(), secs.to_string());
+        let out = self.iperf3(target, &["-u", "-b", "0", "-l", &len, "-t", &secs])?;
+        let packets = json_number(&out, "sum_received", "packets")?;
+        let lost = json_number(&out, "sum_received", "lost_packets")?;
+        let seconds = json_number(&out, "sum_received", "seconds")?;
+        Ok((packets - lost) / seconds / 1e6)
     }
 
     /// Opens `n` TCP connections from the client to the IPv4 VIP (each given `timeout` to

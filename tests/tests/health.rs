@@ -96,8 +96,8 @@ fn drain_keeps_established_connections_and_avoids_new_ones() {
         let out = lab
             .agent_cli(i, &["drain", "--backend", "198.18.11.2", "--vip", VIP4])
             .unwrap();
-        // The VIP address has TCP, UDP and iperf3 services.
-        assert!(out.contains("drained 198.18.11.2 on 3 VIPs"), "{out}");
+        // The VIP address has TCP, UDP and iperf3 (TCP and UDP) services.
+        assert!(out.contains("drained 198.18.11.2 on 4 VIPs"), "{out}");
     }
     wait_condition(&lab, "198.18.11.2", "drained", TIMEOUT);
     assert_eq!(
@@ -172,7 +172,7 @@ fn a_backend_without_the_vip_on_lo_fails_the_data_path_check() {
         let all_ok = (1..=2).all(|i| {
             let out = lab.agent_cli(i, &["backends"]).unwrap_or_default();
             let lines: Vec<&str> = out.lines().filter(|l| l.contains(" weight ")).collect();
-            lines.len() == 15
+            lines.len() == 18
                 && lines
                     .iter()
                     .filter(|l| !l.contains(":5201 "))
