@@ -120,17 +120,48 @@ fn removed_backend_is_never_used() {
     }
 }
 
+/// 100 real clients with established connections to 198.18.100.1:80 (backends 0-2), for the
+/// flood tests.
+struct RealClients {
+    syns: Vec<Frame>,
+    backends: Vec<IpAddr>,
+}
+
+impl RealClients {
+    fn connect(lb: &mut Lb) -> Self {
+        four_backends(lb);
+        lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+        let syns: Vec<Frame> = (0..100)
+            .map(|i| Frame::tcp("198.18.50.1", 30_000 + i, "198.18.100.1", 80, TCP_SYN))
+            .collect();
+        let backends = syns.iter().map(|f| handshake(lb, f)).collect();
+        Self { syns, backends }
+    }
+
+    /// The flows are still pinned: a table change (a fourth backend) moves none of them.
+    fn assert_pinned_across_a_table_change(&self, lb: &mut Lb) {
+        lb.vip(&VipSpec::new(
+            "198.18.100.1",
+            IPPROTO_TCP,
+            80,
+            &[0, 1, 2, 3],
+        ));
+        for (syn, was) in self.syns.iter().zip(&self.backends) {
+            let ack = Frame {
+                tcp_flags: TCP_ACK,
+                ..syn.clone()
+            };
+            assert_eq!(outer_dst(lb, &ack), *was, "an established flow moved");
+        }
+    }
+}
+
 #[test]
 fn a_syn_flood_cannot_evict_established_flows() {
     // 1,024 entries: a flood four times that size would have emptied it if SYNs were recorded.
     let mut lb = Lb::with_sizes(SMALL_TABLE, 1_024);
-    four_backends(&mut lb);
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
-    let clients: Vec<Frame> = (0..100)
-        .map(|i| Frame::tcp("198.18.50.1", 30_000 + i, "198.18.100.1", 80, TCP_SYN))
-        .collect();
-    let original: Vec<IpAddr> = clients.iter().map(|f| handshake(&mut lb, f)).collect();
-    assert_eq!(lb.dataplane.flows().unwrap().len(), clients.len());
+    let clients = RealClients::connect(&mut lb);
+    assert_eq!(lb.dataplane.flows().unwrap().len(), clients.syns.len());
 
     for i in 0..4_096u32 {
         let spoofed = format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250);
@@ -140,24 +171,11 @@ fn a_syn_flood_cannot_evict_established_flows() {
     }
     assert_eq!(
         lb.dataplane.flows().unwrap().len(),
-        clients.len(),
+        clients.syns.len(),
         "the SYN flood left entries in conntrack"
     );
 
-    // The clients' flows are still pinned: a table change does not move them.
-    lb.vip(&VipSpec::new(
-        "198.18.100.1",
-        IPPROTO_TCP,
-        80,
-        &[0, 1, 2, 3],
-    ));
-    for (syn, was) in clients.iter().zip(&original) {
-        let ack = Frame {
-            tcp_flags: TCP_ACK,
-            ..syn.clone()
-        };
-        assert_eq!(outer_dst(&mut lb, &ack), *was, "an established flow moved");
-    }
+    clients.assert_pinned_across_a_table_change(&mut lb);
 }
 
 /// A flood of new flows that the SYN rule cannot stop (spoofed ACKs, each from another source):
@@ -166,12 +184,7 @@ fn a_syn_flood_cannot_evict_established_flows() {
 #[test]
 fn an_ack_flood_is_held_to_the_insert_limit() {
     let mut lb = Lb::with_sizes(SMALL_TABLE, 1_024);
-    four_backends(&mut lb);
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
-    let clients: Vec<Frame> = (0..100)
-        .map(|i| Frame::tcp("198.18.50.1", 30_000 + i, "198.18.100.1", 80, TCP_SYN))
-        .collect();
-    let original: Vec<IpAddr> = clients.iter().map(|f| handshake(&mut lb, f)).collect();
+    let clients = RealClients::connect(&mut lb);
 
     // 1,000 per second: one insert per ~1 ms window.
     lb.dataplane.set_conntrack_insert_limit(1_000).unwrap();
@@ -184,7 +197,7 @@ fn an_ack_flood_is_held_to_the_insert_limit() {
         assert_eq!(action, XDP_TX, "flood packets are still forwarded");
     }
     let windows = started.elapsed().as_nanos() as u64 / (1 << vip_common::INSERT_WINDOW_SHIFT) + 2;
-    let recorded = (lb.dataplane.flows().unwrap().len() - clients.len()) as u64;
+    let recorded = (lb.dataplane.flows().unwrap().len() - clients.syns.len()) as u64;
     let skipped = lb.dataplane.stats().unwrap().conntrack_insert_skipped;
     assert!(
         recorded <= windows,
@@ -196,19 +209,7 @@ fn an_ack_flood_is_held_to_the_insert_limit() {
         "every flood flow recorded or counted"
     );
 
-    lb.vip(&VipSpec::new(
-        "198.18.100.1",
-        IPPROTO_TCP,
-        80,
-        &[0, 1, 2, 3],
-    ));
-    for (syn, was) in clients.iter().zip(&original) {
-        let ack = Frame {
-            tcp_flags: TCP_ACK,
-            ..syn.clone()
-        };
-        assert_eq!(outer_dst(&mut lb, &ack), *was, "an established flow moved");
-    }
+    clients.assert_pinned_across_a_table_change(&mut lb);
 }
 
 #[test]

@@ -102,6 +102,15 @@ fn timed(prog: &mut Xdp, frame: &[u8], repeat: u32) -> (f64, u32, Vec<u8>) {
     (duration_ns(r.duration), r.return_value, out)
 }
 
+/// The harness's input-restoring wrapper, the program every case is timed through.
+fn restore_wrapper(harness: &mut aya::Ebpf) -> &mut Xdp {
+    harness
+        .program_mut(BENCH_RESTORE_PROGRAM)
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
 /// A descriptor of `lb`'s program, for the wrapper's program array.
 fn program_fd(lb: &mut Lb) -> ProgramFd {
     lb.dataplane
@@ -203,11 +212,7 @@ fn main() {
             floor_direct.push(timed(floor, &floor_frame, REPEAT).0);
             set_frame(frames, &floor_frame);
             targets.set(0, &floor_fd, 0).unwrap();
-            let wrapper: &mut Xdp = harness
-                .program_mut(BENCH_RESTORE_PROGRAM)
-                .unwrap()
-                .try_into()
-                .unwrap();
+            let wrapper = restore_wrapper(harness);
             let (ns, action, out) = timed(wrapper, &floor_frame, REPEAT);
             assert_eq!(
                 (action, &out),
@@ -240,11 +245,7 @@ fn main() {
         {
             set_frame(&mut frames, &case.frame);
             targets.set(0, &lb_fd, 0).unwrap();
-            let wrapper: &mut Xdp = harness
-                .program_mut(BENCH_RESTORE_PROGRAM)
-                .unwrap()
-                .try_into()
-                .unwrap();
+            let wrapper = restore_wrapper(&mut harness);
             let (ns, action, out) = timed(wrapper, &case.frame, REPEAT);
             assert_eq!(
                 action, *want_action,
@@ -267,11 +268,7 @@ fn main() {
     new_flows.new_flow_at = (ETH_HLEN + 12) as u32;
     frames.set(0, new_flows, 0).expect("write BENCH_FRAME");
     targets.set(0, &lb_fd, 0).unwrap();
-    let wrapper: &mut Xdp = harness
-        .program_mut(BENCH_RESTORE_PROGRAM)
-        .unwrap()
-        .try_into()
-        .unwrap();
+    let wrapper = restore_wrapper(&mut harness);
     let samples = (0..RUNS)
         .map(|_| {
             let (ns, action, _) = timed(wrapper, &frame, REPEAT);
@@ -395,12 +392,7 @@ impl Harness<'_> {
         let lb_fd = program_fd(lb);
         self.targets.set(0, &lb_fd, 0).unwrap();
         set_frame(self.frames, frame);
-        let wrapper: &mut Xdp = self
-            .ebpf
-            .program_mut(BENCH_RESTORE_PROGRAM)
-            .unwrap()
-            .try_into()
-            .unwrap();
+        let wrapper = restore_wrapper(self.ebpf);
         let samples = (0..RUNS)
             .map(|_| {
                 let (ns, action, out) = timed(wrapper, frame, REPEAT);
@@ -429,11 +421,11 @@ fn table_scaling(md: &mut String, harness: &mut Harness) {
          measured one (table size 251 for them all).\n"
     )
     .unwrap();
-    writeln!(md, "| flows in conntrack | established TCP net ns |").unwrap();
-    writeln!(md, "|---:|---:|").unwrap();
-    let mut filled = 1u32;
-    for target in [1u32, 1_000, 1_000_000] {
-        while filled < target {
+    fill_levels(
+        (md, harness),
+        (&mut lb, &frame),
+        ("flows in conntrack", [1, 1_000, 1_000_000]),
+        |lb, filled| {
             let mut flow = vip_common::FlowKey::v4(
                 (0xc612_0000u32 + (filled >> 16)).to_be_bytes(),
                 [198, 18, 100, 1],
@@ -449,15 +441,8 @@ fn table_scaling(md: &mut String, harness: &mut Harness) {
             lb.dataplane
                 .insert_flow(&flow, &entry)
                 .expect("fill conntrack");
-            filled += 1;
-        }
-        writeln!(
-            md,
-            "| {target} | {:.1} |",
-            harness.established_ns(&mut lb, &frame)
-        )
-        .unwrap();
-    }
+        },
+    );
     drop(lb);
 
     const MANY: u32 = 10_000;
@@ -469,21 +454,33 @@ fn table_scaling(md: &mut String, harness: &mut Harness) {
     });
     lb.backend(0, "198.18.1.1").backend(1, "198.18.1.2");
     lb.vip(&spec);
-    writeln!(md, "\n| VIPs configured | established TCP net ns |").unwrap();
-    writeln!(md, "|---:|---:|").unwrap();
-    let mut configured = 1u32;
-    for target in [1u32, 100, MANY] {
-        while configured < target {
+    fill_levels(
+        (md, harness),
+        (&mut lb, &frame),
+        ("VIPs configured", [1, 100, MANY]),
+        |lb, configured| {
             let addr = format!("198.19.{}.{}", configured / 250, 1 + configured % 250);
             lb.vip(&VipSpec::new(&addr, IPPROTO_TCP, 80, &[0, 1]));
-            configured += 1;
+        },
+    );
+}
+
+/// Times the established flow `frame` through `lb` at each of `levels` of fill (`what`),
+/// `grow` adding the `i`th item (from 1) between them, and writes the table.
+fn fill_levels(
+    (md, harness): (&mut String, &mut Harness),
+    (lb, frame): (&mut Lb, &[u8]),
+    (what, levels): (&str, [u32; 3]),
+    mut grow: impl FnMut(&mut Lb, u32),
+) {
+    writeln!(md, "\n| {what} | established TCP net ns |\n|---:|---:|").unwrap();
+    let mut filled = 1u32;
+    for level in levels {
+        while filled < level {
+            grow(lb, filled);
+            filled += 1;
         }
-        writeln!(
-            md,
-            "| {target} | {:.1} |",
-            harness.established_ns(&mut lb, &frame)
-        )
-        .unwrap();
+        writeln!(md, "| {level} | {:.1} |", harness.established_ns(lb, frame)).unwrap();
     }
 }
 
@@ -561,13 +558,7 @@ fn lab_throughput(md: &mut String) {
         writeln!(md, "\n## Lab throughput\n\nnot measured: {e}").unwrap();
         return;
     }
-    let (mut via_lb, mut lb_routing, mut routed) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
-        via_lb.push(lab.iperf(VIP4, 8, 5).unwrap_or(0.0));
-        lb_routing.push(lab.iperf(through_lb, 8, 5).unwrap_or(0.0));
-        routed.push(lab.iperf(direct_be, 8, 5).unwrap_or(0.0));
-    }
-    let (lb, lb_routing, direct) = (median(via_lb), median(lb_routing), median(routed));
+    let paths = [VIP4, through_lb, direct_be];
     writeln!(
         md,
         "\n## Lab throughput (veth, iperf3, 8 TCP flows, median of 3 × 5 s)\n"
@@ -581,19 +572,7 @@ fn lab_throughput(md: &mut String) {
          Target: the LB path at least 90% of the routed one.\n"
     )
     .unwrap();
-    writeln!(md, "| path | Gbit/s |\n|---|---:|").unwrap();
-    writeln!(
-        md,
-        "| client → VIP through the LB node (XDP, IP-in-IP, DSR) | {lb:.2} |"
-    )
-    .unwrap();
-    writeln!(
-        md,
-        "| client → backend, routed through the LB node | {lb_routing:.2} |"
-    )
-    .unwrap();
-    writeln!(md, "| client → backend, router only | {direct:.2} |").unwrap();
-    ratios(md, lb, lb_routing, direct);
+    three_paths(md, "Gbit/s", paths, |to| lab.iperf(to, 8, 5).unwrap_or(0.0));
 
     // Packets per second: 64-byte UDP datagrams, one flow; all VIP traffic to be1, the
     // backend the "routed through the LB node" baseline reaches too.
@@ -601,13 +580,6 @@ fn lab_throughput(md: &mut String) {
         writeln!(md, "\npackets per second not measured: {e}").unwrap();
         return;
     }
-    let (mut via_lb, mut lb_routing, mut routed) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..3 {
-        via_lb.push(lab.iperf_udp(VIP4, 64, 5).unwrap_or(0.0));
-        lb_routing.push(lab.iperf_udp(through_lb, 64, 5).unwrap_or(0.0));
-        routed.push(lab.iperf_udp(direct_be, 64, 5).unwrap_or(0.0));
-    }
-    let (lb, lb_routing, direct) = (median(via_lb), median(lb_routing), median(routed));
     writeln!(
         md,
         "\n## Lab packets per second (veth, iperf3 UDP, 64-byte datagrams, one flow, median of \
@@ -621,8 +593,33 @@ fn lab_throughput(md: &mut String) {
          before XDP does.\n"
     )
     .unwrap();
-    writeln!(md, "| path | Mpps |\n|---|---:|").unwrap();
-    writeln!(md, "| client → VIP through the LB node | {lb:.3} |").unwrap();
+    three_paths(md, "Mpps", paths, |to| {
+        lab.iperf_udp(to, 64, 5).unwrap_or(0.0)
+    });
+}
+
+/// Measures the three lab paths (to the VIP through the LB node, to a backend routed through
+/// it, to a backend from the router only) in 3 rounds, so all see the same machine load, and
+/// writes their medians and ratios.
+fn three_paths(
+    md: &mut String,
+    unit: &str,
+    paths: [&str; 3],
+    mut measure: impl FnMut(&str) -> f64,
+) {
+    let mut samples = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (to, samples) in paths.iter().zip(&mut samples) {
+            samples.push(measure(to));
+        }
+    }
+    let [lb, lb_routing, direct] = samples.map(median);
+    writeln!(md, "| path | {unit} |\n|---|---:|").unwrap();
+    writeln!(
+        md,
+        "| client → VIP through the LB node (XDP, IP-in-IP, DSR) | {lb:.3} |"
+    )
+    .unwrap();
     writeln!(
         md,
         "| client → backend, routed through the LB node | {lb_routing:.3} |"
@@ -729,7 +726,7 @@ fn failover(md: &mut String) {
 /// step), for 100 VIPs × 10 backends at the default table size: cold, and restarted over the
 /// pinned state its predecessor left (where the datapath never stopped forwarding).
 fn agent_startup(md: &mut String) {
-    use vip_tests::node::{Agent, Netns};
+    use vip_tests::node::Netns;
     const VIPS: u32 = 100;
     const RUNS: usize = 5;
     let (lb, _gateway) = Netns::lb_with_gateway("bench");
@@ -753,18 +750,8 @@ fn agent_startup(md: &mut String) {
     }
     // --cleanup: the agent removes its pins when it stops, so the next start is cold.
     let started = || {
-        let t = Instant::now();
-        let mut agent = Agent::start(&lb, &config, &["--cleanup"]);
-        while !agent.log_text().contains("attached") && !agent.log_text().contains("no gap") {
-            assert!(agent.running(), "agent exited: {}", agent.log_text());
-            assert!(
-                t.elapsed() < Duration::from_secs(60),
-                "{}",
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        (t.elapsed().as_secs_f64() * 1e3, agent)
+        let (took, agent) = start_agent(&lb, &config);
+        (took.as_secs_f64() * 1e3, agent)
     };
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     for _ in 0..RUNS {
@@ -834,11 +821,12 @@ fn scale_backend(i: usize) -> String {
     format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250)
 }
 
-/// Starts the agent (cold) and waits until it has attached: the time that took.
+/// Starts the agent (`--cleanup`: its pins go when it stops) and waits until it has attached,
+/// or taken over a running attachment: the time that took.
 fn start_agent(lb: &vip_tests::node::Netns, config: &str) -> (Duration, vip_tests::node::Agent) {
     let t = Instant::now();
     let mut agent = vip_tests::node::Agent::start(lb, config, &["--cleanup"]);
-    while !agent.log_text().contains("attached") {
+    while !agent.log_text().contains("attached") && !agent.log_text().contains("no gap") {
         assert!(agent.running(), "agent exited: {}", agent.log_text());
         assert!(
             t.elapsed() < Duration::from_secs(300),
