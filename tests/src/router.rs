@@ -88,6 +88,10 @@ impl Bird {
 impl Drop for Bird {
     fn drop(&mut self) {
         self.stop();
+        // Its config, log and control socket.
+        if let Some(dir) = self.socket.parent() {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -95,6 +99,8 @@ impl Drop for Bird {
 pub struct GoBgp {
     child: Child,
     ns: String,
+    /// Its config and log.
+    dir: PathBuf,
 }
 
 impl GoBgp {
@@ -114,6 +120,7 @@ impl GoBgp {
         let g = Self {
             child,
             ns: ns.name.clone(),
+            dir,
         };
         g.wait_for(|g| g.cli("global").contains("AS"), "gobgpd to start");
         g
@@ -138,5 +145,6 @@ impl Drop for GoBgp {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -40,6 +40,8 @@ fn check(text: &str) -> (bool, String) {
     std::fs::write(&path, text).unwrap();
     let out = agent(&["check-config", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);
+    // The last of the parallel checks removes the directory.
+    let _ = std::fs::remove_dir(&dir);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
