@@ -122,7 +122,6 @@ impl Speaker {
     pub fn start(settings: &BgpConfig, routes: Vec<Route>, restarted: bool) -> Self {
         let (routes_tx, _) = watch::channel(routes);
         let (shutdown_tx, _) = watch::channel(false);
-        let mut inbound = HashMap::new();
         let local = Local {
             asn: settings.asn,
             router_id: settings.router_id,
@@ -132,18 +131,38 @@ impl Speaker {
             next_hop_v4: settings.next_hop_v4,
             next_hop_v6: settings.next_hop_v6,
         };
-        let sessions = settings
+        // Listening before any session connects: a peer that answers our connection with its
+        // own (a collision) must find the port open.
+        let (inbound_tx, inbound_rx): (HashMap<_, _>, Vec<_>) = settings
             .peers
             .iter()
             .map(|p| {
+                let (tx, rx) = mpsc::channel(4);
+                ((p.address, tx), rx)
+            })
+            .unzip();
+        let listener = if settings.listen {
+            match listen(settings, inbound_tx) {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: peers cannot connect to us");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let sessions = settings
+            .peers
+            .iter()
+            .zip(inbound_rx)
+            .map(|(p, inbound_rx)| {
                 // Node-wide communities first, then the peer's own.
                 let mut peer = p.clone();
                 peer.communities = [&settings.communities[..], &p.communities[..]].concat();
                 peer.large_communities =
                     [&settings.large_communities[..], &p.large_communities[..]].concat();
                 let (status_tx, status_rx) = watch::channel(Status::default());
-                let (inbound_tx, inbound_rx) = mpsc::channel(4);
-                inbound.insert(p.address, inbound_tx);
                 let task = tokio::spawn(session::run(
                     local.clone(),
                     peer,
@@ -155,17 +174,6 @@ impl Speaker {
                 (p.address, status_rx, task)
             })
             .collect();
-        let listener = if settings.listen {
-            match listen(settings, inbound) {
-                Ok(task) => Some(task),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: peers cannot connect to us");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         Self {
             routes: routes_tx,
             shutdown: shutdown_tx,
