@@ -85,19 +85,24 @@ impl LabSpec {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS`; its output, or an error naming the command (`what`) with its stderr.
+fn ip_checked(args: &[&str], what: impl Fn() -> String) -> Result<String> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| format!("ip: {e}"))?;
+        .map_err(|e| format!("{}: {e}", what()))?;
     if !out.status.success() {
         return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
+            "{}: {}",
+            what(),
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    ip_checked(args, || format!("ip {}", args.join(" "))).map(drop)
 }
 
 fn ip_out(args: &[&str]) -> String {
@@ -109,19 +114,8 @@ fn ip_out(args: &[&str]) -> String {
 }
 
 fn in_ns(ns: &str, cmd: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(cmd)
-        .output()
-        .map_err(|e| format!("ip netns exec: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "[{ns}] {}: {}",
-            cmd.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    let args: Vec<&str> = ["netns", "exec", ns].iter().chain(cmd).copied().collect();
+    ip_checked(&args, || format!("[{ns}] {}", cmd.join(" ")))
 }
 
 fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
@@ -379,14 +373,7 @@ impl Lab {
         let conf_path = dir.join("bird.conf");
         fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
         let socket = dir.join("bird.ctl");
-        let bird = Command::new("ip")
-            .args(["netns", "exec", &s.ns("router"), "bird", "-f", "-c"])
-            .arg(&conf_path)
-            .arg("-s")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let bird = crate::router::spawn_bird(&s.ns("router"), &conf_path, &socket)
             .map_err(|e| format!("starting bird: {e}"))?;
         self.children.push(("bird".into(), bird));
         Ok(())

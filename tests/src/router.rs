@@ -2,7 +2,7 @@
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -21,6 +21,18 @@ fn poll(ok: impl Fn() -> bool, what: &str, view: impl Fn() -> String) {
         );
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// `bird` in the foreground in namespace `ns`, with its config and control socket.
+pub fn spawn_bird(ns: &str, conf: &Path, socket: &Path) -> std::io::Result<Child> {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "bird", "-f", "-c"])
+        .arg(conf)
+        .arg("-s")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
 }
 
 /// A BIRD daemon in `ns`, stopped on drop.
@@ -42,14 +54,7 @@ impl Bird {
             format!("log \"{}\" all;\n{config}", dir.join("bird.log").display()),
         )
         .expect("write bird.conf");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
-            .arg(&conf)
-            .arg("-s")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+        let child = spawn_bird(&ns.name, &conf, &socket)
             .expect("start bird (bird2 is installed by `cargo xtask setup`)");
         let bird = Self {
             child,

@@ -79,20 +79,7 @@ fn unspecified(peer: SocketAddr) -> SocketAddr {
 
 /// Marks every packet of a socket (SO_MARK; needs CAP_NET_ADMIN).
 fn set_mark(socket: &impl AsRawFd, mark: u32) -> std::io::Result<()> {
-    // SAFETY: setsockopt with a pointer to a live u32 and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&mark as *const u32).cast(),
-            std::mem::size_of::<u32>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sockopt::set(socket, libc::SOL_SOCKET, libc::SO_MARK, &mark)
 }
 
 async fn tcp_connect(target: &Target) -> std::io::Result<TcpStream> {

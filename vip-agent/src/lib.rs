@@ -13,4 +13,5 @@ pub mod metrics;
 pub mod nexthop;
 pub mod object;
 pub mod probe;
+pub mod sockopt;
 pub mod tables;

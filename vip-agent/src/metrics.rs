@@ -9,7 +9,7 @@ use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric as _},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -61,6 +61,20 @@ fn family(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &Rows) -> std
     for (labels, value) in rows {
         let m = metric.encode_family(labels)?;
         ConstCounter::new(*value).encode(m)?;
+    }
+    Ok(())
+}
+
+/// A gauge family: one gauge per row of labels.
+fn gauges<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Vec<(String, String)>, N)>,
+) -> std::fmt::Result {
+    let mut metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
     }
     Ok(())
 }
@@ -205,24 +219,18 @@ impl Collector for SnapshotCollector {
         )?;
         if !s.bgp.is_empty() {
             let peer = |p: &String| vec![("peer".to_owned(), p.clone())];
-            let mut m = e.encode_descriptor(
+            gauges(
+                &mut e,
                 "vip_bgp_session_established",
                 "1 while the BGP session is established.",
-                None,
-                MetricType::Gauge,
+                s.bgp.iter().map(|(p, up, _)| (peer(p), i64::from(*up))),
             )?;
-            for (p, up, _) in &s.bgp {
-                ConstGauge::new(i64::from(*up)).encode(m.encode_family(&peer(p))?)?;
-            }
-            let mut m = e.encode_descriptor(
+            gauges(
+                &mut e,
                 "vip_bgp_routes_announced",
                 "Routes announced to the peer.",
-                None,
-                MetricType::Gauge,
+                s.bgp.iter().map(|(p, _, n)| (peer(p), *n as i64)),
             )?;
-            for (p, _, n) in &s.bgp {
-                ConstGauge::new(*n as i64).encode(m.encode_family(&peer(p))?)?;
-            }
         }
         if !s.health.is_empty() {
             let labels = |(vip, backend): &(String, String)| {
@@ -231,24 +239,22 @@ impl Collector for SnapshotCollector {
                     ("backend".to_owned(), backend.clone()),
                 ]
             };
-            let mut m = e.encode_descriptor(
+            gauges(
+                &mut e,
                 "vip_backend_healthy",
                 "1 while the backend passes its health checks.",
-                None,
-                MetricType::Gauge,
+                s.health
+                    .iter()
+                    .map(|(key, up, _, _)| (labels(key), i64::from(*up))),
             )?;
-            for (key, up, _, _) in &s.health {
-                ConstGauge::new(i64::from(*up)).encode(m.encode_family(&labels(key))?)?;
-            }
-            let mut m = e.encode_descriptor(
+            gauges(
+                &mut e,
                 "vip_backend_check_seconds",
                 "Latency of the last health check.",
-                None,
-                MetricType::Gauge,
+                s.health
+                    .iter()
+                    .map(|(key, _, latency, _)| (labels(key), *latency)),
             )?;
-            for (key, _, latency, _) in &s.health {
-                ConstGauge::new(*latency).encode(m.encode_family(&labels(key))?)?;
-            }
             let rows: Rows = s
                 .health
                 .iter()

@@ -11,7 +11,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::AsRawFd,
     time::Duration,
 };
 
@@ -155,6 +154,7 @@ async fn connect(peer: &Peer) -> Result<TcpStream, SessionError> {
 
 /// `struct tcp_md5sig` from linux/tcp.h.
 #[repr(C)]
+#[derive(Clone, Copy)]
 struct TcpMd5Sig {
     addr: libc::sockaddr_storage,
     flags: u8,
@@ -188,20 +188,7 @@ pub fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Resu
     }
     sig.keylen = key.len() as u16;
     sig.key[..key.len()].copy_from_slice(key.as_bytes());
-    // SAFETY: setsockopt with a pointer to a live struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_MD5SIG,
-            (&sig as *const TcpMd5Sig).cast(),
-            std::mem::size_of::<TcpMd5Sig>() as u32,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    crate::sockopt::set(socket, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig)
 }
 
 /// A session's TCP connection. Messages are read through a buffer, so a read interrupted by
