@@ -196,6 +196,10 @@ pub struct ConnEntry {
     /// `bpf_ktime_get_coarse_ns` when a UDP packet last used the entry (UDP idle expiry); the time
     /// of creation for TCP, whose entries live until LRU eviction.
     pub last_seen_ns: u64,
+    /// `flow_hash` of the flow when the entry was made: established packets take their outer
+    /// source entropy, flow label and GUE port from here instead of hashing every packet.
+    pub flow_hash: u32,
+    pub _pad: u32,
 }
 
 /// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU): traffic sent to a VIP or backend.

@@ -13,8 +13,8 @@ use network_types::{
     udp::UdpHdr,
 };
 use vip_common::{
-    AddrFamily, BackendId, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP,
-    IPPROTO_UDP, NO_BACKEND, VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
+    AddrFamily, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
     hash::{vip_filter_bit, vip_filter_bit_v4},
 };
 
@@ -362,55 +362,35 @@ pub type Parsed = Result<Candidate, Verdict>;
 /// them (and of their stack).
 #[inline(always)]
 pub fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
-    let candidate = match classify(ctx) {
+    let c = match classify(ctx) {
         Ok(c) => c,
         Err(verdict) => return verdict,
     };
-    // An established flow's entry names its VIP: no lookup by key. (A plain id with a
-    // sentinel, not an `Option`: the verifier rejects the undefined payload of a `None` that
-    // LLVM may move around.)
-    let mut established = NO_BACKEND;
-    let meta = match candidate.meta {
-        Some(meta) => meta,
-        None => match select::established(&candidate.flow, candidate.policy) {
-            Some((meta, id)) => {
-                established = id;
-                meta
+    // An established flow's entry names its VIP and backend: no lookup by key, no hashing.
+    let (meta, choice) = match select::established(&c.flow, c.policy) {
+        Some((meta, choice)) => {
+            if c.malformed {
+                return Verdict::DropMalformed;
             }
-            None => match find_vip(&candidate.flow) {
-                Some(meta) => meta,
-                None => return Verdict::Pass,
-            },
-        },
+            stats.conntrack_hit += 1;
+            (meta, choice)
+        }
+        None => {
+            let Some(meta) = c.meta.or_else(|| find_vip(&c.flow)) else {
+                return Verdict::Pass;
+            };
+            if c.malformed {
+                return Verdict::DropMalformed;
+            }
+            match select::backend(meta, &c.flow, c.policy, stats) {
+                Some(choice) => (meta, choice),
+                None => return Verdict::DropNoBackend,
+            }
+        }
     };
-    if candidate.malformed {
-        return Verdict::DropMalformed;
-    }
-    forward(ctx, &candidate, meta, established, stats)
-}
-
-/// Picks the backend (unless conntrack already did) and sends the packet to it.
-#[inline(always)]
-fn forward(
-    ctx: &XdpContext,
-    c: &Candidate,
-    meta: &VipMeta,
-    established: BackendId,
-    stats: &mut DatapathStats,
-) -> Verdict {
     if c.policy == ConnPolicy::LookupOnly {
         stats.icmp_too_big += 1;
     }
-    let choice = match select::chosen(meta, &c.flow, established) {
-        Some(choice) => {
-            stats.conntrack_hit += 1;
-            choice
-        }
-        None => match select::backend(meta, &c.flow, c.policy, stats) {
-            Some(choice) => choice,
-            None => return Verdict::DropNoBackend,
-        },
-    };
     select::count_traffic(meta, choice.id, c.inner.len);
     encap::send(ctx, c.l2_len, meta, &choice, c.inner)
 }

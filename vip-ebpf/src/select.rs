@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use vip_common::{
     BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
-    IPPROTO_UDP, NO_BACKEND, TrafficCounters, VipMeta,
+    IPPROTO_UDP, TrafficCounters, VipMeta,
     hash::{flow_hash, maglev_slot},
 };
 
@@ -61,7 +61,7 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
 /// entry counts only while that VIP still is the flow's VIP (a removed VIP's id may be reused),
 /// its backend is usable, and, for UDP, it is not idle past the VIP's timeout.
 #[inline(always)]
-pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMeta, BackendId)> {
+pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMeta, Choice)> {
     if !matches!(
         policy,
         ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
@@ -88,21 +88,12 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
         }
         entry.last_seen_ns = now;
     }
-    usable(entry.backend)?;
-    Some((meta, entry.backend))
-}
-
-/// The backend `established` found, as a [`Choice`]; `None` for `NO_BACKEND`.
-#[inline(always)]
-pub fn chosen(meta: &VipMeta, flow: &FlowKey, id: BackendId) -> Option<Choice> {
-    if id == NO_BACKEND {
-        return None;
-    }
-    Some(Choice {
-        id,
-        backend: usable(id)?,
-        hash: flow_hash(flow, meta.hash_port_mask),
-    })
+    let choice = Choice {
+        id: entry.backend,
+        backend: usable(entry.backend)?,
+        hash: entry.flow_hash,
+    };
+    Some((meta, choice))
 }
 
 /// The VIP's Maglev answer for `flow` (recorded in conntrack as `policy` says), or `None` when
@@ -130,6 +121,8 @@ pub fn backend(
         backend: id,
         vip_id: meta.vip_id,
         last_seen_ns: now(),
+        flow_hash: hash,
+        _pad: 0,
     };
     match policy {
         ConnPolicy::New => {

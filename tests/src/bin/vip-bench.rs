@@ -235,6 +235,21 @@ fn main() {
             (action, out)
         })
         .collect();
+    // `--spin CASE`: run one case for ten seconds and stop, for `perf record -a` to profile.
+    if let Some(name) = arg("--spin") {
+        let case = cases
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("--spin: no case named {name:?}"));
+        set_frame(&mut frames, &case.frame);
+        targets.set(0, &lb_fd, 0).unwrap();
+        let wrapper = restore_wrapper(&mut harness);
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(10) {
+            timed(wrapper, &case.frame, REPEAT);
+        }
+        return;
+    }
     // Then rounds over all cases and the floor: a spell of load from the machine's other
     // tenants hits every case of a round alike, and the medians keep the calm rounds.
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
@@ -437,6 +452,8 @@ fn table_scaling(md: &mut String, harness: &mut Harness) {
                 backend: filled % 2,
                 vip_id,
                 last_seen_ns: 0,
+                flow_hash: 0,
+                _pad: 0,
             };
             lb.dataplane
                 .insert_flow(&flow, &entry)

@@ -36,6 +36,11 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     }
     let have = ctx.data_end() - ctx.data();
+    // Also keeps the subtraction 64-bit: with ALU32, LLVM would otherwise narrow it to a
+    // 32-bit subtraction of packet pointers, which the verifier refuses.
+    if have > u16::MAX as usize {
+        return xdp_action::XDP_ABORTED;
+    }
     // SAFETY: helper calls on our own context and a map value of BENCH_FRAME_MAX bytes; the
     // length passed is bounded to 1..=BENCH_FRAME_MAX for the verifier.
     unsafe {
