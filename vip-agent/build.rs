@@ -7,18 +7,19 @@ use std::{env, path::PathBuf};
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(no_ebpf_obj)");
     println!("cargo::rerun-if-env-changed=VIP_EBPF_DIR");
+    let target =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo")).join("../target");
     let dir = env::var_os("VIP_EBPF_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-            manifest.join("../target/bpfel-unknown-none/release")
-        });
-    for (name, var) in [
-        ("vip-ebpf", "VIP_EBPF_OBJ"),
-        ("vip-decap", "VIP_DECAP_OBJ"),
-        ("vip-bench", "VIP_BENCH_OBJ"),
+        .unwrap_or_else(|| target.join("bpfel-unknown-none/release"));
+    // The datapath-log build of the load balancer (see xtask's `build_ebpf`).
+    let log_dir = target.join("ebpf-log/bpfel-unknown-none/release");
+    for (obj, var) in [
+        (dir.join("vip-ebpf"), "VIP_EBPF_OBJ"),
+        (log_dir.join("vip-ebpf"), "VIP_EBPF_LOG_OBJ"),
+        (dir.join("vip-decap"), "VIP_DECAP_OBJ"),
+        (dir.join("vip-bench"), "VIP_BENCH_OBJ"),
     ] {
-        let obj = dir.join(name);
         println!("cargo::rerun-if-changed={}", obj.display());
         if obj.exists() {
             let obj = obj.canonicalize().expect("object path resolves");

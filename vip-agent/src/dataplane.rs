@@ -225,7 +225,12 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the embedded load-balancer object (not yet attached) and writes its node config.
     pub fn load(options: DataplaneOptions) -> Result<Self> {
-        Self::load_object(crate::object::load_balancer(), options)
+        let object = if options.datapath_log {
+            crate::object::load_balancer_with_log()
+        } else {
+            crate::object::load_balancer()
+        };
+        Self::load_object(object, options)
     }
 
     /// Loads a given object; for tests that need a second, independent copy.

@@ -6,6 +6,13 @@ pub fn load_balancer() -> &'static [u8] {
     aya::include_bytes_aligned!(env!("VIP_EBPF_OBJ"))
 }
 
+/// The load-balancer object built for datapath logs: the same program, without misaligned
+/// memory access, which aya-log's encoding cannot be verified with.
+#[cfg(not(no_ebpf_obj))]
+pub fn load_balancer_with_log() -> &'static [u8] {
+    aya::include_bytes_aligned!(env!("VIP_EBPF_LOG_OBJ"))
+}
+
 /// The backends' decapsulation object (`vip-decap`).
 #[cfg(not(no_ebpf_obj))]
 pub fn decap() -> &'static [u8] {
@@ -20,6 +27,11 @@ pub fn bench_harness() -> &'static [u8] {
 
 #[cfg(no_ebpf_obj)]
 pub fn load_balancer() -> &'static [u8] {
+    panic!("vip-agent was built without its eBPF object: build with `cargo xtask build`")
+}
+
+#[cfg(no_ebpf_obj)]
+pub fn load_balancer_with_log() -> &'static [u8] {
     panic!("vip-agent was built without its eBPF object: build with `cargo xtask build`")
 }
 

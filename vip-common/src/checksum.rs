@@ -1,24 +1,31 @@
-//! The Internet checksum (RFC 1071) over a finished IPv4 header.
+//! The Internet checksum (RFC 1071), and the IPv4 outer header that carries one.
 //!
-//! The datapath builds each outer header on the stack and checksums those exact bytes, so the
-//! checksum can never drift from the fields that go on the wire.
+//! The datapath's IPv4 outer header is built and checksummed from the same words it stores, so
+//! the checksum can never drift from the fields that go on the wire.
 
-/// Checksum of a 20-byte IPv4 header whose checksum field (bytes 10..12) is zero.
-///
-/// The result is in host order; write it with `to_be_bytes()`. A header that carries this value
-/// folds to `0xffff` when summed again, which is how receivers verify it.
+/// TTL / hop limit of every outer header the datapath builds.
+pub const OUTER_TTL: u8 = 64;
+
+/// A 20-byte IPv4 header without options, fragment bits or identification (an outer header of
+/// the datapath), with its checksum, as five 32-bit words in wire order: the caller stores them
+/// as they are. Built in registers, one's-complement-summed in native byte order (RFC 1071
+/// section 2(B): the sum is byte-order independent), so the datapath neither assembles the
+/// header byte by byte nor sums it twice.
 #[inline(always)]
-pub fn ipv4_header_checksum(header: &[u8; 20]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([header[i], header[i + 1]]));
-        i += 2;
-    }
-    // Ten 16-bit words cannot carry more than twice.
+pub fn ipv4_header(tos: u8, total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) -> [u32; 5] {
+    let len = total_len.to_be_bytes();
+    let first = u32::from_ne_bytes([0x45, tos, len[0], len[1]]);
+    let ttl_proto = u32::from_ne_bytes([OUTER_TTL, proto, 0, 0]);
+    let (src, dst) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
+    let mut sum = u64::from(first) + u64::from(ttl_proto) + u64::from(src) + u64::from(dst);
+    // Four 32-bit words: three folds bring the sum to 16 bits.
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
+    sum = (sum & 0xffff) + (sum >> 16);
+    // Summed in native order, the checksum's native bytes are its wire bytes.
+    let checksum = (!(sum as u16)).to_ne_bytes();
+    let ttl_proto_checksum = u32::from_ne_bytes([OUTER_TTL, proto, checksum[0], checksum[1]]);
+    [first, 0, ttl_proto_checksum, src, dst]
 }
 
 /// Adds the 16-bit big-endian words of `bytes` (even length) to a one's-complement sum.
@@ -58,16 +65,39 @@ pub fn fold_sum(bytes: &[u8]) -> u16 {
 mod tests {
     use super::*;
 
+    fn bytes(words: [u32; 5]) -> [u8; 20] {
+        let mut out = [0; 20];
+        for (chunk, word) in out.chunks_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    }
+
     #[test]
-    fn known_header_checksum() {
-        // Example header from RFC 1071 discussions / Wikipedia: checksum 0xb861.
-        let mut hdr = [
-            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
-            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
-        ];
-        let sum = ipv4_header_checksum(&hdr);
-        assert_eq!(sum, 0xb861);
-        hdr[10..12].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(fold_sum(&hdr), 0xffff);
+    fn outer_ipv4_header_fields_and_checksum() {
+        let hdr = bytes(ipv4_header(
+            0xb8,
+            0x0573,
+            4,
+            [198, 18, 0, 1],
+            [198, 18, 1, 7],
+        ));
+        assert_eq!(
+            hdr,
+            [
+                0x45, 0xb8, 0x05, 0x73, 0, 0, 0, 0, 64, 4, hdr[10], hdr[11], 198, 18, 0, 1, 198,
+                18, 1, 7
+            ]
+        );
+        assert_eq!(fold_sum(&hdr), 0xffff, "checksum verifies");
+    }
+
+    #[test]
+    fn checksum_folds_every_carry() {
+        // All-ones addresses and the largest length make the sum carry more than once.
+        for (tos, len) in [(0xff, 0xffff), (0, 20), (0x10, 0x1234)] {
+            let hdr = bytes(ipv4_header(tos, len, 0xff, [0xff; 4], [0xff; 4]));
+            assert_eq!(fold_sum(&hdr), 0xffff, "tos {tos:#x} len {len:#x}");
+        }
     }
 }

@@ -15,14 +15,13 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use vip_common::{
     AddrFamily, BACKEND_F_NEXTHOP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
     IPPROTO_TCP, IPPROTO_UDP, VIP_F_GUE, VipMeta,
-    checksum::{add_words, fold, ipv4_header_checksum},
+    checksum::{OUTER_TTL, add_words, fold, ipv4_header},
 };
 
 use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, header, read, write};
 
 use crate::{parse::Verdict, select::Choice};
 
-const OUTER_TTL: u8 = 64;
 const UDP_LEN: usize = 8;
 /// Ethernet header with one 802.1Q tag.
 const MAX_L2_LEN: usize = 18;
@@ -80,26 +79,20 @@ pub fn send(
     inner: Inner,
 ) -> Verdict {
     let backend = choice.backend;
-    let entropy = choice.hash.to_be_bytes();
     let outer_v6 = backend.family == AddrFamily::V6 as u8;
     let gue = gue(ctx, l2_len, meta, choice.hash, &inner, outer_v6);
     let verdict = if outer_v6 {
-        let mut src = meta.src_v6;
-        for i in 0..4 {
-            src[12 + i] |= entropy[i] & meta.src_v6_entropy[i];
-        }
-        let hop = next_hop_v6(ctx, choice, &src);
+        let (src_head, src_tail) = split_v6(&meta.src_v6);
         let outer = Outer6 {
-            src: &src,
+            src_head,
+            src_tail: with_entropy(*src_tail, meta.src_v6_entropy, choice.hash),
             dst: &backend.addr,
             flow_label: choice.hash,
         };
+        let hop = next_hop_v6(ctx, choice, &outer);
         push_ipv6(ctx, l2_len, &hop, &outer, inner, gue).map(|()| hop)
     } else {
-        let mut src = meta.src_v4;
-        for i in 0..4 {
-            src[i] |= entropy[i] & meta.src_v4_entropy[i];
-        }
+        let src = with_entropy(meta.src_v4, meta.src_v4_entropy, choice.hash);
         let dst = [
             backend.addr[0],
             backend.addr[1],
@@ -122,6 +115,13 @@ pub fn send(
     }
 }
 
+/// `addr` with the flow hash's bits where `entropy` has ones (a source prefix's host bits).
+#[inline(always)]
+fn with_entropy(addr: [u8; 4], entropy: [u8; 4], hash: u32) -> [u8; 4] {
+    let bits = u32::from_ne_bytes(hash.to_be_bytes()) & u32::from_ne_bytes(entropy);
+    (u32::from_ne_bytes(addr) | bits).to_ne_bytes()
+}
+
 /// Prepends an IPv4 header (IPIP, or 6in4 for an IPv6 client packet), and with GUE a UDP
 /// header (checksum zero, as IPv4 allows).
 #[inline(always)]
@@ -135,37 +135,27 @@ fn push_ipv4(
 ) -> Option<()> {
     const LEN: usize = 20;
     let udp_len = if gue.is_some() { UDP_LEN } else { 0 };
-    let l2 = l2_header(ctx, l2_len, hop, ETH_P_IP)?;
-    let total = inner.len.wrapping_add((LEN + udp_len) as u16).to_be_bytes();
-    let mut hdr = [0u8; LEN];
-    hdr[0] = 0x45;
-    hdr[1] = inner.tos;
-    hdr[2] = total[0];
-    hdr[3] = total[1];
-    hdr[8] = OUTER_TTL;
-    hdr[9] = if gue.is_some() {
+    let proto = if gue.is_some() {
         IPPROTO_UDP
     } else {
         inner.outer_proto()
     };
-    hdr[12..16].copy_from_slice(src);
-    hdr[16..20].copy_from_slice(dst);
-    let checksum = ipv4_header_checksum(&hdr).to_be_bytes();
-    hdr[10] = checksum[0];
-    hdr[11] = checksum[1];
+    let total = inner.len.wrapping_add((LEN + udp_len) as u16);
+    let hdr = ipv4_header(inner.tos, total, proto, *src, *dst);
     grow_head(ctx, LEN + udp_len)?;
+    write_l2(ctx, l2_len, LEN + udp_len, hop, ETH_P_IP)?;
     if let Some(g) = gue {
         write(ctx, l2_len + LEN, g.header(inner.len, [0; 2]))?;
     }
-    // The L2 copy is 18 bytes even without a VLAN tag; its last 4 bytes are then overwritten by
-    // the outer header, written second.
-    write(ctx, 0, l2)?;
     write(ctx, l2_len, hdr)
 }
 
 /// Outer IPv6 addresses and the flow label.
 struct Outer6<'a> {
-    src: &'a [u8; 16],
+    /// The source address is the VIP's, with entropy in its last 4 bytes: kept apart so the
+    /// address is never assembled on the stack (and read back wider than it was written).
+    src_head: &'a [u8; 12],
+    src_tail: [u8; 4],
     dst: &'a [u8; 16],
     /// The flow hash: its low 20 bits let routers between LB and backend spread flows.
     flow_label: u32,
@@ -184,27 +174,28 @@ fn push_ipv6(
 ) -> Option<()> {
     const LEN: usize = 40;
     let udp_len = if gue.is_some() { UDP_LEN } else { 0 };
-    let l2 = l2_header(ctx, l2_len, hop, ETH_P_IPV6)?;
     let label = outer.flow_label & 0x000f_ffff;
     let payload = inner.len.wrapping_add(udp_len as u16).to_be_bytes();
-    let mut hdr = [0u8; LEN];
-    hdr[0] = 0x60 | (inner.tos >> 4);
-    hdr[1] = (inner.tos << 4) | (label >> 16) as u8;
-    hdr[2] = (label >> 8) as u8;
-    hdr[3] = label as u8;
-    hdr[4] = payload[0];
-    hdr[5] = payload[1];
-    hdr[6] = if gue.is_some() {
+    let next_header = if gue.is_some() {
         IPPROTO_UDP
     } else {
         inner.outer_proto()
     };
-    hdr[7] = OUTER_TTL;
-    hdr[8..24].copy_from_slice(outer.src);
-    hdr[24..40].copy_from_slice(outer.dst);
+    // Version, traffic class, flow label; payload length, next header, hop limit.
+    let head = [
+        u32::from_ne_bytes([
+            0x60 | (inner.tos >> 4),
+            (inner.tos << 4) | (label >> 16) as u8,
+            (label >> 8) as u8,
+            label as u8,
+        ]),
+        u32::from_ne_bytes([payload[0], payload[1], next_header, OUTER_TTL]),
+    ];
     grow_head(ctx, LEN + udp_len)?;
+    write_l2(ctx, l2_len, LEN + udp_len, hop, ETH_P_IPV6)?;
     if let Some(g) = gue {
-        let mut sum = add_words(add_words(g.inner_sum, outer.src), outer.dst);
+        let src_sum = add_words(add_words(g.inner_sum, outer.src_head), &outer.src_tail);
+        let mut sum = add_words(src_sum, outer.dst);
         // Pseudo-header length and next header, then the UDP header itself.
         let udp_total = u32::from(inner.len) + UDP_LEN as u32;
         sum += udp_total + u32::from(IPPROTO_UDP);
@@ -219,10 +210,33 @@ fn push_ipv6(
             g.header(inner.len, checksum.to_be_bytes()),
         )?;
     }
-    // The L2 copy is 18 bytes even without a VLAN tag; its last 4 bytes are then overwritten by
-    // the outer header, written second.
-    write(ctx, 0, l2)?;
-    write(ctx, l2_len, hdr)
+    // Addresses go from map values into the packet as words: copied as arrays, LLVM cannot
+    // rule out that they overlap the packet and calls `memmove`.
+    write(ctx, l2_len, head)?;
+    write(ctx, l2_len + 8, word::<8>(outer.src_head, 0))?;
+    write(ctx, l2_len + 16, word::<4>(outer.src_head, 8))?;
+    write(ctx, l2_len + 20, outer.src_tail)?;
+    write(ctx, l2_len + 24, word::<8>(outer.dst, 0))?;
+    write(ctx, l2_len + 32, word::<8>(outer.dst, 8))
+}
+
+/// `W` bytes of `bytes` from `at`, by value.
+#[inline(always)]
+fn word<const W: usize>(bytes: &[u8], at: usize) -> [u8; W] {
+    let mut w = [0; W];
+    w.copy_from_slice(&bytes[at..at + W]);
+    w
+}
+
+/// An IPv6 address as its first 12 and last 4 bytes.
+#[inline(always)]
+fn split_v6(addr: &[u8; 16]) -> (&[u8; 12], &[u8; 4]) {
+    let (head, tail) = addr.split_at(12);
+    // Lengths 12 and 4 by construction: the conversions cannot fail.
+    (
+        head.try_into().unwrap_or(&[0; 12]),
+        tail.try_into().unwrap_or(&[0; 4]),
+    )
 }
 
 /// GUE (variant 1) for one packet: UDP ports, and for an IPv6 outer header the one's-complement
@@ -316,24 +330,26 @@ fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u32> {
     }
 }
 
-/// The frame's L2 header (with a VLAN tag if it has one) re-addressed to the next hop, with the
-/// ether type of the outer header (4in6 and 6in4 change it).
+/// Writes the L2 header of the frame grown by `grown` bytes: the next hop's MACs, the frame's
+/// VLAN tag if it has one (read from the old header, so this comes before any other write),
+/// and `ether_type` (4in6 and 6in4 change it).
 #[inline(always)]
-fn l2_header(
+fn write_l2(
     ctx: &XdpContext,
     l2_len: usize,
+    grown: usize,
     hop: &NextHop,
     ether_type: [u8; 2],
-) -> Option<[u8; MAX_L2_LEN]> {
-    let mut l2 = read::<[u8; MAX_L2_LEN]>(ctx, 0)?;
-    l2[..6].copy_from_slice(&hop.dst_mac);
-    l2[6..12].copy_from_slice(&hop.src_mac);
+) -> Option<()> {
     if l2_len == MAX_L2_LEN {
-        l2[16..18].copy_from_slice(&ether_type);
+        let tag = read::<[u8; 4]>(ctx, grown + 12)?;
+        write(ctx, 12, tag)?;
+        write(ctx, 16, ether_type)?;
     } else {
-        l2[12..14].copy_from_slice(&ether_type);
+        write(ctx, 12, ether_type)?;
     }
-    Some(l2)
+    write(ctx, 0, hop.dst_mac)?;
+    write(ctx, 6, hop.src_mac)
 }
 
 /// Makes room for `len` bytes in front of the packet. All packet pointers are invalid after it.
@@ -368,17 +384,25 @@ fn next_hop_v4(ctx: &XdpContext, choice: &Choice, src: &[u8; 4], dst: &[u8; 4]) 
 }
 
 #[inline(always)]
-fn next_hop_v6(ctx: &XdpContext, choice: &Choice, src: &[u8; 16]) -> NextHop {
+fn next_hop_v6(ctx: &XdpContext, choice: &Choice, outer: &Outer6) -> NextHop {
     if let Some(hop) = resolved(choice) {
         return hop;
     }
     let mut params = fib_params(ctx, AF_INET6);
-    // SAFETY: `ipv6_src`/`ipv6_dst` are `[u32; 4]` views of 16 bytes; any bit pattern is valid.
-    unsafe {
-        params.__bindgen_anon_3.ipv6_src = core::mem::transmute::<[u8; 16], [u32; 4]>(*src);
-        params.__bindgen_anon_4.ipv6_dst =
-            core::mem::transmute::<[u8; 16], [u32; 4]>(choice.backend.addr);
-    }
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let (head, dst) = (outer.src_head, outer.dst);
+    params.__bindgen_anon_3.ipv6_src = [
+        word(&head[0..4]),
+        word(&head[4..8]),
+        word(&head[8..12]),
+        u32::from_ne_bytes(outer.src_tail),
+    ];
+    params.__bindgen_anon_4.ipv6_dst = [
+        word(&dst[0..4]),
+        word(&dst[4..8]),
+        word(&dst[8..12]),
+        word(&dst[12..16]),
+    ];
     fib(ctx, params)
 }
 
@@ -410,9 +434,27 @@ fn fib(ctx: &XdpContext, mut params: bpf_fib_lookup) -> NextHop {
         _ => HopStatus::NoRoute,
     };
     NextHop {
-        dst_mac: params.dmac,
-        src_mac: params.smac,
+        dst_mac: stack_mac(&params.dmac),
+        src_mac: stack_mac(&params.smac),
         ifindex: params.ifindex,
         status,
     }
+}
+
+/// A MAC address out of `bpf_fib_lookup` parameters on the stack. The program is built with
+/// misaligned loads allowed (for packet headers), but the verifier refuses misaligned stack
+/// reads, and `dmac` sits at 2 mod 4: three 16-bit volatile reads, which LLVM cannot widen.
+#[inline(always)]
+fn stack_mac(mac: &[u8; 6]) -> [u8; 6] {
+    let words = mac.as_ptr().cast::<u16>();
+    // SAFETY: both MAC fields of `bpf_fib_lookup` start at even offsets of a 4-aligned struct.
+    let [a, b, c] = unsafe {
+        [
+            words.read_volatile(),
+            words.add(1).read_volatile(),
+            words.add(2).read_volatile(),
+        ]
+    }
+    .map(u16::to_ne_bytes);
+    [a[0], a[1], b[0], b[1], c[0], c[1]]
 }

@@ -18,14 +18,14 @@ use aya_ebpf::{
 };
 use vip_common::{
     AddrFamily, BACKEND_F_NEXTHOP, HEALTH_CHECK_MARK, HEALTH_CHECK_MARK_MASK, IPPROTO_IPIP,
-    IPPROTO_IPV6, IPPROTO_UDP, VIP_F_GUE, checksum::ipv4_header_checksum,
+    IPPROTO_IPV6, IPPROTO_UDP, VIP_F_GUE,
+    checksum::{OUTER_TTL, ipv4_header},
 };
 
 use crate::maps::{BACKENDS, VIP_META};
 
 const ETH_LEN: usize = 14;
 const UDP_LEN: usize = 8;
-const OUTER_TTL: u8 = 64;
 const ETH_P_IPV6: u16 = 0x86dd;
 /// GUE source port of probes (any port works: the backend decapsulates by destination port).
 const PROBE_GUE_SOURCE_PORT: u16 = 0xc0de;
@@ -76,18 +76,14 @@ fn toward_backend(ctx: &TcContext, id: u32) -> Option<i32> {
         .ok()?;
         ctx.store(ETH_LEN, &hdr, 0).ok()?;
     } else {
-        let total = (inner_len + 20 + udp_len as u16).to_be_bytes();
-        let mut hdr = [0u8; 20];
-        hdr[0] = 0x45;
-        hdr[2] = total[0];
-        hdr[3] = total[1];
-        hdr[8] = OUTER_TTL;
-        hdr[9] = if gue { IPPROTO_UDP } else { IPPROTO_IPIP };
-        hdr[12..16].copy_from_slice(&meta.src_v4);
-        hdr[16..20].copy_from_slice(&backend.addr[..4]);
-        let checksum = ipv4_header_checksum(&hdr).to_be_bytes();
-        hdr[10] = checksum[0];
-        hdr[11] = checksum[1];
+        let proto = if gue { IPPROTO_UDP } else { IPPROTO_IPIP };
+        let dst = [
+            backend.addr[0],
+            backend.addr[1],
+            backend.addr[2],
+            backend.addr[3],
+        ];
+        let hdr = ipv4_header(0, inner_len + 20 + udp_len as u16, proto, meta.src_v4, dst);
         let mut flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
         if gue {
             flags |= BPF_F_ADJ_ROOM_ENCAP_L4_UDP;

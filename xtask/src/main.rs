@@ -208,8 +208,27 @@ const EBPF_ARGS: &[&str] = &[
     "build-std=core",
 ];
 
+/// Packet headers are read and written with word loads only when LLVM may emit misaligned
+/// accesses (headers sit at 2 mod 4), which the verifier allows for packet and map memory but
+/// not for the stack. aya-log's argument encoding writes misaligned stack slots, so the object
+/// the agent loads for datapath logs (`run --datapath-log`) is built without it, into its own
+/// target directory.
+const MISALIGNED_ACCESS: &str = r#"target.bpfel-unknown-none.rustflags=["-C", "link-arg=--cpu-features=+allows-misaligned-mem-access"]"#;
+
+/// Where the datapath-log build of `vip-ebpf` goes (`vip-agent`'s build script looks there).
+const LOG_BUILD_DIR: &str = "target/ebpf-log";
+
 fn build_ebpf() -> Result<()> {
-    run(nightly_cargo().arg("build").args(EBPF_ARGS))
+    run(nightly_cargo()
+        .arg("build")
+        .args(EBPF_ARGS)
+        .args(["--config", MISALIGNED_ACCESS]))?;
+    run(nightly_cargo().arg("build").args(EBPF_ARGS).args([
+        "--bin",
+        "vip-ebpf",
+        "--target-dir",
+        LOG_BUILD_DIR,
+    ]))
 }
 
 fn build() -> Result<()> {
