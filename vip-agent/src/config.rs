@@ -218,6 +218,7 @@ pub struct NodeConfig {
     pub metrics_address: SocketAddr,
     pub table_size: u32,
     pub table_slots: u32,
+    /// Entries of each conntrack map (one for IPv4 flows, one for IPv6).
     pub conntrack_entries: u32,
     /// New conntrack entries per second and CPU (0: no limit): beyond it new flows are
     /// forwarded by Maglev alone, so floods cannot churn the LRU faster.

@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use vip_common::{
-    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
-    TrafficCounters, VipKey, VipMeta,
+    AddrFamily, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4,
+    INSERT_WINDOW_SHIFT, TrafficCounters, VipKey, VipMeta,
     hash::vip_filter_bit,
     layout::{
         self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
@@ -147,7 +147,7 @@ pub struct DataplaneOptions {
     pub table_size: u32,
     /// Maglev table slots in `MAGLEV` (VIPs plus spares for switching tables).
     pub table_slots: u32,
-    /// `CONNTRACK` entries.
+    /// Entries of each conntrack map (`CONNTRACK_V4` for IPv4 flows, `CONNTRACK` for IPv6).
     pub conntrack_entries: u32,
     /// VIP capacity: entries of `VIPS`, `VIP_META`, `VIP_STATS`.
     pub max_vips: u32,
@@ -206,7 +206,7 @@ impl DataplaneOptions {
     fn max_entries(&self, name: &str) -> Option<u32> {
         match name {
             layout::MAGLEV => Some(self.table_size * self.table_slots),
-            layout::CONNTRACK => Some(self.conntrack_entries),
+            layout::CONNTRACK | layout::CONNTRACK_V4 => Some(self.conntrack_entries),
             layout::VIPS | layout::VIP_META | layout::VIP_STATS => Some(self.max_vips),
             layout::BACKENDS | layout::BACKEND_STATS => Some(self.max_backends),
             _ => LAYOUT.iter().find(|l| l.name == name)?.max_entries,
@@ -504,19 +504,31 @@ impl Dataplane {
 
     /// Writes a connection-tracking entry (benchmarks and tests fill the table with it).
     pub fn insert_flow(&mut self, flow: &FlowKey, entry: &ConnEntry) -> Result<()> {
-        let mut map: HashMap<&mut MapData, FlowKey, ConnEntry> =
-            HashMap::try_from(self.map_mut(layout::CONNTRACK)?)
-                .map_err(map_err(layout::CONNTRACK))?;
-        map.insert(flow, entry, 0)
-            .map_err(map_err(layout::CONNTRACK))
+        if flow.family == AddrFamily::V4 as u8 {
+            let name = layout::CONNTRACK_V4;
+            let mut map: HashMap<&mut MapData, FlowKeyV4, ConnEntry> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.insert(FlowKeyV4::of(flow), entry, 0)
+                .map_err(map_err(name))
+        } else {
+            let name = layout::CONNTRACK;
+            let mut map: HashMap<&mut MapData, FlowKey, ConnEntry> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.insert(flow, entry, 0).map_err(map_err(name))
+        }
     }
 
-    /// Every connection-tracking entry (a snapshot; the datapath keeps changing it).
+    /// Every connection-tracking entry, IPv4 and IPv6 (a snapshot; the datapath keeps changing
+    /// it).
     pub fn flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>> {
-        let map: HashMap<&MapData, FlowKey, ConnEntry> =
+        let v4: HashMap<&MapData, FlowKeyV4, ConnEntry> =
+            HashMap::try_from(self.map(layout::CONNTRACK_V4)?)
+                .map_err(map_err(layout::CONNTRACK_V4))?;
+        let v6: HashMap<&MapData, FlowKey, ConnEntry> =
             HashMap::try_from(self.map(layout::CONNTRACK)?).map_err(map_err(layout::CONNTRACK))?;
         // Entries evicted during the walk show up as errors: skip them.
-        Ok(map.iter().filter_map(|e| e.ok()).collect())
+        let v4 = v4.iter().filter_map(|e| e.ok()).map(|(k, e)| (k.flow(), e));
+        Ok(v4.chain(v6.iter().filter_map(|e| e.ok())).collect())
     }
 
     /// Global outcome counters, summed over CPUs.
@@ -536,12 +548,21 @@ impl Dataplane {
 
     /// The connection-tracking entry of a flow, if any.
     pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<ConnEntry>> {
-        let map: HashMap<&MapData, FlowKey, ConnEntry> =
-            HashMap::try_from(self.map(layout::CONNTRACK)?).map_err(map_err(layout::CONNTRACK))?;
-        match map.get(flow, 0) {
+        let found = if flow.family == AddrFamily::V4 as u8 {
+            let name = layout::CONNTRACK_V4;
+            let map: HashMap<&MapData, FlowKeyV4, ConnEntry> =
+                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+            map.get(&FlowKeyV4::of(flow), 0).map_err(|e| (name, e))
+        } else {
+            let name = layout::CONNTRACK;
+            let map: HashMap<&MapData, FlowKey, ConnEntry> =
+                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
+            map.get(flow, 0).map_err(|e| (name, e))
+        };
+        match found {
             Ok(entry) => Ok(Some(entry)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(layout::CONNTRACK)(e)),
+            Err((_, MapError::KeyNotFound)) => Ok(None),
+            Err((name, e)) => Err(map_err(name)(e)),
         }
     }
 }

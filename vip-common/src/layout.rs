@@ -23,13 +23,14 @@ pub const CAPACITY_LIMIT: u32 = 1 << 16;
 /// one live slot; a table switch writes a free one, so this bounds VIPs per node at a given table
 /// size. The agent sizes the map with `EbpfLoader::set_max_entries`.
 pub const DEFAULT_TABLE_SLOTS: u32 = 16;
-/// Default `CONNTRACK` entries (LRU).
+/// Default entries of `CONNTRACK` and of `CONNTRACK_V4` (LRU, one map per address family).
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
 pub const VIPS: &str = "VIPS";
 pub const BACKENDS: &str = "BACKENDS";
 pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
+pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
 pub const STATS: &str = "STATS";
 pub const VIP_STATS: &str = "VIP_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -77,11 +78,12 @@ const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout
 }
 
 /// Every map of the load-balancer program.
-pub const LAYOUT: [MapLayout; 10] = [
+pub const LAYOUT: [MapLayout; 11] = [
     layout::<VipKey, VipMeta>(VIPS, None),
     layout::<u32, Backend>(BACKENDS, None),
     layout::<u32, BackendId>(MAGLEV, None),
     layout::<FlowKey, ConnEntry>(CONNTRACK, None),
+    layout::<FlowKeyV4, ConnEntry>(CONNTRACK_V4, None),
     layout::<u32, DatapathStats>(STATS, Some(1)),
     layout::<u32, TrafficCounters>(VIP_STATS, None),
     layout::<u32, TrafficCounters>(BACKEND_STATS, None),

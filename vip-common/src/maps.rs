@@ -126,7 +126,8 @@ pub struct Backend {
     pub vip_id: u32,
 }
 
-/// Key of `CONNTRACK`: a flow as the client sent it (source = client, destination = VIP).
+/// A flow as the client sent it (source = client, destination = VIP): the flow hash input, and
+/// the key of `CONNTRACK` for IPv6 flows (IPv4 flows use [`FlowKeyV4`]).
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
@@ -185,7 +186,49 @@ impl FlowKey {
     }
 }
 
-/// Value of `CONNTRACK`: the backend a flow was given.
+/// Key of `CONNTRACK_V4`: an IPv4 flow as the client sent it. IPv4 flows have their own map
+/// because the kernel hashes and compares the whole key on every lookup: 16 bytes here, 40 in
+/// a [`FlowKey`], which has room for IPv6 addresses.
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKeyV4 {
+    /// Client address, network order.
+    pub src: [u8; 4],
+    /// VIP address, network order.
+    pub dst: [u8; 4],
+    /// Client port, network order.
+    pub src_port: [u8; 2],
+    /// VIP port, network order.
+    pub dst_port: [u8; 2],
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKeyV4 {
+    /// The key of an IPv4 `flow`.
+    #[inline(always)]
+    pub fn of(flow: &FlowKey) -> Self {
+        Self {
+            src: [flow.src[0], flow.src[1], flow.src[2], flow.src[3]],
+            dst: [flow.dst[0], flow.dst[1], flow.dst[2], flow.dst[3]],
+            src_port: flow.src_port,
+            dst_port: flow.dst_port,
+            proto: flow.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// The flow this key was made of.
+    pub fn flow(&self) -> FlowKey {
+        let mut flow = FlowKey::v4(self.src, self.dst, self.proto);
+        flow.src_port = self.src_port;
+        flow.dst_port = self.dst_port;
+        flow
+    }
+}
+
+/// Value of `CONNTRACK` and `CONNTRACK_V4`: the backend a flow was given.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ConnEntry {
@@ -325,6 +368,8 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKeyV4 {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnEntry {}
     // SAFETY: as above.

@@ -1,5 +1,5 @@
 //! The load balancer's maps. Layouts and sizes come from `vip_common::layout`; the agent writes
-//! every map except `CONNTRACK` and the counters, which only the datapath writes.
+//! every map except the conntrack maps and the counters, which only the datapath writes.
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vip_common::{
-    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, InsertBudget,
+    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4, InsertBudget,
     TrafficCounters, VipKey, VipMeta,
     layout::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
@@ -41,12 +41,21 @@ pub static MAGLEV: Array<
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 
-/// Connection tracking: flow to backend. Written by the datapath; LRU evicts idle flows. The
-/// LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no lock shared
-/// with other CPUs; entries are still visible from every CPU.
+/// Connection tracking of IPv6 flows: flow to backend. Written by the datapath; LRU evicts idle
+/// flows. The LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no lock
+/// shared with other CPUs; entries are still visible from every CPU.
 #[btf_map]
 pub static CONNTRACK: LruHashMap<
     FlowKey,
+    ConnEntry,
+    { DEFAULT_CONNTRACK_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Connection tracking of IPv4 flows, as `CONNTRACK` with a key of 16 bytes instead of 40.
+#[btf_map]
+pub static CONNTRACK_V4: LruHashMap<
+    FlowKeyV4,
     ConnEntry,
     { DEFAULT_CONNTRACK_ENTRIES as usize },
     { BPF_F_NO_COMMON_LRU as usize },

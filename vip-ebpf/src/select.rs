@@ -2,13 +2,14 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use vip_common::{
-    BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
-    IPPROTO_UDP, TrafficCounters, VipMeta,
+    AddrFamily, BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey,
+    FlowKeyV4, INSERT_WINDOW_SHIFT, IPPROTO_UDP, TrafficCounters, VipMeta,
     hash::{flow_hash, maglev_slot},
 };
 
 use crate::maps::{
-    BACKEND_STATS, BACKENDS, CONNTRACK, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV, VIP_META, VIP_STATS,
+    BACKEND_STATS, BACKENDS, CONNTRACK, CONNTRACK_V4, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV,
+    VIP_META, VIP_STATS,
 };
 
 /// How a packet uses connection tracking.
@@ -70,7 +71,7 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
     }
     // SAFETY: a map value pointer stays valid for this program run; racing writers of the
     // same flow on other CPUs can only store another valid backend id or time.
-    let entry = unsafe { &mut *CONNTRACK.get_ptr_mut(flow)? };
+    let entry = unsafe { &mut *conntrack_entry(flow)? };
     let meta = VIP_META.get(entry.vip_id)?;
     let vip = &meta.vip;
     if vip.addr != flow.dst
@@ -127,7 +128,7 @@ pub fn backend(
     match policy {
         ConnPolicy::New => {
             // A reused 5-tuple: its next packets must follow this SYN, not the old connection.
-            if let Some(old) = CONNTRACK.get_ptr_mut(flow) {
+            if let Some(old) = conntrack_entry(flow) {
                 // SAFETY: a map value pointer stays valid for this program run.
                 unsafe { *old = entry() };
             }
@@ -135,9 +136,7 @@ pub fn backend(
         ConnPolicy::Track | ConnPolicy::TrackIdle => {
             let entry = entry();
             if insert_allowed(config.conntrack_inserts_per_window, entry.last_seen_ns) {
-                // A full LRU evicts its oldest entry; an error here only costs the next packet
-                // a re-hash, which picks the same backend while the table is unchanged.
-                let _ = CONNTRACK.insert(flow, entry, 0);
+                record(flow, &entry);
             } else {
                 stats.conntrack_insert_skipped += 1;
             }
@@ -146,6 +145,27 @@ pub fn backend(
     }
     stats.conntrack_miss += 1;
     Some(Choice { id, backend, hash })
+}
+
+/// The conntrack entry of `flow`: IPv4 flows are in `CONNTRACK_V4`, IPv6 flows in `CONNTRACK`.
+#[inline(always)]
+fn conntrack_entry(flow: &FlowKey) -> Option<*mut ConnEntry> {
+    if flow.family == AddrFamily::V4 as u8 {
+        CONNTRACK_V4.get_ptr_mut(&FlowKeyV4::of(flow))
+    } else {
+        CONNTRACK.get_ptr_mut(flow)
+    }
+}
+
+/// Records `flow`'s entry. A full LRU evicts its oldest entry; an error here only costs the
+/// next packet a re-hash, which picks the same backend while the table is unchanged.
+#[inline(always)]
+fn record(flow: &FlowKey, entry: &ConnEntry) {
+    let _ = if flow.family == AddrFamily::V4 as u8 {
+        CONNTRACK_V4.insert(&FlowKeyV4::of(flow), entry, 0)
+    } else {
+        CONNTRACK.insert(flow, entry, 0)
+    };
 }
 
 /// Whether this CPU may make another conntrack entry in the window of `now_ns`.
