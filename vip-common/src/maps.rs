@@ -209,14 +209,19 @@ impl FlowKeyV4 {
     /// The key of an IPv4 `flow`.
     #[inline(always)]
     pub fn of(flow: &FlowKey) -> Self {
-        Self {
-            src: [flow.src[0], flow.src[1], flow.src[2], flow.src[3]],
-            dst: [flow.dst[0], flow.dst[1], flow.dst[2], flow.dst[3]],
-            src_port: flow.src_port,
-            dst_port: flow.dst_port,
-            proto: flow.proto,
-            _pad: [0; 3],
-        }
+        // From whole words: a field-wise build zeroes `_pad` with a call to `memset` in BPF.
+        let word = |b: [u8; 4]| u32::from_ne_bytes(b);
+        bytemuck::cast([
+            word([flow.src[0], flow.src[1], flow.src[2], flow.src[3]]),
+            word([flow.dst[0], flow.dst[1], flow.dst[2], flow.dst[3]]),
+            word([
+                flow.src_port[0],
+                flow.src_port[1],
+                flow.dst_port[0],
+                flow.dst_port[1],
+            ]),
+            word([flow.proto, 0, 0, 0]),
+        ])
     }
 
     /// The flow this key was made of.
@@ -434,3 +439,35 @@ mod user {
 
 #[cfg(feature = "user")]
 pub use user::{addr_bytes, addr_from_bytes};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_conntrack_key_keeps_the_five_tuple() {
+        let mut flow = FlowKey::v4([198, 18, 0, 7], [198, 18, 100, 1], IPPROTO_UDP);
+        flow.src_port = 40000u16.to_be_bytes();
+        flow.dst_port = 53u16.to_be_bytes();
+        let key = FlowKeyV4::of(&flow);
+        assert_eq!(
+            (
+                key.src,
+                key.dst,
+                key.src_port,
+                key.dst_port,
+                key.proto,
+                key._pad
+            ),
+            (
+                [198, 18, 0, 7],
+                [198, 18, 100, 1],
+                flow.src_port,
+                flow.dst_port,
+                IPPROTO_UDP,
+                [0; 3]
+            )
+        );
+        assert_eq!(key.flow(), flow);
+    }
+}
