@@ -18,7 +18,7 @@ use vip_common::{
     checksum::{OUTER_TTL, add_words, fold, ipv4_header},
 };
 
-use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, header, read, write};
+use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, Window, header, read};
 
 use crate::{parse::Verdict, select::Choice};
 
@@ -131,23 +131,27 @@ fn push_ipv4(
     hop: &NextHop,
     (src, dst): (&[u8; 4], &[u8; 4]),
     inner: Inner,
-    gue: Option<Gue>,
+    gue: Gue,
 ) -> Option<()> {
     const LEN: usize = 20;
-    let udp_len = if gue.is_some() { UDP_LEN } else { 0 };
-    let proto = if gue.is_some() {
+    let udp_len = gue.udp_len();
+    let proto = if gue.on {
         IPPROTO_UDP
     } else {
         inner.outer_proto()
     };
     let total = inner.len.wrapping_add((LEN + udp_len) as u16);
     let hdr = ipv4_header(inner.tos, total, proto, *src, *dst);
+    let tag = vlan_tag(ctx, l2_len)?;
     grow_head(ctx, LEN + udp_len)?;
-    write_l2(ctx, l2_len, LEN + udp_len, hop, ETH_P_IP)?;
-    if let Some(g) = gue {
-        write(ctx, l2_len + LEN, g.header(inner.len, [0; 2]))?;
+    write_l2(ctx, hop, tag, ETH_P_IP)?;
+    // The grown frame holds the outer header, and an IP header behind it: the window fits.
+    let w = Window::<{ LEN + UDP_LEN }>::at(ctx, l2_len)?;
+    w.write(0, hdr);
+    if gue.on {
+        w.write(LEN, gue.header(inner.len, [0; 2]));
     }
-    write(ctx, l2_len, hdr)
+    Some(())
 }
 
 /// Outer IPv6 addresses and the flow label.
@@ -170,13 +174,13 @@ fn push_ipv6(
     hop: &NextHop,
     outer: &Outer6,
     inner: Inner,
-    gue: Option<Gue>,
+    gue: Gue,
 ) -> Option<()> {
     const LEN: usize = 40;
-    let udp_len = if gue.is_some() { UDP_LEN } else { 0 };
+    let udp_len = gue.udp_len();
     let label = outer.flow_label & 0x000f_ffff;
     let payload = inner.len.wrapping_add(udp_len as u16).to_be_bytes();
-    let next_header = if gue.is_some() {
+    let next_header = if gue.on {
         IPPROTO_UDP
     } else {
         inner.outer_proto()
@@ -191,33 +195,32 @@ fn push_ipv6(
         ]),
         u32::from_ne_bytes([payload[0], payload[1], next_header, OUTER_TTL]),
     ];
+    let tag = vlan_tag(ctx, l2_len)?;
     grow_head(ctx, LEN + udp_len)?;
-    write_l2(ctx, l2_len, LEN + udp_len, hop, ETH_P_IPV6)?;
-    if let Some(g) = gue {
-        let src_sum = add_words(add_words(g.inner_sum, outer.src_head), &outer.src_tail);
+    write_l2(ctx, hop, tag, ETH_P_IPV6)?;
+    let w = Window::<{ LEN + UDP_LEN }>::at(ctx, l2_len)?;
+    if gue.on {
+        let src_sum = add_words(add_words(gue.inner_sum, outer.src_head), &outer.src_tail);
         let mut sum = add_words(src_sum, outer.dst);
         // Pseudo-header length and next header, then the UDP header itself.
         let udp_total = u32::from(inner.len) + UDP_LEN as u32;
         sum += udp_total + u32::from(IPPROTO_UDP);
-        sum = add_words(sum, &g.header(inner.len, [0; 2]));
+        sum = add_words(sum, &gue.header(inner.len, [0; 2]));
         let checksum = match !fold(sum) {
             0 => 0xffff,
             c => c,
         };
-        write(
-            ctx,
-            l2_len + LEN,
-            g.header(inner.len, checksum.to_be_bytes()),
-        )?;
+        w.write(LEN, gue.header(inner.len, checksum.to_be_bytes()));
     }
     // Addresses go from map values into the packet as words: copied as arrays, LLVM cannot
     // rule out that they overlap the packet and calls `memmove`.
-    write(ctx, l2_len, head)?;
-    write(ctx, l2_len + 8, word::<8>(outer.src_head, 0))?;
-    write(ctx, l2_len + 16, word::<4>(outer.src_head, 8))?;
-    write(ctx, l2_len + 20, outer.src_tail)?;
-    write(ctx, l2_len + 24, word::<8>(outer.dst, 0))?;
-    write(ctx, l2_len + 32, word::<8>(outer.dst, 8))
+    w.write(0, head);
+    w.write(8, word::<8>(outer.src_head, 0));
+    w.write(16, word::<4>(outer.src_head, 8));
+    w.write(20, outer.src_tail);
+    w.write(24, word::<8>(outer.dst, 0));
+    w.write(32, word::<8>(outer.dst, 8));
+    Some(())
 }
 
 /// `W` bytes of `bytes` from `at`, by value.
@@ -240,15 +243,30 @@ fn split_v6(addr: &[u8; 16]) -> (&[u8; 12], &[u8; 4]) {
 }
 
 /// GUE (variant 1) for one packet: UDP ports, and for an IPv6 outer header the one's-complement
-/// sum of the client's packet.
+/// sum of the client's packet; or none (`on` false: plain IP-in-IP). Not an `Option`: LLVM may
+/// carry a `None`'s undefined payload in a register and spill it, which the verifier refuses.
 #[derive(Clone, Copy)]
 struct Gue {
+    on: bool,
     src_port: [u8; 2],
     dst_port: [u8; 2],
     inner_sum: u32,
 }
 
 impl Gue {
+    const OFF: Self = Self {
+        on: false,
+        src_port: [0; 2],
+        dst_port: [0; 2],
+        inner_sum: 0,
+    };
+
+    /// Bytes of UDP header this packet gets.
+    #[inline(always)]
+    fn udp_len(&self) -> usize {
+        if self.on { UDP_LEN } else { 0 }
+    }
+
     #[inline(always)]
     fn header(&self, inner_len: u16, checksum: [u8; 2]) -> [u8; UDP_LEN] {
         let len = inner_len.wrapping_add(UDP_LEN as u16).to_be_bytes();
@@ -275,22 +293,26 @@ fn gue(
     hash: u32,
     inner: &Inner,
     outer_v6: bool,
-) -> Option<Gue> {
+) -> Gue {
     if meta.flags & VIP_F_GUE == 0 {
-        return None;
+        return Gue::OFF;
     }
     // An ephemeral-range source port from the flow hash: backends' RSS spreads flows on it.
     let src_port = (0xc000 | (hash as u16 & 0x3fff)).to_be_bytes();
     let inner_sum = if outer_v6 {
-        inner_sum(ctx, l2_len, inner)?
+        inner_sum(ctx, l2_len, inner)
     } else {
-        0
+        Some(0)
     };
-    Some(Gue {
+    let Some(inner_sum) = inner_sum else {
+        return Gue::OFF;
+    };
+    Gue {
+        on: true,
         src_port,
         dst_port: meta.gue_port,
         inner_sum,
-    })
+    }
 }
 
 /// The one's-complement sum of the client's IP packet, from its headers alone: a valid TCP,
@@ -330,26 +352,30 @@ fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u32> {
     }
 }
 
-/// Writes the L2 header of the frame grown by `grown` bytes: the next hop's MACs, the frame's
-/// VLAN tag if it has one (read from the old header, so this comes before any other write),
-/// and `ether_type` (4in6 and 6in4 change it).
+/// The frame's VLAN tag (TPID and TCI), read before the frame grows; zero without one.
 #[inline(always)]
-fn write_l2(
-    ctx: &XdpContext,
-    l2_len: usize,
-    grown: usize,
-    hop: &NextHop,
-    ether_type: [u8; 2],
-) -> Option<()> {
+fn vlan_tag(ctx: &XdpContext, l2_len: usize) -> Option<[u8; 4]> {
     if l2_len == MAX_L2_LEN {
-        let tag = read::<[u8; 4]>(ctx, grown + 12)?;
-        write(ctx, 12, tag)?;
-        write(ctx, 16, ether_type)?;
+        read::<[u8; 4]>(ctx, 12)
     } else {
-        write(ctx, 12, ether_type)?;
+        Some([0; 4])
     }
-    write(ctx, 0, hop.dst_mac)?;
-    write(ctx, 6, hop.src_mac)
+}
+
+/// Writes the L2 header of the grown frame: the next hop's MACs, the VLAN tag if the frame
+/// has one (`tag` non-zero), and `ether_type` (4in6 and 6in4 change it).
+#[inline(always)]
+fn write_l2(ctx: &XdpContext, hop: &NextHop, tag: [u8; 4], ether_type: [u8; 2]) -> Option<()> {
+    let w = Window::<MAX_L2_LEN>::at(ctx, 0)?;
+    w.write(0, hop.dst_mac);
+    w.write(6, hop.src_mac);
+    if tag != [0; 4] {
+        w.write(12, tag);
+        w.write(16, ether_type);
+    } else {
+        w.write(12, ether_type);
+    }
+    Some(())
 }
 
 /// Makes room for `len` bytes in front of the packet. All packet pointers are invalid after it.

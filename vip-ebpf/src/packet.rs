@@ -47,3 +47,25 @@ pub fn write<T: Copy>(ctx: &XdpContext, off: usize, value: T) -> Option<()> {
 pub fn len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
 }
+
+/// `N` bytes of the packet from one offset, bounds-checked once: writes at constant offsets
+/// inside it need no further check, neither for the verifier nor at run time.
+pub struct Window<const N: usize>(*mut u8);
+
+impl<const N: usize> Window<N> {
+    /// The `N` bytes at `off`, if the packet is long enough.
+    #[inline(always)]
+    pub fn at(ctx: &XdpContext, off: usize) -> Option<Self> {
+        ptr_at::<[u8; N]>(ctx, off).map(|p| Self(p.cast()))
+    }
+
+    /// Writes `value` (any alignment) at byte `at` of the window. Callers pass constant
+    /// offsets, so the assertion folds away; one that failed would leave a reachable panic,
+    /// which the verifier refuses at load.
+    #[inline(always)]
+    pub fn write<T: Copy>(&self, at: usize, value: T) {
+        assert!(at + size_of::<T>() <= N);
+        // SAFETY: `at` checked that the N bytes are in the packet, and the write is within them.
+        unsafe { self.0.add(at).cast::<T>().write_unaligned(value) }
+    }
+}

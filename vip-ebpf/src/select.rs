@@ -151,7 +151,7 @@ pub fn backend(
 #[inline(always)]
 fn conntrack_entry(flow: &FlowKey) -> Option<*mut ConnEntry> {
     if flow.family == AddrFamily::V4 as u8 {
-        CONNTRACK_V4.get_ptr_mut(&FlowKeyV4::of(flow))
+        CONNTRACK_V4.get_ptr_mut(FlowKeyV4::of(flow))
     } else {
         CONNTRACK.get_ptr_mut(flow)
     }
@@ -162,7 +162,7 @@ fn conntrack_entry(flow: &FlowKey) -> Option<*mut ConnEntry> {
 #[inline(always)]
 fn record(flow: &FlowKey, entry: &ConnEntry) {
     let _ = if flow.family == AddrFamily::V4 as u8 {
-        CONNTRACK_V4.insert(&FlowKeyV4::of(flow), entry, 0)
+        CONNTRACK_V4.insert(FlowKeyV4::of(flow), entry, 0)
     } else {
         CONNTRACK.insert(flow, entry, 0)
     };

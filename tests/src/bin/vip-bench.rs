@@ -235,8 +235,10 @@ fn main() {
             (action, out)
         })
         .collect();
-    // `--spin CASE`: run one case for ten seconds and stop, for `perf record -a` to profile.
+    // `--spin CASE [--runs N]`: time one case N times (default 400, about ten seconds) and
+    // stop, for `perf record -a` to profile.
     if let Some(name) = arg("--spin") {
+        let runs: u32 = arg("--runs").map_or(400, |n| n.parse().expect("--runs N"));
         let case = cases
             .iter()
             .find(|c| c.name == name)
@@ -244,8 +246,7 @@ fn main() {
         set_frame(&mut frames, &case.frame);
         targets.set(0, &lb_fd, 0).unwrap();
         let wrapper = restore_wrapper(&mut harness);
-        let start = std::time::Instant::now();
-        while start.elapsed() < std::time::Duration::from_secs(10) {
+        for _ in 0..runs {
             timed(wrapper, &case.frame, REPEAT);
         }
         return;
