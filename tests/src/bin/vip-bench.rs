@@ -32,7 +32,7 @@ use vip_tests::{fixture::*, packet::*};
 
 /// Iterations per timed run, and timed runs per case (the median is reported).
 const REPEAT: u32 = 200_000;
-const RUNS: usize = 7;
+const RUNS: usize = 15;
 
 /// The case that inserts into conntrack: a handshake's first ACK, every run a new flow.
 const FIRST_ACK: &str = "first ACK of a new flow (conntrack insert)";
