@@ -111,12 +111,20 @@ impl Lb {
 
     /// A copy loaded with `options` (never pinned).
     pub fn with_options(options: DataplaneOptions) -> Self {
+        Self::from_object(vip_agent::object::load_balancer(), options)
+    }
+
+    /// A copy of another build of the load balancer (an object file's bytes), for comparisons.
+    pub fn from_object(object: &[u8], options: DataplaneOptions) -> Self {
         crate::require_root();
         let slots = options.table_slots;
-        let mut dataplane = Dataplane::load(DataplaneOptions {
-            pin_dir: None,
-            ..options
-        })
+        let mut dataplane = Dataplane::load_object(
+            object,
+            DataplaneOptions {
+                pin_dir: None,
+                ..options
+            },
+        )
         .expect("load the vip-ebpf object");
         dataplane.program().expect("the verifier accepts vip_lb");
         Self {

@@ -87,6 +87,18 @@ fn cases() -> Vec<Case> {
     ]
 }
 
+/// The datapath cases' backends and VIPs.
+fn configure(lb: &mut Lb) {
+    lb.backend(0, "198.18.1.1")
+        .backend(1, "198.18.1.2")
+        .backend(2, "198.18.1.3")
+        .backend(3, "fd00:1::1")
+        .backend(4, "fd00:1::2");
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]));
+    lb.vip(&VipSpec::new("fd00:100::1", IPPROTO_TCP, 443, &[3, 4]));
+}
+
 /// One timed run: mean ns per iteration as the kernel reports it, and the last output.
 fn timed(prog: &mut Xdp, frame: &[u8], repeat: u32) -> (f64, u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 256];
@@ -162,14 +174,7 @@ fn main() {
     vip_tests::require_root();
 
     let mut lb = Lb::with_table_size(DEFAULT_TABLE_SIZE);
-    lb.backend(0, "198.18.1.1")
-        .backend(1, "198.18.1.2")
-        .backend(2, "198.18.1.3")
-        .backend(3, "fd00:1::1")
-        .backend(4, "fd00:1::2");
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]));
-    lb.vip(&VipSpec::new("fd00:100::1", IPPROTO_TCP, 443, &[3, 4]));
+    configure(&mut lb);
 
     let mut harness = EbpfLoader::new()
         .load(vip_agent::object::bench_harness())
@@ -235,6 +240,36 @@ fn main() {
             (action, out)
         })
         .collect();
+    // `--compare OBJECT`: this build against another build of vip-ebpf, case by case.
+    if let Some(path) = arg("--compare") {
+        let object = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let mut other = Lb::from_object(&object, lb.dataplane.options().clone());
+        configure(&mut other);
+        let other_fd = program_fd(&mut other);
+        for case in &cases {
+            other.run(&case.frame);
+        }
+        // Short runs, many rounds, the two builds back to back: a spell of load from the
+        // machine's other tenants hits both alike.
+        const ROUNDS: usize = 101;
+        let mut samples = vec![(Vec::new(), Vec::new()); cases.len()];
+        for _ in 0..ROUNDS {
+            for (case, (this_ns, other_ns)) in cases.iter().zip(&mut samples) {
+                set_frame(&mut frames, &case.frame);
+                for (fd, ns) in [(&lb_fd, &mut *this_ns), (&other_fd, &mut *other_ns)] {
+                    targets.set(0, fd, 0).unwrap();
+                    ns.push(timed(restore_wrapper(&mut harness), &case.frame, REPEAT / 10).0);
+                }
+            }
+        }
+        // Both behind the same wrapper: the difference is the programs' alone.
+        println!("| case | this build ns | {path} ns | difference ns |\n|---|---:|---:|---:|");
+        for (case, (this_ns, other_ns)) in cases.iter().zip(samples) {
+            let (a, b) = (median(this_ns), median(other_ns));
+            println!("| {} | {a:.1} | {b:.1} | {:+.1} |", case.name, a - b);
+        }
+        return;
+    }
     // `--spin CASE [--runs N]`: time one case N times (default 400, about ten seconds) and
     // stop, for `perf record -a` to profile.
     if let Some(name) = arg("--spin") {
