@@ -134,19 +134,9 @@ fn push_ipv4(
     gue: Gue,
 ) -> Option<()> {
     const LEN: usize = 20;
-    let udp_len = gue.udp_len();
-    let proto = if gue.on {
-        IPPROTO_UDP
-    } else {
-        inner.outer_proto()
-    };
-    let total = inner.len.wrapping_add((LEN + udp_len) as u16);
-    let hdr = ipv4_header(inner.tos, total, proto, *src, *dst);
-    let tag = vlan_tag(ctx, l2_len)?;
-    grow_head(ctx, LEN + udp_len)?;
-    write_l2(ctx, hop, tag, ETH_P_IP)?;
-    // The grown frame holds the outer header, and an IP header behind it: the window fits.
-    let w = Window::<{ LEN + UDP_LEN }>::at(ctx, l2_len)?;
+    let total = inner.len.wrapping_add((LEN + gue.udp_len()) as u16);
+    let hdr = ipv4_header(inner.tos, total, gue.next_header(&inner), *src, *dst);
+    let w = grow::<{ LEN + UDP_LEN }>(ctx, l2_len, LEN + gue.udp_len(), hop, ETH_P_IP)?;
     w.write(0, hdr);
     if gue.on {
         w.write(LEN, gue.header(inner.len, [0; 2]));
@@ -177,14 +167,8 @@ fn push_ipv6(
     gue: Gue,
 ) -> Option<()> {
     const LEN: usize = 40;
-    let udp_len = gue.udp_len();
     let label = outer.flow_label & 0x000f_ffff;
-    let payload = inner.len.wrapping_add(udp_len as u16).to_be_bytes();
-    let next_header = if gue.on {
-        IPPROTO_UDP
-    } else {
-        inner.outer_proto()
-    };
+    let payload = inner.len.wrapping_add(gue.udp_len() as u16).to_be_bytes();
     // Version, traffic class, flow label; payload length, next header, hop limit.
     let head = [
         u32::from_ne_bytes([
@@ -193,12 +177,9 @@ fn push_ipv6(
             (label >> 8) as u8,
             label as u8,
         ]),
-        u32::from_ne_bytes([payload[0], payload[1], next_header, OUTER_TTL]),
+        u32::from_ne_bytes([payload[0], payload[1], gue.next_header(&inner), OUTER_TTL]),
     ];
-    let tag = vlan_tag(ctx, l2_len)?;
-    grow_head(ctx, LEN + udp_len)?;
-    write_l2(ctx, hop, tag, ETH_P_IPV6)?;
-    let w = Window::<{ LEN + UDP_LEN }>::at(ctx, l2_len)?;
+    let w = grow::<{ LEN + UDP_LEN }>(ctx, l2_len, LEN + gue.udp_len(), hop, ETH_P_IPV6)?;
     if gue.on {
         let src_sum = add_words(add_words(gue.inner_sum, outer.src_head), &outer.src_tail);
         let mut sum = add_words(src_sum, outer.dst);
@@ -265,6 +246,16 @@ impl Gue {
     #[inline(always)]
     fn udp_len(&self) -> usize {
         if self.on { UDP_LEN } else { 0 }
+    }
+
+    /// The outer IP header's protocol / next header: UDP, or the client's IP version.
+    #[inline(always)]
+    fn next_header(&self, inner: &Inner) -> u8 {
+        if self.on {
+            IPPROTO_UDP
+        } else {
+            inner.outer_proto()
+        }
     }
 
     #[inline(always)]
@@ -350,6 +341,23 @@ fn inner_sum(ctx: &XdpContext, l3: usize, inner: &Inner) -> Option<u32> {
             Some(header_sum + u32::from(!fold(pseudo)))
         }
     }
+}
+
+/// Grows the frame by `len` bytes for the outer headers and writes its L2 header (keeping a
+/// VLAN tag); the window is the `N` bytes where the outer headers go, behind the L2 header.
+/// The grown frame holds them and an IP header behind them, so the window fits.
+#[inline(always)]
+fn grow<const N: usize>(
+    ctx: &XdpContext,
+    l2_len: usize,
+    len: usize,
+    hop: &NextHop,
+    ether_type: [u8; 2],
+) -> Option<Window<N>> {
+    let tag = vlan_tag(ctx, l2_len)?;
+    grow_head(ctx, len)?;
+    write_l2(ctx, hop, tag, ether_type)?;
+    Window::at(ctx, l2_len)
 }
 
 /// The frame's VLAN tag (TPID and TCI), read before the frame grows; zero without one.
