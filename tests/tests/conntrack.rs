@@ -1,6 +1,6 @@
 //! Connection tracking: established flows stay on their backend when the table changes; SYNs
 //! take the new table; removed backends are never used; SYN floods do not evict flows; UDP
-//! entries expire when idle.
+//! entries expire when idle; the per-CPU flow cache in front of the IPv4 map follows it.
 
 use std::{net::IpAddr, thread, time::Duration};
 
@@ -287,5 +287,46 @@ fn a_removed_vip_keeps_no_flows_even_when_its_id_is_reused() {
     assert_eq!(
         outer_dst(&mut lb, &to_b),
         "198.18.1.1".parse::<IpAddr>().unwrap()
+    );
+}
+
+/// IPv4 entries are served from each CPU's flow cache, but the LRU map stays the record: an
+/// entry written there is followed once the cached copy is re-read (32 jiffies: at most 320 ms).
+#[test]
+fn the_flow_cache_follows_the_conntrack_map() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+    let flow = Frame::tcp("198.18.50.1", 5555, "198.18.100.1", 80, TCP_ACK);
+    let first = outer_dst(&mut lb, &flow);
+    let mut entry = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
+    entry.backend = (entry.backend + 1) % 3;
+    lb.dataplane.insert_flow(&flow.flow(), &entry).unwrap();
+    thread::sleep(Duration::from_millis(400));
+    let now = outer_dst(&mut lb, &flow);
+    assert_ne!(now, first, "the cached copy outlived its refresh");
+    assert_eq!(now, lb.backend_addr(entry.backend));
+}
+
+/// A UDP flow served from the cache keeps its shared entry's time current (the cache writes it
+/// back when it re-reads the entry): another CPU, or the agent, sees an active flow.
+#[test]
+fn an_active_udp_flow_keeps_its_conntrack_entry_fresh() {
+    let mut lb = Lb::new();
+    four_backends(&mut lb);
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]));
+    let flow = Frame::udp("198.18.50.1", 5353, "198.18.100.1", 53);
+    let to = outer_dst(&mut lb, &flow);
+    let first = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
+    for _ in 0..30 {
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(outer_dst(&mut lb, &flow), to);
+    }
+    let last = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
+    let advanced = Duration::from_nanos(last.last_seen_ns - first.last_seen_ns);
+    // 1.5 s of traffic; the shared time lags the cached one by at most one refresh (320 ms).
+    assert!(
+        advanced >= Duration::from_millis(1_000),
+        "the shared entry's time advanced only {advanced:?} in 1.5 s of traffic"
     );
 }

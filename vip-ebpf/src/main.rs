@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod encap;
 mod hc;
 mod log;

@@ -1,15 +1,14 @@
 //! Backend choice: connection tracking first, the VIP's Maglev table otherwise.
 
-use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use vip_common::{
-    AddrFamily, BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey,
-    FlowKeyV4, INSERT_WINDOW_SHIFT, IPPROTO_UDP, TrafficCounters, VipMeta,
+    BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
+    IPPROTO_UDP, TrafficCounters, VipMeta,
     hash::{flow_hash, maglev_slot},
 };
 
-use crate::maps::{
-    BACKEND_STATS, BACKENDS, CONNTRACK, CONNTRACK_V4, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV,
-    VIP_META, VIP_STATS,
+use crate::{
+    conntrack::{self, now},
+    maps::{BACKEND_STATS, BACKENDS, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV, VIP_META, VIP_STATS},
 };
 
 /// How a packet uses connection tracking.
@@ -57,7 +56,7 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
 }
 
-/// An established flow: its conntrack entry, and the settings of the VIP the entry was made for,
+/// An established flow: its conntrack entry (see `conntrack::entry`), and the settings of the VIP the entry was made for,
 /// read by `vip_id` from `VIP_META` (an array read) instead of looking the VIP up by key. The
 /// entry counts only while that VIP still is the flow's VIP (a removed VIP's id may be reused),
 /// its backend is usable, and, for UDP, it is not idle past the VIP's timeout.
@@ -69,9 +68,7 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
     ) {
         return None;
     }
-    // SAFETY: a map value pointer stays valid for this program run; racing writers of the
-    // same flow on other CPUs can only store another valid backend id or time.
-    let entry = unsafe { &mut *conntrack_entry(flow)? };
+    let entry = conntrack::entry(flow)?;
     let meta = VIP_META.get(entry.vip_id)?;
     let vip = &meta.vip;
     if vip.addr != flow.dst
@@ -126,17 +123,11 @@ pub fn backend(
         _pad: 0,
     };
     match policy {
-        ConnPolicy::New => {
-            // A reused 5-tuple: its next packets must follow this SYN, not the old connection.
-            if let Some(old) = conntrack_entry(flow) {
-                // SAFETY: a map value pointer stays valid for this program run.
-                unsafe { *old = entry() };
-            }
-        }
+        ConnPolicy::New => conntrack::overwrite(flow, entry),
         ConnPolicy::Track | ConnPolicy::TrackIdle => {
             let entry = entry();
             if insert_allowed(config.conntrack_inserts_per_window, entry.last_seen_ns) {
-                record(flow, &entry);
+                conntrack::record(flow, &entry);
             } else {
                 stats.conntrack_insert_skipped += 1;
             }
@@ -145,27 +136,6 @@ pub fn backend(
     }
     stats.conntrack_miss += 1;
     Some(Choice { id, backend, hash })
-}
-
-/// The conntrack entry of `flow`: IPv4 flows are in `CONNTRACK_V4`, IPv6 flows in `CONNTRACK`.
-#[inline(always)]
-fn conntrack_entry(flow: &FlowKey) -> Option<*mut ConnEntry> {
-    if flow.family == AddrFamily::V4 as u8 {
-        CONNTRACK_V4.get_ptr_mut(FlowKeyV4::of(flow))
-    } else {
-        CONNTRACK.get_ptr_mut(flow)
-    }
-}
-
-/// Records `flow`'s entry. A full LRU evicts its oldest entry; an error here only costs the
-/// next packet a re-hash, which picks the same backend while the table is unchanged.
-#[inline(always)]
-fn record(flow: &FlowKey, entry: &ConnEntry) {
-    let _ = if flow.family == AddrFamily::V4 as u8 {
-        CONNTRACK_V4.insert(FlowKeyV4::of(flow), entry, 0)
-    } else {
-        CONNTRACK.insert(flow, entry, 0)
-    };
 }
 
 /// Whether this CPU may make another conntrack entry in the window of `now_ns`.
@@ -189,12 +159,6 @@ fn insert_allowed(per_window: u32, now_ns: u64) -> bool {
     }
     budget.used += 1;
     true
-}
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: plain helper call without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Adds one packet of `bytes` to the VIP's and the backend's counters.

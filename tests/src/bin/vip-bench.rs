@@ -26,7 +26,7 @@ use vip_common::{
         BENCH_FLOOR_PROGRAM, BENCH_FRAME, BENCH_FRAME_MAX, BENCH_RESTORE_PROGRAM, BENCH_TARGET,
         BenchFrame,
     },
-    layout::DEFAULT_TABLE_SIZE,
+    layout::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE},
 };
 use vip_tests::{fixture::*, packet::*};
 
@@ -36,6 +36,8 @@ const RUNS: usize = 15;
 
 /// The case that inserts into conntrack: a handshake's first ACK, every run a new flow.
 const FIRST_ACK: &str = "first ACK of a new flow (conntrack insert)";
+/// Established flows in turn, each found in conntrack but not in the per-CPU flow cache.
+const CACHE_MISS: &str = "established TCP, many flows in turn (flow cache misses)";
 const ETH_HLEN: usize = 14;
 
 /// Katran's figures measured on this machine kind (ns, net of the wrapper): the targets.
@@ -314,20 +316,16 @@ fn main() {
         .collect();
     // New flows: the wrapper gives every run's ACK another source address, so each takes the
     // Maglev path and inserts into conntrack (evicting, once the LRU is full).
-    let frame = Frame::tcp("198.18.50.1", 40003, "198.18.100.1", 80, TCP_ACK).build();
-    let mut new_flows = bench_frame(&frame);
-    new_flows.new_flow_at = (ETH_HLEN + 12) as u32;
-    frames.set(0, new_flows, 0).expect("write BENCH_FRAME");
-    targets.set(0, &lb_fd, 0).unwrap();
-    let wrapper = restore_wrapper(&mut harness);
-    let samples = (0..RUNS)
-        .map(|_| {
-            let (ns, action, _) = timed(wrapper, &frame, REPEAT);
-            assert_eq!(action, XDP_TX, "new flows");
-            ns
-        })
-        .collect();
+    let first_ack = Frame::tcp("198.18.50.1", 40003, "198.18.100.1", 80, TCP_ACK);
+    let samples = flows_in_turn(
+        &mut harness,
+        (&mut frames, &mut targets),
+        &lb_fd,
+        (&first_ack, REPEAT, false),
+    );
     results.push((FIRST_ACK, median(samples)));
+    let (samples, spread_flows) = flow_cache_misses(&mut harness, (&mut frames, &mut targets));
+    results.push((CACHE_MISS, median(samples)));
     let direct = median(floor_direct);
     let wrapped = median(floor_wrapped);
 
@@ -396,6 +394,15 @@ fn main() {
         )
         .unwrap();
     }
+    writeln!(
+        md,
+        "\nEstablished IPv4 flows are served from a per-CPU flow cache in front of the conntrack \
+         LRU map (see docs/operations.md); the cases above use one flow each, as a hot flow \
+         would. \"Many flows in turn\": {spread_flows} flows already in conntrack, every packet \
+         another, so each misses the flow cache and pays the LRU lookup, whose buckets and \
+         entries are then rarely in the CPU's caches: the worst case of an established packet."
+    )
+    .unwrap();
     table_scaling(
         &mut md,
         &mut Harness {
@@ -423,6 +430,79 @@ fn main() {
     print!("{md}");
     std::fs::write(&output, md).expect("write BENCHMARKS.md");
     eprintln!("wrote {}", output.display());
+}
+
+/// `RUNS` timed runs of `repeat` iterations of `frame` through `lb_fd`, the wrapper writing
+/// another IPv4 source address into every iteration's frame (1, 2, ...; from 1 again every
+/// run if `anew`, else counting on across runs): raw ns per packet.
+fn flows_in_turn(
+    harness: &mut aya::Ebpf,
+    (frames, targets): (
+        &mut Array<aya::maps::MapData, BenchFrame>,
+        &mut ProgramArray<aya::maps::MapData>,
+    ),
+    lb_fd: &ProgramFd,
+    (frame, repeat, anew): (&Frame, u32, bool),
+) -> Vec<f64> {
+    let frame = frame.build();
+    let mut spread = bench_frame(&frame);
+    spread.new_flow_at = (ETH_HLEN + 12) as u32;
+    targets.set(0, lb_fd, 0).unwrap();
+    frames.set(0, spread, 0).expect("write BENCH_FRAME");
+    (0..RUNS)
+        .map(|_| {
+            if anew {
+                frames.set(0, spread, 0).expect("write BENCH_FRAME");
+            }
+            let (ns, action, _) = timed(restore_wrapper(harness), &frame, repeat);
+            assert_eq!(action, XDP_TX, "flows in turn");
+            ns
+        })
+        .collect()
+}
+
+/// Established flows the per-CPU flow cache cannot serve, through a load balancer of its own
+/// with the default conntrack size: every iteration's ACK is another of many flows already in
+/// conntrack (a run visits each once, so the cache never has it): raw ns per packet, and the
+/// number of flows.
+fn flow_cache_misses(
+    harness: &mut aya::Ebpf,
+    maps: (
+        &mut Array<aya::maps::MapData, BenchFrame>,
+        &mut ProgramArray<aya::maps::MapData>,
+    ),
+) -> (Vec<f64>, u32) {
+    let mut lb = Lb::with_sizes(DEFAULT_TABLE_SIZE, DEFAULT_CONNTRACK_ENTRIES);
+    configure(&mut lb);
+    let ack = Frame::tcp("198.18.50.1", 40004, "198.18.100.1", 80, TCP_ACK);
+    lb.run(&ack.build());
+    let entry = lb
+        .dataplane
+        .conntrack(&ack.flow())
+        .unwrap()
+        .expect("conntrack entry");
+    // The agent's inserts land in one CPU's LRU list, which holds that CPU's share of the map.
+    let flows =
+        (DEFAULT_CONNTRACK_ENTRIES / aya::util::nr_cpus().unwrap() as u32 * 3 / 4).min(100_000);
+    for seq in 1..=flows {
+        let mut flow = ack.flow();
+        flow.src[..4].copy_from_slice(&seq.to_be_bytes());
+        lb.dataplane
+            .insert_flow(&flow, &entry)
+            .expect("fill conntrack");
+    }
+    let before = lb.dataplane.stats().unwrap();
+    let samples = flows_in_turn(harness, maps, &program_fd(&mut lb), (&ack, flows, true));
+    let after = lb.dataplane.stats().unwrap();
+    assert_eq!(
+        (
+            after.conntrack_hit - before.conntrack_hit,
+            after.conntrack_miss
+        ),
+        (u64::from(flows) * RUNS as u64, before.conntrack_miss),
+        "every packet of the flows in turn found its conntrack entry (hits, misses)"
+    );
+    (samples, flows)
 }
 
 /// The harness, ready to time one program: the input-restoring wrapper and the maps it uses.
