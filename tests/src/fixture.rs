@@ -294,6 +294,11 @@ impl Decap {
     }
 }
 
+/// Runs one frame through a dataplane's program (one the agent's `Balancer` fills, say).
+pub fn run_dataplane(dataplane: &mut Dataplane, frame: &[u8]) -> (u32, Vec<u8>) {
+    run_program(dataplane, frame, None)
+}
+
 fn run_program(dataplane: &mut Dataplane, frame: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
     run_xdp(dataplane.program().expect("program loaded"), frame, ifindex)
 }

@@ -170,10 +170,10 @@ fn agent_lifecycle_on_lb_and_backend() {
     wait_until("200 decapsulated", || decapsulated(&be.pin_dir) == 200);
     let maps = lb_maps(&lb.pin_dir);
     let per_vip: u64 = maps
-        .vips()
+        .traffic_by_vip()
         .unwrap()
-        .iter()
-        .map(|(_, m)| maps.vip_traffic(m.vip_id).unwrap().packets)
+        .values()
+        .map(|t| t.packets)
         .sum();
     assert_eq!(per_vip, 200);
     // Datapath logs are off unless asked for.

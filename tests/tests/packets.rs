@@ -556,7 +556,7 @@ fn counters_per_vip_and_backend() {
         bytes += f.ip_packet().len() as u64;
         assert_eq!(s.lb.run(&f.build()).0, XDP_TX);
     }
-    let vip = s.lb.dataplane.vip_traffic(vip_id).unwrap();
+    let vip = s.lb.dataplane.traffic_by_vip().unwrap()[&vip_id];
     assert_eq!((vip.packets, vip.bytes), (50, bytes));
     for (id, want) in per_backend.iter().enumerate() {
         let got = s.lb.dataplane.backend_traffic(id as u32).unwrap().packets;

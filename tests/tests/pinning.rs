@@ -56,7 +56,7 @@ fn layout_matches_the_object_and_pins_are_reused_or_refused() {
         let entries = match l.name {
             "MAGLEV" => opts.table_size * opts.table_slots,
             "CONNTRACK" | "CONNTRACK_V4" => opts.conntrack_entries,
-            "VIPS" | "VIP_META" | "VIP_STATS" => opts.max_vips,
+            "VIPS" | "VIP_META" => opts.max_vips,
             "BACKENDS" | "BACKEND_STATS" => opts.max_backends,
             _ => l.max_entries.expect("fixed size"),
         };

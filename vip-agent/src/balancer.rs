@@ -13,8 +13,8 @@ use std::{
 };
 
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, VIP_F_GUE, VIP_F_HASH_ADDRS_ONLY, VipKey,
-    VipMeta, addr_bytes,
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, TrafficCounters, VIP_F_GUE,
+    VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta, addr_bytes,
     maglev::{MaglevBackend, MaglevError, MaglevTable},
 };
 
@@ -43,8 +43,8 @@ pub enum ApplyError {
 
 /// (VIP label, traffic) per VIP and ((VIP label, backend address), traffic) per backend.
 pub type TrafficReport = (
-    Vec<(String, vip_common::TrafficCounters)>,
-    Vec<((String, String), vip_common::TrafficCounters)>,
+    Vec<(String, TrafficCounters)>,
+    Vec<((String, String), TrafficCounters)>,
 );
 
 /// What an apply changed.
@@ -123,6 +123,9 @@ pub struct Balancer {
     source_v6: Option<std::net::Ipv6Addr>,
     /// The conntrack insert limit written, once written.
     insert_limit: Option<u32>,
+    /// Per VIP, what backends that have left it had sent: a VIP's traffic is its backends'
+    /// (the datapath counts per backend only), and must not fall when one leaves.
+    retired: HashMap<VipKey, TrafficCounters>,
 }
 
 impl Balancer {
@@ -147,6 +150,7 @@ impl Balancer {
             source_v4: None,
             source_v6: None,
             insert_limit: None,
+            retired: HashMap::new(),
         }
     }
 
@@ -180,20 +184,22 @@ impl Balancer {
         Ok(adopted)
     }
 
-    /// Traffic per VIP (labelled like `tcp/198.51.100.1:443`) and per backend of each VIP.
+    /// Traffic per VIP (labelled like `tcp/198.51.100.1:443`) and per backend of each VIP. A
+    /// VIP's is the sum of its backends', those that left it included.
     pub fn traffic(&self) -> Result<TrafficReport, ApplyError> {
         let mut vips = Vec::new();
         let mut backends = Vec::new();
         for (key, (vip, _)) in &self.vips {
-            if let Some(id) = self.vip_id(key) {
-                vips.push((vip.to_string(), self.dataplane.vip_traffic(id)?));
-            }
+            let mut total = self.retired.get(key).copied().unwrap_or_default();
             for b in &vip.backends {
                 if let Some(&id) = self.backend_ids.by_key.get(&(*key, b.address)) {
+                    let traffic = self.dataplane.backend_traffic(id)?;
+                    total += traffic;
                     let label = (vip.to_string(), b.address.to_string());
-                    backends.push((label, self.dataplane.backend_traffic(id)?));
+                    backends.push((label, traffic));
                 }
             }
+            vips.push((vip.to_string(), total));
         }
         vips.sort_by(|a, b| a.0.cmp(&b.0));
         backends.sort_by(|a, b| a.0.cmp(&b.0));
@@ -298,6 +304,7 @@ impl Balancer {
             self.tables.remove(&mut self.dataplane, &key)?;
             self.vips.remove(&key);
             self.vip_ids.release(&key);
+            self.retired.remove(&key);
             report.vips_removed += 1;
         }
 
@@ -314,6 +321,12 @@ impl Balancer {
             if let Some(id) = self.backend_ids.release(&key) {
                 self.dataplane
                     .set_backend(id, &bytemuck::Zeroable::zeroed())?;
+                // Its count stays with its VIP (if the VIP stays); its id starts from zero.
+                let sent = self.dataplane.backend_traffic(id)?;
+                if self.vips.contains_key(&key.0) {
+                    *self.retired.entry(key.0).or_default() += sent;
+                }
+                self.dataplane.reset_backend_traffic(id)?;
             }
             self.backends.remove(&key);
             self.conditions.remove(&key);

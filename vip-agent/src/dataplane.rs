@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, ProgramArray},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -24,7 +24,7 @@ use vip_common::{
     hash::vip_filter_bit,
     layout::{
         self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-        DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT, MapLayout,
+        DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT, MapLayout, OBSOLETE_PINS,
     },
     maglev::{MaglevTable, is_prime},
 };
@@ -48,6 +48,8 @@ pub enum DataplaneError {
     },
     #[error("the eBPF object has no map {0}")]
     MissingMap(&'static str),
+    #[error("counting this machine's CPUs: {0}")]
+    Cpus(#[source] std::io::Error),
     #[error("starting the datapath log reader: {0}")]
     LogReader(#[source] std::io::Error),
     #[error("the eBPF object has no program {0}")]
@@ -149,7 +151,7 @@ pub struct DataplaneOptions {
     pub table_slots: u32,
     /// Entries of each conntrack map (`CONNTRACK_V4` for IPv4 flows, `CONNTRACK` for IPv6).
     pub conntrack_entries: u32,
-    /// VIP capacity: entries of `VIPS`, `VIP_META`, `VIP_STATS`.
+    /// VIP capacity: entries of `VIPS`, `VIP_META`.
     pub max_vips: u32,
     /// Backend capacity (one per backend of each VIP): entries of `BACKENDS`, `BACKEND_STATS`.
     pub max_backends: u32,
@@ -207,7 +209,7 @@ impl DataplaneOptions {
         match name {
             layout::MAGLEV => Some(self.table_size * self.table_slots),
             layout::CONNTRACK | layout::CONNTRACK_V4 => Some(self.conntrack_entries),
-            layout::VIPS | layout::VIP_META | layout::VIP_STATS => Some(self.max_vips),
+            layout::VIPS | layout::VIP_META => Some(self.max_vips),
             layout::BACKENDS | layout::BACKEND_STATS => Some(self.max_backends),
             _ => LAYOUT.iter().find(|l| l.name == name)?.max_entries,
         }
@@ -372,12 +374,11 @@ impl Dataplane {
         let map: PerCpuArray<&MapData, TrafficCounters> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
         let values = map.get(&index, 0).map_err(map_err(name))?;
-        Ok(values
-            .iter()
-            .fold(TrafficCounters::default(), |acc, v| TrafficCounters {
-                packets: acc.packets + v.packets,
-                bytes: acc.bytes + v.bytes,
-            }))
+        let mut sum = TrafficCounters::default();
+        for v in values.iter() {
+            sum += *v;
+        }
+        Ok(sum)
     }
 
     /// Limits new conntrack entries to `per_second` per CPU (0: no limit); the datapath counts
@@ -536,14 +537,30 @@ impl Dataplane {
         sum_counters(&self.ebpf, layout::STATS)
     }
 
-    /// Traffic sent to VIP `vip_id`, summed over CPUs.
-    pub fn vip_traffic(&self, vip_id: u32) -> Result<TrafficCounters> {
-        self.per_cpu_sum(layout::VIP_STATS, vip_id)
+    /// Traffic per VIP (by `vip_id`) as its present backends' counters add up. A running agent
+    /// also counts what backends that left had sent (see `Balancer::traffic`).
+    pub fn traffic_by_vip(&self) -> Result<std::collections::HashMap<u32, TrafficCounters>> {
+        let mut by_vip = std::collections::HashMap::new();
+        for (id, b) in self.backends()? {
+            *by_vip.entry(b.vip_id).or_default() += self.backend_traffic(id)?;
+        }
+        Ok(by_vip)
     }
 
     /// Traffic sent to backend `id`, summed over CPUs.
     pub fn backend_traffic(&self, id: BackendId) -> Result<TrafficCounters> {
         self.per_cpu_sum(layout::BACKEND_STATS, id)
+    }
+
+    /// Zeroes backend `id`'s counters: a released id starts afresh when it is reused.
+    pub fn reset_backend_traffic(&mut self, id: BackendId) -> Result<()> {
+        let name = layout::BACKEND_STATS;
+        let mut map: PerCpuArray<&mut MapData, TrafficCounters> =
+            PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e))?;
+        let zeroes = PerCpuValues::try_from(vec![TrafficCounters::default(); cpus])
+            .map_err(DataplaneError::Cpus)?;
+        map.set(id, zeroes, 0).map_err(map_err(name))
     }
 
     /// The connection-tracking entry of a flow, if any.
@@ -693,8 +710,9 @@ pub fn detach_all(pin_dir: &Path) -> std::io::Result<Vec<String>> {
         }
         std::fs::remove_dir(&links)?;
     }
-    for l in LAYOUT.iter().chain(DECAP_LAYOUT.iter()) {
-        match std::fs::remove_file(pin_dir.join(l.name)) {
+    let names = LAYOUT.iter().chain(DECAP_LAYOUT.iter()).map(|l| l.name);
+    for name in names.chain(OBSOLETE_PINS) {
+        match std::fs::remove_file(pin_dir.join(name)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }

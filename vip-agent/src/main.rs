@@ -905,9 +905,10 @@ fn status(pin_dir: &Path) -> Result<()> {
         "  new flows not recorded (conntrack insert limit): {}",
         s.conntrack_insert_skipped
     );
-    println!("VIPs:");
+    println!("VIPs (traffic of their present backends):");
+    let traffic = dp.traffic_by_vip()?;
     for (key, meta) in dp.vips()? {
-        let t = dp.vip_traffic(meta.vip_id)?;
+        let t = traffic.get(&meta.vip_id).copied().unwrap_or_default();
         let addr = addr_from_bytes(&key.addr, key.family).map_or("?".into(), |a| a.to_string());
         let port = u16::from_be_bytes(key.port);
         let encap = if meta.flags & vip_common::VIP_F_GUE != 0 {

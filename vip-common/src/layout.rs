@@ -10,7 +10,7 @@ use crate::maps::*;
 
 /// Default Maglev table size (prime), as in the Maglev paper.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
-/// Default VIP capacity (entries of `VIPS`, `VIP_META` and `VIP_STATS`); the agent sizes them
+/// Default VIP capacity (entries of `VIPS` and `VIP_META`); the agent sizes them
 /// at load time (`node.max_vips`).
 pub const DEFAULT_MAX_VIPS: u32 = 1024;
 /// Default backend capacity, over all VIPs (entries of `BACKENDS` and `BACKEND_STATS`; one per
@@ -32,7 +32,6 @@ pub const MAGLEV: &str = "MAGLEV";
 pub const CONNTRACK: &str = "CONNTRACK";
 pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
 pub const STATS: &str = "STATS";
-pub const VIP_STATS: &str = "VIP_STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const VIP_FILTER: &str = "VIP_FILTER";
@@ -78,19 +77,22 @@ const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout
 }
 
 /// Every map of the load-balancer program.
-pub const LAYOUT: [MapLayout; 11] = [
+pub const LAYOUT: [MapLayout; 10] = [
     layout::<VipKey, VipMeta>(VIPS, None),
     layout::<u32, Backend>(BACKENDS, None),
     layout::<u32, BackendId>(MAGLEV, None),
     layout::<FlowKey, ConnEntry>(CONNTRACK, None),
     layout::<FlowKeyV4, ConnEntry>(CONNTRACK_V4, None),
     layout::<u32, DatapathStats>(STATS, Some(1)),
-    layout::<u32, TrafficCounters>(VIP_STATS, None),
     layout::<u32, TrafficCounters>(BACKEND_STATS, None),
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
     layout::<u32, u64>(VIP_FILTER, Some(VIP_FILTER_WORDS)),
     layout::<u32, VipMeta>(VIP_META, None),
 ];
+
+/// Maps that earlier versions pinned and this one no longer has: `vip-agent detach` removes
+/// them too. `VIP_STATS` (per-VIP traffic): a VIP's traffic is now its backends'.
+pub const OBSOLETE_PINS: [&str; 1] = ["VIP_STATS"];
 
 /// Every map of the decapsulation program.
 pub const DECAP_LAYOUT: [MapLayout; 4] = [

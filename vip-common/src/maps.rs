@@ -64,7 +64,7 @@ pub struct VipMeta {
     /// and must match this key: a conntrack entry of a removed VIP whose id was reused does not.
     pub vip: VipKey,
     pub _pad_key: [u8; 4],
-    /// Index into `VIP_STATS`.
+    /// Index into `VIP_META`; conntrack entries name their VIP by it.
     pub vip_id: u32,
     /// Which Maglev table slot is live: the table occupies `MAGLEV[table * M .. (table + 1) * M]`.
     /// The agent switches tables by rewriting this value (an atomic hash map update).
@@ -250,13 +250,21 @@ pub struct ConnEntry {
     pub _pad: u32,
 }
 
-/// Value of `VIP_STATS` and `BACKEND_STATS` (per CPU): traffic sent to a VIP or backend.
+/// Value of `BACKEND_STATS` (per CPU): traffic sent to a backend of a VIP. A VIP's traffic is
+/// the sum over its backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct TrafficCounters {
     pub packets: u64,
     /// Bytes of the client's IP packets (inner packets, without encapsulation).
     pub bytes: u64,
+}
+
+impl core::ops::AddAssign for TrafficCounters {
+    fn add_assign(&mut self, other: Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
 }
 
 /// Value of `STATS` (per CPU, one entry): what happened to every packet.

@@ -70,12 +70,8 @@ pub static INSERT_BUDGET: PerCpuArray<InsertBudget, 1> = PerCpuArray::new();
 #[btf_map]
 pub static STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 
-/// Traffic per VIP (`VipMeta::vip_id`), per CPU.
-#[btf_map]
-pub static VIP_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_VIPS as usize }> =
-    PerCpuArray::new();
-
-/// Traffic per backend (`BackendId`), per CPU.
+/// Traffic per backend (`BackendId`: one per backend of each VIP), per CPU. The only traffic
+/// counter a packet updates: the agent sums a VIP's from its backends'.
 #[btf_map]
 pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_BACKENDS as usize }> =
     PerCpuArray::new();

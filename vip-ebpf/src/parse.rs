@@ -391,6 +391,6 @@ pub fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
     if c.policy == ConnPolicy::LookupOnly {
         stats.icmp_too_big += 1;
     }
-    select::count_traffic(meta, choice.id, c.inner.len);
+    select::count_traffic(choice.id, c.inner.len);
     encap::send(ctx, c.l2_len, meta, &choice, c.inner)
 }

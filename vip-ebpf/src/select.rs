@@ -8,7 +8,7 @@ use vip_common::{
 
 use crate::{
     conntrack::{self, now},
-    maps::{BACKEND_STATS, BACKENDS, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV, VIP_META, VIP_STATS},
+    maps::{BACKEND_STATS, BACKENDS, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV, VIP_META},
 };
 
 /// How a packet uses connection tracking.
@@ -161,21 +161,14 @@ fn insert_allowed(per_window: u32, now_ns: u64) -> bool {
     true
 }
 
-/// Adds one packet of `bytes` to the VIP's and the backend's counters.
+/// Adds one packet of `bytes` to the backend's counters. Backend ids are per VIP, so the agent
+/// sums a VIP's traffic from its backends' instead of every packet updating a second counter.
 #[inline(always)]
-pub fn count_traffic(meta: &VipMeta, id: BackendId, bytes: u16) {
-    if let Some(counters) = VIP_STATS.get_ptr_mut(meta.vip_id) {
-        add(counters, bytes);
-    }
+pub fn count_traffic(id: BackendId, bytes: u16) {
     if let Some(counters) = BACKEND_STATS.get_ptr_mut(id) {
-        add(counters, bytes);
+        // SAFETY: this CPU's copy of a per-CPU array entry; nothing else writes it concurrently.
+        let counters: &mut TrafficCounters = unsafe { &mut *counters };
+        counters.packets += 1;
+        counters.bytes += u64::from(bytes);
     }
-}
-
-#[inline(always)]
-fn add(counters: *mut TrafficCounters, bytes: u16) {
-    // SAFETY: this CPU's copy of a per-CPU array entry; nothing else writes it concurrently.
-    let counters = unsafe { &mut *counters };
-    counters.packets += 1;
-    counters.bytes += u64::from(bytes);
 }
