@@ -154,7 +154,7 @@ impl Lb {
                 } else {
                     0
                 },
-            _pad: [0; 2],
+            tag: 0,
             ifindex: ifindex.unwrap_or(0),
             dst_mac: GATEWAY_MAC,
             src_mac: LB_MAC,

@@ -330,3 +330,43 @@ fn an_active_udp_flow_keeps_its_conntrack_entry_fresh() {
         "the shared entry's time advanced only {advanced:?} in 1.5 s of traffic"
     );
 }
+
+/// Gives backend `id` a tag, as the agent does (a hash of its VIP and address).
+fn set_tag(lb: &mut Lb, id: vip_common::BackendId, tag: u16) {
+    let (_, mut backend) = lb
+        .dataplane
+        .backends()
+        .unwrap()
+        .into_iter()
+        .find(|(i, _)| *i == id)
+        .expect("backend present");
+    backend.tag = tag;
+    lb.dataplane.set_backend(id, &backend).unwrap();
+}
+
+/// Backend ids are reused: a flow pinned to an id's earlier holder must not follow the id to
+/// the backend that holds it now (perhaps another VIP's), but re-hash in its own VIP's table.
+/// While the holder stays (same tag), the flow stays with it across table changes.
+#[test]
+fn a_reused_backend_id_does_not_inherit_the_flows_of_its_earlier_holder() {
+    let mut lb = Lb::new();
+    lb.backend(0, "198.18.1.1").backend(1, "198.18.1.2");
+    set_tag(&mut lb, 0, 0x1111);
+    set_tag(&mut lb, 1, 0x2222);
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0]));
+    let flow = Frame::tcp("198.18.50.1", 7777, "198.18.100.1", 80, TCP_ACK);
+    assert_eq!(outer_dst(&mut lb, &flow), lb.backend_addr(0));
+
+    // The table changes; the holder of id 0 does not: the flow stays pinned.
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[1]));
+    assert_eq!(outer_dst(&mut lb, &flow), lb.backend_addr(0));
+
+    // Id 0 goes to another backend (as the agent reuses a released id).
+    lb.backend(0, "198.18.9.9");
+    set_tag(&mut lb, 0, 0x3333);
+    assert_eq!(
+        outer_dst(&mut lb, &flow),
+        lb.backend_addr(1),
+        "the flow followed its backend's id to a new holder"
+    );
+}

@@ -15,6 +15,7 @@ use std::{
 use vip_common::{
     BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, TrafficCounters, VIP_F_GUE,
     VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta, addr_bytes,
+    hash::backend_tag,
     maglev::{MaglevBackend, MaglevError, MaglevTable},
 };
 
@@ -367,7 +368,7 @@ impl Balancer {
             addr: bytes,
             family: family as u8,
             flags: present | if hop.is_some() { BACKEND_F_NEXTHOP } else { 0 },
-            _pad: [0; 2],
+            tag: backend_tag(&key.0, &bytes),
             ifindex: hop.map_or(0, |h| h.ifindex),
             dst_mac: hop.map_or([0; 6], |h| h.dst_mac),
             src_mac: hop.map_or([0; 6], |h| h.src_mac),

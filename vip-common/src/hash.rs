@@ -98,6 +98,15 @@ fn filter_bit(folded: u32) -> u32 {
     folded.wrapping_mul(0x9e37_79b1) >> 16
 }
 
+/// A backend's tag (`Backend::tag`): a hash of its VIP and address, never 0.
+pub fn backend_tag(vip: &crate::maps::VipKey, addr: &[u8; 16]) -> u16 {
+    let service = [vip.proto, vip.family, vip.port[0], vip.port[1], 0, 0, 0, 0];
+    let mut h = backend_hash(addr, u64::from_le_bytes(service));
+    h = absorb(h, word(&vip.addr, 0));
+    h = absorb(h, word(&vip.addr, 1));
+    (fmix64(h) as u16).max(1)
+}
+
 /// Hashes a backend address for Maglev's permutation; `salt` separates the offset and skip hashes.
 #[inline]
 pub fn backend_hash(addr: &[u8; 16], salt: u64) -> u64 {
@@ -113,6 +122,33 @@ extern crate std;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_tags_tell_holders_of_an_id_apart() {
+        let vip = |last: u8, port: u16| crate::maps::VipKey {
+            addr: [198, 19, 0, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            port: port.to_be_bytes(),
+            proto: 6,
+            family: 4,
+        };
+        let addr = |last: u8| [198, 18, 1, last, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut tags = std::collections::HashSet::new();
+        for v in 0..20 {
+            for port in [80, 443] {
+                for a in 0..20 {
+                    let tag = backend_tag(&vip(v, port), &addr(a));
+                    assert_ne!(tag, 0);
+                    tags.insert(tag);
+                }
+            }
+        }
+        // 800 (VIP, address) pairs in 65,535 tags: a handful of collisions at most.
+        assert!(tags.len() > 790, "{} distinct tags of 800", tags.len());
+        assert_eq!(
+            backend_tag(&vip(1, 80), &addr(1)),
+            backend_tag(&vip(1, 80), &addr(1))
+        );
+    }
     use crate::maps::{AddrFamily, IPPROTO_TCP};
 
     fn flow(src_last: u8, sport: u16) -> FlowKey {

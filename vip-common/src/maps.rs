@@ -114,7 +114,10 @@ pub struct Backend {
     pub family: u8,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Which backend holds this id now ([`backend_tag`](crate::hash::backend_tag) of its VIP
+    /// and address, never 0 from the agent). Ids are reused: a conntrack entry made for an
+    /// earlier holder (`ConnEntry::backend_tag`) must not send its flow here.
+    pub tag: u16,
     /// Egress interface of the resolved next hop; XDP_TX when it is the ingress interface.
     pub ifindex: u32,
     /// Next hop's MAC (the backend itself or the gateway toward it).
@@ -247,7 +250,10 @@ pub struct ConnEntry {
     /// `flow_hash` of the flow when the entry was made: established packets take their outer
     /// source entropy, flow label and GUE port from here instead of hashing every packet.
     pub flow_hash: u32,
-    pub _pad: u32,
+    /// `Backend::tag` of `backend` when the entry was made: the entry counts only while the
+    /// same backend holds that id. 0 (entries of agents before tags) matches any holder.
+    pub backend_tag: u16,
+    pub _pad: u16,
 }
 
 /// Value of `BACKEND_STATS` (per CPU): traffic sent to a backend of a VIP. A VIP's traffic is

@@ -86,9 +86,14 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
         }
         entry.last_seen_ns = now;
     }
+    let backend = usable(entry.backend)?;
+    // A reused id: the entry was made for the backend that held it before.
+    if entry.backend_tag != backend.tag && entry.backend_tag != 0 {
+        return None;
+    }
     let choice = Choice {
         id: entry.backend,
-        backend: usable(entry.backend)?,
+        backend,
         hash: entry.flow_hash,
     };
     Some((meta, choice))
@@ -120,6 +125,7 @@ pub fn backend(
         vip_id: meta.vip_id,
         last_seen_ns: now(),
         flow_hash: hash,
+        backend_tag: backend.tag,
         _pad: 0,
     };
     match policy {

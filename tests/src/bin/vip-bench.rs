@@ -580,6 +580,7 @@ fn table_scaling(md: &mut String, harness: &mut Harness) {
                 vip_id,
                 last_seen_ns: 0,
                 flow_hash: 0,
+                backend_tag: 0,
                 _pad: 0,
             };
             lb.dataplane
