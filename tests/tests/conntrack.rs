@@ -308,8 +308,8 @@ fn the_flow_cache_follows_the_conntrack_map() {
     assert_eq!(now, lb.backend_addr(entry.backend));
 }
 
-/// A UDP flow served from the cache keeps its shared entry's time current (the cache writes it
-/// back when it re-reads the entry): another CPU, or the agent, sees an active flow.
+/// A UDP flow served from the cache keeps its shared entry's time current (renewed there each
+/// time the cached copy is re-read): another CPU, or the agent, sees an active flow.
 #[test]
 fn an_active_udp_flow_keeps_its_conntrack_entry_fresh() {
     let mut lb = Lb::new();

@@ -7,8 +7,9 @@
 //! compare. The LRU map stays the one record every CPU and the agent see; the cache holds
 //! copies, each re-read from the LRU map at least every `REFRESH_JIFFIES`, which also keeps the
 //! flow recently used in the LRU map's eyes (a flow served only from a cache would otherwise
-//! age out of it while active). Per CPU, so a slot is never written by two CPUs at once and
-//! never read half-written; flows stay on one CPU anyway (RSS hashes the same 5-tuple).
+//! age out of it while active), and is when a UDP flow's idle time is checked and renewed, in
+//! the LRU map's entry. Per CPU, so a slot is never written by two CPUs at once and never read
+//! half-written; flows stay on one CPU anyway (RSS hashes the same 5-tuple).
 
 use aya_ebpf::{
     btf_maps::PerCpuArray,
@@ -74,34 +75,47 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// The conntrack entry of `flow`, to read and to update `last_seen_ns` in: for IPv4 this CPU's
-/// cached copy, refreshed from `CONNTRACK_V4` when stale; for IPv6 the `CONNTRACK` entry.
+/// A flow's conntrack entry as [`entry`] found it.
+pub struct Tracked {
+    pub entry: &'static mut ConnEntry,
+    /// `entry` is the LRU map's own, read for this packet (always for IPv6; for IPv4 when the
+    /// cached copy was missing or stale), not this CPU's copy: `last_seen_ns` is kept there.
+    pub shared: bool,
+}
+
+/// The conntrack entry of `flow`: for IPv4 this CPU's cached copy, re-read from
+/// `CONNTRACK_V4` (and the copy renewed) when stale; for IPv6 the `CONNTRACK` entry.
 #[inline(always)]
-pub fn entry(flow: &FlowKey) -> Option<&'static mut ConnEntry> {
+pub fn entry(flow: &FlowKey) -> Option<Tracked> {
     if flow.family != AddrFamily::V4 as u8 {
         // SAFETY: a map value pointer stays valid for this program run; racing writers of the
         // same flow on other CPUs can only store another valid backend id or time.
-        return CONNTRACK.get_ptr_mut(flow).map(|p| unsafe { &mut *p });
+        let entry = unsafe { &mut *CONNTRACK.get_ptr_mut(flow)? };
+        return Some(Tracked {
+            entry,
+            shared: true,
+        });
     }
     let key = FlowKeyV4::of(flow);
     let slot = cache_slot(&key)?;
     let now = jiffies();
-    let cached = same(&slot.key, &key);
-    if cached && now.wrapping_sub(slot.checked_jiffies) < REFRESH_JIFFIES {
-        return Some(&mut slot.entry);
+    if same(&slot.key, &key) && now.wrapping_sub(slot.checked_jiffies) < REFRESH_JIFFIES {
+        return Some(Tracked {
+            entry: &mut slot.entry,
+            shared: false,
+        });
     }
     // SAFETY: as above.
-    let shared = unsafe { &mut *CONNTRACK_V4.get_ptr_mut(key)? };
-    if cached && slot.entry.last_seen_ns > shared.last_seen_ns {
-        // UDP packets served from the cache moved the copy's time: the shared entry learns it.
-        shared.last_seen_ns = slot.entry.last_seen_ns;
-    }
+    let entry = unsafe { &mut *CONNTRACK_V4.get_ptr_mut(key)? };
     *slot = FlowCacheSlot {
         key,
-        entry: *shared,
+        entry: *entry,
         checked_jiffies: now,
     };
-    Some(&mut slot.entry)
+    Some(Tracked {
+        entry,
+        shared: true,
+    })
 }
 
 /// Replaces the entry of `flow` where there is one (a reused 5-tuple: its next packets must

@@ -68,7 +68,8 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
     ) {
         return None;
     }
-    let entry = conntrack::entry(flow)?;
+    let tracked = conntrack::entry(flow)?;
+    let entry = tracked.entry;
     let meta = VIP_META.get(entry.vip_id)?;
     let vip = &meta.vip;
     if vip.addr != flow.dst
@@ -78,8 +79,11 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
     {
         return None;
     }
-    // Only UDP entries age, so only UDP pays for reading the clock on a hit.
-    if policy == ConnPolicy::TrackIdle {
+    // Only UDP entries age. Their time is checked and renewed in the LRU map's entry when it is
+    // read, at least once per refresh of the cached copy: idle time is measured to within a
+    // refresh (at most 320 ms, under the shortest timeout, 1 s), and a packet served from the
+    // copy reads no clock.
+    if policy == ConnPolicy::TrackIdle && tracked.shared {
         let now = now();
         if now.wrapping_sub(entry.last_seen_ns) > meta.udp_idle_ns {
             return None;
