@@ -40,7 +40,7 @@ pub struct FlowCacheSlot {
     checked_jiffies: u64,
 }
 
-/// This CPU's copies of recently used `CONNTRACK_V4` entries, by `cache_index` of the flow.
+/// This CPU's copies of recently used `CONNTRACK_V4` entries, by `cache_slot` of the flow.
 /// Not pinned: a new program starts with an empty cache.
 #[btf_map]
 static FLOW_CACHE_V4: PerCpuArray<FlowCacheSlot, { CACHE_SLOTS as usize }> = PerCpuArray::new();
