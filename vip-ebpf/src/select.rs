@@ -56,10 +56,11 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
 }
 
-/// An established flow: its conntrack entry (see `conntrack::entry`), and the settings of the VIP the entry was made for,
-/// read by `vip_id` from `VIP_META` (an array read) instead of looking the VIP up by key. The
-/// entry counts only while that VIP still is the flow's VIP (a removed VIP's id may be reused),
-/// its backend is usable, and, for UDP, it is not idle past the VIP's timeout.
+/// An established flow: its conntrack entry (see `conntrack::entry`), and the settings of the
+/// VIP the entry was made for, read by `vip_id` from `VIP_META` (an array read) instead of
+/// looking the VIP up by key. The entry counts only while that VIP still is the flow's VIP (a
+/// removed VIP's id may be reused), its backend is usable and still the one it was made for
+/// (backend ids are reused too), and, for UDP, it is not idle past the VIP's timeout.
 #[inline(always)]
 pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMeta, Choice)> {
     if !matches!(
