@@ -121,3 +121,27 @@ fn bpftool_decodes_maps_through_btf() {
         assert!(json.contains(field), "bpftool output lacks {field}: {json}");
     }
 }
+
+/// `vip-agent detach` removes every pin of the datapath, also the maps earlier versions pinned
+/// and this one no longer has (`layout::OBSOLETE_PINS`), so the pin directory goes too.
+#[test]
+fn detach_removes_every_pin_including_maps_of_earlier_versions() {
+    vip_tests::require_root();
+    let pins = PinDir::new("detach");
+    drop(Dataplane::load(options(&pins)).expect("load"));
+    for name in vip_common::layout::OBSOLETE_PINS {
+        // As an earlier agent left it: a map of that name, pinned.
+        let path = pins.0.join(name);
+        let status = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args([
+                "type", "array", "key", "4", "value", "16", "entries", "1", "name", name,
+            ])
+            .status()
+            .expect("bpftool");
+        assert!(status.success() && path.exists(), "pin {name}");
+    }
+    vip_agent::dataplane::detach_all(&pins.0).expect("detach");
+    assert!(!pins.0.exists(), "the pin directory is still there");
+}
