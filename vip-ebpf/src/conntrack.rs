@@ -120,7 +120,7 @@ pub fn entry(flow: &FlowKey) -> Option<Tracked> {
 
 /// Replaces the entry of `flow` where there is one (a reused 5-tuple: its next packets must
 /// follow the new connection), in the LRU map and in this CPU's cache. `entry` is only made
-/// when there is one to replace: it reads the clock.
+/// when there is one to replace (it reads the clock), and once.
 #[inline(always)]
 pub fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
     if flow.family != AddrFamily::V4 as u8 {
@@ -131,14 +131,18 @@ pub fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
         return;
     }
     let key = FlowKeyV4::of(flow);
-    if let Some(old) = CONNTRACK_V4.get_ptr_mut(key) {
-        // SAFETY: as above.
-        unsafe { *old = entry() };
+    let shared = CONNTRACK_V4.get_ptr_mut(key);
+    let cached = cache_slot(&key).filter(|slot| same(&slot.key, &key));
+    if shared.is_none() && cached.is_none() {
+        return;
     }
-    if let Some(slot) = cache_slot(&key)
-        && same(&slot.key, &key)
-    {
-        slot.entry = entry();
+    let new = entry();
+    if let Some(old) = shared {
+        // SAFETY: as above.
+        unsafe { *old = new };
+    }
+    if let Some(slot) = cached {
+        slot.entry = new;
         slot.checked_jiffies = jiffies();
     }
 }
