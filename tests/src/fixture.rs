@@ -1,17 +1,21 @@
 //! A private copy of the real load-balancer program with VIPs and backends, driven through the
-//! agent's own `Dataplane` and `TableSlots`, and a way to run frames through it.
+//! agent's own `Dataplane`, table slots and encoding functions, and a way to run frames through
+//! it.
 
-use std::{cell::RefCell, collections::HashMap, net::IpAddr, process::Command};
+use std::{cell::RefCell, collections::HashMap, net::IpAddr, process::Command, time::Duration};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use vip_agent::{
-    dataplane::{Dataplane, DataplaneOptions},
-    decap::DecapPlane,
-    tables::TableSlots,
+    apply::{
+        Sources, TableSlots,
+        encode::{backend_entry, hash_port_mask, vip_meta},
+    },
+    config::{Encapsulation, HashFields, Protocol, VipConfig},
+    dataplane::{Dataplane, DataplaneOptions, DecapPlane},
+    net::nexthop::NextHop,
 };
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, BackendId, FlowKey, VIP_F_GUE, VipKey, VipMeta,
-    addr_bytes,
+    Backend, BackendId, FlowKey, IPPROTO_TCP, VipKey,
     hash::flow_hash,
     maglev::{MaglevBackend, MaglevTable},
 };
@@ -37,17 +41,16 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
-/// A VIP as tests configure it.
+/// A VIP as tests configure it: the config's settings, with backends named by id.
 #[derive(Clone, Debug)]
 pub struct VipSpec {
     pub addr: IpAddr,
     pub proto: u8,
     pub port: u16,
-    pub flags: u32,
-    pub hash_port_mask: u32,
-    pub udp_idle_ns: u64,
-    /// `(prefix, bits)` for outer-source entropy toward IPv4 backends.
-    pub src_prefix_v4: Option<([u8; 4], u8)>,
+    pub hash: HashFields,
+    pub udp_idle_timeout: Duration,
+    /// Outer sources spread over this prefix.
+    pub source_prefix: Option<ipnet::IpNet>,
     /// GUE to this port instead of IP-in-IP.
     pub gue_port: Option<u16>,
     /// Use this `vip_id` (as an agent reusing a freed one would) instead of the next.
@@ -61,10 +64,9 @@ impl VipSpec {
             addr: addr.parse().expect("address"),
             proto,
             port,
-            flags: 0,
-            hash_port_mask: u32::MAX,
-            udp_idle_ns: 30_000_000_000,
-            src_prefix_v4: None,
+            hash: HashFields::FiveTuple,
+            udp_idle_timeout: Duration::from_secs(30),
+            source_prefix: None,
             gue_port: None,
             vip_id: None,
             backends: backends.iter().map(|&id| (id, 1)).collect(),
@@ -73,6 +75,33 @@ impl VipSpec {
 
     pub fn key(&self) -> VipKey {
         VipKey::new(self.addr, self.proto, self.port)
+    }
+
+    /// The VIP as the agent's config would hold it (without backends: the fixture names them by
+    /// id).
+    pub fn config(&self) -> VipConfig {
+        VipConfig {
+            address: self.addr,
+            protocol: if self.proto == IPPROTO_TCP {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            },
+            port: self.port,
+            encapsulation: if self.gue_port.is_some() {
+                Encapsulation::Gue
+            } else {
+                Encapsulation::Ipip
+            },
+            gue_port: self.gue_port.unwrap_or(0),
+            source_prefix: self.source_prefix,
+            hash: self.hash,
+            udp_idle_timeout: self.udp_idle_timeout,
+            backends: Vec::new(),
+            communities: Vec::new(),
+            large_communities: Vec::new(),
+            med: None,
+        }
     }
 }
 
@@ -111,7 +140,7 @@ impl Lb {
 
     /// A copy loaded with `options` (never pinned).
     pub fn with_options(options: DataplaneOptions) -> Self {
-        Self::from_object(vip_agent::object::load_balancer(), options)
+        Self::from_object(vip_agent::dataplane::object::load_balancer(), options)
     }
 
     /// A copy of another build of the load balancer (an object file's bytes), for comparisons.
@@ -144,22 +173,14 @@ impl Lb {
     /// Adds backend `id`, with a resolved next hop through `ifindex`, or none (FIB lookup).
     pub fn backend_via(&mut self, id: BackendId, addr: &str, ifindex: Option<u32>) -> &mut Self {
         let ip: IpAddr = addr.parse().expect("address");
-        let (bytes, family) = addr_bytes(ip);
-        let backend = Backend {
-            addr: bytes,
-            family: family as u8,
-            flags: BACKEND_F_PRESENT
-                | if ifindex.is_some() {
-                    BACKEND_F_NEXTHOP
-                } else {
-                    0
-                },
-            tag: 0,
-            ifindex: ifindex.unwrap_or(0),
-            dst_mac: GATEWAY_MAC,
+        let hop = ifindex.map(|ifindex| NextHop {
+            ifindex,
             src_mac: LB_MAC,
-            vip_id: 0,
-        };
+            dst_mac: GATEWAY_MAC,
+        });
+        // Fixture backends belong to no VIP in particular: their tag is their address's.
+        let no_vip: VipKey = bytemuck::Zeroable::zeroed();
+        let backend = backend_entry(&no_vip, ip, 0, true, hop.as_ref());
         self.dataplane
             .set_backend(id, &backend)
             .expect("write backend");
@@ -209,7 +230,7 @@ impl Lb {
 
     /// The backend and flow hash that userspace Maglev predicts for a flow to `spec`.
     pub fn predict(&self, spec: &VipSpec, flow: &FlowKey) -> (BackendId, u32) {
-        let hash = flow_hash(flow, spec.hash_port_mask);
+        let hash = flow_hash(flow, hash_port_mask(spec.hash));
         (self.table(spec).lookup(hash), hash)
     }
 
@@ -217,40 +238,27 @@ impl Lb {
     pub fn vip(&mut self, spec: &VipSpec) -> u32 {
         let vip_id = spec.vip_id.unwrap_or(self.next_vip_id);
         self.next_vip_id = self.next_vip_id.max(vip_id + 1);
-        let (src_v4, _) = addr_bytes(LB_SRC4.parse().unwrap());
-        let (src_v6, _) = addr_bytes(LB_SRC6.parse().unwrap());
-        let (src_v4, src_v4_entropy) = match spec.src_prefix_v4 {
-            Some((prefix, bits)) => {
-                let host = u32::MAX.checked_shr(u32::from(bits)).unwrap_or(0);
-                (prefix, host.to_be_bytes())
-            }
-            None => ([src_v4[0], src_v4[1], src_v4[2], src_v4[3]], [0; 4]),
-        };
-        let meta = VipMeta {
-            vip: spec.key(),
-            _pad_key: [0; 4],
-            vip_id,
-            table: 0,
-            flags: spec.flags
-                | if spec.gue_port.is_some() {
-                    VIP_F_GUE
-                } else {
-                    0
-                },
-            hash_port_mask: spec.hash_port_mask,
-            udp_idle_ns: spec.udp_idle_ns,
-            src_v4,
-            src_v4_entropy,
-            src_v6,
-            src_v6_entropy: [0; 4],
-            gue_port: spec.gue_port.unwrap_or(0).to_be_bytes(),
-            _pad: [0; 2],
+        let sources = Sources {
+            v4: Some(LB_SRC4.parse().unwrap()),
+            v6: Some(LB_SRC6.parse().unwrap()),
         };
         let table = self.table(spec);
-        self.tables
-            .publish(&mut self.dataplane, spec.key(), meta, &table)
+        let slot = self.tables.take().expect("a free table slot");
+        let meta = vip_meta(&spec.config(), sources, vip_id, slot);
+        self.dataplane
+            .write_table(slot, table.slots())
+            .expect("write table");
+        self.dataplane
+            .set_vip(&spec.key(), &meta)
             .expect("publish VIP");
+        self.tables.make_live(spec.key(), slot);
         vip_id
+    }
+
+    /// Removes a VIP, as the agent does.
+    pub fn remove_vip(&mut self, key: &VipKey) {
+        self.dataplane.remove_vip(key).expect("remove VIP");
+        self.tables.release(key);
     }
 
     /// Runs one frame through the program: (action, output frame).

@@ -80,6 +80,11 @@ impl LabSpec {
         PathBuf::from(format!("/run/{}", self.prefix))
     }
 
+    /// The control socket of node `name`'s agent.
+    fn control_socket(&self, name: &str) -> PathBuf {
+        self.run_dir().join(format!("{name}.sock"))
+    }
+
     pub fn backends(&self) -> usize {
         self.weights.len()
     }
@@ -402,10 +407,12 @@ impl Lab {
         self.children.retain(|(n, _)| *n != name);
     }
 
-    /// `vip-agent ARGS` inside LB node `i`'s namespace (where its agent's HTTP endpoint is).
+    /// `vip-agent ARGS` inside LB node `i`'s namespace, talking to its agent's control socket.
     pub fn agent_cli(&self, i: usize, args: &[&str]) -> Result<String> {
         let agent = self.agent.to_string_lossy().into_owned();
-        let mut cmd = vec![agent.as_str()];
+        let socket = self.spec.control_socket(&format!("lb{i}"));
+        let socket = socket.to_string_lossy();
+        let mut cmd = vec![agent.as_str(), "--socket", &socket];
         cmd.extend_from_slice(args);
         in_ns(&self.spec.ns(&format!("lb{i}")), &cmd)
     }
@@ -451,10 +458,12 @@ impl Lab {
     fn lb_config(&self, i: usize) -> String {
         let (a4, r4, a6, _) = lb_addrs(i);
         let mut c = format!(
-            "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"{a4}\"\nsource_v6 = \"{a6}\"\npin_dir = \"{}\"\n\n\
+            "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"{a4}\"\nsource_v6 = \"{a6}\"\npin_dir = \"{}\"\n\
+             control_socket = \"{}\"\n\n\
              [bgp]\nasn = {LB_ASN}\nrouter_id = \"{a4}\"\nhold_time = 3\nnext_hop_v6 = \"{a6}\"\n\
              [[bgp.peer]]\naddress = \"{r4}\"\nasn = {ROUTER_ASN}\n",
-            self.spec.pin_dir(&format!("lb{i}")).display()
+            self.spec.pin_dir(&format!("lb{i}")).display(),
+            self.spec.control_socket(&format!("lb{i}")).display(),
         );
         for (vip, proto, port) in [
             (VIP4, "tcp", TCP_PORT),
@@ -508,10 +517,12 @@ udp_expect = \"ping\"",
     fn backend_config(&self, i: usize) -> String {
         let (b4, b6) = backend_addrs(i);
         format!(
-            "[node]\nrole = \"backend\"\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\n\n\
+            "[node]\nrole = \"backend\"\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\n\
+             control_socket = \"{}\"\n\n\
              [backend]\naddresses = [\"{b4}\", \"{b6}\"]\nvips = [\"{VIP4}\", \"{VIP6}\"]\n\
              gue_port = {GUE_PORT}\n",
-            self.spec.pin_dir(&format!("be{i}")).display()
+            self.spec.pin_dir(&format!("be{i}")).display(),
+            self.spec.control_socket(&format!("be{i}")).display(),
         )
     }
 

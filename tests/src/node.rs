@@ -73,6 +73,24 @@ impl Netns {
         (lb, gw)
     }
 
+    /// Where an agent of this namespace has its control socket (beside its config and log).
+    pub fn control_socket(&self) -> PathBuf {
+        std::env::temp_dir().join(&self.name).join("vip.sock")
+    }
+
+    /// `vip-agent ARGS` inside the namespace, talking to its agent's control socket.
+    pub fn agent_cli(&self, args: &[&str]) -> String {
+        let socket = self.control_socket();
+        let agent = agent_bin();
+        let mut cmd = vec![
+            agent.to_str().expect("UTF-8 path"),
+            "--socket",
+            socket.to_str().expect("UTF-8 path"),
+        ];
+        cmd.extend_from_slice(args);
+        self.exec(&cmd)
+    }
+
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut full = vec!["-n", self.name.as_str()];
@@ -140,16 +158,35 @@ pub struct Agent {
     child: Child,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Its control socket.
+    pub socket: PathBuf,
+}
+
+/// `text` with `socket` as the control socket in `[node]` unless it names one.
+fn with_control_socket(socket: &Path, text: &str) -> String {
+    if text.contains("control_socket") {
+        return text.to_owned();
+    }
+    text.replacen(
+        "[node]\n",
+        &format!("[node]\ncontrol_socket = \"{}\"\n", socket.display()),
+        1,
+    )
 }
 
 impl Agent {
     /// Starts `vip-agent run --config CONFIG --netns NS [extra]` with `config_text` written to a
     /// file next to its log.
+    /// The config gets the namespace's control socket unless it names one.
     pub fn start(ns: &Netns, config_text: &str, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(&ns.name);
         fs::create_dir_all(&dir).expect("temp dir");
         let config = dir.join("vip.toml");
-        fs::write(&config, config_text).expect("write config");
+        fs::write(
+            &config,
+            with_control_socket(&ns.control_socket(), config_text),
+        )
+        .expect("write config");
         let log = dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos()));
         let log_file = fs::File::create(&log).expect("log file");
         let child = Command::new(agent_bin())
@@ -161,7 +198,12 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .expect("start vip-agent (built by `cargo xtask test`)");
-        Self { child, config, log }
+        Self {
+            child,
+            config,
+            log,
+            socket: ns.control_socket(),
+        }
     }
 
     /// Waits until `path` exists (the agent pinned something), or panics with the agent's log.
@@ -202,8 +244,9 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Writes a new config (with this agent's control socket unless it names one).
     pub fn rewrite_config(&self, text: &str) {
-        fs::write(&self.config, text).expect("write config");
+        fs::write(&self.config, with_control_socket(&self.socket, text)).expect("write config");
     }
 
     pub fn signal(&self, signal: i32) {

@@ -18,8 +18,8 @@ use std::{
 };
 
 use vip_agent::{
+    dataplane::DecapPlane,
     dataplane::{Dataplane, DataplaneOptions},
-    decap::DecapPlane,
 };
 use vip_common::layout;
 use vip_tests::{

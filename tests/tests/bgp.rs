@@ -139,9 +139,12 @@ fn announces_to_bird_and_withdraws() {
     );
     let pin = lbs[0].pin_dir.to_string_lossy().into_owned();
     let agent_bin = vip_tests::node::agent_bin().to_string_lossy().into_owned();
+    let socket = lbs[0].control_socket();
     // From this network namespace but the host's mount namespace (where the pins are).
     let status = lbs[0].within(move || {
         let out = std::process::Command::new(&agent_bin)
+            .arg("--socket")
+            .arg(&socket)
             .args(["status", "--pin-dir", &pin])
             .output()
             .unwrap();
@@ -533,7 +536,7 @@ fn node_drain_marks_routes_graceful_shutdown_and_undrain_clears_it() {
     let bird = Bird::start(&rt, &bird_config(1, None));
     let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
     bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
-    let cli = |cmd: &str| lbs[0].exec(&[vip_tests::node::agent_bin().to_str().unwrap(), cmd]);
+    let cli = |cmd: &str| lbs[0].agent_cli(&[cmd]);
     assert!(cli("drain").contains("node drained"));
     bird.wait_for(
         |b| {

@@ -217,7 +217,7 @@ fn udp_entries_expire_when_idle() {
     let mut lb = Lb::new();
     four_backends(&mut lb);
     let mut before = VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1]);
-    before.udp_idle_ns = 300_000_000;
+    before.udp_idle_timeout = std::time::Duration::from_millis(300);
     lb.vip(&before);
     let flows: Vec<Frame> = (0..200)
         .map(|i| Frame::udp("198.18.50.1", 30_000 + i, "198.18.100.1", 53))
@@ -244,7 +244,7 @@ fn tcp_entries_do_not_expire() {
     let mut lb = Lb::new();
     four_backends(&mut lb);
     let mut before = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1]);
-    before.udp_idle_ns = 1; // applies to UDP only
+    before.udp_idle_timeout = std::time::Duration::from_nanos(1); // applies to UDP only
     lb.vip(&before);
     let flows: Vec<Frame> = (0..100)
         .map(|i| Frame::tcp("198.18.50.1", 40_000 + i, "198.18.100.1", 80, TCP_ACK))
@@ -274,7 +274,7 @@ fn a_removed_vip_keeps_no_flows_even_when_its_id_is_reused() {
     assert!(lb.dataplane.conntrack(&to_a.flow()).unwrap().is_some());
 
     // A goes; B comes with A's id and backend. A's conntrack entry is still there.
-    lb.tables.remove(&mut lb.dataplane, &a.key()).unwrap();
+    lb.remove_vip(&a.key());
     let mut b = VipSpec::new("198.18.100.2", IPPROTO_TCP, 80, &[0]);
     b.vip_id = Some(5);
     lb.vip(&b);
@@ -301,6 +301,16 @@ fn the_flow_cache_follows_the_conntrack_map() {
     let first = outer_dst(&mut lb, &flow);
     let mut entry = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
     entry.backend = (entry.backend + 1) % 3;
+    // An entry counts only with its backend's tag.
+    entry.backend_tag = lb
+        .dataplane
+        .backends()
+        .unwrap()
+        .into_iter()
+        .find(|(id, _)| *id == entry.backend)
+        .expect("the backend")
+        .1
+        .tag;
     lb.dataplane.insert_flow(&flow.flow(), &entry).unwrap();
     thread::sleep(Duration::from_millis(400));
     let now = outer_dst(&mut lb, &flow);

@@ -2,16 +2,22 @@
 //! and a VIP's traffic is the sum over its backends, including those that have left it, so
 //! the exported per-VIP counters never fall. A released backend id starts again from zero.
 
-use std::path::Path;
+use std::{collections::HashMap, path::Path};
 
 use vip_agent::{
-    balancer::Balancer,
+    apply::{Applied, Capacity, Target},
     config,
     dataplane::{Dataplane, DataplaneOptions},
 };
 use vip_tests::{fixture::run_dataplane, packet::*};
 
 const VIP: &str = "tcp/198.19.0.1:80";
+
+/// The agent's applied state and the datapath it writes.
+struct Balancer {
+    applied: Applied,
+    dataplane: Dataplane,
+}
 
 fn apply(balancer: &mut Balancer, backends: &[&str]) {
     let mut text = "[node]\ninterfaces = [\"lo\"]\nsource_v4 = \"198.18.0.2\"\ntable_size = 251\n\
@@ -21,30 +27,35 @@ fn apply(balancer: &mut Balancer, backends: &[&str]) {
         text += &format!("[[vip.backend]]\naddress = \"{b}\"\n");
     }
     let config = config::parse(Path::new("counters.toml"), &text).expect("valid config");
-    balancer.apply(&config).expect("applied");
+    balancer
+        .applied
+        .apply(
+            &Target::configured(&config),
+            &HashMap::new(),
+            &mut balancer.dataplane,
+        )
+        .expect("applied");
 }
 
 /// `count` SYNs of distinct flows to the VIP.
 fn send(balancer: &mut Balancer, count: u16, first_port: u16) {
     for port in first_port..first_port + count {
         let syn = Frame::tcp("198.18.50.1", port, "198.19.0.1", 80, TCP_SYN);
-        run_dataplane(balancer.dataplane_mut(), &syn.build());
+        run_dataplane(&mut balancer.dataplane, &syn.build());
     }
 }
 
 /// (VIP packets, packets per backend address).
 fn report(balancer: &Balancer) -> (u64, Vec<(String, u64)>) {
-    let (vips, backends) = balancer.traffic().expect("traffic");
-    let vip = vips
-        .iter()
-        .find(|(v, _)| v == VIP)
-        .expect("the VIP")
-        .1
-        .packets;
-    let backends = backends
-        .into_iter()
-        .map(|((_, addr), t)| (addr, t.packets))
-        .collect();
+    let accounts = balancer.applied.accounts();
+    let account = accounts.iter().find(|a| a.label == VIP).expect("the VIP");
+    let mut vip = account.retired.packets;
+    let mut backends = Vec::new();
+    for (addr, id) in &account.backends {
+        let sent = balancer.dataplane.backend_traffic(*id).expect("traffic");
+        vip += sent.packets;
+        backends.push((addr.to_string(), sent.packets));
+    }
     (vip, backends)
 }
 
@@ -58,7 +69,10 @@ fn a_vips_traffic_survives_its_backends_and_reused_ids_start_at_zero() {
         ..DataplaneOptions::default()
     })
     .expect("load");
-    let mut balancer = Balancer::new(dataplane);
+    let mut balancer = Balancer {
+        applied: Applied::new(Capacity::from(dataplane.options())),
+        dataplane,
+    };
     apply(&mut balancer, &["198.18.1.1", "198.18.1.2"]);
     send(&mut balancer, 100, 10_000);
     let (vip, backends) = report(&balancer);

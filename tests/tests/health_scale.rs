@@ -31,7 +31,7 @@ fn two_hundred_backends_at_one_second_intervals() {
     thread::sleep(Duration::from_secs(10));
     let used = agent.cpu_time() - before;
     let share = used.as_secs_f64() / 10.0 * 100.0;
-    let backends = lb.exec(&[vip_tests::node::agent_bin().to_str().unwrap(), "backends"]);
+    let backends = lb.agent_cli(&["backends"]);
     let active = backends
         .lines()
         .filter(|l| l.contains(" active: ok in "))

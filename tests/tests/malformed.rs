@@ -7,7 +7,8 @@
 use std::net::IpAddr;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use vip_common::{IPPROTO_TCP, IPPROTO_UDP, VIP_F_HASH_ADDRS_ONLY};
+use vip_agent::config::HashFields;
+use vip_common::{IPPROTO_TCP, IPPROTO_UDP};
 use vip_tests::{fixture::*, packet::*};
 
 fn configured() -> Lb {
@@ -22,8 +23,7 @@ fn configured() -> Lb {
     lb.vip(&VipSpec::new("fd00:100::1", IPPROTO_TCP, 443, &[2, 3]));
     lb.vip(&VipSpec::new("fd00:100::1", IPPROTO_UDP, 53, &[0, 1]));
     let mut affinity = VipSpec::new("198.18.100.4", IPPROTO_UDP, 0, &[0, 1]);
-    affinity.flags = VIP_F_HASH_ADDRS_ONLY;
-    affinity.hash_port_mask = 0;
+    affinity.hash = HashFields::Addresses;
     lb.vip(&affinity);
     lb
 }

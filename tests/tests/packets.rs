@@ -6,9 +6,8 @@
 
 use std::net::IpAddr;
 
-use vip_common::{
-    DatapathStats, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, VIP_F_HASH_ADDRS_ONLY,
-};
+use vip_agent::config::HashFields;
+use vip_common::{DatapathStats, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP};
 use vip_tests::{fixture::*, packet::*};
 
 /// The VIPs every table runs against.
@@ -40,10 +39,9 @@ fn services() -> Services {
     let v4_over_v6 = VipSpec::new("198.18.100.3", IPPROTO_TCP, 80, &[3, 4]);
     let v6_over_v4 = VipSpec::new("fd00:100::3", IPPROTO_TCP, 80, &[0, 1]);
     let mut affinity4 = VipSpec::new("198.18.100.4", IPPROTO_UDP, 0, &[0, 1, 2]);
-    affinity4.flags = VIP_F_HASH_ADDRS_ONLY;
-    affinity4.hash_port_mask = 0;
+    affinity4.hash = HashFields::Addresses;
     let mut prefixed4 = VipSpec::new("198.18.100.5", IPPROTO_TCP, 80, &[0, 1, 2]);
-    prefixed4.src_prefix_v4 = Some(([198, 19, 128, 0], 20));
+    prefixed4.source_prefix = Some("198.19.128.0/20".parse().unwrap());
     let empty4 = VipSpec::new("198.18.100.6", IPPROTO_TCP, 80, &[]);
     for spec in [
         &web4,
@@ -133,14 +131,14 @@ fn check_encapsulated(lb: &Lb, spec: &VipSpec, frame: &Frame, out: &[u8], name: 
         e.outer_dst, backend_addr,
         "{name}: outer destination is the Maglev backend"
     );
-    let expected_src: IpAddr = match (backend_addr, spec.src_prefix_v4) {
-        (IpAddr::V4(_), Some((prefix, bits))) => {
-            let host = u32::MAX >> bits;
+    let expected_src: IpAddr = match (backend_addr, spec.source_prefix) {
+        (IpAddr::V4(_), Some(ipnet::IpNet::V4(prefix))) => {
+            let host = u32::MAX >> prefix.prefix_len();
             IpAddr::from(std::net::Ipv4Addr::from(
-                u32::from_be_bytes(prefix) | (hash & host),
+                u32::from(prefix.network()) | (hash & host),
             ))
         }
-        (IpAddr::V4(_), None) => LB_SRC4.parse().unwrap(),
+        (IpAddr::V4(_), _) => LB_SRC4.parse().unwrap(),
         (IpAddr::V6(_), _) => LB_SRC6.parse().unwrap(),
     };
     assert_eq!(e.outer_src, expected_src, "{name}: outer source");
@@ -591,12 +589,12 @@ fn vip_address_filter_follows_vip_changes() {
     assert_eq!(lb.run(&to_web).0, XDP_TX);
 
     // Removing one VIP of the address keeps the bit for the other.
-    lb.tables.remove(&mut lb.dataplane, &web.key()).unwrap();
+    lb.remove_vip(&web.key());
     assert_eq!(lb.run(&to_web).0, XDP_PASS);
     assert_eq!(lb.run(&to_dns).0, XDP_TX);
 
     // Removing the last one clears it; adding a VIP back sets it.
-    lb.tables.remove(&mut lb.dataplane, &dns.key()).unwrap();
+    lb.remove_vip(&dns.key());
     assert_eq!(lb.run(&to_dns).0, XDP_PASS);
     let passed_before = lb.dataplane.stats().unwrap().passed;
     lb.vip(&web);

@@ -215,7 +215,10 @@ pub struct NodeConfig {
     pub source_v4: Option<Ipv4Addr>,
     pub source_v6: Option<Ipv6Addr>,
     pub pin_dir: PathBuf,
+    /// Prometheus metrics, `/healthz`, `/readyz` (GET only).
     pub metrics_address: SocketAddr,
+    /// The control API's Unix socket (`vip-agent drain`, `backends`, `status`).
+    pub control_socket: PathBuf,
     pub table_size: u32,
     pub table_slots: u32,
     /// Entries of each conntrack map (one for IPv4 flows, one for IPv6).
@@ -415,6 +418,8 @@ struct RawNode {
     pin_dir: PathBuf,
     #[serde(default = "default_metrics_address")]
     metrics_address: SocketAddr,
+    #[serde(default = "default_control_socket")]
+    control_socket: PathBuf,
     #[serde(default = "default_table_size")]
     table_size: Spanned<u32>,
     #[serde(default = "default_table_slots")]
@@ -583,6 +588,10 @@ fn default_role() -> Spanned<Role> {
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/vip")
 }
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(crate::control::DEFAULT_SOCKET)
+}
+
 fn default_metrics_address() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9100))
 }
@@ -1151,6 +1160,7 @@ fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigErr
             source_v6: node.source_v6,
             pin_dir: node.pin_dir,
             metrics_address: node.metrics_address,
+            control_socket: node.control_socket,
             table_size,
             table_slots,
             conntrack_entries: node.conntrack_entries,

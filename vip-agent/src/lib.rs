@@ -1,17 +1,25 @@
-//! vip-agent as a library: the loader and map writer shared by the agent binary, the tests and
-//! the benchmarks, so all of them drive the datapath through the same code.
+//! vip-agent as a library: the agent's runtime and everything it drives, shared by the
+//! `vip-agent` binary, the tests and the benchmarks, so all of them drive the datapath through
+//! the same code.
+//!
+//! - [`runtime`]: the one task that owns the node's state, and its reload phases.
+//! - [`apply`]: what the maps should hold, planned whole, then written.
+//! - [`dataplane`]: loading, attaching, pins, map access, test runs.
+//! - [`health`]: probes and the verdicts drawn from them.
+//! - [`config`]: the config file, parsed and validated whole.
+//! - [`control`]: the control socket's typed requests, server and client.
+//! - [`bgp`]: the announce-only BGP speaker.
+//! - [`net`]: next hops, `lo` addresses, interface settings.
+//! - [`metrics`], [`view`], [`inspect`]: what the agent shows.
 
-pub mod balancer;
+pub mod apply;
 pub mod bgp;
 pub mod config;
-pub mod datapath_log;
+pub mod control;
 pub mod dataplane;
-pub mod decap;
 pub mod health;
-pub mod lo;
+pub mod inspect;
 pub mod metrics;
-pub mod nexthop;
-pub mod object;
-pub mod probe;
-pub mod sockopt;
-pub mod tables;
+pub mod net;
+pub mod runtime;
+pub mod view;

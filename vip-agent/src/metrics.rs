@@ -1,11 +1,13 @@
-//! Prometheus metrics, health endpoints and the agent's controls on the node's metrics address
-//! (which should stay on loopback: `POST /drain` changes what the node does).
+//! Prometheus metrics and health endpoints on the node's metrics address: `GET` only; the
+//! controls are on the control socket.
 //!
-//! Datapath counters live in per-CPU maps and are read at scrape time into a [`Snapshot`],
-//! which a prometheus-client collector encodes as constant metrics. `/healthz` answers while the
-//! agent runs; `/readyz` once the program is attached and the maps are filled.
+//! Datapath counters live in per-CPU maps and are read at scrape time, through their own
+//! handles on the pinned maps, into a [`Snapshot`] with the runtime's published [`View`]; a
+//! prometheus-client collector encodes it as constant metrics. A scrape never waits for the
+//! runtime. `/healthz` answers while the agent runs; `/readyz` while the datapath is attached
+//! and holds the running config.
 
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc};
+use std::{fmt::Write as _, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
@@ -16,8 +18,15 @@ use prometheus_client::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
+    sync::watch,
 };
 use vip_common::{DatapathStats, DecapStats, TrafficCounters};
+
+use crate::{
+    bgp::{Sessions, session::State},
+    dataplane::Counters,
+    view::View,
+};
 
 /// Counters read from the maps and the agent for one scrape.
 #[derive(Debug, Default, Clone)]
@@ -36,12 +45,57 @@ pub struct Snapshot {
     pub health: Vec<((String, String), bool, f64, u64)>,
 }
 
-/// Where a scrape gets its snapshot, whether the node is ready, and the agent's controls.
-pub trait Source: Send + Sync + 'static {
-    fn snapshot(&self) -> impl Future<Output = Snapshot> + Send;
-    fn ready(&self) -> impl Future<Output = bool> + Send;
-    /// Any other request (`method`, path with query): (HTTP status, body).
-    fn control(&self, method: &str, path: &str) -> impl Future<Output = (u16, String)> + Send;
+/// Where a scrape's numbers come from.
+pub struct MetricsSources {
+    pub view: watch::Receiver<View>,
+    pub counters: Counters,
+    pub sessions: Sessions,
+}
+
+impl MetricsSources {
+    /// Reads everything a scrape shows.
+    pub fn snapshot(&self) -> Snapshot {
+        let view = self.view.borrow().clone();
+        let mut s = Snapshot {
+            reloads_ok: view.reloads_ok,
+            reloads_failed: view.reloads_failed,
+            datapath: self.counters.datapath(),
+            decap: self.counters.decap(),
+            ..Default::default()
+        };
+        for account in &view.accounts {
+            let mut total = account.retired;
+            for (addr, id) in &account.backends {
+                let traffic = self.counters.backend_traffic(*id).unwrap_or_default();
+                total += traffic;
+                s.backends
+                    .push(((account.label.clone(), addr.to_string()), traffic));
+            }
+            s.vips.push((account.label.clone(), total));
+        }
+        s.health = view
+            .backends
+            .iter()
+            .filter_map(|b| {
+                let c = b.check.as_ref()?;
+                let label = (b.vip.clone(), b.address.to_string());
+                Some((label, c.up, c.latency.as_secs_f64(), c.changes))
+            })
+            .collect();
+        s.bgp = self
+            .sessions
+            .status()
+            .into_iter()
+            .map(|(peer, st)| {
+                (
+                    peer.to_string(),
+                    st.state == State::Established,
+                    st.announced as u64,
+                )
+            })
+            .collect();
+        s
+    }
 }
 
 #[derive(Debug)]
@@ -283,12 +337,11 @@ pub fn render(snapshot: Snapshot) -> String {
     out
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, source: Arc<impl Source>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr).await?;
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, sources: Arc<MetricsSources>) -> std::io::Result<()> {
     loop {
         let (mut conn, _) = listener.accept().await?;
-        let source = source.clone();
+        let sources = sources.clone();
         tokio::spawn(async move {
             let mut request = vec![0u8; 4096];
             let mut len = 0;
@@ -303,19 +356,17 @@ pub async fn serve(addr: SocketAddr, source: Arc<impl Source>) -> std::io::Resul
             let mut words = line.split_whitespace();
             let method = words.next().unwrap_or("");
             let path = words.next().unwrap_or("");
+            let ready = sources.view.borrow().ready;
             let (status, body) = match (method, path) {
-                ("GET", "/metrics") => (200, render(source.snapshot().await)),
-                ("GET", "/healthz") => (200, "ok\n".to_owned()),
-                ("GET", "/readyz") if source.ready().await => (200, "ready\n".to_owned()),
-                ("GET", "/readyz") => (503, "not ready\n".to_owned()),
-                _ => source.control(method, path).await,
-            };
-            let status = match status {
-                200 => "200 OK",
-                400 => "400 Bad Request",
-                404 => "404 Not Found",
-                503 => "503 Service Unavailable",
-                _ => "500 Internal Server Error",
+                ("GET", "/metrics") => ("200 OK", render(sources.snapshot())),
+                ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),
+                ("GET", "/readyz") if ready => ("200 OK", "ready\n".to_owned()),
+                ("GET", "/readyz") => ("503 Service Unavailable", "not ready\n".to_owned()),
+                ("GET", _) => ("404 Not Found", "not found\n".to_owned()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "metrics only; controls are on the control socket\n".to_owned(),
+                ),
             };
             let mut response = String::new();
             let _ = write!(

@@ -179,7 +179,7 @@ fn main() {
     configure(&mut lb);
 
     let mut harness = EbpfLoader::new()
-        .load(vip_agent::object::bench_harness())
+        .load(vip_agent::dataplane::object::bench_harness())
         .expect("load the harness object");
     for name in [BENCH_RESTORE_PROGRAM, BENCH_FLOOR_PROGRAM] {
         let p: &mut Xdp = harness

@@ -59,6 +59,20 @@ pub fn routes_for(config: &Config, usable: impl Fn(&VipKey) -> bool) -> Vec<Rout
     routes
 }
 
+/// A handle on the sessions' states, for readers that must not wait for the runtime.
+#[derive(Clone, Debug, Default)]
+pub struct Sessions(Vec<(IpAddr, watch::Receiver<Status>)>);
+
+impl Sessions {
+    /// Session states by peer.
+    pub fn status(&self) -> Vec<(IpAddr, Status)> {
+        self.0
+            .iter()
+            .map(|(a, s)| (*a, s.borrow().clone()))
+            .collect()
+    }
+}
+
 /// The running sessions.
 pub struct Speaker {
     routes: watch::Sender<Vec<Route>>,
@@ -193,12 +207,36 @@ impl Speaker {
         self.routes.send_replace(routes);
     }
 
-    /// Session states by peer.
-    pub fn status(&self) -> Vec<(IpAddr, Status)> {
-        self.sessions
-            .iter()
-            .map(|(a, s, _)| (*a, s.borrow().clone()))
-            .collect()
+    /// The sessions' states.
+    pub fn sessions(&self) -> Sessions {
+        Sessions(
+            self.sessions
+                .iter()
+                .map(|(a, s, _)| (*a, s.clone()))
+                .collect(),
+        )
+    }
+
+    /// The routes announced now (or being announced).
+    pub fn routes(&self) -> Vec<Route> {
+        self.routes.borrow().clone()
+    }
+
+    /// Waits until every established session has sent the current announcement set (a
+    /// withdrawal reaches the routers before the caller goes on), at most `within`.
+    pub async fn sent(&self, within: Duration) {
+        let wanted = self.routes.borrow().len();
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let done = self.sessions.iter().all(|(_, s, _)| {
+                let s = s.borrow();
+                s.state != session::State::Established || s.announced == wanted
+            });
+            if done {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stops announcing: with a drain time, first re-announces everything with GRACEFUL_SHUTDOWN

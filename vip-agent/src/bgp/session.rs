@@ -188,7 +188,7 @@ pub fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Resu
     }
     sig.keylen = key.len() as u16;
     sig.key[..key.len()].copy_from_slice(key.as_bytes());
-    crate::sockopt::set(socket, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig)
+    crate::net::sockopt::set(socket, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &sig)
 }
 
 /// A session's TCP connection. Messages are read through a buffer, so a read interrupted by

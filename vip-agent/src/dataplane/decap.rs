@@ -5,7 +5,7 @@ use std::{collections::HashSet, net::IpAddr, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
 };
 use vip_common::{
@@ -13,9 +13,8 @@ use vip_common::{
     layout::{self, DECAP_LAYOUT},
 };
 
-use crate::dataplane::{
-    DataplaneError, Result, attach_xdp_pinned, check_pinned, create_pin_dir, map_err, sum_counters,
-    xdp_program,
+use super::{
+    DataplaneError, Result, attach_xdp_pinned, check_pinned, create_pin_dir, map_err, xdp_program,
 };
 
 /// The loaded decapsulation program and its maps.
@@ -38,7 +37,7 @@ impl DecapPlane {
             }
         }
         let ebpf = loader
-            .load(crate::object::decap())
+            .load(super::object::decap())
             .map_err(DataplaneError::Load)?;
         Ok(Self { ebpf })
     }
@@ -111,6 +110,13 @@ impl DecapPlane {
 
     /// Counters, summed over CPUs.
     pub fn stats(&self) -> Result<DecapStats> {
-        sum_counters(&self.ebpf, layout::DECAP_STATS)
+        let name = layout::DECAP_STATS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DataplaneError::MissingMap(name))?;
+        let map: PerCpuArray<&MapData, DecapStats> =
+            PerCpuArray::try_from(map).map_err(map_err(name))?;
+        super::counters::sum_entry(&map, name, 0)
     }
 }

@@ -3,33 +3,44 @@
 //! This is the only code that touches the datapath's maps; the agent, the tests and the benchmark
 //! all go through it. Map layouts come from `vip_common::layout`.
 
+mod attach;
+mod counters;
+pub mod decap;
+pub mod log;
+mod mmap;
+pub mod object;
+mod pins;
+pub mod test_run;
+
+pub use attach::{attach_xdp_pinned, detach_all, link_pin_path};
+pub(crate) use attach::{load_retrying, xdp_program};
+pub use counters::Counters;
+pub use decap::DecapPlane;
+pub(crate) use pins::{check_pinned, create_pin_dir};
+
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, ProgramArray},
-    programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
-        tc,
-        xdp::XdpLink,
-    },
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use vip_common::{
     AddrFamily, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4,
     INSERT_WINDOW_SHIFT, TrafficCounters, VipKey, VipMeta,
     hash::vip_filter_bit,
     layout::{
-        self, DECAP_LAYOUT, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
-        DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT, MapLayout, OBSOLETE_PINS,
+        self, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
+        DEFAULT_TABLE_SIZE, DEFAULT_TABLE_SLOTS, LAYOUT,
     },
-    maglev::{MaglevTable, is_prime},
+    maglev::is_prime,
 };
 
-use crate::datapath_log::{DatapathLog, ToTracing};
+use counters::sum_entry;
+use log::{DatapathLog, ToTracing};
 
 /// aya-log's level global in the eBPF object.
 const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
@@ -99,44 +110,6 @@ pub enum DataplaneError {
 }
 
 pub(crate) type Result<T> = std::result::Result<T, DataplaneError>;
-
-/// Writes `values` into entries `first..first + values.len()` of a `BPF_F_MMAPABLE` array map
-/// of 4-byte values, through a shared mapping of just the pages that hold them (the kernel maps
-/// every page of the range eagerly, so mapping the whole map per table would cost more than the
-/// writes). The kernel stores every array value in a multiple of 8 bytes, so each entry is a
-/// `u64` here whose low half (little-endian: its first 4 bytes) is the value.
-fn write_mmapped(map: BorrowedFd<'_>, first: usize, values: &[u32]) -> std::io::Result<()> {
-    const ENTRY: usize = size_of::<u64>();
-    // SAFETY: plain query of the system page size.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-    let start = first * ENTRY / page * page;
-    let len = ((first + values.len()) * ENTRY).div_ceil(page) * page - start;
-    // SAFETY: a fresh shared mapping of part of the map's value area; the kernel checks the
-    // range against the map's size and that the map is mmapable.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            map.as_raw_fd(),
-            start as libc::off_t,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the mapping covers `len` bytes from entry `start / ENTRY`, page-aligned, so
-    // 8-byte aligned; it is unmapped below, after the last use of `entries`.
-    let entries = unsafe { std::slice::from_raw_parts_mut(ptr.cast::<u64>(), len / ENTRY) };
-    let skip = first - start / ENTRY;
-    for (entry, &value) in entries[skip..skip + values.len()].iter_mut().zip(values) {
-        *entry = u64::from(value);
-    }
-    // SAFETY: unmapping exactly the mapping made above.
-    unsafe { libc::munmap(ptr, len) };
-    Ok(())
-}
 
 pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { map, source }
@@ -228,9 +201,9 @@ impl Dataplane {
     /// Loads the embedded load-balancer object (not yet attached) and writes its node config.
     pub fn load(options: DataplaneOptions) -> Result<Self> {
         let object = if options.datapath_log {
-            crate::object::load_balancer_with_log()
+            object::load_balancer_with_log()
         } else {
-            crate::object::load_balancer()
+            object::load_balancer()
         };
         Self::load_object(object, options)
     }
@@ -296,7 +269,7 @@ impl Dataplane {
     /// With [`DataplaneOptions::datapath_log`]: loads `vip_lb_log`, puts it where `vip_lb`
     /// tail-calls it, and returns the reader of its records (to [`forward`]).
     ///
-    /// [`forward`]: crate::datapath_log::forward
+    /// [`forward`]: log::forward
     pub fn start_log(&mut self) -> Result<Option<DatapathLog>> {
         if !self.options.datapath_log {
             return Ok(None);
@@ -370,15 +343,14 @@ impl Dataplane {
         Array::try_from(self.map_mut(name)?).map_err(map_err(name))
     }
 
-    fn per_cpu_sum(&self, name: &'static str, index: u32) -> Result<TrafficCounters> {
-        let map: PerCpuArray<&MapData, TrafficCounters> =
+    fn per_cpu_sum<T: aya::Pod + bytemuck::Pod>(
+        &self,
+        name: &'static str,
+        index: u32,
+    ) -> Result<T> {
+        let map: PerCpuArray<&MapData, T> =
             PerCpuArray::try_from(self.map(name)?).map_err(map_err(name))?;
-        let values = map.get(&index, 0).map_err(map_err(name))?;
-        let mut sum = TrafficCounters::default();
-        for v in values.iter() {
-            sum += *v;
-        }
-        Ok(sum)
+        sum_entry(&map, name, index)
     }
 
     /// Limits new conntrack entries to `per_second` per CPU (0: no limit); the datapath counts
@@ -404,11 +376,11 @@ impl Dataplane {
 
     /// Writes a complete Maglev table into table slot `slot`. Write it into a slot no VIP uses,
     /// then point the VIP at it with [`Dataplane::set_vip`]: no packet sees a half-written table.
-    pub fn write_table(&mut self, slot: u32, table: &MaglevTable) -> Result<()> {
+    pub fn write_table(&mut self, slot: u32, table: &[BackendId]) -> Result<()> {
         let size = self.options.table_size;
-        if table.slots().len() != size as usize {
+        if table.len() != size as usize {
             return Err(DataplaneError::TableSize {
-                got: table.slots().len(),
+                got: table.len(),
                 want: size,
             });
         }
@@ -421,12 +393,12 @@ impl Dataplane {
         let aya::maps::Map::Array(maglev) = self.map(layout::MAGLEV)? else {
             return Err(DataplaneError::MissingMap(layout::MAGLEV));
         };
-        write_mmapped(maglev.fd().as_fd(), (slot * size) as usize, table.slots()).map_err(
-            |source| DataplaneError::Mmap {
+        mmap::write_mmapped(maglev.fd().as_fd(), (slot * size) as usize, table).map_err(|source| {
+            DataplaneError::Mmap {
                 map: layout::MAGLEV,
                 source,
-            },
-        )
+            }
+        })
     }
 
     /// Adds or replaces a VIP. Replacing the value is atomic for the datapath, which is how a
@@ -443,12 +415,16 @@ impl Dataplane {
         vips.insert(key, meta, 0).map_err(map_err(layout::VIPS))
     }
 
-    /// Removes a VIP; its packets pass to the stack from then on. Its filter bit is cleared
-    /// afterwards unless another VIP still needs it.
+    /// Removes a VIP (if present); its packets pass to the stack from then on. Its filter bit
+    /// is cleared afterwards unless another VIP still needs it.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
-        let vip_id = vips.get(key, 0).map_err(map_err(layout::VIPS))?.vip_id;
+        let vip_id = match vips.get(key, 0) {
+            Ok(meta) => meta.vip_id,
+            Err(MapError::KeyNotFound) => return Ok(()),
+            Err(e) => return Err(map_err(layout::VIPS)(e)),
+        };
         vips.remove(key).map_err(map_err(layout::VIPS))?;
         // Established flows of this VIP now find no settings by id, and re-resolve by key.
         self.array::<VipMeta>(layout::VIP_META)?
@@ -534,11 +510,11 @@ impl Dataplane {
 
     /// Global outcome counters, summed over CPUs.
     pub fn stats(&self) -> Result<DatapathStats> {
-        sum_counters(&self.ebpf, layout::STATS)
+        self.per_cpu_sum(layout::STATS, 0)
     }
 
     /// Traffic per VIP (by `vip_id`) as its present backends' counters add up. A running agent
-    /// also counts what backends that left had sent (see `Balancer::traffic`).
+    /// also counts what backends that left had sent (see `apply::VipAccount`).
     pub fn traffic_by_vip(&self) -> Result<std::collections::HashMap<u32, TrafficCounters>> {
         let mut by_vip = std::collections::HashMap::new();
         for (id, b) in self.backends()? {
@@ -582,174 +558,4 @@ impl Dataplane {
             Err((name, e)) => Err(map_err(name)(e)),
         }
     }
-}
-
-/// Attaches `prog` to `iface`, trying `modes` in order, so that the attachment survives the
-/// agent: the XDP link is pinned at `<pin_dir>/links/xdp_<iface>`. If that pin exists (a running
-/// datapath from an earlier agent), the link is switched to `prog` atomically, with no packet
-/// unhandled. Returns the mode used, or `None` when an existing link was switched.
-pub fn attach_xdp_pinned(
-    prog: &mut Xdp,
-    program: &'static str,
-    iface: &str,
-    modes: &[XdpMode],
-    pin_dir: &Path,
-) -> Result<Option<XdpMode>> {
-    let link_path = link_pin_path(pin_dir, iface);
-    let program_err = |source| DataplaneError::Program { program, source };
-    let link_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Link {
-        path: link_path.clone(),
-        source,
-    };
-    if link_path.exists() {
-        let pinned = PinnedLink::from_pin(&link_path).map_err(|e| link_err(e.into()))?;
-        let link = XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.into()))?;
-        prog.attach_to_link(link).map_err(program_err)?;
-        return Ok(None);
-    }
-    let mut last_err = None;
-    for &mode in modes {
-        match prog.attach(iface, mode) {
-            Ok(id) => {
-                let link = prog.take_link(id).map_err(program_err)?;
-                // Fails if aya had to fall back to netlink: that kernel cannot keep XDP
-                // attached across agent restarts.
-                let fd_link = FdLink::try_from(link).map_err(|e| link_err(e.into()))?;
-                std::fs::create_dir_all(link_path.parent().expect("has a parent"))
-                    .map_err(|e| link_err(e.into()))?;
-                fd_link.pin(&link_path).map_err(|e| link_err(e.into()))?;
-                return Ok(Some(mode));
-            }
-            Err(e) => {
-                tracing::warn!(%iface, ?mode, error = %e, "XDP attach failed");
-                last_err = Some(e);
-            }
-        }
-    }
-    Err(program_err(last_err.expect("at least one attach mode")))
-}
-
-/// Creates a pin directory (under a bpffs mount).
-pub(crate) fn create_pin_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
-        path: dir.to_owned(),
-        source,
-    })
-}
-
-/// Loads (verifies) the XDP program `name` of `ebpf` on first use.
-/// Loads a program, again when the verifier was interrupted: it gives up with EAGAIN when a
-/// signal arrives while it works (as libbpf does, up to five attempts).
-fn load_retrying(
-    mut load: impl FnMut() -> std::result::Result<(), ProgramError>,
-) -> std::result::Result<(), ProgramError> {
-    let mut attempts = 5;
-    loop {
-        match load() {
-            Err(ProgramError::LoadError { io_error, .. })
-                if io_error.kind() == std::io::ErrorKind::WouldBlock && attempts > 1 =>
-            {
-                attempts -= 1;
-            }
-            other => return other,
-        }
-    }
-}
-
-pub(crate) fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp> {
-    let program_err = |source| DataplaneError::Program {
-        program: name,
-        source,
-    };
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or(DataplaneError::MissingProgram(name))?
-        .try_into()
-        .map_err(program_err)?;
-    if prog.fd().is_err() {
-        load_retrying(|| prog.load()).map_err(program_err)?;
-    }
-    Ok(prog)
-}
-
-/// Sums a one-entry per-CPU array of `u64` counters over CPUs.
-pub(crate) fn sum_counters<T: aya::Pod + bytemuck::Pod>(
-    ebpf: &Ebpf,
-    name: &'static str,
-) -> Result<T> {
-    let map: PerCpuArray<&MapData, T> =
-        PerCpuArray::try_from(ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?)
-            .map_err(map_err(name))?;
-    let values = map.get(&0, 0).map_err(map_err(name))?;
-    let mut sum: T = bytemuck::Zeroable::zeroed();
-    for cpu in values.iter() {
-        let words: &[u64] = bytemuck::cast_slice(bytemuck::bytes_of(cpu));
-        let total: &mut [u64] = bytemuck::cast_slice_mut(bytemuck::bytes_of_mut(&mut sum));
-        for (s, w) in total.iter_mut().zip(words) {
-            *s += w;
-        }
-    }
-    Ok(sum)
-}
-
-/// Where the XDP link of `iface` is pinned.
-pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("xdp_{iface}"))
-}
-
-/// Removes vip from the node: unpins every XDP link under `pin_dir` (which detaches the
-/// program) and every map pin. Returns the interfaces detached.
-pub fn detach_all(pin_dir: &Path) -> std::io::Result<Vec<String>> {
-    let mut detached = Vec::new();
-    let links = pin_dir.join("links");
-    if let Ok(entries) = std::fs::read_dir(&links) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            std::fs::remove_file(entry.path())?;
-            detached.push(name.trim_start_matches("xdp_").to_owned());
-        }
-        std::fs::remove_dir(&links)?;
-    }
-    let names = LAYOUT.iter().chain(DECAP_LAYOUT.iter()).map(|l| l.name);
-    for name in names.chain(OBSOLETE_PINS) {
-        match std::fs::remove_file(pin_dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
-    match std::fs::remove_dir(pin_dir) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(detached),
-    }
-}
-
-/// Refuses a pinned map whose shape differs from what this program needs: aya would reuse it
-/// silently, and the program would read garbage.
-pub(crate) fn check_pinned(
-    path: &Path,
-    name: &'static str,
-    layouts: &[MapLayout],
-    max_entries: Option<u32>,
-) -> Result<()> {
-    let info = MapInfo::from_pin(path).map_err(map_err(name))?;
-    let want = layouts
-        .iter()
-        .find(|l| l.name == name)
-        .ok_or(DataplaneError::MissingMap(name))?;
-    let want_entries = max_entries.unwrap_or(0);
-    if info.key_size() != want.key_size
-        || info.value_size() != want.value_size
-        || info.max_entries() != want_entries
-    {
-        return Err(DataplaneError::PinnedMapMismatch {
-            path: path.to_owned(),
-            key: info.key_size(),
-            value: info.value_size(),
-            entries: info.max_entries(),
-            want_key: want.key_size,
-            want_value: want.value_size,
-            want_entries,
-        });
-    }
-    Ok(())
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use aya::programs::{TestRun as _, TestRunOptions};
 use vip_common::IPPROTO_TCP;
 
-use crate::dataplane::{Dataplane, DataplaneError};
+use super::{Dataplane, DataplaneError};
 
 /// An Ethernet frame of a flow's non-SYN packet (a TCP ACK, or a UDP datagram).
 pub fn frame(client: SocketAddr, vip: SocketAddr, proto: u8) -> Vec<u8> {

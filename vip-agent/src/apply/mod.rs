@@ -1,0 +1,336 @@
+//! Applying a target (what the maps should hold) to the datapath: a pure [`plan`] of map writes,
+//! then its execution through a [`MapWriter`]. Nothing is written unless the whole change fits:
+//! ids and table slots are checked at the transition's peak while planning.
+//!
+//! Backend and VIP ids are stable while the agent runs (a backend keeps its id while its VIP
+//! lists it) and freed ids are reused last, so conntrack entries never point at a recycled id
+//! soon after a removal (and entries carry the backend's tag for when they do).
+
+pub mod encode;
+mod ids;
+mod plan;
+mod slots;
+mod writer;
+
+use std::{collections::HashMap, net::IpAddr};
+
+use vip_common::{Backend, BackendId, TrafficCounters, VipKey, VipMeta, maglev::MaglevBackend};
+
+pub use encode::Sources;
+pub use plan::{Plan, PlanError};
+pub use slots::TableSlots;
+pub use writer::MapWriter;
+
+use crate::{
+    config::{BackendConfig, Config, VipConfig},
+    net::nexthop::NextHop,
+};
+use ids::Ids;
+use plan::Step;
+
+/// One backend of one VIP: the unit of ids, table membership, health and drain.
+pub type BackendKey = (VipKey, IpAddr);
+
+/// What the maps should hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub sources: Sources,
+    /// New conntrack entries per second and CPU (0: no limit).
+    pub insert_limit: u32,
+    pub vips: Vec<VipTarget>,
+}
+
+impl Target {
+    /// The target for `config`, each backend's table weight and presence given by `backend`.
+    pub fn new(
+        config: &Config,
+        backend: impl Fn(&BackendKey, &BackendConfig) -> BackendTarget,
+    ) -> Self {
+        Target {
+            sources: Sources {
+                v4: config.node.source_v4,
+                v6: config.node.source_v6,
+            },
+            insert_limit: config.node.conntrack_insert_limit,
+            vips: config
+                .vips
+                .iter()
+                .map(|vip| VipTarget {
+                    config: vip.clone(),
+                    backends: vip
+                        .backends
+                        .iter()
+                        .map(|b| backend(&(vip.key(), b.address), b))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The target for `config` as written: every backend up, undrained.
+    pub fn configured(config: &Config) -> Self {
+        Self::new(config, |_, b| BackendTarget {
+            address: b.address,
+            weight: b.table_weight(),
+            present: true,
+        })
+    }
+}
+
+/// A VIP as the maps should hold it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipTarget {
+    pub config: VipConfig,
+    /// Its backends, in the config's order.
+    pub backends: Vec<BackendTarget>,
+}
+
+/// A backend as the maps should hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendTarget {
+    pub address: IpAddr,
+    /// Weight in the Maglev table now; 0: no new flows.
+    pub weight: u32,
+    /// Whether its entry is present: false (down) moves its established flows too.
+    pub present: bool,
+}
+
+/// The datapath's fixed sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub table_size: u32,
+    pub table_slots: u32,
+    pub vips: u32,
+    pub backends: u32,
+}
+
+impl From<&crate::dataplane::DataplaneOptions> for Capacity {
+    fn from(o: &crate::dataplane::DataplaneOptions) -> Self {
+        Capacity {
+            table_size: o.table_size,
+            table_slots: o.table_slots,
+            vips: o.max_vips,
+            backends: o.max_backends,
+        }
+    }
+}
+
+/// A VIP as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AppliedVip {
+    pub(crate) meta: VipMeta,
+    /// The table's members, as built: an equal list means an equal table.
+    pub(crate) members: Vec<MaglevBackend>,
+    /// Its name in metrics and `status` (`tcp/198.51.100.1:443`).
+    pub(crate) label: String,
+}
+
+/// What the maps hold, as far as the agent wrote them.
+#[derive(Clone, Debug)]
+pub(crate) struct State {
+    capacity: Capacity,
+    slots: TableSlots,
+    vip_ids: Ids<VipKey>,
+    backend_ids: Ids<BackendKey>,
+    vips: HashMap<VipKey, AppliedVip>,
+    backends: HashMap<BackendKey, Backend>,
+    insert_limit: Option<u32>,
+}
+
+impl State {
+    fn forwardable(&self, key: &VipKey) -> bool {
+        self.vips
+            .get(key)
+            .is_some_and(|v| v.members.iter().any(|m| m.weight > 0))
+    }
+}
+
+/// Why an apply failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The change does not fit; nothing was written.
+    #[error("the change cannot be applied; nothing was written")]
+    Plan(#[from] PlanError),
+    /// A map write failed part way; the next apply writes what differs again.
+    #[error("writing the datapath's maps failed part way")]
+    Write(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What an apply changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub vips_published: usize,
+    pub vips_removed: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+}
+
+/// A VIP's traffic accounts: what its backends send is counted per backend id in the
+/// datapath; what departed backends sent is kept here, so a VIP's total never falls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipAccount {
+    pub label: String,
+    pub retired: TrafficCounters,
+    pub backends: Vec<(IpAddr, BackendId)>,
+}
+
+/// The applied state of a load-balancer node and the traffic of departed backends.
+#[derive(Debug)]
+pub struct Applied {
+    state: State,
+    /// Per VIP, what backends that have left it had sent.
+    retired: HashMap<VipKey, TrafficCounters>,
+}
+
+impl Applied {
+    /// Nothing applied yet, in a datapath of `capacity`.
+    pub fn new(capacity: Capacity) -> Self {
+        Self {
+            state: State {
+                capacity,
+                slots: TableSlots::new(capacity.table_slots),
+                vip_ids: Ids::new(capacity.vips),
+                backend_ids: Ids::new(capacity.backends),
+                vips: HashMap::new(),
+                backends: HashMap::new(),
+                insert_limit: None,
+            },
+            retired: HashMap::new(),
+        }
+    }
+
+    /// Takes over what an earlier agent left in pinned maps: VIPs keep their ids and live
+    /// table slots (rewritten by the first apply through a spare slot, so no packet reads a
+    /// table being rewritten) and backends keep their ids (conntrack entries keep pointing at
+    /// the right backend). Returns how many entries it took over.
+    pub fn adopt(
+        &mut self,
+        vips: &[(VipKey, VipMeta)],
+        backends: &[(BackendId, Backend)],
+    ) -> usize {
+        let state = &mut self.state;
+        for (key, meta) in vips {
+            state.slots.adopt(*key, meta.table);
+            state.vip_ids.adopt(*key, meta.vip_id);
+            state.vips.insert(
+                *key,
+                AppliedVip {
+                    meta: *meta,
+                    members: Vec::new(),
+                    label: String::new(),
+                },
+            );
+        }
+        let mut adopted = vips.len();
+        for (id, entry) in backends {
+            let vip = vips.iter().find(|(_, m)| m.vip_id == entry.vip_id);
+            let addr = vip_common::addr_from_bytes(&entry.addr, entry.family);
+            if let (Some((key, _)), Some(addr)) = (vip, addr) {
+                state.backend_ids.adopt((*key, addr), *id);
+                state.backends.insert((*key, addr), *entry);
+                adopted += 1;
+            }
+        }
+        adopted
+    }
+
+    /// Makes the maps hold `target`: plans the whole change, then writes it. A change that
+    /// does not fit is refused with nothing written.
+    pub fn apply(
+        &mut self,
+        target: &Target,
+        next_hops: &HashMap<IpAddr, NextHop>,
+        writer: &mut impl MapWriter,
+    ) -> Result<ApplyReport, ApplyError> {
+        let plan = self.plan(target, next_hops)?;
+        self.execute(plan, writer)
+    }
+
+    /// The writes that would make the maps hold `target`; nothing is written.
+    pub fn plan(
+        &self,
+        target: &Target,
+        next_hops: &HashMap<IpAddr, NextHop>,
+    ) -> Result<Plan, PlanError> {
+        plan::plan(&self.state, target, next_hops)
+    }
+
+    /// Writes a plan made from the current state. On a failed write the state stays as it
+    /// was; the next apply rewrites what differs from it.
+    pub fn execute(
+        &mut self,
+        plan: Plan,
+        writer: &mut impl MapWriter,
+    ) -> Result<ApplyReport, ApplyError> {
+        let write = |e| ApplyError::Write(Box::new(e));
+        let mut report = ApplyReport::default();
+        for step in plan.steps {
+            match step {
+                Step::SetInsertLimit(limit) => writer.set_insert_limit(limit).map_err(write)?,
+                Step::SetBackend { id, entry } => {
+                    writer.set_backend(id, &entry).map_err(write)?;
+                    report.backends_written += 1;
+                }
+                Step::ReleaseBackend { id, vip } => {
+                    let sent = writer.release_backend(id).map_err(write)?;
+                    if plan.next.vips.contains_key(&vip) {
+                        *self.retired.entry(vip).or_default() += sent;
+                    }
+                    report.backends_removed += 1;
+                }
+                Step::WriteTable { slot, table } => {
+                    writer.write_table(slot, table.slots()).map_err(write)?;
+                    report.vips_published += 1;
+                }
+                Step::SetVip { key, meta } => writer.set_vip(&key, &meta).map_err(write)?,
+                Step::RemoveVip { key } => {
+                    writer.remove_vip(&key).map_err(write)?;
+                    report.vips_removed += 1;
+                }
+            }
+        }
+        self.retired.retain(|k, _| plan.next.vips.contains_key(k));
+        self.state = plan.next;
+        Ok(report)
+    }
+
+    /// The datapath's id of a backend of a VIP, once applied.
+    pub fn backend_id(&self, key: &BackendKey) -> Option<BackendId> {
+        self.state.backend_ids.get(key)
+    }
+
+    /// Whether a VIP is in the datapath with a backend that takes new flows: only such VIPs
+    /// may be announced.
+    pub fn forwardable(&self, key: &VipKey) -> bool {
+        self.state.forwardable(key)
+    }
+
+    /// Every applied VIP's traffic accounts, sorted by label.
+    pub fn accounts(&self) -> Vec<VipAccount> {
+        let mut backends_of: HashMap<VipKey, Vec<(IpAddr, BackendId)>> = HashMap::new();
+        for key in self.state.backend_ids.keys() {
+            if let Some(id) = self.state.backend_ids.get(key) {
+                backends_of.entry(key.0).or_default().push((key.1, id));
+            }
+        }
+        let mut accounts: Vec<VipAccount> = self
+            .state
+            .vips
+            .iter()
+            .map(|(key, vip)| {
+                let mut backends = backends_of.remove(key).unwrap_or_default();
+                backends.sort();
+                VipAccount {
+                    label: vip.label.clone(),
+                    retired: self.retired.get(key).copied().unwrap_or_default(),
+                    backends,
+                }
+            })
+            .collect();
+        accounts.sort_by(|a, b| a.label.cmp(&b.label));
+        accounts
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,191 @@
+//! Whether a backend passes its health checks, from the results of its checks: a pure state
+//! machine (time is an argument), so it is tested on the host.
+//!
+//! A backend goes down after `fall` failures in a row and comes back after `rise` successes.
+//! Flapping is damped: a backend that comes back and goes down again within ten intervals
+//! needs twice as many successes the next time (up to 16 × `rise`); ten quiet intervals reset it.
+
+use std::time::{Duration, Instant};
+
+use crate::config::HealthCheck;
+
+/// The verdict on one backend and what it rests on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    up: bool,
+    successes: u32,
+    failures: u32,
+    flaps: u32,
+    last_change: Instant,
+    /// Up/down changes so far.
+    pub changes: u64,
+    /// The latest check's outcome in words.
+    pub detail: String,
+    pub latency: Duration,
+}
+
+impl Verdict {
+    /// A backend not checked yet: up (a new backend takes traffic until its checks say
+    /// otherwise, as a restarted agent's backends do).
+    pub fn new(now: Instant) -> Self {
+        Self {
+            up: true,
+            successes: 0,
+            failures: 0,
+            flaps: 0,
+            last_change: now,
+            changes: 0,
+            detail: "not checked yet".into(),
+            latency: Duration::ZERO,
+        }
+    }
+
+    pub fn up(&self) -> bool {
+        self.up
+    }
+
+    /// The check's settings changed: the verdict stays, counting starts afresh.
+    pub fn restart(&mut self) {
+        self.successes = 0;
+        self.failures = 0;
+    }
+
+    /// Records one check's result; returns the new verdict when it changed.
+    pub fn record(
+        &mut self,
+        ok: bool,
+        detail: String,
+        latency: Duration,
+        check: &HealthCheck,
+        now: Instant,
+    ) -> Option<bool> {
+        self.detail = detail;
+        self.latency = latency;
+        if ok {
+            self.successes = self.successes.saturating_add(1);
+            self.failures = 0;
+        } else {
+            self.failures = self.failures.saturating_add(1);
+            self.successes = 0;
+        }
+        let quiet = now.duration_since(self.last_change) > check.interval * 10;
+        if quiet {
+            self.flaps = 0;
+        }
+        let needed = check.rise << self.flaps.min(4);
+        let new = if self.up && self.failures >= check.fall {
+            false
+        } else if !self.up && self.successes >= needed {
+            true
+        } else {
+            return None;
+        };
+        // Down again soon after coming back up (a first failure is no flap).
+        if !new && !quiet && self.changes > 0 {
+            self.flaps += 1;
+        }
+        self.up = new;
+        self.last_change = now;
+        self.changes += 1;
+        Some(new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    fn check(rise: u32, fall: u32) -> HealthCheck {
+        let text = format!(
+            "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"192.0.2.10\"\n\
+             [[vip]]\naddress = \"198.51.100.1\"\nprotocol = \"tcp\"\nport = 80\n\
+             [vip.health]\ncheck = \"tcp\"\ninterval = 1\nrise = {rise}\nfall = {fall}\n\
+             [[vip.backend]]\naddress = \"192.0.2.21\"\n"
+        );
+        let cfg = config::parse(std::path::Path::new("t.toml"), &text).unwrap();
+        cfg.vips[0].backends[0].health.clone()
+    }
+
+    #[test]
+    fn down_after_fall_failures_up_after_rise_successes() {
+        let check = check(2, 3);
+        let t0 = Instant::now();
+        let mut v = Verdict::new(t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            v.record(false, "x".into(), Duration::ZERO, &check, at(1)),
+            None
+        );
+        assert_eq!(
+            v.record(false, "x".into(), Duration::ZERO, &check, at(2)),
+            None
+        );
+        assert_eq!(
+            v.record(false, "x".into(), Duration::ZERO, &check, at(3)),
+            Some(false)
+        );
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(4)),
+            None
+        );
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(5)),
+            Some(true)
+        );
+        assert_eq!(v.changes, 2);
+    }
+
+    /// A restarted check (its settings changed) keeps the verdict: a down backend comes back
+    /// only after `rise` successes, and says so.
+    #[test]
+    fn a_restarted_check_starts_from_the_current_verdict() {
+        let check = check(2, 1);
+        let t0 = Instant::now();
+        let mut v = Verdict::new(t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            v.record(false, "x".into(), Duration::ZERO, &check, at(1)),
+            Some(false)
+        );
+        v.restart();
+        assert!(!v.up());
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(2)),
+            None
+        );
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(3)),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn flapping_needs_more_successes() {
+        let check = check(1, 1);
+        let t0 = Instant::now();
+        let mut v = Verdict::new(t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            v.record(false, "x".into(), Duration::ZERO, &check, at(1)),
+            Some(false)
+        );
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(2)),
+            Some(true)
+        );
+        // Down again within ten intervals: a flap; now two successes are needed.
+        assert_eq!(
+            v.record(false, "x".into(), Duration::ZERO, &check, at(3)),
+            Some(false)
+        );
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(4)),
+            None
+        );
+        assert_eq!(
+            v.record(true, "ok".into(), Duration::ZERO, &check, at(5)),
+            Some(true)
+        );
+    }
+}

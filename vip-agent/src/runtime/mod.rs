@@ -1,0 +1,486 @@
+//! The agent's runtime: one task owns the node (datapath and applied state), the running config,
+//! every backend's status and the BGP announcements, and changes them one event at a time:
+//! signals, health-check results, kernel route changes, and commands from the control socket.
+//! Readers (`/metrics`, `status`, `backends`) get a [`View`] it publishes after each change and
+//! never wait for it.
+//!
+//! A reload runs in phases, so that a VIP is announced only while this node forwards it:
+//! validate the file, plan the map writes (refused whole if they do not fit), withdraw what
+//! leaves (after announcing it with GRACEFUL_SHUTDOWN for `bgp.drain_time`), write the maps,
+//! announce, and update `lo`.
+
+mod backends;
+mod node;
+
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{Signal, SignalKind, signal},
+    sync::{mpsc, watch},
+};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    apply::{Plan, VipAccount},
+    bgp::{self, Speaker, session::Route},
+    config::{self, Config},
+    control::{
+        DrainOutcome, DrainTarget, Response,
+        server::{Command, ControlSocket},
+    },
+    dataplane::{Counters, detach_all},
+    health::Observation,
+    metrics::{self, MetricsSources},
+    net::{lo::LoopbackVips, nexthop::KernelChanges},
+    view::View,
+};
+use backends::BackendStatus;
+use node::{Loaded, Node, configure_decap};
+
+/// How the agent was asked to run.
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    /// On exit, detach the program and remove pins and VIP addresses.
+    pub cleanup: bool,
+    pub datapath_log: bool,
+}
+
+/// The signals the runtime answers; installed before anything else, so a signal during
+/// start-up waits for a clean shutdown instead of killing the agent half way.
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+/// Runs the agent with a validated `config` until SIGTERM or SIGINT.
+pub async fn run(options: RunOptions, config: Config) -> Result<()> {
+    let mut signals = Signals {
+        hangup: signal(SignalKind::hangup())?,
+        terminate: signal(SignalKind::terminate())?,
+        interrupt: signal(SignalKind::interrupt())?,
+    };
+    let Loaded {
+        node,
+        restarted,
+        observations,
+    } = Node::load(&config, options.datapath_log).await?;
+    let mut status = BackendStatus::default();
+    status.sync(&config, false, Instant::now());
+    let lo = LoopbackVips::new().await?;
+    let (view, view_rx) = watch::channel(View::default());
+    let mut runtime = Runtime {
+        path: options.config_path,
+        config,
+        node,
+        status,
+        node_drained: false,
+        speaker: None,
+        lo,
+        reloads_ok: 0,
+        reloads_failed: 0,
+        attached: Vec::new(),
+        ready: false,
+        view,
+    };
+    runtime.start(restarted).await?;
+
+    let control = ControlSocket::bind(&runtime.config.node.control_socket)?;
+    let sessions = runtime
+        .speaker
+        .as_ref()
+        .map(Speaker::sessions)
+        .unwrap_or_default();
+    let counters = match &runtime.node {
+        Node::Lb(_) => Counters::open_lb(&runtime.config.node.pin_dir),
+        Node::Backend(_) => Counters::open_decap(&runtime.config.node.pin_dir),
+    }
+    .context("opening the datapath's counters")?;
+    let metrics_address = runtime.config.node.metrics_address;
+    let listener = TcpListener::bind(metrics_address)
+        .await
+        .with_context(|| format!("metrics address {metrics_address}"))?;
+    let sources = Arc::new(MetricsSources {
+        view: view_rx.clone(),
+        counters,
+        sessions: sessions.clone(),
+    });
+    let mut metrics_server = tokio::spawn(metrics::serve(listener, sources));
+    info!(%metrics_address, "serving /metrics, /healthz, /readyz");
+    let (commands_tx, commands) = mpsc::channel(16);
+    let socket = runtime.config.node.control_socket.clone();
+    let control_server = tokio::spawn(control.serve(view_rx, sessions, commands_tx));
+    info!(socket = %socket.display(), "control socket");
+
+    let result = runtime
+        .serve(&mut signals, observations, commands, &mut metrics_server)
+        .await;
+    control_server.abort();
+    metrics_server.abort();
+    // The control socket's file goes with its listener.
+    let _ = control_server.await;
+    runtime.stop(options.cleanup).await?;
+    result
+}
+
+/// The one owner of the node's state.
+struct Runtime {
+    path: PathBuf,
+    config: Config,
+    node: Node,
+    status: BackendStatus,
+    node_drained: bool,
+    speaker: Option<Speaker>,
+    lo: LoopbackVips,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    attached: Vec<String>,
+    /// The datapath is attached and holds the running config.
+    ready: bool,
+    view: watch::Sender<View>,
+}
+
+impl Runtime {
+    /// Writes the config into the maps, attaches, puts the VIPs on `lo`, and only then
+    /// announces them.
+    async fn start(&mut self, restarted: bool) -> Result<()> {
+        match &mut self.node {
+            Node::Lb(lb) => {
+                let report = lb
+                    .write(&self.status.target(&self.config))
+                    .context("applying the config")?;
+                info!(?report, "config applied");
+                lb.sync_checks(&self.config)?;
+            }
+            Node::Backend(decap) => configure_decap(decap, &self.config)?,
+        }
+        self.attached = self.node.attach(&self.config)?;
+        self.ready = true;
+        let (added, removed) = self.lo.sync(&self.config.loopback_addresses()).await?;
+        info!(added, removed, "VIP addresses on lo");
+        self.speaker = self
+            .config
+            .bgp
+            .as_ref()
+            .map(|b| Speaker::start(b, self.routes(), restarted));
+        self.publish();
+        Ok(())
+    }
+
+    async fn serve(
+        &mut self,
+        signals: &mut Signals,
+        mut observations: Option<mpsc::Receiver<Observation>>,
+        mut commands: mpsc::Receiver<Command>,
+        metrics_server: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+    ) -> Result<()> {
+        // Next hops follow the kernel's events; the timer only retries what events cannot
+        // bring (a neighbour that never answered).
+        let mut kernel = KernelChanges::subscribe()?;
+        let mut refresh = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = signals.hangup.recv() => self.reload().await,
+                Some(()) = kernel.next() => self.refresh_next_hops().await,
+                _ = refresh.tick() => self.refresh_next_hops().await,
+                Some(observation) = async { observations.as_mut()?.recv().await } => {
+                    self.observe(observation);
+                }
+                Some(command) = commands.recv() => {
+                    let response = self.drain(command.drain, command.target);
+                    let _ = command.reply.send(response);
+                }
+                result = &mut *metrics_server => {
+                    anyhow::bail!("the metrics server stopped: {result:?}");
+                }
+                _ = signals.terminate.recv() => return Ok(()),
+                _ = signals.interrupt.recv() => return Ok(()),
+            }
+        }
+    }
+
+    /// Stops announcing (with the drain time), and with `cleanup` removes vip from the node.
+    async fn stop(self, cleanup: bool) -> Result<()> {
+        if let Some(speaker) = self.speaker {
+            let drain = self
+                .config
+                .bgp
+                .as_ref()
+                .map_or(Duration::ZERO, |b| b.drain_time);
+            speaker.stop(drain).await;
+        }
+        let pin_dir = self.config.node.pin_dir.clone();
+        drop(self.node);
+        if cleanup {
+            self.lo.sync(&[]).await?;
+            let ifaces = detach_all(&pin_dir)?;
+            info!(?ifaces, "detached, removed pins and VIP addresses");
+        } else {
+            info!(
+                "stopping; the datapath keeps forwarding (use --cleanup or `vip-agent detach` to remove it)"
+            );
+        }
+        Ok(())
+    }
+
+    /// What BGP announces now: VIPs in the datapath with a backend that takes new flows; with
+    /// the GRACEFUL_SHUTDOWN community while the node is drained.
+    fn routes(&self) -> Vec<Route> {
+        let routes = match &self.node {
+            Node::Lb(lb) => bgp::routes_for(&self.config, |k| lb.applied.forwardable(k)),
+            Node::Backend(_) => Vec::new(),
+        };
+        self.drained_routes(routes)
+    }
+
+    fn drained_routes(&self, mut routes: Vec<Route>) -> Vec<Route> {
+        if self.node_drained {
+            for r in &mut routes {
+                r.communities.push(bgp::session::GRACEFUL_SHUTDOWN);
+            }
+        }
+        routes
+    }
+
+    fn announce(&self) {
+        if let Some(speaker) = &self.speaker {
+            speaker.announce(self.routes());
+        }
+    }
+
+    fn publish(&self) {
+        let accounts: Vec<VipAccount> = match &self.node {
+            Node::Lb(lb) => lb.applied.accounts(),
+            Node::Backend(_) => Vec::new(),
+        };
+        self.view.send_replace(View {
+            ready: self.ready,
+            attached: self.attached.clone(),
+            node_drained: self.node_drained,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            backends: self.status.views(&self.config),
+            accounts,
+        });
+    }
+
+    /// Makes the maps hold what the config and the backends' status say, then announces:
+    /// after health, drain and next-hop changes, which change backends of configured VIPs.
+    fn converge(&mut self) {
+        if let Node::Lb(lb) = &mut self.node {
+            match lb.write(&self.status.target(&self.config)) {
+                Ok(report) => {
+                    self.ready = true;
+                    debug!(?report, "maps updated");
+                }
+                Err(e) => {
+                    self.ready = false;
+                    error!(error = %crate::health::chain(&e), "updating the maps");
+                }
+            }
+        }
+        self.announce();
+        self.publish();
+    }
+
+    fn observe(&mut self, o: Observation) {
+        let detail = o.detail();
+        let Some(up) = self.status.record(
+            &o.key,
+            o.result.is_ok(),
+            detail.clone(),
+            o.latency,
+            Instant::now(),
+        ) else {
+            // No change of verdict: only the latest check to show.
+            self.publish();
+            return;
+        };
+        let vip = self
+            .config
+            .vips
+            .iter()
+            .find(|v| v.key() == o.key.0)
+            .map_or_else(String::new, |v| v.to_string());
+        if up {
+            info!(%vip, backend = %o.key.1, reason = %detail, "backend up");
+        } else {
+            warn!(%vip, backend = %o.key.1, reason = %detail, "backend down");
+        }
+        self.converge();
+    }
+
+    async fn refresh_next_hops(&mut self) {
+        if let Node::Lb(lb) = &mut self.node {
+            match lb.resolve(&self.config).await {
+                Ok(false) => {}
+                Ok(true) => {
+                    info!("next hops changed");
+                    self.converge();
+                }
+                Err(e) => warn!(error = %crate::health::chain(e.as_ref()), "resolving next hops"),
+            }
+        }
+    }
+
+    /// A run-time drain or undrain of a backend (of every VIP, or of one) or of the node.
+    fn drain(&mut self, drained: bool, target: DrainTarget) -> Response {
+        let Some(backend) = target.backend else {
+            self.node_drained = drained;
+            info!(drained, "node drain");
+            self.announce();
+            self.publish();
+            return Response::Drain(DrainOutcome {
+                drained,
+                backend: None,
+                count: 0,
+            });
+        };
+        let keys: Vec<_> = self
+            .config
+            .vips
+            .iter()
+            .filter(|v| target.vip.is_none_or(|a| a == v.address))
+            .flat_map(|v| v.backends.iter().map(move |b| (v.key(), b.address)))
+            .filter(|(_, a)| *a == backend)
+            .collect();
+        if keys.is_empty() {
+            return Response::Refused(format!("no VIP has backend {backend}"));
+        }
+        self.status.set_drained(&keys, drained);
+        info!(%backend, drained, count = keys.len(), "backend drain");
+        self.converge();
+        Response::Drain(DrainOutcome {
+            drained,
+            backend: Some(backend),
+            count: keys.len(),
+        })
+    }
+
+    /// SIGHUP: a new config, validated whole and planned whole; a bad one changes nothing.
+    async fn reload(&mut self) {
+        // 1. Validate.
+        let new = match config::load(&self.path) {
+            Ok(new) => new,
+            Err(e) => return self.refuse(&e, "reload rejected; the running config stays"),
+        };
+        if new.node != self.config.node || new.bgp != self.config.bgp {
+            self.reloads_failed += 1;
+            self.publish();
+            error!("node or BGP session settings changed: they need a restart; nothing applied");
+            return;
+        }
+        // 2. Plan. Run-time drains end with a reload; health verdicts stay.
+        let mut status = self.status.clone();
+        status.sync(&new, false, Instant::now());
+        let plan = match &self.node {
+            Node::Lb(lb) => match lb.plan(&status.target(&new)) {
+                Ok(plan) => Some(plan),
+                Err(e) => return self.refuse(&e, "reload refused; nothing was changed"),
+            },
+            Node::Backend(_) => None,
+        };
+        // 3. Withdraw what will not be forwardable.
+        let after = match &plan {
+            Some(plan) => bgp::routes_for(&new, |k| plan.forwardable(k)),
+            None => Vec::new(),
+        };
+        self.withdraw_all_but(&after).await;
+        // 4. Write the maps.
+        if let Err(e) = self.write(plan, &new) {
+            self.ready = false;
+            self.refuse(
+                e.as_ref(),
+                "reload failed while writing; fix and reload again",
+            );
+            self.announce();
+            return;
+        }
+        self.config = new;
+        self.status = status;
+        self.node_drained = false;
+        self.ready = true;
+        // 5. Announce.
+        self.announce();
+        // 6. `lo`, and the health checks of the new config.
+        match self.lo.sync(&self.config.loopback_addresses()).await {
+            Ok((added, removed)) => info!(added, removed, "reloaded"),
+            Err(e) => error!(error = %crate::health::chain(&e), "updating VIP addresses on lo"),
+        }
+        if let Node::Lb(lb) = &mut self.node
+            && let Err(e) = lb.sync_checks(&self.config)
+        {
+            error!(error = %crate::health::chain(e.as_ref()), "health checks");
+        }
+        self.reloads_ok += 1;
+        self.publish();
+    }
+
+    fn refuse(&mut self, error: &(dyn std::error::Error + 'static), what: &str) {
+        self.reloads_failed += 1;
+        self.publish();
+        error!(error = %crate::health::chain(error), "{what}");
+    }
+
+    fn write(&mut self, plan: Option<Plan>, new: &Config) -> Result<()> {
+        match (&mut self.node, plan) {
+            (Node::Lb(lb), Some(plan)) => {
+                let report = lb.execute(plan)?;
+                info!(?report, "config applied");
+            }
+            (Node::Backend(decap), _) => configure_decap(decap, new)?,
+            (Node::Lb(_), None) => {}
+        }
+        Ok(())
+    }
+
+    /// Withdraws the announced routes that `after` lacks, first announcing them with
+    /// GRACEFUL_SHUTDOWN for the drain time when one is set, and waits until the sessions
+    /// have sent the withdrawal.
+    async fn withdraw_all_but(&self, after: &[Route]) {
+        let Some(speaker) = &self.speaker else {
+            return;
+        };
+        let staying: HashSet<IpAddr> = after.iter().map(|r| r.prefix).collect();
+        let now = speaker.routes();
+        if now.iter().all(|r| staying.contains(&r.prefix)) {
+            return;
+        }
+        let drain = self
+            .config
+            .bgp
+            .as_ref()
+            .map_or(Duration::ZERO, |b| b.drain_time);
+        if !drain.is_zero() {
+            let draining = now
+                .iter()
+                .cloned()
+                .map(|mut r| {
+                    if !staying.contains(&r.prefix)
+                        && !r.communities.contains(&bgp::session::GRACEFUL_SHUTDOWN)
+                    {
+                        r.communities.push(bgp::session::GRACEFUL_SHUTDOWN);
+                    }
+                    r
+                })
+                .collect();
+            info!(?drain, "routes leaving: GRACEFUL_SHUTDOWN first");
+            speaker.announce(draining);
+            tokio::time::sleep(drain).await;
+        }
+        let kept = now
+            .into_iter()
+            .filter(|r| staying.contains(&r.prefix))
+            .collect();
+        speaker.announce(kept);
+        speaker.sent(Duration::from_secs(1)).await;
+    }
+}
