@@ -173,6 +173,53 @@ fn announces_to_bird_and_withdraws() {
     );
 }
 
+/// A reload that removes a VIP withdraws it while the node still forwards it: first with
+/// GRACEFUL_SHUTDOWN for the drain time (the VIP still in the maps), then the withdrawal, and
+/// only then does the VIP leave the maps.
+#[test]
+fn a_reload_withdraws_a_removed_vip_before_it_leaves_the_maps() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, "drain_time = 2\n", &[VIP4, VIP6]),
+        &["--cleanup"],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP6), "both routes");
+    let pinned_v6 = || {
+        let options =
+            vip_agent::dataplane::DataplaneOptions::from_pins(&lbs[0].pin_dir).expect("pins");
+        vip_agent::dataplane::Dataplane::load(options)
+            .expect("open the pinned maps")
+            .vips()
+            .expect("VIPS")
+            .iter()
+            .any(|(k, _)| k.family == 6)
+    };
+    assert!(pinned_v6());
+
+    agent.rewrite_config(&lb_config(&lbs[0], 1, "drain_time = 2\n", &[VIP4]));
+    agent.signal(libc::SIGHUP);
+    bird.wait_for(
+        |b| {
+            b.cli(&format!("show route {VIP6}/128 all"))
+                .contains("(65535,0)")
+        },
+        "GRACEFUL_SHUTDOWN on the leaving route",
+    );
+    assert!(pinned_v6(), "the VIP left the maps while still announced");
+    assert!(
+        !bird
+            .cli(&format!("show route {VIP4}/32 all"))
+            .contains("(65535,0)"),
+        "the staying route is not drained"
+    );
+    bird.wait_for(|b| !b.cli("show route").contains(VIP6), "the withdrawal");
+    agent.wait_for_log("reloaded", 1);
+    assert!(!pinned_v6(), "the VIP stayed in the maps");
+    assert!(bird.cli("show route").contains(VIP4));
+}
+
 #[test]
 fn drain_announces_graceful_shutdown_then_withdraws() {
     let (rt, lbs) = topology(1);

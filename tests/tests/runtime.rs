@@ -1,0 +1,226 @@
+//! The agent's runtime with the real agent: a backend's status has one owner across reloads,
+//! and a reload is planned whole, so it either fits or changes nothing (issue #14's defects).
+
+use std::{
+    net::TcpListener,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use vip_agent::dataplane::{Dataplane, DataplaneOptions};
+use vip_tests::node::{Agent, Netns};
+
+const VIP4: &str = "198.19.0.1";
+/// The backend: the peer namespace's end of the LB's uplink.
+const BACKEND: &str = "198.18.0.1";
+
+/// An LB namespace whose `up0` (198.18.0.2/24) is a veth to a backend namespace (198.18.0.1).
+fn lb_and_backend(tag: &str) -> (Netns, Netns) {
+    let lb = Netns::new(tag);
+    let be = Netns::new(&format!("{tag}b"));
+    lb.ip(&[
+        "link", "add", "up0", "type", "veth", "peer", "name", "be0", "netns", &be.name,
+    ]);
+    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
+    lb.ip(&["link", "set", "up0", "up"]);
+    be.ip(&["addr", "add", "198.18.0.1/24", "dev", "be0"]);
+    be.ip(&["link", "set", "be0", "up"]);
+    (lb, be)
+}
+
+/// A TCP service on the backend that accepts (and closes) connections until dropped.
+struct Service {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Service {
+    fn start(be: &Netns, port: u16) -> Self {
+        let listener = be.within(move || {
+            let l = TcpListener::bind((BACKEND, port)).expect("bind the service");
+            l.set_nonblocking(true).expect("non-blocking");
+            l
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn health_config(lb: &Netns, interval: &str) -> String {
+    format!(
+        "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
+         table_size = 251\nconntrack_entries = 4096\nmetrics_address = \"127.0.0.1:9100\"\n\
+         [[vip]]\naddress = \"{VIP4}\"\nprotocol = \"tcp\"\nport = 80\n\
+         [vip.health]\ncheck = \"tcp\"\nport = 8080\ninterval = {interval}\ntimeout = 0.1\n\
+         rise = 5\nfall = 2\n\
+         [[vip.backend]]\naddress = \"{BACKEND}\"\n",
+        lb.pin_dir.display()
+    )
+}
+
+/// Waits until `backends` shows the backend's line containing `what`.
+fn wait_backend(lb: &Netns, agent: &Agent, what: &str, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let out = lb.agent_cli(&["backends"]);
+        if out.lines().any(|l| l.contains(BACKEND) && l.contains(what)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "backend not {what:?} within {within:?}: {out}\n{}",
+            agent.log_text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn metrics(lb: &Netns) -> String {
+    lb.within(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).unwrap();
+        r
+    })
+}
+
+/// A backend marked down, its service back, then a reload that changes only the check's
+/// interval (0.1 s to 0.2 s) before the old check saw `rise` successes: the restarted check
+/// starts from "down" and brings the backend up after `rise` successes. Every view agrees:
+/// `backends`, `vip_backend_healthy` and the table (the VIP forwards again).
+#[test]
+fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
+    let (lb, be) = lb_and_backend("hcre");
+    let service = Service::start(&be, 8080);
+    let mut agent = Agent::start(&lb, &health_config(&lb, "0.1"), &["--cleanup"]);
+    agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
+    wait_backend(&lb, &agent, "active: ok in", Duration::from_secs(10));
+
+    drop(service);
+    wait_backend(&lb, &agent, "down", Duration::from_secs(5));
+    let healthy = format!("vip_backend_healthy{{vip=\"tcp/{VIP4}:80\",backend=\"{BACKEND}\"}}");
+    assert!(metrics(&lb).contains(&format!("{healthy} 0")));
+
+    // The service is back; the reload comes well before 5 successes at 0.1 s.
+    let _service = Service::start(&be, 8080);
+    agent.rewrite_config(&health_config(&lb, "0.2"));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("reloaded", 1);
+    wait_backend(&lb, &agent, "active: ok in", Duration::from_secs(5));
+    assert!(
+        metrics(&lb).contains(&format!("{healthy} 1")),
+        "{}",
+        metrics(&lb)
+    );
+    // Its entry is present again (a down backend's is not).
+    let maps = Dataplane::load(DataplaneOptions::from_pins(&lb.pin_dir).unwrap()).unwrap();
+    assert!(
+        maps.backends()
+            .unwrap()
+            .iter()
+            .any(|(_, b)| b.addr[..4] == [198, 18, 0, 1]),
+        "the backend's entry is present again"
+    );
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+}
+
+/// `vips` VIPs (198.19.1.N) on `port` in 16 table slots, each with one backend.
+fn many_vips(lb: &Netns, vips: u8, port: u16) -> String {
+    let mut c = format!(
+        "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
+         table_size = 251\ntable_slots = 16\nconntrack_entries = 4096\n\
+         metrics_address = \"127.0.0.1:9100\"\n",
+        lb.pin_dir.display()
+    );
+    for v in 1..=vips {
+        c += &format!(
+            "[[vip]]\naddress = \"198.19.1.{v}\"\nprotocol = \"tcp\"\nport = {port}\n\
+             [[vip.backend]]\naddress = \"{BACKEND}\"\n"
+        );
+    }
+    c
+}
+
+/// The ports of the VIPs in the pinned maps.
+fn pinned_ports(lb: &Netns) -> Vec<u16> {
+    let maps = Dataplane::load(DataplaneOptions::from_pins(&lb.pin_dir).unwrap()).unwrap();
+    let mut ports: Vec<u16> = maps
+        .vips()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| u16::from_be_bytes(k.port))
+        .collect();
+    ports.sort();
+    ports
+}
+
+/// 15 VIPs in 16 table slots, and a reload that changes every VIP's port: what leaves goes
+/// before what comes, so it fits. A restart over the pinned state with yet other ports plans
+/// the same way and starts.
+#[test]
+fn a_reload_that_replaces_every_vip_fits_and_so_does_a_restart() {
+    let (lb, _be) = lb_and_backend("slots");
+    let mut agent = Agent::start(&lb, &many_vips(&lb, 15, 80), &[]);
+    agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
+    agent.wait_for_log("VIP addresses on lo", 1);
+    assert_eq!(pinned_ports(&lb), vec![80; 15]);
+
+    agent.rewrite_config(&many_vips(&lb, 15, 81));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("reloaded", 1);
+    assert_eq!(pinned_ports(&lb), vec![81; 15], "{}", agent.log_text());
+    assert!(metrics(&lb).contains("vip_config_reloads_total{result=\"success\"} 1"));
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+
+    // The datapath keeps the 15 VIPs on 81; a new agent wants them on 82.
+    let mut restarted = Agent::start(&lb, &many_vips(&lb, 15, 82), &["--cleanup"]);
+    restarted.wait_for_log("VIP addresses on lo", 1);
+    assert_eq!(pinned_ports(&lb), vec![82; 15], "{}", restarted.log_text());
+    restarted.signal(libc::SIGTERM);
+    assert!(restarted.wait(), "{}", restarted.log_text());
+}
+
+/// A reload that does not fit (16 VIPs where 15 are live and the datapath has 16 table
+/// slots: validation refuses it, as every VIP needs a spare) changes nothing.
+#[test]
+fn a_reload_that_does_not_fit_changes_nothing() {
+    let (lb, _be) = lb_and_backend("nofit");
+    let mut agent = Agent::start(&lb, &many_vips(&lb, 15, 80), &["--cleanup"]);
+    agent.wait_for_log("VIP addresses on lo", 1);
+    agent.rewrite_config(&many_vips(&lb, 16, 81));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("reload rejected", 1);
+    assert_eq!(pinned_ports(&lb), vec![80; 15]);
+    assert!(metrics(&lb).contains("vip_config_reloads_total{result=\"failure\"} 1"));
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+}
