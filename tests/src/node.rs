@@ -339,8 +339,8 @@ impl FrameSender {
             let rc = unsafe {
                 libc::bind(
                     fd.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    std::ptr::from_ref(&sll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32,
                 )
             };
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());

@@ -375,7 +375,7 @@ mod scripted {
 
     use vip_agent::bgp::wire::{self, Message, OpenParams};
 
-    pub fn accept(listener: &TcpListener) -> TcpStream {
+    pub(crate) fn accept(listener: &TcpListener) -> TcpStream {
         let (stream, _) = listener.accept().expect("the agent connects");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -383,7 +383,7 @@ mod scripted {
         stream
     }
 
-    pub fn read(stream: &mut TcpStream) -> Option<Message> {
+    pub(crate) fn read(stream: &mut TcpStream) -> Option<Message> {
         let mut header = [0u8; wire::HEADER_LEN];
         stream.read_exact(&mut header).ok()?;
         let len = usize::from(u16::from_be_bytes([header[16], header[17]]));
@@ -393,12 +393,12 @@ mod scripted {
         wire::parse_message(&whole).ok()
     }
 
-    pub fn open() -> Vec<u8> {
+    pub(crate) fn open() -> Vec<u8> {
         open_as("198.18.1.1")
     }
 
     /// The router's OPEN with BGP identifier `router_id`.
-    pub fn open_as(router_id: &str) -> Vec<u8> {
+    pub(crate) fn open_as(router_id: &str) -> Vec<u8> {
         wire::encode_open(&OpenParams {
             asn: 65000,
             hold_time: 9,
@@ -408,7 +408,7 @@ mod scripted {
     }
 
     /// Completes the handshake as the router.
-    pub fn establish(stream: &mut TcpStream) {
+    pub(crate) fn establish(stream: &mut TcpStream) {
         assert!(matches!(read(stream), Some(Message::Open(_))));
         stream.write_all(&open()).unwrap();
         stream.write_all(&wire::encode_keepalive()).unwrap();
@@ -416,7 +416,7 @@ mod scripted {
     }
 
     /// Reads until the agent's NOTIFICATION (skipping its UPDATEs and KEEPALIVEs).
-    pub fn notification(stream: &mut TcpStream) -> wire::Notification {
+    pub(crate) fn notification(stream: &mut TcpStream) -> wire::Notification {
         loop {
             match read(stream) {
                 Some(Message::Notification(n)) => return n,
@@ -663,13 +663,13 @@ fn socket2_connect(source: &str, target: &str) -> std::io::Result<std::net::TcpS
             return Err(std::io::Error::last_os_error());
         }
         let stream = std::net::TcpStream::from_raw_fd(fd);
-        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let len = size_of::<libc::sockaddr_in>() as u32;
         let s = sockaddr(src);
-        if libc::bind(fd, (&s as *const libc::sockaddr_in).cast(), len) != 0 {
+        if libc::bind(fd, std::ptr::from_ref(&s).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         let d = sockaddr(dst);
-        if libc::connect(fd, (&d as *const libc::sockaddr_in).cast(), len) != 0 {
+        if libc::connect(fd, std::ptr::from_ref(&d).cast(), len) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(stream)

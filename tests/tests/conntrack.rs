@@ -217,7 +217,7 @@ fn udp_entries_expire_when_idle() {
     let mut lb = Lb::new();
     four_backends(&mut lb);
     let mut before = VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1]);
-    before.udp_idle_timeout = std::time::Duration::from_millis(300);
+    before.udp_idle_timeout = Duration::from_millis(300);
     lb.vip(&before);
     let flows: Vec<Frame> = (0..200)
         .map(|i| Frame::udp("198.18.50.1", 30_000 + i, "198.18.100.1", 53))
@@ -244,7 +244,7 @@ fn tcp_entries_do_not_expire() {
     let mut lb = Lb::new();
     four_backends(&mut lb);
     let mut before = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1]);
-    before.udp_idle_timeout = std::time::Duration::from_nanos(1); // applies to UDP only
+    before.udp_idle_timeout = Duration::from_nanos(1); // applies to UDP only
     lb.vip(&before);
     let flows: Vec<Frame> = (0..100)
         .map(|i| Frame::tcp("198.18.50.1", 40_000 + i, "198.18.100.1", 80, TCP_ACK))

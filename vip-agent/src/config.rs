@@ -104,6 +104,9 @@ pub enum Encapsulation {
     Gue,
 }
 
+/// Where the agent's control socket is unless `node.control_socket` says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vip/vip.sock";
+
 /// Default GUE port (as Linux `fou` examples use).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 
@@ -589,7 +592,7 @@ fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/vip")
 }
 fn default_control_socket() -> PathBuf {
-    PathBuf::from(crate::control::DEFAULT_SOCKET)
+    PathBuf::from(DEFAULT_CONTROL_SOCKET)
 }
 
 fn default_metrics_address() -> SocketAddr {

@@ -17,6 +17,7 @@ pub mod bgp;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod errors;
 pub mod health;
 pub mod inspect;
 pub mod metrics;

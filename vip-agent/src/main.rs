@@ -20,7 +20,7 @@ use vip_agent::{
 #[command(version, about = "vip: an XDP layer-4 load balancer")]
 struct Cli {
     /// The running agent's control socket (its `node.control_socket`).
-    #[arg(long, global = true, env = "VIP_SOCKET", default_value = control::DEFAULT_SOCKET)]
+    #[arg(long, global = true, env = "VIP_SOCKET", default_value = config::DEFAULT_CONTROL_SOCKET)]
     socket: PathBuf,
     #[command(subcommand)]
     command: Command,

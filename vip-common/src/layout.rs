@@ -4,8 +4,6 @@
 //! program (aya itself does not compare a pinned map with the object), and a test compares
 //! [`LAYOUT`] with a freshly loaded object, so the table cannot drift from the program.
 
-use core::mem::size_of;
-
 use crate::maps::*;
 
 /// Default Maglev table size (prime), as in the Maglev paper.

@@ -33,7 +33,7 @@ const REFRESH_JIFFIES: u64 = 32;
 /// never matches a flow: the slot is empty.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct FlowCacheSlot {
+pub(crate) struct FlowCacheSlot {
     key: FlowKeyV4,
     entry: ConnEntry,
     /// `bpf_jiffies64` when the entry was last read from (or written to) the LRU map.
@@ -70,13 +70,13 @@ fn jiffies() -> u64 {
 
 /// The clock of `ConnEntry::last_seen_ns`.
 #[inline(always)]
-pub fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     // SAFETY: plain helper call without arguments.
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// A flow's conntrack entry as [`entry`] found it.
-pub struct Tracked {
+pub(crate) struct Tracked {
     pub entry: &'static mut ConnEntry,
     /// `entry` is the LRU map's own, read for this packet (always for IPv6; for IPv4 when the
     /// cached copy was missing or stale), not this CPU's copy: `last_seen_ns` is kept there.
@@ -86,7 +86,7 @@ pub struct Tracked {
 /// The conntrack entry of `flow`: for IPv4 this CPU's cached copy, re-read from
 /// `CONNTRACK_V4` (and the copy renewed) when stale; for IPv6 the `CONNTRACK` entry.
 #[inline(always)]
-pub fn entry(flow: &FlowKey) -> Option<Tracked> {
+pub(crate) fn entry(flow: &FlowKey) -> Option<Tracked> {
     if flow.family != AddrFamily::V4 as u8 {
         // SAFETY: a map value pointer stays valid for this program run; racing writers of the
         // same flow on other CPUs can only store another valid backend id or time.
@@ -122,7 +122,7 @@ pub fn entry(flow: &FlowKey) -> Option<Tracked> {
 /// follow the new connection), in the LRU map and in this CPU's cache. `entry` is only made
 /// when there is one to replace (it reads the clock), and once.
 #[inline(always)]
-pub fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
+pub(crate) fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
     if flow.family != AddrFamily::V4 as u8 {
         if let Some(old) = CONNTRACK.get_ptr_mut(flow) {
             // SAFETY: a map value pointer stays valid for this program run.
@@ -150,7 +150,7 @@ pub fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
 /// Records `flow`'s entry. A full LRU evicts its oldest entry; an error here only costs the
 /// next packet a re-hash, which picks the same backend while the table is unchanged.
 #[inline(always)]
-pub fn record(flow: &FlowKey, entry: &ConnEntry) {
+pub(crate) fn record(flow: &FlowKey, entry: &ConnEntry) {
     if flow.family != AddrFamily::V4 as u8 {
         let _ = CONNTRACK.insert(flow, entry, 0);
         return;

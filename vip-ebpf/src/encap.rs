@@ -4,7 +4,7 @@
 //! The outer header is built on the stack and its checksum is computed over those exact bytes.
 //! The client's packet is never touched: the backend gets it byte for byte.
 
-use core::mem::{MaybeUninit, size_of};
+use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
@@ -33,7 +33,7 @@ const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
 
 /// The client's packet as the outer header must describe it.
 #[derive(Clone, Copy)]
-pub struct Inner {
+pub(crate) struct Inner {
     /// Length of the client's IP packet (its own length field, already validated).
     pub len: u16,
     /// IPv4 TOS or IPv6 traffic class, copied to the outer header.
@@ -71,7 +71,7 @@ struct NextHop {
 
 /// Encapsulates the packet toward `choice.backend` and sends it.
 #[inline(always)]
-pub fn send(
+pub(crate) fn send(
     ctx: &XdpContext,
     l2_len: usize,
     meta: &VipMeta,

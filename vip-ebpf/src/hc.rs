@@ -32,7 +32,7 @@ const PROBE_GUE_SOURCE_PORT: u16 = 0xc0de;
 
 /// tc verdict for a packet leaving through `lo`.
 #[inline(always)]
-pub fn encapsulate(ctx: &TcContext) -> i32 {
+pub(crate) fn encapsulate(ctx: &TcContext) -> i32 {
     // SAFETY: reading a field of the program's own context.
     let mark = unsafe { (*ctx.skb.skb).mark };
     if mark & HEALTH_CHECK_MARK_MASK != HEALTH_CHECK_MARK {

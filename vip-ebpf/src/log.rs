@@ -70,7 +70,7 @@ fn outcome_text(code: u32) -> (&'static str, bool) {
 /// With logs on, hands the packet and `action` to `vip_lb_log`, which then ends this run.
 /// Returns when logs are off, the packet was for no VIP, or `vip_lb_log` is not loaded.
 #[inline(always)]
-pub fn hand_over(ctx: &XdpContext, verdict: &Verdict, action: u32) {
+pub(crate) fn hand_over(ctx: &XdpContext, verdict: &Verdict, action: u32) {
     let code = outcome_code(verdict);
     if code == 0 || !level_enabled(Level::Debug) {
         return;
@@ -136,7 +136,7 @@ fn l3(ctx: &XdpContext) -> Option<usize> {
 
 /// `vip_lb_log`: logs the packet `vip_lb` handed over and returns `vip_lb`'s action.
 #[inline(always)]
-pub fn record(ctx: &XdpContext) -> u32 {
+pub(crate) fn record(ctx: &XdpContext) -> u32 {
     let Some(&[code, action]) = LOG_HANDOVER.get(0) else {
         return xdp_action::XDP_ABORTED;
     };

@@ -24,7 +24,7 @@ use aya_ebpf::{
 use crate::{maps::STATS, parse::Verdict};
 
 #[xdp]
-pub fn vip_lb(ctx: XdpContext) -> u32 {
+pub(crate) fn vip_lb(ctx: XdpContext) -> u32 {
     // SAFETY: index 0 of a one-entry per-CPU array always exists; this CPU's copy is ours until
     // the program returns (XDP runs with preemption disabled).
     let Some(stats) = STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p }) else {
@@ -80,13 +80,13 @@ pub fn vip_lb(ctx: XdpContext) -> u32 {
 
 /// Health checks through the data path (see `hc`): tc egress of `lo`.
 #[classifier]
-pub fn vip_hc(ctx: TcContext) -> i32 {
+pub(crate) fn vip_hc(ctx: TcContext) -> i32 {
     hc::encapsulate(&ctx)
 }
 
 /// Datapath debug logs (see `log`): tail-called by `vip_lb` when logs are on.
 #[xdp]
-pub fn vip_lb_log(ctx: XdpContext) -> u32 {
+pub(crate) fn vip_lb_log(ctx: XdpContext) -> u32 {
     log::record(&ctx)
 }
 

@@ -19,23 +19,23 @@ use vip_common::{
 /// after the VIP's table and backends are in place. The VIP and backend maps are sized by the
 /// agent at load time (`node.max_vips`, `node.max_backends`); the sizes here are the defaults.
 #[btf_map]
-pub static VIPS: HashMap<VipKey, VipMeta, { DEFAULT_MAX_VIPS as usize }> = HashMap::new();
+pub(crate) static VIPS: HashMap<VipKey, VipMeta, { DEFAULT_MAX_VIPS as usize }> = HashMap::new();
 
 /// The VIPs again, by `vip_id`: established flows read their VIP's settings here (an array
 /// read) instead of looking it up by key. Written by the agent with `VIPS`; emptied when the VIP
 /// goes.
 #[btf_map]
-pub static VIP_META: Array<VipMeta, { DEFAULT_MAX_VIPS as usize }> = Array::new();
+pub(crate) static VIP_META: Array<VipMeta, { DEFAULT_MAX_VIPS as usize }> = Array::new();
 
 /// Backends of all VIPs with their resolved next hops, indexed by `BackendId`. Written by the agent.
 #[btf_map]
-pub static BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize }> = Array::new();
+pub(crate) static BACKENDS: Array<Backend, { DEFAULT_MAX_BACKENDS as usize }> = Array::new();
 
 /// Maglev tables, `table_size` entries per table slot. The agent sizes it at load time and writes
 /// a whole table into a free slot before pointing a VIP at it. Memory-mappable: the agent writes
 /// a table with one copy, not one system call per entry.
 #[btf_map]
-pub static MAGLEV: Array<
+pub(crate) static MAGLEV: Array<
     BackendId,
     { (DEFAULT_TABLE_SLOTS * DEFAULT_TABLE_SIZE) as usize },
     { BPF_F_MMAPABLE as usize },
@@ -45,7 +45,7 @@ pub static MAGLEV: Array<
 /// flows. The LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no lock
 /// shared with other CPUs; entries are still visible from every CPU.
 #[btf_map]
-pub static CONNTRACK: LruHashMap<
+pub(crate) static CONNTRACK: LruHashMap<
     FlowKey,
     ConnEntry,
     { DEFAULT_CONNTRACK_ENTRIES as usize },
@@ -54,7 +54,7 @@ pub static CONNTRACK: LruHashMap<
 
 /// Connection tracking of IPv4 flows, as `CONNTRACK` with a key of 16 bytes instead of 40.
 #[btf_map]
-pub static CONNTRACK_V4: LruHashMap<
+pub(crate) static CONNTRACK_V4: LruHashMap<
     FlowKeyV4,
     ConnEntry,
     { DEFAULT_CONNTRACK_ENTRIES as usize },
@@ -64,24 +64,24 @@ pub static CONNTRACK_V4: LruHashMap<
 /// Conntrack inserts made in the current window, per CPU (see `DatapathConfig`). Not pinned:
 /// a new program starts counting afresh.
 #[btf_map]
-pub static INSERT_BUDGET: PerCpuArray<InsertBudget, 1> = PerCpuArray::new();
+pub(crate) static INSERT_BUDGET: PerCpuArray<InsertBudget, 1> = PerCpuArray::new();
 
 /// What happened to packets, per CPU.
 #[btf_map]
-pub static STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
+pub(crate) static STATS: PerCpuArray<DatapathStats, 1> = PerCpuArray::new();
 
 /// Traffic per backend (`BackendId`: one per backend of each VIP), per CPU. The only traffic
 /// counter a packet updates: the agent sums a VIP's from its backends'.
 #[btf_map]
-pub static BACKEND_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_BACKENDS as usize }> =
+pub(crate) static BACKEND_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_BACKENDS as usize }> =
     PerCpuArray::new();
 
 /// Bitmap over `vip_filter_bit(destination)`: a clear bit means "no VIP has this address", and
 /// the packet passes after one array read instead of hash lookups. The agent sets a VIP's bit
 /// before adding the VIP and clears it after the last VIP on that bit is gone.
 #[btf_map]
-pub static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
+pub(crate) static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 /// Node-wide settings. Written by the agent before any VIP.
 #[btf_map]
-pub static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();
+pub(crate) static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -1,8 +1,6 @@
 //! Bounds-checked access to packet bytes: every read and write of the packet goes through here,
 //! so the verifier always sees `data + off + size <= data_end` right before the access.
 
-use core::mem::size_of;
-
 use aya_ebpf::programs::XdpContext;
 
 /// Ether types as on the wire.

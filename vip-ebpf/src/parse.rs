@@ -42,7 +42,7 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 
 /// What became of a packet; `vip_lb` turns it into an action and a counter.
-pub enum Verdict {
+pub(crate) enum Verdict {
     Pass,
     Tx,
     Redirect(u32),
@@ -341,7 +341,7 @@ fn icmp_to_backend(
 }
 
 /// A packet that may be for a VIP, as parsed: what resolving its VIP needs.
-pub struct Candidate {
+pub(crate) struct Candidate {
     /// Length of the L2 header (where the IP header starts).
     pub l2_len: usize,
     /// The VIP, when parsing already had to find it (fragments).
@@ -355,13 +355,13 @@ pub struct Candidate {
 }
 
 /// A packet that may be for a VIP, or what else became of it.
-pub type Parsed = Result<Candidate, Verdict>;
+pub(crate) type Parsed = Result<Candidate, Verdict>;
 
 /// Handles one packet. Resolving the VIP (conntrack first, then by key), choosing the backend
 /// and encapsulating happen at this one call site, so the program holds one inlined copy of
 /// them (and of their stack).
 #[inline(always)]
-pub fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
+pub(crate) fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
     let c = match classify(ctx) {
         Ok(c) => c,
         Err(verdict) => return verdict,

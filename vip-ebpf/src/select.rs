@@ -13,7 +13,7 @@ use crate::{
 
 /// How a packet uses connection tracking.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum ConnPolicy {
+pub(crate) enum ConnPolicy {
     /// A TCP SYN: always the Maglev answer (a new connection). An old entry for the same
     /// 5-tuple is overwritten, but no entry is created: the handshake's first ACK records the
     /// flow. A flood of spoofed SYNs, which never ACK, so cannot evict real clients' flows.
@@ -30,7 +30,7 @@ pub enum ConnPolicy {
 
 impl ConnPolicy {
     #[inline(always)]
-    pub fn for_packet(proto: u8, syn: bool) -> Self {
+    pub(crate) fn for_packet(proto: u8, syn: bool) -> Self {
         if proto == IPPROTO_UDP {
             Self::TrackIdle
         } else if syn {
@@ -42,7 +42,7 @@ impl ConnPolicy {
 }
 
 /// The chosen backend.
-pub struct Choice {
+pub(crate) struct Choice {
     pub id: BackendId,
     pub backend: &'static Backend,
     /// The flow hash, also the entropy for outer source addresses and ports.
@@ -62,7 +62,10 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
 /// removed VIP's id may be reused), its backend is usable and still the one it was made for
 /// (backend ids are reused too), and, for UDP, it is not idle past the VIP's timeout.
 #[inline(always)]
-pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMeta, Choice)> {
+pub(crate) fn established(
+    flow: &FlowKey,
+    policy: ConnPolicy,
+) -> Option<(&'static VipMeta, Choice)> {
     if !matches!(
         policy,
         ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
@@ -107,7 +110,7 @@ pub fn established(flow: &FlowKey, policy: ConnPolicy) -> Option<(&'static VipMe
 /// The VIP's Maglev answer for `flow` (recorded in conntrack as `policy` says), or `None` when
 /// the VIP has no usable backend.
 #[inline(always)]
-pub fn backend(
+pub(crate) fn backend(
     meta: &VipMeta,
     flow: &FlowKey,
     policy: ConnPolicy,
@@ -175,7 +178,7 @@ fn insert_allowed(per_window: u32, now_ns: u64) -> bool {
 /// Adds one packet of `bytes` to the backend's counters. Backend ids are per VIP, so the agent
 /// sums a VIP's traffic from its backends' instead of every packet updating a second counter.
 #[inline(always)]
-pub fn count_traffic(id: BackendId, bytes: u16) {
+pub(crate) fn count_traffic(id: BackendId, bytes: u16) {
     if let Some(counters) = BACKEND_STATS.get_ptr_mut(id) {
         // SAFETY: this CPU's copy of a per-CPU array entry; nothing else writes it concurrently.
         let counters: &mut TrafficCounters = unsafe { &mut *counters };

@@ -10,140 +10,24 @@ pub mod encode;
 mod ids;
 mod plan;
 mod slots;
+mod state;
+mod target;
 mod writer;
 
 use std::{collections::HashMap, net::IpAddr};
 
-use vip_common::{Backend, BackendId, TrafficCounters, VipKey, VipMeta, maglev::MaglevBackend};
+use vip_common::{Backend, BackendId, TrafficCounters, VipKey, VipMeta};
 
 pub use encode::Sources;
 pub use plan::{Plan, PlanError};
 pub use slots::TableSlots;
+pub use state::Capacity;
+pub use target::{BackendKey, BackendTarget, Target, VipTarget};
 pub use writer::MapWriter;
 
-use crate::{
-    config::{BackendConfig, Config, VipConfig},
-    net::nexthop::NextHop,
-};
-use ids::Ids;
+use crate::net::nexthop::NextHop;
 use plan::Step;
-
-/// One backend of one VIP: the unit of ids, table membership, health and drain.
-pub type BackendKey = (VipKey, IpAddr);
-
-/// What the maps should hold.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    pub sources: Sources,
-    /// New conntrack entries per second and CPU (0: no limit).
-    pub insert_limit: u32,
-    pub vips: Vec<VipTarget>,
-}
-
-impl Target {
-    /// The target for `config`, each backend's table weight and presence given by `backend`.
-    pub fn new(
-        config: &Config,
-        backend: impl Fn(&BackendKey, &BackendConfig) -> BackendTarget,
-    ) -> Self {
-        Target {
-            sources: Sources {
-                v4: config.node.source_v4,
-                v6: config.node.source_v6,
-            },
-            insert_limit: config.node.conntrack_insert_limit,
-            vips: config
-                .vips
-                .iter()
-                .map(|vip| VipTarget {
-                    config: vip.clone(),
-                    backends: vip
-                        .backends
-                        .iter()
-                        .map(|b| backend(&(vip.key(), b.address), b))
-                        .collect(),
-                })
-                .collect(),
-        }
-    }
-
-    /// The target for `config` as written: every backend up, undrained.
-    pub fn configured(config: &Config) -> Self {
-        Self::new(config, |_, b| BackendTarget {
-            address: b.address,
-            weight: b.table_weight(),
-            present: true,
-        })
-    }
-}
-
-/// A VIP as the maps should hold it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VipTarget {
-    pub config: VipConfig,
-    /// Its backends, in the config's order.
-    pub backends: Vec<BackendTarget>,
-}
-
-/// A backend as the maps should hold it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendTarget {
-    pub address: IpAddr,
-    /// Weight in the Maglev table now; 0: no new flows.
-    pub weight: u32,
-    /// Whether its entry is present: false (down) moves its established flows too.
-    pub present: bool,
-}
-
-/// The datapath's fixed sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capacity {
-    pub table_size: u32,
-    pub table_slots: u32,
-    pub vips: u32,
-    pub backends: u32,
-}
-
-impl From<&crate::dataplane::DataplaneOptions> for Capacity {
-    fn from(o: &crate::dataplane::DataplaneOptions) -> Self {
-        Capacity {
-            table_size: o.table_size,
-            table_slots: o.table_slots,
-            vips: o.max_vips,
-            backends: o.max_backends,
-        }
-    }
-}
-
-/// A VIP as written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct AppliedVip {
-    pub(crate) meta: VipMeta,
-    /// The table's members, as built: an equal list means an equal table.
-    pub(crate) members: Vec<MaglevBackend>,
-    /// Its name in metrics and `status` (`tcp/198.51.100.1:443`).
-    pub(crate) label: String,
-}
-
-/// What the maps hold, as far as the agent wrote them.
-#[derive(Clone, Debug)]
-pub(crate) struct State {
-    capacity: Capacity,
-    slots: TableSlots,
-    vip_ids: Ids<VipKey>,
-    backend_ids: Ids<BackendKey>,
-    vips: HashMap<VipKey, AppliedVip>,
-    backends: HashMap<BackendKey, Backend>,
-    insert_limit: Option<u32>,
-}
-
-impl State {
-    fn forwardable(&self, key: &VipKey) -> bool {
-        self.vips
-            .get(key)
-            .is_some_and(|v| v.members.iter().any(|m| m.weight > 0))
-    }
-}
+use state::{AppliedVip, State};
 
 /// Why an apply failed.
 #[derive(Debug, thiserror::Error)]
@@ -186,15 +70,7 @@ impl Applied {
     /// Nothing applied yet, in a datapath of `capacity`.
     pub fn new(capacity: Capacity) -> Self {
         Self {
-            state: State {
-                capacity,
-                slots: TableSlots::new(capacity.table_slots),
-                vip_ids: Ids::new(capacity.vips),
-                backend_ids: Ids::new(capacity.backends),
-                vips: HashMap::new(),
-                backends: HashMap::new(),
-                insert_limit: None,
-            },
+            state: State::new(capacity),
             retired: HashMap::new(),
         }
     }

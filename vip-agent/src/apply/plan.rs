@@ -19,8 +19,9 @@ use vip_common::{
 };
 
 use super::{
-    AppliedVip, BackendKey, State, Target,
     encode::{backend_entry, vip_meta},
+    state::{AppliedVip, State},
+    target::{BackendKey, Target},
 };
 use crate::net::nexthop::NextHop;
 
@@ -45,7 +46,7 @@ pub(crate) enum Step {
 /// Why a change cannot be applied; nothing was written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("VIP {vip}: {source}")]
+    #[error("VIP {vip}")]
     Maglev {
         vip: String,
         #[source]

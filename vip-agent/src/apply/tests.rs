@@ -1,10 +1,8 @@
 //! Plans stepped through config changes on the host, against an image of the maps.
 
-use std::{collections::HashMap, convert::Infallible, net::IpAddr, path::Path};
+use std::{convert::Infallible, path::Path};
 
-use vip_common::{
-    BACKEND_F_PRESENT, Backend, BackendId, NO_BACKEND, TrafficCounters, VipKey, VipMeta,
-};
+use vip_common::{BACKEND_F_PRESENT, NO_BACKEND};
 
 use super::*;
 use crate::config::{self, Config};

@@ -72,9 +72,9 @@ pub struct Status {
 
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("connecting: {0}")]
-    Connect(std::io::Error),
-    #[error("connection: {0}")]
+    #[error("connecting")]
+    Connect(#[source] std::io::Error),
+    #[error("connection")]
     Io(#[from] std::io::Error),
     #[error("we sent NOTIFICATION {0}")]
     Sent(Notification),
@@ -120,8 +120,9 @@ pub async fn run(
         match result {
             Ok(End::Shutdown) => return,
             Err(e) => {
-                tracing::warn!(peer = %peer.address, error = %e, "BGP session down");
-                status.send_modify(|s| s.last_error = Some(e.to_string()));
+                let error = crate::errors::chain(&e);
+                tracing::warn!(peer = %peer.address, %error, "BGP session down");
+                status.send_modify(|s| s.last_error = Some(error));
             }
         }
         if status.borrow().established_transitions > before {
@@ -175,13 +176,15 @@ pub fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Resu
     match peer {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
-            let sin = unsafe { &mut *(&mut sig.addr as *mut _ as *mut libc::sockaddr_in) };
+            let sin =
+                unsafe { &mut *std::ptr::from_mut(&mut sig.addr).cast::<libc::sockaddr_in>() };
             sin.sin_family = libc::AF_INET as u16;
             sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
         }
         SocketAddr::V6(a) => {
             // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut sig.addr as *mut _ as *mut libc::sockaddr_in6) };
+            let sin6 =
+                unsafe { &mut *std::ptr::from_mut(&mut sig.addr).cast::<libc::sockaddr_in6>() };
             sin6.sin6_family = libc::AF_INET6 as u16;
             sin6.sin6_addr.s6_addr = a.ip().octets();
         }

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use super::{ControlError, MAX_MESSAGE, Request, Response};
+use super::protocol::{ControlError, MAX_MESSAGE, Request, Response};
 
 /// Sends one request to the agent listening on `socket` and returns its response.
 pub fn request(socket: &Path, request: &Request) -> Result<Response, ControlError> {

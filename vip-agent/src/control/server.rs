@@ -13,7 +13,9 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{AgentStatus, ControlError, DrainTarget, MAX_MESSAGE, PeerStatus, Request, Response};
+use super::protocol::{
+    AgentStatus, ControlError, DrainTarget, MAX_MESSAGE, PeerStatus, Request, Response,
+};
 use crate::{bgp::Sessions, view::View};
 
 /// A request only the runtime can answer: it changes what the node does.
@@ -81,7 +83,7 @@ impl ControlSocket {
             let (view, sessions, commands) = (view.clone(), sessions.clone(), commands.clone());
             tokio::spawn(async move {
                 if let Err(e) = answer(stream, &view, &sessions, &commands).await {
-                    debug!(error = %crate::health::chain(&e), "control connection");
+                    debug!(error = %crate::errors::chain(&e), "control connection");
                 }
             });
         }

@@ -13,7 +13,7 @@ use aya::{
 };
 use vip_common::layout::{DECAP_LAYOUT, LAYOUT, OBSOLETE_PINS};
 
-use super::{DataplaneError, Result};
+use super::error::{DataplaneError, Result};
 
 /// Attaches `prog` to `iface`, trying `modes` in order, so that the attachment survives the
 /// agent: the XDP link is pinned at `<pin_dir>/links/xdp_<iface>`. If that pin exists (a running

@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
 use vip_common::{BackendId, DatapathStats, DecapStats, TrafficCounters, layout};
 
-use super::{DataplaneError, Result, map_err};
+use super::error::{DataplaneError, Result, map_err};
 
 /// Sums per-CPU values of a struct of `u64` counters.
 pub(crate) fn sum_cpus<T: aya::Pod + bytemuck::Pod>(values: &PerCpuValues<T>) -> T {

@@ -14,7 +14,11 @@ use vip_common::{
 };
 
 use super::{
-    DataplaneError, Result, attach_xdp_pinned, check_pinned, create_pin_dir, map_err, xdp_program,
+    attach::{attach_xdp_pinned, xdp_program},
+    counters::sum_entry,
+    error::{DataplaneError, Result, map_err},
+    object,
+    pins::{check_pinned, create_pin_dir},
 };
 
 /// The loaded decapsulation program and its maps.
@@ -36,9 +40,7 @@ impl DecapPlane {
                 loader.map_pin_path(l.name, path);
             }
         }
-        let ebpf = loader
-            .load(super::object::decap())
-            .map_err(DataplaneError::Load)?;
+        let ebpf = loader.load(object::decap()).map_err(DataplaneError::Load)?;
         Ok(Self { ebpf })
     }
 
@@ -117,6 +119,6 @@ impl DecapPlane {
             .ok_or(DataplaneError::MissingMap(name))?;
         let map: PerCpuArray<&MapData, DecapStats> =
             PerCpuArray::try_from(map).map_err(map_err(name))?;
-        super::counters::sum_entry(&map, name, 0)
+        sum_entry(&map, name, 0)
     }
 }

@@ -6,6 +6,7 @@
 mod attach;
 mod counters;
 pub mod decap;
+mod error;
 pub mod log;
 mod mmap;
 pub mod object;
@@ -26,7 +27,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, ProgramArray},
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use vip_common::{
     AddrFamily, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4,
@@ -40,80 +41,12 @@ use vip_common::{
 };
 
 use counters::sum_entry;
+pub use error::DataplaneError;
+pub(crate) use error::{Result, map_err};
 use log::{DatapathLog, ToTracing};
 
 /// aya-log's level global in the eBPF object.
 const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
-
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error("Maglev table size {0} must be a prime number")]
-    TableSizeNotPrime(u32),
-    #[error("loading the eBPF object failed (is this root, with BTF and bpffs?)")]
-    Load(#[source] aya::EbpfError),
-    #[error("creating pin directory {path} (is bpffs mounted at /sys/fs/bpf?): {source}")]
-    PinDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the eBPF object has no map {0}")]
-    MissingMap(&'static str),
-    #[error("counting this machine's CPUs: {0}")]
-    Cpus(#[source] std::io::Error),
-    #[error("starting the datapath log reader: {0}")]
-    LogReader(#[source] std::io::Error),
-    #[error("the eBPF object has no program {0}")]
-    MissingProgram(&'static str),
-    #[error(
-        "pinned map {path} has key size {key}, value size {value}, {entries} entries; this \
-         program needs {want_key}, {want_value}, {want_entries}. It was made by an incompatible \
-         vip version or config: detach vip (`vip-agent detach`) to start afresh"
-    )]
-    PinnedMapMismatch {
-        path: PathBuf,
-        key: u32,
-        value: u32,
-        entries: u32,
-        want_key: u32,
-        want_value: u32,
-        want_entries: u32,
-    },
-    #[error("map {map}: {source}")]
-    Map {
-        map: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("map {map}: mmap (pinned by an older agent? `vip-agent detach` first): {source}")]
-    Mmap {
-        map: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("program {program}: {source}")]
-    Program {
-        program: &'static str,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("Maglev table has {got} slots, the datapath was loaded with {want}")]
-    TableSize { got: usize, want: u32 },
-    #[error("XDP link {path}: {source}")]
-    Link {
-        path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("table slot {slot} out of range (0..{slots})")]
-    TableSlot { slot: u32, slots: u32 },
-}
-
-pub(crate) type Result<T> = std::result::Result<T, DataplaneError>;
-
-pub(crate) fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { map, source }
-}
 
 /// Sizes fixed when the program is loaded.
 #[derive(Clone, Debug)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::maps::MapInfo;
 use vip_common::layout::MapLayout;
 
-use super::{DataplaneError, Result, map_err};
+use super::error::{DataplaneError, Result, map_err};
 
 /// Creates a pin directory (under a bpffs mount).
 pub(crate) fn create_pin_dir(dir: &Path) -> Result<()> {

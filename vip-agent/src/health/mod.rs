@@ -53,20 +53,9 @@ impl Observation {
                 format!("ok in {:.1?} through the data path", self.latency)
             }
             Ok(()) => format!("ok in {:.1?}", self.latency),
-            Err(e) => chain(e),
+            Err(e) => crate::errors::chain(e),
         }
     }
-}
-
-/// An error and its causes, one line.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text += &format!(": {e}");
-        source = e.source();
-    }
-    text
 }
 
 /// Runs the checks of every backend that has one.

@@ -17,11 +17,11 @@ const VIP_ADDRESS_PROTO: u8 = 0x76;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoError {
-    #[error("opening a netlink socket: {0}")]
+    #[error("opening a netlink socket")]
     Socket(#[source] std::io::Error),
     #[error("the loopback interface was not found")]
     NoLoopback,
-    #[error("{what} {addr} on lo: {source}")]
+    #[error("{what} {addr} on lo")]
     Netlink {
         what: &'static str,
         addr: String,

@@ -39,9 +39,9 @@ pub struct NextHop {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NextHopError {
-    #[error("opening a netlink socket: {0}")]
+    #[error("opening a netlink socket")]
     Socket(#[source] std::io::Error),
-    #[error("netlink {what}: {source}")]
+    #[error("netlink {what}")]
     Netlink {
         what: &'static str,
         #[source]

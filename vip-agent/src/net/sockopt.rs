@@ -4,7 +4,7 @@
 use std::os::fd::AsRawFd;
 
 /// Sets `level`/`name` on `socket` to `value`, a plain C value of the type the option takes.
-pub fn set<T: Copy>(
+pub(crate) fn set<T: Copy>(
     socket: &impl AsRawFd,
     level: i32,
     name: i32,
@@ -17,8 +17,8 @@ pub fn set<T: Copy>(
             socket.as_raw_fd(),
             level,
             name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as u32,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as u32,
         )
     };
     if rc != 0 {

@@ -283,7 +283,7 @@ impl Runtime {
                 }
                 Err(e) => {
                     self.ready = false;
-                    error!(error = %crate::health::chain(&e), "updating the maps");
+                    error!(error = %crate::errors::chain(&e), "updating the maps");
                 }
             }
         }
@@ -326,7 +326,7 @@ impl Runtime {
                     info!("next hops changed");
                     self.converge();
                 }
-                Err(e) => warn!(error = %crate::health::chain(e.as_ref()), "resolving next hops"),
+                Err(e) => warn!(error = %crate::errors::chain(e.as_ref()), "resolving next hops"),
             }
         }
     }
@@ -413,12 +413,12 @@ impl Runtime {
         // 6. `lo`, and the health checks of the new config.
         match self.lo.sync(&self.config.loopback_addresses()).await {
             Ok((added, removed)) => info!(added, removed, "reloaded"),
-            Err(e) => error!(error = %crate::health::chain(&e), "updating VIP addresses on lo"),
+            Err(e) => error!(error = %crate::errors::chain(&e), "updating VIP addresses on lo"),
         }
         if let Node::Lb(lb) = &mut self.node
             && let Err(e) = lb.sync_checks(&self.config)
         {
-            error!(error = %crate::health::chain(e.as_ref()), "health checks");
+            error!(error = %crate::errors::chain(e.as_ref()), "health checks");
         }
         self.reloads_ok += 1;
         self.publish();
@@ -427,7 +427,7 @@ impl Runtime {
     fn refuse(&mut self, error: &(dyn std::error::Error + 'static), what: &str) {
         self.reloads_failed += 1;
         self.publish();
-        error!(error = %crate::health::chain(error), "{what}");
+        error!(error = %crate::errors::chain(error), "{what}");
     }
 
     fn write(&mut self, plan: Option<Plan>, new: &Config) -> Result<()> {

@@ -25,7 +25,7 @@ static BENCH_FRAME: Array<BenchFrame, 1> = Array::new();
 static BENCH_TARGET: ProgramArray<1> = ProgramArray::new();
 
 #[xdp]
-pub fn bench_restore(ctx: XdpContext) -> u32 {
+pub(crate) fn bench_restore(ctx: XdpContext) -> u32 {
     let Some(frame) = BENCH_FRAME.get_ptr_mut(0) else {
         return xdp_action::XDP_ABORTED;
     };
@@ -65,7 +65,7 @@ pub fn bench_restore(ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
-pub fn bench_floor_tx(_ctx: XdpContext) -> u32 {
+pub(crate) fn bench_floor_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 

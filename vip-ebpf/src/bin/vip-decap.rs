@@ -52,7 +52,7 @@ enum Verdict {
 }
 
 #[xdp]
-pub fn vip_decap(ctx: XdpContext) -> u32 {
+pub(crate) fn vip_decap(ctx: XdpContext) -> u32 {
     let verdict = decap(&ctx);
     if let Some(stats) = DECAP_STATS.get_ptr_mut(0) {
         // SAFETY: this CPU's copy of a per-CPU entry; nothing else writes it concurrently.

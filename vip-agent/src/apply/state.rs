@@ -1,0 +1,70 @@
+//! What the maps hold, as the agent wrote them: ids, table slots, VIP and backend entries.
+
+use std::collections::HashMap;
+
+use vip_common::{Backend, VipKey, VipMeta, maglev::MaglevBackend};
+
+use super::{ids::Ids, slots::TableSlots, target::BackendKey};
+
+/// The datapath's fixed sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub table_size: u32,
+    pub table_slots: u32,
+    pub vips: u32,
+    pub backends: u32,
+}
+
+impl From<&crate::dataplane::DataplaneOptions> for Capacity {
+    fn from(o: &crate::dataplane::DataplaneOptions) -> Self {
+        Capacity {
+            table_size: o.table_size,
+            table_slots: o.table_slots,
+            vips: o.max_vips,
+            backends: o.max_backends,
+        }
+    }
+}
+
+/// A VIP as written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AppliedVip {
+    pub(crate) meta: VipMeta,
+    /// The table's members, as built: an equal list means an equal table.
+    pub(crate) members: Vec<MaglevBackend>,
+    /// Its name in metrics and `status` (`tcp/198.51.100.1:443`).
+    pub(crate) label: String,
+}
+
+/// What the maps hold, as far as the agent wrote them.
+#[derive(Clone, Debug)]
+pub(crate) struct State {
+    pub(super) capacity: Capacity,
+    pub(super) slots: TableSlots,
+    pub(super) vip_ids: Ids<VipKey>,
+    pub(super) backend_ids: Ids<BackendKey>,
+    pub(super) vips: HashMap<VipKey, AppliedVip>,
+    pub(super) backends: HashMap<BackendKey, Backend>,
+    pub(super) insert_limit: Option<u32>,
+}
+
+impl State {
+    /// Nothing written yet.
+    pub(super) fn new(capacity: Capacity) -> Self {
+        Self {
+            capacity,
+            slots: TableSlots::new(capacity.table_slots),
+            vip_ids: Ids::new(capacity.vips),
+            backend_ids: Ids::new(capacity.backends),
+            vips: HashMap::new(),
+            backends: HashMap::new(),
+            insert_limit: None,
+        }
+    }
+
+    pub(super) fn forwardable(&self, key: &VipKey) -> bool {
+        self.vips
+            .get(key)
+            .is_some_and(|v| v.members.iter().any(|m| m.weight > 0))
+    }
+}
