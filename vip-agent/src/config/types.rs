@@ -1,0 +1,306 @@
+//! The config as the agent uses it: typed, validated, with every default applied.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use vip_common::{IPPROTO_TCP, IPPROTO_UDP, VipKey};
+
+/// How to attach XDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// Driver mode; fail if the driver lacks XDP.
+    Native,
+    /// Generic (skb) mode: works everywhere, slower.
+    Generic,
+    /// Driver mode, falling back to generic mode (and saying so).
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+}
+
+/// Which fields of a flow pick its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashFields {
+    /// Addresses, ports and protocol.
+    #[default]
+    FiveTuple,
+    /// Addresses and protocol: a client sticks to one backend (and fragments are forwarded).
+    Addresses,
+}
+
+/// Encapsulation toward backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Encapsulation {
+    /// IPIP / IP6IP6 / 4in6 / 6in4, by the families of VIP and backend.
+    #[default]
+    Ipip,
+    /// GUE (variant 1, UDP to `gue_port`): backends spread flows over their queues by the
+    /// UDP source port.
+    Gue,
+}
+
+/// Where the agent's control socket is unless `node.control_socket` says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vip/vip.sock";
+
+/// Default GUE port (as Linux `fou` examples use).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    #[default]
+    Active,
+    /// No new flows; flows in conntrack continue.
+    Draining,
+}
+
+/// What a node does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Load balancer: XDP load-balancing program, `[[vip]]` with backends.
+    #[default]
+    Lb,
+    /// Backend: decapsulation program, the `[backend]` section.
+    Backend,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub vips: Vec<VipConfig>,
+    /// Set when `node.role = "backend"`.
+    pub backend: Option<BackendRole>,
+    /// BGP speaker settings, when VIPs are announced.
+    pub bgp: Option<BgpConfig>,
+}
+
+/// The BGP speaker: announces each VIP with a usable backend as a host route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpConfig {
+    pub asn: u32,
+    pub router_id: Ipv4Addr,
+    /// Seconds; 0 (no keepalives) or at least 3.
+    pub hold_time: u16,
+    /// Graceful restart as a restarting speaker, with this restart time; `None` = off.
+    pub graceful_restart_time: Option<u16>,
+    pub next_hop_v4: Option<Ipv4Addr>,
+    pub next_hop_v6: Option<Ipv6Addr>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+    /// On SIGTERM: announce with GRACEFUL_SHUTDOWN this long before withdrawing.
+    pub drain_time: Duration,
+    /// Accept connections from configured peers on port 179 (always, when a peer is passive);
+    /// a connection that collides with our own is resolved as RFC 4271 6.8 says.
+    pub listen: bool,
+    pub peers: Vec<BgpPeerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpPeerConfig {
+    pub address: IpAddr,
+    pub asn: u32,
+    pub port: u16,
+    /// Wait for the peer to connect (vip listens on port 179) instead of connecting.
+    pub passive: bool,
+    /// When set, the peer's OPEN must carry this BGP identifier.
+    pub router_id: Option<Ipv4Addr>,
+    pub password: Option<String>,
+    pub hold_time: Option<u16>,
+    pub med: Option<u32>,
+    pub local_pref: Option<u32>,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+}
+
+impl Config {
+    /// Whether some backend is health-checked through the data path.
+    pub fn has_datapath_checks(&self) -> bool {
+        self.vips
+            .iter()
+            .flat_map(|v| &v.backends)
+            .any(|b| b.health.via == CheckVia::Datapath && b.health.kind != CheckKind::None)
+    }
+
+    /// Addresses to put on `lo`: the VIPs this node load-balances or serves.
+    pub fn loopback_addresses(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = match &self.backend {
+            Some(b) => b.vips.clone(),
+            None => self.vips.iter().map(|v| v.address).collect(),
+        };
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// A backend node: which encapsulated packets it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRole {
+    /// This backend's own addresses: the outer destinations it decapsulates.
+    pub addresses: Vec<IpAddr>,
+    /// The VIPs it serves: inner destinations it accepts, put on `lo`.
+    pub vips: Vec<IpAddr>,
+    /// UDP port of GUE packets to decapsulate; `None`: IP-in-IP only.
+    pub gue_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub role: Role,
+    pub interfaces: Vec<String>,
+    pub attach: AttachMode,
+    pub source_v4: Option<Ipv4Addr>,
+    pub source_v6: Option<Ipv6Addr>,
+    pub pin_dir: PathBuf,
+    /// Prometheus metrics, `/healthz`, `/readyz` (GET only).
+    pub metrics_address: SocketAddr,
+    /// The control API's Unix socket (`vip-agent drain`, `backends`, `status`).
+    pub control_socket: PathBuf,
+    pub table_size: u32,
+    pub table_slots: u32,
+    /// Entries of each conntrack map (one for IPv4 flows, one for IPv6).
+    pub conntrack_entries: u32,
+    /// New conntrack entries per second and CPU (0: no limit): beyond it new flows are
+    /// forwarded by Maglev alone, so floods cannot churn the LRU faster.
+    pub conntrack_insert_limit: u32,
+    /// VIP capacity of the datapath's maps.
+    pub max_vips: u32,
+    /// Backend capacity, counting each backend of each VIP.
+    pub max_backends: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    pub address: IpAddr,
+    pub protocol: Protocol,
+    /// 0 = all ports.
+    pub port: u16,
+    pub encapsulation: Encapsulation,
+    /// UDP destination port with `Encapsulation::Gue`.
+    pub gue_port: u16,
+    pub source_prefix: Option<IpNet>,
+    pub hash: HashFields,
+    pub udp_idle_timeout: Duration,
+    pub backends: Vec<BackendConfig>,
+    /// Extra BGP communities and MED for this VIP's route.
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<[u32; 3]>,
+    pub med: Option<u32>,
+}
+
+impl VipConfig {
+    pub fn key(&self) -> VipKey {
+        VipKey::new(self.address, self.protocol.number(), self.port)
+    }
+}
+
+impl fmt::Display for VipConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match self.port {
+            0 => write!(f, "{proto}/{}:*", self.address),
+            port => write!(f, "{proto}/{}", SocketAddr::new(self.address, port)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub state: BackendState,
+    /// The VIP's health check with this backend's overrides.
+    pub health: HealthCheck,
+}
+
+/// What a health check sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// No checks: the backend is always up.
+    #[default]
+    None,
+    /// A TCP connection that completes.
+    Tcp,
+    /// `GET path` answered with the expected status.
+    Http,
+    /// `GET path` over TLS answered with the expected status. The certificate is not verified
+    /// (backends are addressed by IP): the check proves the TLS service answers.
+    Https,
+    /// A UDP datagram answered with a datagram that contains the expected text.
+    Udp,
+}
+
+/// Where health checks go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckVia {
+    /// To the backend's own address: proves the host and service are up.
+    #[default]
+    Direct,
+    /// To the VIP, encapsulated toward the backend like client traffic: also proves that the
+    /// backend decapsulates, has the VIP on `lo` and serves it there.
+    Datapath,
+}
+
+/// A backend health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub via: CheckVia,
+    /// Port checked; the VIP's port by default.
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Successes in a row that bring a down backend back.
+    pub rise: u32,
+    /// Failures in a row that take a backend down.
+    pub fall: u32,
+    pub http_path: String,
+    pub http_status: u16,
+    /// HTTPS: the server name (SNI) to ask for; none by default.
+    pub tls_server_name: Option<String>,
+    pub udp_send: String,
+    pub udp_expect: String,
+}
+
+impl BackendConfig {
+    /// Weight in the Maglev table: draining and weight-0 backends take no new flows.
+    pub fn table_weight(&self) -> u32 {
+        match self.state {
+            BackendState::Active => self.weight,
+            BackendState::Draining => 0,
+        }
+    }
+}
+
+/// Largest backend weight: keeps a Maglev fill round bounded.
+pub const MAX_WEIGHT: u32 = 1000;
