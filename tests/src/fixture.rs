@@ -4,14 +4,13 @@
 
 use std::{cell::RefCell, collections::HashMap, net::IpAddr, process::Command, time::Duration};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use vip_agent::{
     apply::{
         Sources, TableSlots,
         encode::{backend_entry, hash_port_mask, vip_meta},
     },
     config::{Encapsulation, HashFields, Protocol, VipConfig},
-    dataplane::{Dataplane, DataplaneOptions, DecapPlane},
+    dataplane::{Dataplane, DataplaneOptions, DecapPlane, test_run},
     net::nexthop::NextHop,
 };
 use vip_common::{
@@ -312,24 +311,8 @@ fn run_program(dataplane: &mut Dataplane, frame: &[u8], ifindex: Option<u32>) ->
 }
 
 fn run_xdp(prog: &mut aya::programs::Xdp, frame: &[u8], ifindex: Option<u32>) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-    let ctx: Vec<u8> = ifindex
-        .map(|i| [0, frame.len() as u32, 0, i, 0, 0])
-        .into_iter()
-        .flatten()
-        .flat_map(u32::to_ne_bytes)
-        .collect();
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: ifindex.map(|_| ctx.as_slice()),
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
+    let outcome = test_run::run_xdp(prog, frame, ifindex, 1).expect("BPF_PROG_TEST_RUN");
+    (outcome.action, outcome.frame)
 }
 
 /// Moves the calling thread (one test) into a fresh network namespace with `lo` up. It vanishes

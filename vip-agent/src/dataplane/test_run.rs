@@ -1,9 +1,12 @@
 //! Asking the datapath itself: a probe packet run through the loaded program with
 //! BPF_PROG_TEST_RUN, so "which backend" is answered by the same code that forwards.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
-use aya::programs::{TestRun as _, TestRunOptions};
+use aya::programs::{ProgramError, TestRun as _, TestRunOptions, Xdp};
 use vip_common::IPPROTO_TCP;
 
 use super::{Dataplane, DataplaneError};
@@ -44,22 +47,59 @@ pub fn frame(client: SocketAddr, vip: SocketAddr, proto: u8) -> Vec<u8> {
     f
 }
 
-/// Runs `frame` through the program once: (XDP action, output frame).
-pub fn run(dataplane: &mut Dataplane, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+/// What a test run of an XDP program did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The XDP action.
+    pub action: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Mean time per iteration, as the kernel measured it.
+    pub duration: Duration,
+}
+
+/// Runs `frame` through `prog` `repeat` times (the kernel reuses one buffer: from the second
+/// iteration on, the program sees its own output unless a wrapper restores it), as if received
+/// on `ifindex` when given. The one test-run wrapper of `which`, the tests and the benchmark.
+pub fn run_xdp(
+    prog: &mut Xdp,
+    frame: &[u8],
+    ifindex: Option<u32>,
+    repeat: u32,
+) -> Result<Outcome, ProgramError> {
+    // Room for the outer headers the program may add.
     let mut out = vec![0u8; frame.len() + 256];
-    let prog = dataplane.program()?;
-    let result = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..Default::default()
-        })
-        .map_err(|source| DataplaneError::Program {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> = ifindex
+        .map(|i| [0, frame.len() as u32, 0, i, 0, 0])
+        .into_iter()
+        .flatten()
+        .flat_map(u32::to_ne_bytes)
+        .collect();
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: ifindex.map(|_| ctx.as_slice()),
+        repeat,
+        ..Default::default()
+    })?;
+    out.truncate(result.data_size_out as usize);
+    Ok(Outcome {
+        action: result.return_value,
+        frame: out,
+        duration: result.duration,
+    })
+}
+
+/// Runs `frame` through the load balancer once: (XDP action, output frame).
+pub fn run(dataplane: &mut Dataplane, frame: &[u8]) -> Result<(u32, Vec<u8>), DataplaneError> {
+    let outcome = run_xdp(dataplane.program()?, frame, None, 1).map_err(|source| {
+        DataplaneError::Program {
             program: vip_common::layout::LB_PROGRAM,
             source,
-        })?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, out))
+        }
+    })?;
+    Ok((outcome.action, outcome.frame))
 }
 
 /// The outer destination if the program encapsulated `input` into `out` (it grew by an outer
