@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::{Context, Result, bail};
 use vip_tests::lab::{self, Lab, LabSpec, VIP4, VIP6, echo_all, tcp_hello, udp_hello};
 
 const PREFIX: &str = "vipdemo";
@@ -21,8 +22,8 @@ const UDP_FLOWS: usize = 200;
 const LONG_LIVED: usize = 40;
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-fn up() -> Result<Lab, String> {
-    Lab::up_built(LabSpec::new(PREFIX))
+fn up() -> Result<Lab> {
+    Lab::up_built(LabSpec::new(PREFIX)).context("bringing the lab up")
 }
 
 fn main() {
@@ -35,24 +36,25 @@ fn main() {
             println!("logs and configs: /run/{PREFIX}; `cargo xtask lab down` removes it");
             lab.keep();
         }),
-        ["lab", "down"] => lab::down(PREFIX),
+        ["lab", "down"] => lab::down(PREFIX).context("removing the lab"),
         ["lab", "status"] => {
             print!("{}", lab::status(PREFIX));
             Ok(())
         }
-        ["serve", "--netns", ns, "--name", name, "--address", own] => lab::serve(ns, name, own),
-        _ => Err(
+        ["serve", "--netns", ns, "--name", name, "--address", own] => {
+            lab::serve(ns, name, own).context("serving")
+        }
+        _ => Err(anyhow::anyhow!(
             "usage: vip-demo demo | lab up|down|status | serve --netns NS --name NAME --address A"
-                .into(),
-        ),
+        )),
     };
     if let Err(e) = result {
-        eprintln!("error: {e}");
+        eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn demo() -> Result<(), String> {
+fn demo() -> Result<()> {
     println!(
         "== building the lab: client, router (BIRD, ECMP), 2 LB nodes (XDP + BGP), 3 backends (DSR)"
     );
@@ -79,18 +81,18 @@ fn demo() -> Result<(), String> {
             let vip: IpAddr = vip.parse().unwrap();
             for _ in 0..TCP_FLOWS {
                 let (_, backend, seen) =
-                    tcp_hello(vip, TIMEOUT).map_err(|e| format!("TCP to {vip}: {e}"))?;
+                    tcp_hello(vip, TIMEOUT).with_context(|| format!("TCP to {vip}"))?;
                 wrong_source += usize::from(seen != client);
                 spread.entry(backend).or_default()[col] += 1;
             }
             for i in 0..UDP_FLOWS {
                 let (backend, seen) = udp_hello(vip, &format!("flow {i}"), TIMEOUT)
-                    .map_err(|e| format!("UDP to {vip}: {e}"))?;
+                    .with_context(|| format!("UDP to {vip}"))?;
                 wrong_source += usize::from(seen != client);
                 spread.entry(backend).or_default()[col + 2] += 1;
             }
         }
-        Ok::<_, String>((spread, wrong_source))
+        anyhow::Ok((spread, wrong_source))
     })?;
     println!(
         "   {:<10} {:>9} {:>9} {:>9} {:>9}",
@@ -104,9 +106,7 @@ fn demo() -> Result<(), String> {
     }
     let total: usize = spread.values().map(|c| c.iter().sum::<usize>()).sum();
     if total != 2 * (TCP_FLOWS + UDP_FLOWS) || wrong_source > 0 {
-        return Err(format!(
-            "{total} flows answered, {wrong_source} saw a wrong client address"
-        ));
+        bail!("{total} flows answered, {wrong_source} saw a wrong client address");
     }
     println!("   every flow answered; every backend saw the client's own address; replies went");
     println!("   backend → router → client directly (DSR): the LB nodes only see the inbound half");
@@ -122,9 +122,9 @@ fn demo() -> Result<(), String> {
                 let vip: IpAddr = if i % 2 == 0 { VIP4 } else { VIP6 }.parse().unwrap();
                 tcp_hello(vip, TIMEOUT)
                     .map(|(s, _, _)| s)
-                    .map_err(|e| e.to_string())
+                    .with_context(|| format!("TCP to {vip}"))
             })
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>>>()
     })?;
     let lb1_before = lab.lb_forwarded(1);
     println!(
@@ -136,11 +136,11 @@ fn demo() -> Result<(), String> {
         "   lb1 carried {} packets of those echoes, lb2 the rest",
         before - lb1_before
     );
-    lab.kill_lb(1)?;
+    lab.kill_lb(1).context("killing lb1")?;
     let killed = Instant::now();
     while lab.router_next_hops(VIP4) > 1 || lab.router_next_hops(VIP6) > 1 {
         if killed.elapsed() > Duration::from_secs(30) {
-            return Err(format!("the router kept lb1: {}", lab.router_route(VIP4)));
+            bail!("the router kept lb1: {}", lab.router_route(VIP4));
         }
         thread::sleep(Duration::from_millis(50));
     }
@@ -166,7 +166,7 @@ fn demo() -> Result<(), String> {
         fresh.as_deref().unwrap_or("nothing")
     );
     if alive != LONG_LIVED || fresh.is_err() {
-        return Err("connections were lost across the LB node failure".into());
+        bail!("connections were lost across the LB node failure");
     }
 
     println!("\n== tearing the lab down");

@@ -1,0 +1,146 @@
+//! The backends' services and the client's side of them.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{
+    TCP_PORT, UDP_PORT, VIP4, VIP6,
+    error::{LabError, Result, io},
+    shell::enter,
+};
+
+/// The backends' services (run as `vip-demo serve --netns NS --name NAME --address ADDR`): a TCP
+/// service on every address (the VIPs on lo, and the backend's own for health checks) that greets
+/// each connection with "NAME CLIENT-ADDRESS" and echoes, and a UDP service that answers
+/// "NAME CLIENT-ADDRESS PAYLOAD", bound to each VIP (so replies leave from the VIP) and to the
+/// backend's own address.
+pub fn serve(ns: &str, name: &str, own: &str) -> Result<()> {
+    enter(ns)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let bind = |f: &dyn Fn() -> std::io::Result<()>| -> Result<()> {
+        loop {
+            match f() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(io(format!("binding in {ns}"))(e));
+                }
+                // The agent has not put the VIPs on lo yet.
+                Err(_) => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    };
+    let label = name.to_owned();
+    // One dual-stack wildcard listener: the accepted socket's local address is the VIP for
+    // client connections, the backend's own address for health checks.
+    bind(&|| {
+        let tcp = TcpListener::bind(SocketAddr::new("::".parse().expect("any"), TCP_PORT))?;
+        let label = label.clone();
+        thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                let label = label.clone();
+                thread::spawn(move || serve_tcp(stream, &label));
+            }
+        });
+        Ok(())
+    })?;
+    for udp_addr in [VIP4, VIP6, own] {
+        let addr: IpAddr = udp_addr
+            .parse()
+            .map_err(|_| LabError::Address(udp_addr.to_owned()))?;
+        let label = name.to_owned();
+        bind(&|| {
+            let udp = UdpSocket::bind(SocketAddr::new(addr, UDP_PORT))?;
+            let label = label.clone();
+            thread::spawn(move || {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                    let mut reply = format!("{label} {} ", from.ip()).into_bytes();
+                    reply.extend_from_slice(&buf[..n]);
+                    let _ = udp.send_to(&reply, from);
+                }
+            });
+            Ok(())
+        })?;
+    }
+    loop {
+        thread::park();
+    }
+}
+
+fn serve_tcp(mut stream: TcpStream, label: &str) {
+    use std::io::{Read, Write};
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip().to_canonical().to_string())
+        .unwrap_or_default();
+    let _ = stream.write_all(format!("{label} {peer}\n").as_bytes());
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 || stream.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
+/// Client side: a TCP connection to a VIP and the greeting (backend, address it saw).
+pub fn tcp_hello(vip: IpAddr, timeout: Duration) -> std::io::Result<(TcpStream, String, String)> {
+    use std::io::BufRead;
+    let addr = SocketAddr::new(vip, TCP_PORT);
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let backend = parts.next().unwrap_or_default().to_owned();
+    let seen = parts.next().unwrap_or_default().to_owned();
+    Ok((stream, backend, seen))
+}
+
+/// Client side: one UDP flow (its own socket and port); returns (backend, address it saw).
+pub fn udp_hello(
+    vip: IpAddr,
+    payload: &str,
+    timeout: Duration,
+) -> std::io::Result<(String, String)> {
+    let bind: SocketAddr = if vip.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(SocketAddr::new(vip, UDP_PORT))?;
+    socket.send(payload.as_bytes())?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let mut parts = reply.splitn(3, ' ');
+    let backend = parts.next().unwrap_or_default().to_owned();
+    let seen = parts.next().unwrap_or_default().to_owned();
+    if parts.next() != Some(payload) {
+        return Err(std::io::Error::other(format!(
+            "UDP echo mismatch: {reply:?}"
+        )));
+    }
+    Ok((backend, seen))
+}
+
+/// Sends a line on each connection; returns how many echoed it back.
+pub fn echo_all(streams: &mut [TcpStream], tag: &str) -> usize {
+    use std::io::{Read, Write};
+    let mut ok = 0;
+    for (i, s) in streams.iter_mut().enumerate() {
+        let msg = format!("ping {i} {tag}\n");
+        let mut buf = vec![0u8; msg.len()];
+        if s.write_all(msg.as_bytes()).is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && buf == msg.as_bytes()
+        {
+            ok += 1;
+        }
+    }
+    ok
+}
