@@ -20,7 +20,7 @@ use tokio::{
     net::TcpListener,
     sync::watch,
 };
-use vip_common::{DatapathStats, DecapStats, TrafficCounters};
+use vip_common::{DatapathStats, DecapStats, Outcome, TrafficCounters};
 
 use crate::{
     bgp::{Sessions, session::State},
@@ -149,33 +149,26 @@ impl Collector for SnapshotCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = &self.0;
         if let Some(d) = &s.datapath {
-            let outcomes = [
-                ("passed", d.passed),
-                ("tx", d.tx),
-                ("redirected", d.redirected),
-                ("no_neighbour_passed", d.no_neighbour_passed),
-                ("no_route_passed", d.no_route_passed),
-            ];
-            let outcomes = owned(&outcomes);
+            // Every outcome, from the one vocabulary: forwarded or passed, or dropped by reason.
+            let rows = |drops: bool| -> Rows {
+                let key = if drops { "reason" } else { "outcome" };
+                Outcome::ALL
+                    .iter()
+                    .filter(|o| o.is_drop() == drops)
+                    .map(|o| (vec![(key.to_owned(), o.label().to_owned())], d.of(*o)))
+                    .collect()
+            };
             family(
                 &mut e,
                 "vip_datapath_packets",
                 "Packets by outcome.",
-                &one("outcome", &outcomes),
+                &rows(false),
             )?;
-            let drops = [
-                ("fragment", d.drop_fragment),
-                ("ip_options", d.drop_ip_options),
-                ("malformed", d.drop_malformed),
-                ("no_backend", d.drop_no_backend),
-                ("no_headroom", d.drop_no_headroom),
-            ];
-            let drops = owned(&drops);
             family(
                 &mut e,
                 "vip_datapath_drops",
                 "Packets to VIPs dropped, by reason.",
-                &one("reason", &drops),
+                &rows(true),
             )?;
             counter(
                 &mut e,

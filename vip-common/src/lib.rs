@@ -15,8 +15,10 @@ pub mod checksum;
 pub mod hash;
 pub mod layout;
 pub mod maps;
+pub mod outcome;
 
 #[cfg(feature = "user")]
 pub mod maglev;
 
 pub use maps::*;
+pub use outcome::Outcome;

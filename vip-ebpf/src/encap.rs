@@ -1,87 +1,38 @@
-//! Encapsulation toward the backend (IPv4 or IPv6 outer header around the client's IPv4 or IPv6
-//! packet: IPIP, 6in4, 4in6, IP6IP6) and the next hop it leaves through.
+//! Encapsulation toward the backend: an IPv4 or IPv6 outer header (and GUE's UDP header) around
+//! the client's IPv4 or IPv6 packet (IPIP, 6in4, 4in6, IP6IP6), behind the next hop's L2 header.
 //!
 //! The outer header is built on the stack and its checksum is computed over those exact bytes.
 //! The client's packet is never touched: the backend gets it byte for byte.
 
-use core::mem::MaybeUninit;
-
-use aya_ebpf::{
-    bindings::bpf_fib_lookup,
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_xdp_adjust_head},
-    programs::XdpContext,
-};
+use aya_ebpf::{helpers::generated::bpf_xdp_adjust_head, programs::XdpContext};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use vip_common::{
-    AddrFamily, BACKEND_F_NEXTHOP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6,
-    IPPROTO_TCP, IPPROTO_UDP, VIP_F_GUE, VipMeta,
+    AddrFamily, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, VIP_F_GUE, VipMeta,
     checksum::{OUTER_TTL, add_words, fold, ipv4_header},
 };
 
-use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, Window, header, read};
+use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, UDP_LEN, VLAN_ETH_LEN, Window, header, read};
 
-use crate::{parse::Verdict, select::Choice};
+use crate::{
+    client::Inner,
+    nexthop::{self, NextHop},
+    select::Choice,
+};
 
-const UDP_LEN: usize = 8;
-/// Ethernet header with one 802.1Q tag.
-const MAX_L2_LEN: usize = 18;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-const BPF_FIB_LOOKUP_OUTPUT: u32 = 1 << 1;
-
-/// The client's packet as the outer header must describe it.
-#[derive(Clone, Copy)]
-pub(crate) struct Inner {
-    /// Length of the client's IP packet (its own length field, already validated).
-    pub len: u16,
-    /// IPv4 TOS or IPv6 traffic class, copied to the outer header.
-    pub tos: u8,
-    pub family: AddrFamily,
-}
-
-impl Inner {
-    #[inline(always)]
-    fn outer_proto(&self) -> u8 {
-        match self.family {
-            AddrFamily::V4 => IPPROTO_IPIP,
-            AddrFamily::V6 => IPPROTO_IPV6,
-        }
-    }
-}
-
-/// Whether the next hop is known.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum HopStatus {
-    Resolved,
-    /// The kernel has a route but no neighbour entry yet: it resolves one when given a packet.
-    NoNeighbour,
-    /// The kernel has no route to the backend (or the interface does not forward).
-    NoRoute,
-}
-
-/// Where the frame goes: MACs and the action.
-struct NextHop {
-    dst_mac: [u8; 6],
-    src_mac: [u8; 6],
-    ifindex: u32,
-    status: HopStatus,
-}
-
-/// Encapsulates the packet toward `choice.backend` and sends it.
+/// Encapsulates the packet toward `choice.backend`, with the L2 header of its next hop, which
+/// it returns; `None` when the frame has no headroom for the outer header.
 #[inline(always)]
-pub(crate) fn send(
+pub(crate) fn encapsulate(
     ctx: &XdpContext,
     l2_len: usize,
     meta: &VipMeta,
     choice: &Choice,
     inner: Inner,
-) -> Verdict {
+) -> Option<NextHop> {
     let backend = choice.backend;
     let outer_v6 = backend.family == AddrFamily::V6 as u8;
     let gue = gue(ctx, l2_len, meta, choice.hash, &inner, outer_v6);
-    let verdict = if outer_v6 {
+    if outer_v6 {
         let (src_head, src_tail) = split_v6(&meta.src_v6);
         let outer = Outer6 {
             src_head,
@@ -89,7 +40,7 @@ pub(crate) fn send(
             dst: &backend.addr,
             flow_label: choice.hash,
         };
-        let hop = next_hop_v6(ctx, choice, &outer);
+        let hop = nexthop::v6(ctx, choice.backend, outer.src_words(), &backend.addr);
         push_ipv6(ctx, l2_len, &hop, &outer, inner, gue).map(|()| hop)
     } else {
         let src = with_entropy(meta.src_v4, meta.src_v4_entropy, choice.hash);
@@ -99,19 +50,8 @@ pub(crate) fn send(
             backend.addr[2],
             backend.addr[3],
         ];
-        let hop = next_hop_v4(ctx, choice, &src, &dst);
+        let hop = nexthop::v4(ctx, choice.backend, &src, &dst);
         push_ipv4(ctx, l2_len, &hop, (&src, &dst), inner, gue).map(|()| hop)
-    };
-    match verdict {
-        None => Verdict::DropNoHeadroom,
-        Some(hop) if hop.status == HopStatus::NoNeighbour => Verdict::NoNeighbourPass,
-        Some(hop) if hop.status == HopStatus::NoRoute => Verdict::NoRoutePass,
-        Some(hop) if hop.ifindex as usize == ctx.ingress_ifindex() => Verdict::Tx,
-        Some(hop) => {
-            // SAFETY: plain helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
-            let action = unsafe { bpf_redirect(hop.ifindex, 0) };
-            Verdict::Redirect(action as u32)
-        }
     }
 }
 
@@ -153,6 +93,21 @@ struct Outer6<'a> {
     dst: &'a [u8; 16],
     /// The flow hash: its low 20 bits let routers between LB and backend spread flows.
     flow_label: u32,
+}
+
+impl Outer6<'_> {
+    /// The source address as four words, for the FIB lookup.
+    #[inline(always)]
+    fn src_words(&self) -> [u32; 4] {
+        let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+        let head = self.src_head;
+        [
+            word(&head[0..4]),
+            word(&head[4..8]),
+            word(&head[8..12]),
+            u32::from_ne_bytes(self.src_tail),
+        ]
+    }
 }
 
 /// Prepends an IPv6 header (IP6IP6, or 4in6 for an IPv4 client packet), and with GUE a UDP
@@ -363,7 +318,7 @@ fn grow<const N: usize>(
 /// The frame's VLAN tag (TPID and TCI), read before the frame grows; zero without one.
 #[inline(always)]
 fn vlan_tag(ctx: &XdpContext, l2_len: usize) -> Option<[u8; 4]> {
-    if l2_len == MAX_L2_LEN {
+    if l2_len == VLAN_ETH_LEN {
         read::<[u8; 4]>(ctx, 12)
     } else {
         Some([0; 4])
@@ -374,7 +329,7 @@ fn vlan_tag(ctx: &XdpContext, l2_len: usize) -> Option<[u8; 4]> {
 /// has one (`tag` non-zero), and `ether_type` (4in6 and 6in4 change it).
 #[inline(always)]
 fn write_l2(ctx: &XdpContext, hop: &NextHop, tag: [u8; 4], ether_type: [u8; 2]) -> Option<()> {
-    let w = Window::<MAX_L2_LEN>::at(ctx, 0)?;
+    let w = Window::<VLAN_ETH_LEN>::at(ctx, 0)?;
     w.write(0, hop.dst_mac);
     w.write(6, hop.src_mac);
     if tag != [0; 4] {
@@ -392,103 +347,4 @@ fn grow_head(ctx: &XdpContext, len: usize) -> Option<()> {
     // SAFETY: helper call on our own context; afterwards every access re-checks bounds.
     let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, -(len as i32)) };
     (rc == 0).then_some(())
-}
-
-/// The backend's next hop as the agent resolved it, or as the kernel's FIB says.
-#[inline(always)]
-fn resolved(choice: &Choice) -> Option<NextHop> {
-    let b = choice.backend;
-    (b.flags & BACKEND_F_NEXTHOP != 0).then_some(NextHop {
-        dst_mac: b.dst_mac,
-        src_mac: b.src_mac,
-        ifindex: b.ifindex,
-        status: HopStatus::Resolved,
-    })
-}
-
-#[inline(always)]
-fn next_hop_v4(ctx: &XdpContext, choice: &Choice, src: &[u8; 4], dst: &[u8; 4]) -> NextHop {
-    if let Some(hop) = resolved(choice) {
-        return hop;
-    }
-    let mut params = fib_params(ctx, AF_INET);
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(*src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(*dst);
-    fib(ctx, params)
-}
-
-#[inline(always)]
-fn next_hop_v6(ctx: &XdpContext, choice: &Choice, outer: &Outer6) -> NextHop {
-    if let Some(hop) = resolved(choice) {
-        return hop;
-    }
-    let mut params = fib_params(ctx, AF_INET6);
-    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-    let (head, dst) = (outer.src_head, outer.dst);
-    params.__bindgen_anon_3.ipv6_src = [
-        word(&head[0..4]),
-        word(&head[4..8]),
-        word(&head[8..12]),
-        u32::from_ne_bytes(outer.src_tail),
-    ];
-    params.__bindgen_anon_4.ipv6_dst = [
-        word(&dst[0..4]),
-        word(&dst[4..8]),
-        word(&dst[8..12]),
-        word(&dst[12..16]),
-    ];
-    fib(ctx, params)
-}
-
-#[inline(always)]
-fn fib_params(ctx: &XdpContext, family: u8) -> bpf_fib_lookup {
-    // SAFETY: `bpf_fib_lookup` is a plain C struct for which all-zero is the documented default.
-    let mut params: bpf_fib_lookup = unsafe { MaybeUninit::zeroed().assume_init() };
-    params.family = family;
-    params.ifindex = ctx.ingress_ifindex() as u32;
-    params
-}
-
-#[inline(always)]
-fn fib(ctx: &XdpContext, mut params: bpf_fib_lookup) -> NextHop {
-    // An output lookup: the LB originates the outer packet (its own source address), so the
-    // node needs no IP forwarding for it.
-    // SAFETY: `params` is a valid, initialised struct on our stack of the size we pass.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx.cast(),
-            &mut params,
-            size_of::<bpf_fib_lookup>() as i32,
-            BPF_FIB_LOOKUP_OUTPUT,
-        )
-    };
-    let status = match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => HopStatus::Resolved,
-        BPF_FIB_LKUP_RET_NO_NEIGH => HopStatus::NoNeighbour,
-        _ => HopStatus::NoRoute,
-    };
-    NextHop {
-        dst_mac: stack_mac(&params.dmac),
-        src_mac: stack_mac(&params.smac),
-        ifindex: params.ifindex,
-        status,
-    }
-}
-
-/// A MAC address out of `bpf_fib_lookup` parameters on the stack. The program is built with
-/// misaligned loads allowed (for packet headers), but the verifier refuses misaligned stack
-/// reads, and `dmac` sits at 2 mod 4: three 16-bit volatile reads, which LLVM cannot widen.
-#[inline(always)]
-fn stack_mac(mac: &[u8; 6]) -> [u8; 6] {
-    let words = mac.as_ptr().cast::<u16>();
-    // SAFETY: both MAC fields of `bpf_fib_lookup` start at even offsets of a 4-aligned struct.
-    let [a, b, c] = unsafe {
-        [
-            words.read_volatile(),
-            words.add(1).read_volatile(),
-            words.add(2).read_volatile(),
-        ]
-    }
-    .map(u16::to_ne_bytes);
-    [a[0], a[1], b[0], b[1], c[0], c[1]]
 }

@@ -22,11 +22,9 @@ use vip_common::{
     checksum::{OUTER_TTL, ipv4_header},
 };
 
-use crate::maps::{BACKENDS, VIP_META};
+use vip_ebpf::packet::{ETH_LEN, ETH_P_IPV6, IPV4_LEN, UDP_LEN};
 
-const ETH_LEN: usize = 14;
-const UDP_LEN: usize = 8;
-const ETH_P_IPV6: u16 = 0x86dd;
+use crate::maps::{BACKENDS, VIP_META};
 /// GUE source port of probes (any port works: the backend decapsulates by destination port).
 const PROBE_GUE_SOURCE_PORT: u16 = 0xc0de;
 
@@ -52,7 +50,7 @@ fn toward_backend(ctx: &TcContext, id: u32) -> Option<i32> {
     let meta = VIP_META.get(backend.vip_id)?;
     let inner_len = (ctx.len() as usize).checked_sub(ETH_LEN)? as u16;
     let outer_v6 = backend.family == AddrFamily::V6 as u8;
-    let inner_v6 = u16::from_be(ctx.skb.protocol() as u16) == ETH_P_IPV6;
+    let inner_v6 = u16::from_be(ctx.skb.protocol() as u16) == u16::from_be_bytes(ETH_P_IPV6);
     let gue = meta.flags & VIP_F_GUE != 0;
     if inner_v6 != outer_v6 || (gue && outer_v6) {
         return None;
@@ -104,7 +102,7 @@ fn toward_backend(ctx: &TcContext, id: u32) -> Option<i32> {
                 0,
                 0,
             ];
-            ctx.store(ETH_LEN + 20, &udp, 0).ok()?;
+            ctx.store(ETH_LEN + IPV4_LEN, &udp, 0).ok()?;
         }
     }
     let mut eth = [0u8; 12];

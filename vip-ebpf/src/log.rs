@@ -19,11 +19,9 @@ use aya_log_ebpf::{
     debug,
     macro_support::{Level, level_enabled},
 };
-use vip_common::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP};
+use vip_common::{IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, Outcome};
 
-use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, read};
-
-use crate::parse::Verdict;
+use vip_ebpf::packet::{ETH_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, UDP_LEN, VLAN_ETH_LEN, read};
 
 /// `vip_lb_log` at index 0, put there by the agent when logs are on.
 #[btf_map]
@@ -33,46 +31,12 @@ static LOG_PROGRAM: ProgramArray<1> = ProgramArray::new();
 #[btf_map]
 static LOG_HANDOVER: PerCpuArray<[u32; 2], 1> = PerCpuArray::new();
 
-/// An outcome worth a record, as handed over: 0 (a packet for no VIP, passed) is not logged.
-#[inline(always)]
-fn outcome_code(verdict: &Verdict) -> u32 {
-    match verdict {
-        Verdict::Pass => 0,
-        Verdict::Tx => 1,
-        Verdict::Redirect(_) => 2,
-        Verdict::NoNeighbourPass => 3,
-        Verdict::NoRoutePass => 4,
-        Verdict::DropFragment => 5,
-        Verdict::DropIpOptions => 6,
-        Verdict::DropMalformed => 7,
-        Verdict::DropNoBackend => 8,
-        Verdict::DropNoHeadroom => 9,
-    }
-}
-
-/// The text of an outcome code, and whether the packet left encapsulated. Branches, not a
-/// table: a string pointer loaded from a table is a plain number to the verifier.
-#[inline(always)]
-fn outcome_text(code: u32) -> (&'static str, bool) {
-    match code {
-        1 => ("XDP_TX", true),
-        2 => ("redirect", true),
-        3 => ("no neighbour yet, to the stack", true),
-        4 => ("no route, to the stack", true),
-        5 => ("dropped: fragment", false),
-        6 => ("dropped: IP options", false),
-        7 => ("dropped: malformed", false),
-        8 => ("dropped: no backend", false),
-        _ => ("dropped: no headroom", false),
-    }
-}
-
 /// With logs on, hands the packet and `action` to `vip_lb_log`, which then ends this run.
 /// Returns when logs are off, the packet was for no VIP, or `vip_lb_log` is not loaded.
 #[inline(always)]
-pub(crate) fn hand_over(ctx: &XdpContext, verdict: &Verdict, action: u32) {
-    let code = outcome_code(verdict);
-    if code == 0 || !level_enabled(Level::Debug) {
+pub(crate) fn hand_over(ctx: &XdpContext, outcome: Outcome, action: u32) {
+    let code = outcome.code();
+    if outcome == Outcome::Passed || !level_enabled(Level::Debug) {
         return;
     }
     if let Some(slot) = LOG_HANDOVER.get_ptr_mut(0) {
@@ -83,9 +47,6 @@ pub(crate) fn hand_over(ctx: &XdpContext, verdict: &Verdict, action: u32) {
         }
     }
 }
-
-const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
-const UDP_LEN: usize = 8;
 
 /// One IP header's view of a packet.
 struct Endpoints {
@@ -128,8 +89,8 @@ fn endpoints(ctx: &XdpContext, l3: usize) -> Option<Endpoints> {
 #[inline(always)]
 fn l3(ctx: &XdpContext) -> Option<usize> {
     let (ether_type, l3) = match read::<[u8; 2]>(ctx, 12)? {
-        ETH_P_8021Q => (read::<[u8; 2]>(ctx, 16)?, 18),
-        other => (other, 14),
+        ETH_P_8021Q => (read::<[u8; 2]>(ctx, 16)?, VLAN_ETH_LEN),
+        other => (other, ETH_LEN),
     };
     (ether_type == ETH_P_IP || ether_type == ETH_P_IPV6).then_some(l3)
 }
@@ -140,7 +101,8 @@ pub(crate) fn record(ctx: &XdpContext) -> u32 {
     let Some(&[code, action]) = LOG_HANDOVER.get(0) else {
         return xdp_action::XDP_ABORTED;
     };
-    let (what, encapsulated) = outcome_text(code);
+    let outcome = Outcome::from_code(code);
+    let (what, encapsulated) = (outcome.log_text(), outcome.encapsulated());
     let _ = (|| {
         let packet = endpoints(ctx, l3(ctx)?)?;
         let (client, backend) = if encapsulated {

@@ -1,17 +1,20 @@
 //! vip's XDP load balancer.
 //!
-//! Every packet on the LB node's NIC comes through [`vip_lb`]. Packets to a VIP get a backend
+//! Every packet on the LB node's NIC comes through [`vip_lb`], and [`process`] reads as the
+//! pipeline: `parse` → `select` (conntrack, Maglev) → `encap` → `nexthop`. Packets to a VIP get a backend
 //! (from connection tracking, else the VIP's Maglev table), are encapsulated toward it and leave
 //! with XDP_TX or a redirect; everything else passes untouched. The agent decides everything it
 //! can ahead of time (outer source, next hop, table contents); this program only applies it.
 #![no_std]
 #![no_main]
 
+mod client;
 mod conntrack;
 mod encap;
 mod hc;
 mod log;
 mod maps;
+mod nexthop;
 mod parse;
 mod select;
 
@@ -20,8 +23,9 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
+use vip_common::{DatapathStats, Outcome};
 
-use crate::{maps::STATS, parse::Verdict};
+use crate::{maps::STATS, select::ConnPolicy};
 
 #[xdp]
 pub(crate) fn vip_lb(ctx: XdpContext) -> u32 {
@@ -30,52 +34,54 @@ pub(crate) fn vip_lb(ctx: XdpContext) -> u32 {
     let Some(stats) = STATS.get_ptr_mut(0).map(|p| unsafe { &mut *p }) else {
         return xdp_action::XDP_PASS;
     };
-    let verdict = parse::process(&ctx, stats);
-    // The one place where what happened becomes an action and a counter.
-    let action = match verdict {
-        Verdict::Pass => {
-            stats.passed += 1;
-            xdp_action::XDP_PASS
+    let outcome = process(&ctx, stats);
+    // The one place where what happened becomes a counter and an action.
+    stats.count(outcome);
+    let action = outcome.xdp_action();
+    log::hand_over(&ctx, outcome, action);
+    action
+}
+
+/// One packet, top to bottom: parse it, find its flow's backend (conntrack first, then the
+/// VIP's Maglev table), count it, encapsulate it, and send it toward the next hop. Everything
+/// happens at this one call site, so the program holds one inlined copy of each step (and of
+/// its stack).
+#[inline(always)]
+fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Outcome {
+    let packet = match parse::classify(ctx) {
+        Ok(packet) => packet,
+        Err(outcome) => return outcome,
+    };
+    // An established flow's entry names its VIP and backend: no lookup by key, no hashing.
+    let (meta, choice) = match select::established(&packet.flow, packet.policy) {
+        Some((meta, choice)) => {
+            if packet.malformed {
+                return Outcome::DropMalformed;
+            }
+            stats.conntrack_hit += 1;
+            (meta, choice)
         }
-        Verdict::Tx => {
-            stats.tx += 1;
-            xdp_action::XDP_TX
-        }
-        Verdict::Redirect(action) => {
-            stats.redirected += 1;
-            action
-        }
-        Verdict::NoNeighbourPass => {
-            stats.no_neighbour_passed += 1;
-            xdp_action::XDP_PASS
-        }
-        Verdict::NoRoutePass => {
-            stats.no_route_passed += 1;
-            xdp_action::XDP_PASS
-        }
-        Verdict::DropFragment => {
-            stats.drop_fragment += 1;
-            xdp_action::XDP_DROP
-        }
-        Verdict::DropIpOptions => {
-            stats.drop_ip_options += 1;
-            xdp_action::XDP_DROP
-        }
-        Verdict::DropMalformed => {
-            stats.drop_malformed += 1;
-            xdp_action::XDP_DROP
-        }
-        Verdict::DropNoBackend => {
-            stats.drop_no_backend += 1;
-            xdp_action::XDP_DROP
-        }
-        Verdict::DropNoHeadroom => {
-            stats.drop_no_headroom += 1;
-            xdp_action::XDP_DROP
+        None => {
+            let Some(meta) = packet.meta.or_else(|| parse::find_vip(&packet.flow)) else {
+                return Outcome::Passed;
+            };
+            if packet.malformed {
+                return Outcome::DropMalformed;
+            }
+            match select::backend(meta, &packet.flow, packet.policy, stats) {
+                Some(choice) => (meta, choice),
+                None => return Outcome::DropNoBackend,
+            }
         }
     };
-    log::hand_over(&ctx, &verdict, action);
-    action
+    if packet.policy == ConnPolicy::LookupOnly {
+        stats.icmp_too_big += 1;
+    }
+    select::count_traffic(choice.id, packet.inner.len);
+    match encap::encapsulate(ctx, packet.l2_len, meta, &choice, packet.inner) {
+        Some(hop) => nexthop::leave(ctx, &hop),
+        None => Outcome::DropNoHeadroom,
+    }
 }
 
 /// Health checks through the data path (see `hc`): tc egress of `lo`.

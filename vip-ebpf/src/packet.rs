@@ -6,6 +6,18 @@ use aya_ebpf::programs::XdpContext;
 /// Ether types as on the wire.
 pub const ETH_P_IP: [u8; 2] = [0x08, 0x00];
 pub const ETH_P_IPV6: [u8; 2] = [0x86, 0xdd];
+pub const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
+
+/// Header lengths, defined once for every program.
+pub const ETH_LEN: usize = 14;
+/// Ethernet header with one 802.1Q tag: the longest L2 header the programs accept.
+pub const VLAN_ETH_LEN: usize = 18;
+pub const IPV4_LEN: usize = 20;
+pub const IPV6_LEN: usize = 40;
+pub const TCP_LEN: usize = 20;
+pub const UDP_LEN: usize = 8;
+/// ICMP and ICMPv6 error headers before the quoted packet.
+pub const ICMP_LEN: usize = 8;
 
 /// A pointer to a `T` at byte `off` of the packet, if the packet is long enough.
 #[inline(always)]

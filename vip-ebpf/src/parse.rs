@@ -6,34 +6,23 @@
 //! dropped and counted, never sent anywhere but a configured backend.
 
 use aya_ebpf::programs::XdpContext;
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-    udp::UdpHdr,
-};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 use vip_common::{
-    AddrFamily, DatapathStats, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    AddrFamily, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Outcome,
     VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta,
     hash::{vip_filter_bit, vip_filter_bit_v4},
 };
 
-use vip_ebpf::packet::{self, ETH_P_IP, ETH_P_IPV6, header, read};
-
-use crate::{
-    encap::{self, Inner},
-    maps::{VIP_FILTER, VIPS},
-    select::{self, ConnPolicy},
+use vip_ebpf::packet::{
+    self, ETH_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, ICMP_LEN, IPV4_LEN, IPV6_LEN, TCP_LEN,
+    UDP_LEN, VLAN_ETH_LEN, header, read,
 };
 
-const ETH_LEN: usize = EthHdr::LEN;
-const VLAN_ETH_LEN: usize = 18;
-const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
-const IPV4_LEN: usize = Ipv4Hdr::LEN;
-const IPV6_LEN: usize = Ipv6Hdr::LEN;
-const TCP_LEN: usize = TcpHdr::LEN;
-const UDP_LEN: usize = UdpHdr::LEN;
-const ICMP_LEN: usize = 8;
+use crate::{
+    client::Inner,
+    maps::{VIP_FILTER, VIPS},
+    select::ConnPolicy,
+};
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
@@ -41,34 +30,21 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 
-/// What became of a packet; `vip_lb` turns it into an action and a counter.
-pub(crate) enum Verdict {
-    Pass,
-    Tx,
-    Redirect(u32),
-    NoNeighbourPass,
-    NoRoutePass,
-    DropFragment,
-    DropIpOptions,
-    DropMalformed,
-    DropNoBackend,
-    DropNoHeadroom,
-}
-
 /// IPv6 traffic class, the field the outer header copies.
 #[inline(always)]
 fn traffic_class(ip: &Ipv6Hdr) -> u8 {
     (ip.vcf[0] << 4) | (ip.vcf[1] >> 4)
 }
 
+/// Parses a frame: a packet that may be for a VIP, or what became of it.
 #[inline(always)]
-fn classify(ctx: &XdpContext) -> Parsed {
+pub(crate) fn classify(ctx: &XdpContext) -> Parsed {
     let Some(ether_type) = read::<[u8; 2]>(ctx, 12) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if ether_type == ETH_P_8021Q {
         let Some(inner_type) = read::<[u8; 2]>(ctx, 16) else {
-            return Err(Verdict::Pass);
+            return Err(Outcome::Passed);
         };
         return by_ether_type(ctx, VLAN_ETH_LEN, inner_type);
     }
@@ -80,7 +56,7 @@ fn by_ether_type(ctx: &XdpContext, l3: usize, ether_type: [u8; 2]) -> Parsed {
     match ether_type {
         ETH_P_IP => ipv4(ctx, l3),
         ETH_P_IPV6 => ipv6(ctx, l3),
-        _ => Err(Verdict::Pass),
+        _ => Err(Outcome::Passed),
     }
 }
 
@@ -94,7 +70,7 @@ fn maybe_vip(bit: u32) -> bool {
 
 /// The VIP a flow is addressed to: the exact port first, then the all-ports VIP.
 #[inline(always)]
-fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
+pub(crate) fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
     let mut key = VipKey {
         addr: flow.dst,
         port: flow.dst_port,
@@ -136,16 +112,16 @@ fn min_l4_len(proto: u8) -> usize {
 #[inline(always)]
 fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
     let Some(ip) = header::<Ipv4Hdr>(ctx, l3) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if ip.vihl >> 4 != 4 || !maybe_vip(vip_filter_bit_v4(ip.dst_addr)) {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     if ip.proto == IPPROTO_ICMP {
         return icmp4_too_big(ctx, l3, ip);
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let mut flow = FlowKey::v4(ip.src_addr, ip.dst_addr, ip.proto);
     let fragment = u16::from_be_bytes(ip.frags) & 0x3fff != 0;
@@ -155,7 +131,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
 
     let Some(syn) = ports_and_syn(ctx, l3 + IPV4_LEN, &mut flow) else {
         // Too short for ports: not something we could ever forward correctly.
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
     let malformed = tot_len < IPV4_LEN + min_l4_len(ip.proto) || l3 + tot_len > packet::len(ctx);
@@ -185,17 +161,17 @@ fn ipv4_irregular(
     fragment: bool,
 ) -> Parsed {
     let Some(meta) = find_vip(&flow) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if ip.vihl != 0x45 {
-        return Err(Verdict::DropIpOptions);
+        return Err(Outcome::DropIpOptions);
     }
     if !fragment || meta.flags & VIP_F_HASH_ADDRS_ONLY == 0 {
-        return Err(Verdict::DropFragment);
+        return Err(Outcome::DropFragment);
     }
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
     if tot_len < IPV4_LEN || l3 + tot_len > packet::len(ctx) {
-        return Err(Verdict::DropMalformed);
+        return Err(Outcome::DropMalformed);
     }
     let inner = Inner {
         len: tot_len as u16,
@@ -215,21 +191,21 @@ fn ipv4_irregular(
 #[inline(always)]
 fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     let Some(ip) = header::<Ipv6Hdr>(ctx, l3) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if ip.vcf[0] >> 4 != 6 || !maybe_vip(vip_filter_bit(&ip.dst_addr)) {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
         return icmp6_too_big(ctx, l3, ip);
     }
     // Extension headers (fragments among them) are not parsed: such packets pass.
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let mut flow = FlowKey::v6(ip.src_addr, ip.dst_addr, ip.next_hdr);
     let Some(syn) = ports_and_syn(ctx, l3 + IPV6_LEN, &mut flow) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     let payload_len = usize::from(u16::from_be_bytes(ip.payload_len));
     let malformed =
@@ -255,23 +231,23 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
     const ICMP: usize = IPV4_LEN;
     const QUOTED: usize = ICMP + ICMP_LEN;
     if ip.vihl != 0x45 {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let Some(icmp) = read::<[u8; 2]>(ctx, l3 + ICMP) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if icmp != [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED] {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let Some(quoted) = header::<Ipv4Hdr>(ctx, l3 + QUOTED) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     // The quoted packet was sent by a backend from the VIP to the client.
     if quoted.vihl != 0x45
         || quoted.src_addr != ip.dst_addr
         || (quoted.proto != IPPROTO_TCP && quoted.proto != IPPROTO_UDP)
     {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let flow = FlowKey::v4(quoted.dst_addr, quoted.src_addr, quoted.proto);
     let flow = quoted_flow(ctx, l3 + QUOTED + IPV4_LEN, flow)?;
@@ -285,19 +261,19 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
 fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
     const QUOTED: usize = IPV6_LEN + ICMP_LEN;
     let Some(icmp_type) = read::<u8>(ctx, l3 + IPV6_LEN) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if icmp_type != ICMPV6_PKT_TOOBIG {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let Some(quoted) = header::<Ipv6Hdr>(ctx, l3 + QUOTED) else {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     };
     if quoted.vcf[0] >> 4 != 6
         || quoted.src_addr != ip.dst_addr
         || (quoted.next_hdr != IPPROTO_TCP && quoted.next_hdr != IPPROTO_UDP)
     {
-        return Err(Verdict::Pass);
+        return Err(Outcome::Passed);
     }
     let flow = FlowKey::v6(quoted.dst_addr, quoted.src_addr, quoted.next_hdr);
     let flow = quoted_flow(ctx, l3 + QUOTED + IPV6_LEN, flow)?;
@@ -309,8 +285,8 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
 /// The client's view of the flow an ICMP error quotes (a backend sent the quoted packet from
 /// the VIP, so its ports are swapped).
 #[inline(always)]
-fn quoted_flow(ctx: &XdpContext, ports_at: usize, mut flow: FlowKey) -> Result<FlowKey, Verdict> {
-    let ports = read::<[u8; 4]>(ctx, ports_at).ok_or(Verdict::Pass)?;
+fn quoted_flow(ctx: &XdpContext, ports_at: usize, mut flow: FlowKey) -> Result<FlowKey, Outcome> {
+    let ports = read::<[u8; 4]>(ctx, ports_at).ok_or(Outcome::Passed)?;
     flow.src_port = [ports[2], ports[3]];
     flow.dst_port = [ports[0], ports[1]];
     Ok(flow)
@@ -355,42 +331,4 @@ pub(crate) struct Candidate {
 }
 
 /// A packet that may be for a VIP, or what else became of it.
-pub(crate) type Parsed = Result<Candidate, Verdict>;
-
-/// Handles one packet. Resolving the VIP (conntrack first, then by key), choosing the backend
-/// and encapsulating happen at this one call site, so the program holds one inlined copy of
-/// them (and of their stack).
-#[inline(always)]
-pub(crate) fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Verdict {
-    let c = match classify(ctx) {
-        Ok(c) => c,
-        Err(verdict) => return verdict,
-    };
-    // An established flow's entry names its VIP and backend: no lookup by key, no hashing.
-    let (meta, choice) = match select::established(&c.flow, c.policy) {
-        Some((meta, choice)) => {
-            if c.malformed {
-                return Verdict::DropMalformed;
-            }
-            stats.conntrack_hit += 1;
-            (meta, choice)
-        }
-        None => {
-            let Some(meta) = c.meta.or_else(|| find_vip(&c.flow)) else {
-                return Verdict::Pass;
-            };
-            if c.malformed {
-                return Verdict::DropMalformed;
-            }
-            match select::backend(meta, &c.flow, c.policy, stats) {
-                Some(choice) => (meta, choice),
-                None => return Verdict::DropNoBackend,
-            }
-        }
-    };
-    if c.policy == ConnPolicy::LookupOnly {
-        stats.icmp_too_big += 1;
-    }
-    select::count_traffic(choice.id, c.inner.len);
-    encap::send(ctx, c.l2_len, meta, &choice, c.inner)
-}
+pub(crate) type Parsed = Result<Candidate, Outcome>;

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use vip_common::addr_from_bytes;
+use vip_common::{Outcome, addr_from_bytes};
 
 use crate::dataplane::{Dataplane, DataplaneOptions, test_run};
 
@@ -84,19 +84,19 @@ pub fn which(pin_dir: &Path, vip: SocketAddr, flow: SocketAddr, protocol: &str) 
 pub fn status(pin_dir: &Path) -> Result<()> {
     let dp = open_pinned(pin_dir)?;
     let s = dp.stats()?;
+    let line = |drops: bool| {
+        Outcome::ALL
+            .iter()
+            .filter(|o| o.is_drop() == drops)
+            .map(|o| format!("{} {}", s.of(*o), o.status_text()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("datapath: {}", line(false));
+    println!("  drops: {}", line(true));
     println!(
-        "datapath: {} passed, {} tx, {} redirected, {} conntrack hits, {} misses",
-        s.passed, s.tx, s.redirected, s.conntrack_hit, s.conntrack_miss
-    );
-    println!(
-        "  drops: {} fragments, {} ip options, {} malformed, {} no backend, {} no headroom; passed for resolution: {} no neighbour, {} no route",
-        s.drop_fragment,
-        s.drop_ip_options,
-        s.drop_malformed,
-        s.drop_no_backend,
-        s.drop_no_headroom,
-        s.no_neighbour_passed,
-        s.no_route_passed
+        "  conntrack: {} hits, {} misses",
+        s.conntrack_hit, s.conntrack_miss
     );
     println!(
         "  new flows not recorded (conntrack insert limit): {}",

@@ -20,7 +20,9 @@ use vip_common::{
     AddrFamily, AddrKey, DecapConfig, DecapStats, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP,
     layout::MAX_DECAP_ADDRS,
 };
-use vip_ebpf::packet::{ETH_P_IP, ETH_P_IPV6, header, read, write};
+use vip_ebpf::packet::{
+    ETH_LEN, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, UDP_LEN, VLAN_ETH_LEN, header, read, write,
+};
 
 /// This backend's own addresses: outer destinations it accepts. Written by the agent.
 #[btf_map]
@@ -37,11 +39,6 @@ static DECAP_CONFIG: Array<DecapConfig, 1> = Array::new();
 /// What happened to packets, per CPU.
 #[btf_map]
 static DECAP_STATS: PerCpuArray<DecapStats, 1> = PerCpuArray::new();
-
-const ETH_LEN: usize = 14;
-const VLAN_ETH_LEN: usize = 18;
-const ETH_P_8021Q: [u8; 2] = [0x81, 0x00];
-const UDP_LEN: usize = 8;
 
 enum Verdict {
     Passed,
