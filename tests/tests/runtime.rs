@@ -15,22 +15,8 @@ use vip_agent::dataplane::{Dataplane, DataplaneOptions};
 use vip_tests::node::{Agent, Netns};
 
 const VIP4: &str = "198.19.0.1";
-/// The backend: the peer namespace's end of the LB's uplink.
+/// The backend: the gateway's end of the LB's uplink (`Netns::lb_with_gateway`).
 const BACKEND: &str = "198.18.0.1";
-
-/// An LB namespace whose `up0` (198.18.0.2/24) is a veth to a backend namespace (198.18.0.1).
-fn lb_and_backend(tag: &str) -> (Netns, Netns) {
-    let lb = Netns::new(tag);
-    let be = Netns::new(&format!("{tag}b"));
-    lb.ip(&[
-        "link", "add", "up0", "type", "veth", "peer", "name", "be0", "netns", &be.name,
-    ]);
-    lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
-    lb.ip(&["link", "set", "up0", "up"]);
-    be.ip(&["addr", "add", "198.18.0.1/24", "dev", "be0"]);
-    be.ip(&["link", "set", "be0", "up"]);
-    (lb, be)
-}
 
 /// A TCP service on the backend that accepts (and closes) connections until dropped.
 struct Service {
@@ -117,7 +103,7 @@ fn metrics(lb: &Netns) -> String {
 /// `backends`, `vip_backend_healthy` and the table (the VIP forwards again).
 #[test]
 fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
-    let (lb, be) = lb_and_backend("hcre");
+    let (lb, be) = Netns::lb_with_gateway("hcre");
     let service = Service::start(&be, 8080);
     let mut agent = Agent::start(&lb, &health_config(&lb, "0.1"), &["--cleanup"]);
     agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
@@ -187,7 +173,7 @@ fn pinned_ports(lb: &Netns) -> Vec<u16> {
 /// the same way and starts.
 #[test]
 fn a_reload_that_replaces_every_vip_fits_and_so_does_a_restart() {
-    let (lb, _be) = lb_and_backend("slots");
+    let (lb, _be) = Netns::lb_with_gateway("slots");
     let mut agent = Agent::start(&lb, &many_vips(&lb, 15, 80), &[]);
     agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
     agent.wait_for_log("VIP addresses on lo", 1);
@@ -213,7 +199,7 @@ fn a_reload_that_replaces_every_vip_fits_and_so_does_a_restart() {
 /// slots: validation refuses it, as every VIP needs a spare) changes nothing.
 #[test]
 fn a_reload_that_does_not_fit_changes_nothing() {
-    let (lb, _be) = lb_and_backend("nofit");
+    let (lb, _be) = Netns::lb_with_gateway("nofit");
     let mut agent = Agent::start(&lb, &many_vips(&lb, 15, 80), &["--cleanup"]);
     agent.wait_for_log("VIP addresses on lo", 1);
     agent.rewrite_config(&many_vips(&lb, 16, 81));

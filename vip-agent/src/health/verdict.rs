@@ -107,31 +107,36 @@ mod tests {
         cfg.vips[0].backends[0].health.clone()
     }
 
+    /// Records one check result a second for each step, from second `from`, and checks what
+    /// each one changed.
+    fn steps(v: &mut Verdict, check: &HealthCheck, from: u64, steps: &[(bool, Option<bool>)]) {
+        let t0 = v.last_change;
+        for (i, &(ok, change)) in steps.iter().enumerate() {
+            let at = t0 + Duration::from_secs(from + i as u64);
+            assert_eq!(
+                v.record(ok, String::new(), Duration::ZERO, check, at),
+                change,
+                "step {i}"
+            );
+        }
+    }
+
     #[test]
     fn down_after_fall_failures_up_after_rise_successes() {
         let check = check(2, 3);
-        let t0 = Instant::now();
-        let mut v = Verdict::new(t0);
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert_eq!(
-            v.record(false, "x".into(), Duration::ZERO, &check, at(1)),
-            None
-        );
-        assert_eq!(
-            v.record(false, "x".into(), Duration::ZERO, &check, at(2)),
-            None
-        );
-        assert_eq!(
-            v.record(false, "x".into(), Duration::ZERO, &check, at(3)),
-            Some(false)
-        );
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(4)),
-            None
-        );
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(5)),
-            Some(true)
+        let mut v = Verdict::new(Instant::now());
+        let (fail, pass) = (false, true);
+        steps(
+            &mut v,
+            &check,
+            1,
+            &[
+                (fail, None),
+                (fail, None),
+                (fail, Some(false)),
+                (pass, None),
+                (pass, Some(true)),
+            ],
         );
         assert_eq!(v.changes, 2);
     }
@@ -141,51 +146,29 @@ mod tests {
     #[test]
     fn a_restarted_check_starts_from_the_current_verdict() {
         let check = check(2, 1);
-        let t0 = Instant::now();
-        let mut v = Verdict::new(t0);
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert_eq!(
-            v.record(false, "x".into(), Duration::ZERO, &check, at(1)),
-            Some(false)
-        );
+        let mut v = Verdict::new(Instant::now());
+        steps(&mut v, &check, 1, &[(false, Some(false))]);
         v.restart();
         assert!(!v.up());
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(2)),
-            None
-        );
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(3)),
-            Some(true)
-        );
+        steps(&mut v, &check, 2, &[(true, None), (true, Some(true))]);
     }
 
     #[test]
     fn flapping_needs_more_successes() {
         let check = check(1, 1);
-        let t0 = Instant::now();
-        let mut v = Verdict::new(t0);
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        assert_eq!(
-            v.record(false, "x".into(), Duration::ZERO, &check, at(1)),
-            Some(false)
-        );
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(2)),
-            Some(true)
-        );
-        // Down again within ten intervals: a flap; now two successes are needed.
-        assert_eq!(
-            v.record(false, "x".into(), Duration::ZERO, &check, at(3)),
-            Some(false)
-        );
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(4)),
-            None
-        );
-        assert_eq!(
-            v.record(true, "ok".into(), Duration::ZERO, &check, at(5)),
-            Some(true)
+        let mut v = Verdict::new(Instant::now());
+        // Down, up, and down again within ten intervals: a flap; now two successes are needed.
+        steps(
+            &mut v,
+            &check,
+            1,
+            &[
+                (false, Some(false)),
+                (true, Some(true)),
+                (false, Some(false)),
+                (true, None),
+                (true, Some(true)),
+            ],
         );
     }
 }
