@@ -6,6 +6,7 @@ pub mod lab;
 pub mod node;
 pub mod packet;
 pub mod router;
+pub mod rows;
 
 /// Panics with a clear message unless running as root: these tests load programs into the kernel.
 pub fn require_root() {

@@ -3,11 +3,8 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use vip_common::{
-    IPPROTO_TCP, IPPROTO_UDP,
-    layout::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE},
-};
-use vip_tests::{fixture::*, packet::*};
+use vip_common::layout::{DEFAULT_CONNTRACK_ENTRIES, DEFAULT_TABLE_SIZE};
+use vip_tests::{fixture::*, packet::*, rows::*};
 
 use crate::harness::{Harness, REPEAT, RUNS, median, program_fd};
 
@@ -24,64 +21,28 @@ const KATRAN: [(&str, f64); 4] = [
     ("non-VIP packet", 16.0),
 ];
 
+/// A timed case: a fixture row and the action it must end in.
 struct Case {
     name: &'static str,
     frame: Vec<u8>,
     expect_action: u32,
 }
 
-fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            name: "TCP SYN to a VIP",
-            frame: Frame::tcp("198.18.50.1", 40000, "198.18.100.1", 80, TCP_SYN).build(),
-            expect_action: XDP_TX,
-        },
-        Case {
-            name: "established TCP",
-            frame: Frame::tcp("198.18.50.1", 40001, "198.18.100.1", 80, TCP_ACK).build(),
-            expect_action: XDP_TX,
-        },
-        Case {
-            name: "UDP",
-            frame: Frame::udp("198.18.50.1", 40002, "198.18.100.1", 53).build(),
-            expect_action: XDP_TX,
-        },
-        Case {
-            name: "IPv6 TCP SYN",
-            frame: Frame::tcp("fd00:50::1", 40000, "fd00:100::1", 443, TCP_SYN).build(),
-            expect_action: XDP_TX,
-        },
-        Case {
-            name: "IPv6 established TCP",
-            frame: Frame::tcp("fd00:50::1", 40001, "fd00:100::1", 443, TCP_ACK).build(),
-            expect_action: XDP_TX,
-        },
-        Case {
-            name: "non-VIP packet",
-            frame: Frame::tcp("198.18.50.1", 40000, "198.18.200.1", 80, TCP_ACK).build(),
-            expect_action: XDP_PASS,
-        },
-    ]
+/// The datapath cases: the fixture's timed rows (which the packet tests check field by field).
+fn cases(services: &Services) -> Vec<Case> {
+    timed_rows(services)
+        .into_iter()
+        .map(|row| Case {
+            name: row.name,
+            frame: row.frame.build(),
+            expect_action: row.action(),
+        })
+        .collect()
 }
 
-/// The datapath cases' backends and VIPs.
-fn configure(lb: &mut Lb) {
-    lb.backend(0, "198.18.1.1")
-        .backend(1, "198.18.1.2")
-        .backend(2, "198.18.1.3")
-        .backend(3, "fd00:1::1")
-        .backend(4, "fd00:1::2");
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]));
-    lb.vip(&VipSpec::new("fd00:100::1", IPPROTO_TCP, 443, &[3, 4]));
-}
-
-/// A load balancer with the cases' VIPs and backends, at the default table size.
-pub(crate) fn configured() -> Lb {
-    let mut lb = Lb::with_table_size(DEFAULT_TABLE_SIZE);
-    configure(&mut lb);
-    lb
+/// The standard services at the default table size.
+pub(crate) fn configured() -> Services {
+    services_on(Lb::with_table_size(DEFAULT_TABLE_SIZE))
 }
 
 /// One plain run per case: the reference output of the timed runs (it also creates the
@@ -101,12 +62,13 @@ fn references(lb: &mut Lb, cases: &[Case]) -> Vec<(u32, Vec<u8>)> {
 
 /// This build against another build of vip-ebpf (an object file), case by case: short runs,
 /// many rounds, the two builds back to back, so a spell of load hits both alike.
-pub(crate) fn compare(harness: &mut Harness, lb: &mut Lb, path: &Path) {
+pub(crate) fn compare(harness: &mut Harness, services: &mut Services, path: &Path) {
     let object = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let cases = cases();
+    let cases = cases(services);
+    let lb = &mut services.lb;
     references(lb, &cases);
-    let mut other = Lb::from_object(&object, lb.dataplane.options().clone());
-    configure(&mut other);
+    let options = lb.dataplane.options().clone();
+    let mut other = services_on(Lb::from_object(&object, options)).lb;
     let (lb_fd, other_fd) = (program_fd(lb), program_fd(&mut other));
     for case in &cases {
         other.run(&case.frame);
@@ -132,8 +94,9 @@ pub(crate) fn compare(harness: &mut Harness, lb: &mut Lb, path: &Path) {
 }
 
 /// Times one case `runs` times and stops, for `perf record -a` to profile.
-pub(crate) fn spin(harness: &mut Harness, lb: &mut Lb, name: &str, runs: u32) {
-    let cases = cases();
+pub(crate) fn spin(harness: &mut Harness, services: &mut Services, name: &str, runs: u32) {
+    let cases = cases(services);
+    let lb = &mut services.lb;
     references(lb, &cases);
     let case = cases
         .iter()
@@ -148,8 +111,9 @@ pub(crate) fn spin(harness: &mut Harness, lb: &mut Lb, name: &str, runs: u32) {
 /// Rounds over all cases and the floor (a spell of load from the machine's other tenants hits
 /// every case of a round alike, and the medians keep the calm rounds), new flows and
 /// flow-cache misses; writes the section and sets the harness's floor.
-pub(crate) fn report(md: &mut String, harness: &mut Harness, lb: &mut Lb) {
-    let cases = cases();
+pub(crate) fn report(md: &mut String, harness: &mut Harness, services: &mut Services) {
+    let cases = cases(services);
+    let lb = &mut services.lb;
     let references = references(lb, &cases);
     let lb_fd = program_fd(lb);
     let mut floor_direct = Vec::new();
@@ -271,8 +235,11 @@ pub(crate) fn report(md: &mut String, harness: &mut Harness, lb: &mut Lb) {
 /// conntrack (a run visits each once, so the cache never has it): raw ns per packet, and the
 /// number of flows.
 fn flow_cache_misses(harness: &mut Harness) -> (Vec<f64>, u32) {
-    let mut lb = Lb::with_sizes(DEFAULT_TABLE_SIZE, DEFAULT_CONNTRACK_ENTRIES);
-    configure(&mut lb);
+    let mut lb = services_on(Lb::with_sizes(
+        DEFAULT_TABLE_SIZE,
+        DEFAULT_CONNTRACK_ENTRIES,
+    ))
+    .lb;
     let ack = Frame::tcp("198.18.50.1", 40004, "198.18.100.1", 80, TCP_ACK);
     lb.run(&ack.build());
     let entry = lb

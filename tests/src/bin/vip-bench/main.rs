@@ -52,14 +52,14 @@ struct Args {
 fn main() {
     let args = Args::parse();
     vip_tests::require_root();
-    let mut lb = datapath::configured();
+    let mut services = datapath::configured();
     let mut harness = harness::Harness::load();
     if let Some(path) = &args.compare {
-        datapath::compare(&mut harness, &mut lb, path);
+        datapath::compare(&mut harness, &mut services, path);
         return;
     }
     if let Some(case) = &args.spin {
-        datapath::spin(&mut harness, &mut lb, case, args.runs);
+        datapath::spin(&mut harness, &mut services, case, args.runs);
         return;
     }
     let mut md = String::new();
@@ -74,8 +74,8 @@ fn main() {
         shell("uname -r")
     )
     .unwrap();
-    datapath::report(&mut md, &mut harness, &mut lb);
-    drop(lb);
+    datapath::report(&mut md, &mut harness, &mut services);
+    drop(services);
     scaling::table_scaling(&mut md, &mut harness);
     let wanted = |section| args.only.is_none_or(|only| only == section);
     if wanted(Section::Maglev) {
