@@ -2,7 +2,7 @@
 //! chain; where one line is shown (logs, `status`), the chain is joined here, once.
 
 /// An error and its causes, on one line: `what failed: because: because`.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

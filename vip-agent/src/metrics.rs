@@ -30,7 +30,7 @@ use crate::{
 
 /// Counters read from the maps and the agent for one scrape.
 #[derive(Debug, Default, Clone)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub datapath: Option<DatapathStats>,
     pub decap: Option<DecapStats>,
     /// (VIP label, traffic).
@@ -46,7 +46,7 @@ pub struct Snapshot {
 }
 
 /// Where a scrape's numbers come from.
-pub struct MetricsSources {
+pub(crate) struct MetricsSources {
     pub view: watch::Receiver<View>,
     pub counters: Counters,
     pub sessions: Sessions,
@@ -54,7 +54,7 @@ pub struct MetricsSources {
 
 impl MetricsSources {
     /// Reads everything a scrape shows.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let view = self.view.borrow().clone();
         let mut s = Snapshot {
             reloads_ok: view.reloads_ok,
@@ -322,7 +322,7 @@ impl Collector for SnapshotCollector {
 }
 
 /// Encodes a snapshot in the Prometheus text format.
-pub fn render(snapshot: Snapshot) -> String {
+pub(crate) fn render(snapshot: Snapshot) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector(snapshot)));
     let mut out = String::new();
@@ -331,7 +331,10 @@ pub fn render(snapshot: Snapshot) -> String {
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, sources: Arc<MetricsSources>) -> std::io::Result<()> {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    sources: Arc<MetricsSources>,
+) -> std::io::Result<()> {
     loop {
         let (mut conn, _) = listener.accept().await?;
         let sources = sources.clone();

@@ -11,7 +11,7 @@
 
 mod probe;
 mod tls;
-pub mod verdict;
+pub(crate) mod verdict;
 
 use std::{
     collections::HashMap,
@@ -27,8 +27,8 @@ use tokio::{
 };
 use vip_common::{BackendId, HEALTH_CHECK_MARK};
 
-pub use probe::{Failure, ProbeError};
-pub use verdict::Verdict;
+pub(crate) use probe::ProbeError;
+pub(crate) use verdict::Verdict;
 
 use crate::{
     apply::BackendKey,
@@ -38,7 +38,7 @@ use probe::Target;
 
 /// One check's result.
 #[derive(Debug)]
-pub struct Observation {
+pub(crate) struct Observation {
     pub key: BackendKey,
     pub latency: Duration,
     pub result: Result<(), ProbeError>,
@@ -47,7 +47,7 @@ pub struct Observation {
 
 impl Observation {
     /// The result in words, causes included.
-    pub fn detail(&self) -> String {
+    pub(crate) fn detail(&self) -> String {
         match &self.result {
             Ok(()) if self.through_datapath => {
                 format!("ok in {:.1?} through the data path", self.latency)
@@ -59,13 +59,13 @@ impl Observation {
 }
 
 /// Runs the checks of every backend that has one.
-pub struct Checker {
+pub(crate) struct Checker {
     tasks: HashMap<BackendKey, (HealthCheck, Target, JoinHandle<()>)>,
     results: mpsc::Sender<Observation>,
 }
 
 impl Checker {
-    pub fn new() -> (Self, mpsc::Receiver<Observation>) {
+    pub(crate) fn new() -> (Self, mpsc::Receiver<Observation>) {
         let (results, rx) = mpsc::channel(1024);
         (
             Self {
@@ -79,7 +79,7 @@ impl Checker {
     /// Makes the running checks those of `config`: starts new ones, stops removed ones,
     /// restarts changed ones. `ids`: the backends' ids in the datapath, which data-path checks
     /// carry in their mark.
-    pub fn sync(&mut self, config: &Config, ids: impl Fn(&BackendKey) -> Option<BackendId>) {
+    pub(crate) fn sync(&mut self, config: &Config, ids: impl Fn(&BackendKey) -> Option<BackendId>) {
         let mut wanted: HashMap<BackendKey, (HealthCheck, Target)> = HashMap::new();
         for vip in &config.vips {
             for b in &vip.backends {

@@ -55,7 +55,7 @@ impl std::fmt::Display for Target {
 
 /// What went wrong in a check.
 #[derive(Debug, thiserror::Error)]
-pub enum Failure {
+pub(crate) enum Failure {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("connecting")]
@@ -79,7 +79,7 @@ pub enum Failure {
 /// A failed check: which check, to where, and the failure as its source.
 #[derive(Debug, thiserror::Error)]
 #[error("{kind} {target}")]
-pub struct ProbeError {
+pub(crate) struct ProbeError {
     pub kind: &'static str,
     pub target: String,
     #[source]

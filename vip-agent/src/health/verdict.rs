@@ -11,7 +11,7 @@ use crate::config::HealthCheck;
 
 /// The verdict on one backend and what it rests on.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     up: bool,
     successes: u32,
     failures: u32,
@@ -27,7 +27,7 @@ pub struct Verdict {
 impl Verdict {
     /// A backend not checked yet: up (a new backend takes traffic until its checks say
     /// otherwise, as a restarted agent's backends do).
-    pub fn new(now: Instant) -> Self {
+    pub(crate) fn new(now: Instant) -> Self {
         Self {
             up: true,
             successes: 0,
@@ -40,18 +40,18 @@ impl Verdict {
         }
     }
 
-    pub fn up(&self) -> bool {
+    pub(crate) fn up(&self) -> bool {
         self.up
     }
 
     /// The check's settings changed: the verdict stays, counting starts afresh.
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.successes = 0;
         self.failures = 0;
     }
 
     /// Records one check's result; returns the new verdict when it changed.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         ok: bool,
         detail: String,
