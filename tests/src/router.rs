@@ -1,4 +1,4 @@
-//! Real routing daemons in a namespace, for the BGP tests: BIRD 2 and GoBGP.
+//! Real routing daemons in a namespace, for the BGP tests: BIRD 2, GoBGP and FRR.
 
 use std::{
     fs,
@@ -147,6 +147,74 @@ impl GoBgp {
 }
 
 impl Drop for GoBgp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// FRR's bgpd in `ns` (without zebra: nothing is installed in the kernel), its own config and
+/// vty socket directory, stopped on drop.
+pub struct Frr {
+    child: Child,
+    /// Its config, pid file, vty socket and log.
+    dir: PathBuf,
+}
+
+impl Frr {
+    /// Starts `bgpd` with `config` (FRR's `bgpd.conf` syntax).
+    pub fn start(ns: &Netns, config: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-frr", ns.name));
+        fs::create_dir_all(&dir).expect("frr dir");
+        let conf = dir.join("bgpd.conf");
+        fs::write(&conf, config).expect("write bgpd.conf");
+        let log = fs::File::create(dir.join("bgpd.log")).expect("log");
+        // -S: stay root (no frr user or vty group needed); -Z: no zebra.
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "/usr/lib/frr/bgpd",
+                "-S",
+                "-Z",
+                "-f",
+            ])
+            .arg(&conf)
+            .arg("-i")
+            .arg(dir.join("bgpd.pid"))
+            .arg("--vty_socket")
+            .arg(&dir)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start bgpd (frr is installed by `cargo xtask setup`)");
+        let frr = Self { child, dir };
+        frr.wait_for(
+            |f| f.cli("show bgp summary").contains("BGP router identifier"),
+            "bgpd to start",
+        );
+        frr
+    }
+
+    /// `vtysh -c COMMAND` against this daemon.
+    pub fn cli(&self, command: &str) -> String {
+        let out = Command::new("vtysh")
+            .arg("--vty_socket")
+            .arg(&self.dir)
+            .args(["-c", command])
+            .output()
+            .expect("vtysh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn wait_for(&self, ok: impl Fn(&Self) -> bool, what: &str) {
+        poll(|| ok(self), what, || self.cli("show bgp neighbors"));
+    }
+}
+
+impl Drop for Frr {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -9,7 +9,7 @@ use std::{thread, time::Duration};
 
 use vip_tests::{
     node::{Agent, Netns},
-    router::{Bird, GoBgp},
+    router::{Bird, Frr, GoBgp},
 };
 
 const VIP4: &str = "198.19.0.1";
@@ -318,6 +318,156 @@ fn announces_to_gobgp() {
     assert!(detail.contains("65001:100"), "{detail}");
     let v6 = gobgp.cli("global rib -a ipv6");
     assert!(v6.contains("fd00:18:1::2"), "{v6}");
+}
+
+/// FRR sends the hostname capability by default, here with a domain name: the session comes up
+/// and both VIPs arrive (IPv6 over the IPv4 session).
+#[test]
+fn announces_to_frr_which_sends_its_host_and_domain_name() {
+    let (rt, lbs) = topology(1);
+    let frr = Frr::start(
+        &rt,
+        "hostname rt\ndomainname lab.example\nrouter bgp 65000\n bgp router-id 198.18.1.1\n\
+         no bgp ebgp-requires-policy\n neighbor 198.18.1.2 remote-as 65001\n\
+         neighbor 198.18.1.2 timers 1 3\n neighbor 198.18.1.2 timers connect 1\n\
+         address-family ipv4 unicast\n  neighbor 198.18.1.2 activate\n exit-address-family\n\
+         address-family ipv6 unicast\n  neighbor 198.18.1.2 activate\n exit-address-family\n",
+    );
+    let agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
+    frr.wait_for(
+        |f| {
+            f.cli("show bgp ipv4 unicast")
+                .contains(&format!("{VIP4}/32"))
+        },
+        "the IPv4 VIP at FRR",
+    );
+    frr.wait_for(
+        |f| {
+            f.cli("show bgp ipv6 unicast")
+                .contains(&format!("{VIP6}/128"))
+        },
+        "the IPv6 VIP at FRR",
+    );
+    let neighbor = frr.cli("show bgp neighbors 198.18.1.2");
+    assert!(
+        neighbor.contains("Hostname Capability: advertised"),
+        "{neighbor}"
+    );
+    assert!(
+        !agent.log_text().contains("NOTIFICATION"),
+        "{}",
+        agent.log_text()
+    );
+}
+
+/// A router's OPEN with capabilities vip does not use (hostname with a domain name, an unknown
+/// code) establishes; a ROUTE-REFRESH for a family the router did not negotiate is ignored,
+/// one for IPv4 unicast is answered with the routes.
+#[test]
+fn unknown_capabilities_are_skipped_and_route_refresh_needs_a_negotiated_family() {
+    use std::io::Write;
+    use vip_agent::bgp::wire::{self, Message};
+
+    let (rt, lbs) = topology(1);
+    let listener = rt.within(|| std::net::TcpListener::bind("198.18.1.1:179").expect("bind 179"));
+    let agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
+    let mut s = scripted::accept(&listener);
+    assert!(matches!(scripted::read(&mut s), Some(Message::Open(_))));
+    // AS 65000, hold 9, 198.18.1.1; IPv4 unicast only, route refresh, 4-octet AS, hostname
+    // "rt" in "lab.example", and capability 200 with a value vip has never heard of.
+    let mut caps = vec![1, 4, 0, 1, 0, 1, 2, 0, 65, 4, 0, 0, 0xfd, 0xe8];
+    caps.extend_from_slice(&[73, 15, 2, b'r', b't', 11]);
+    caps.extend_from_slice(b"lab.example");
+    caps.extend_from_slice(&[200, 3, 1, 2, 3]);
+    let mut body = vec![4, 0xfd, 0xe8, 0, 9, 198, 18, 1, 1, caps.len() as u8 + 2, 2];
+    body.push(caps.len() as u8);
+    body.extend_from_slice(&caps);
+    let mut open = vec![0xff; 16];
+    open.extend_from_slice(&((wire::HEADER_LEN + body.len()) as u16).to_be_bytes());
+    open.push(wire::OPEN);
+    open.extend_from_slice(&body);
+    s.write_all(&open).unwrap();
+    s.write_all(&wire::encode_keepalive()).unwrap();
+    // Established: the routes, End-of-RIB, keepalives.
+    let updates_within = |s: &mut std::net::TcpStream, within: Duration| {
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let deadline = std::time::Instant::now() + within;
+        let mut updates = 0;
+        while std::time::Instant::now() < deadline {
+            match scripted::read(s) {
+                Some(Message::Update) => updates += 1,
+                Some(Message::Notification(n)) => panic!("the agent sent {n}"),
+                _ => {}
+            }
+        }
+        updates
+    };
+    assert!(
+        updates_within(&mut s, Duration::from_secs(2)) > 0,
+        "{}",
+        agent.log_text()
+    );
+    let refresh = |afi: u16, safi: u8| {
+        let mut m = vec![0xff; 16];
+        m.extend_from_slice(&[0, 23, wire::ROUTE_REFRESH]);
+        m.extend_from_slice(&afi.to_be_bytes());
+        m.extend_from_slice(&[0, safi]);
+        m
+    };
+    // IPv6 unicast was not negotiated (the router offered IPv4 only).
+    s.write_all(&refresh(2, 1)).unwrap();
+    assert_eq!(updates_within(&mut s, Duration::from_secs(2)), 0);
+    s.write_all(&refresh(1, 1)).unwrap();
+    assert!(updates_within(&mut s, Duration::from_secs(2)) > 0);
+}
+
+/// 1,000 connections from an address that is no peer, while a real peer's session runs: the
+/// session stays up, the refusals are logged a few times rather than a thousand, and the
+/// session re-establishes within seconds after the router resets it.
+#[test]
+fn a_connection_flood_leaves_the_peers_session_alone() {
+    let (rt, lbs) = topology(1);
+    rt.ip(&["addr", "add", "198.18.1.9/24", "dev", "r1"]);
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, "listen = true\n", &[VIP4]),
+        &[],
+    );
+    bird.wait_for(|b| established(b, "lb1"), "the session");
+    let started = std::time::Instant::now();
+    let flood = rt.within(|| {
+        let mut held = Vec::new();
+        for _ in 0..1_000 {
+            if let Ok(c) = socket2_connect("198.18.1.9", "198.18.1.2:179") {
+                held.push(c);
+            }
+        }
+        held.len()
+    });
+    // A short accept queue makes connections wait for SYN retries (36 s for 1,000 once).
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the flood took {:?}",
+        started.elapsed()
+    );
+    assert!(flood > 900, "only {flood} connections were accepted");
+    assert!(established(&bird, "lb1"));
+    let refusals = agent_log_count(&agent, "unconfigured addresses refused");
+    assert!(
+        (1..=5).contains(&refusals),
+        "{refusals} log lines for the flood: {}",
+        agent.log_text()
+    );
+    bird.cli("restart lb1");
+    let reset = std::time::Instant::now();
+    bird.wait_for(|b| established(b, "lb1"), "the session again");
+    assert!(
+        reset.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        reset.elapsed()
+    );
 }
 
 #[test]

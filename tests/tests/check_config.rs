@@ -214,6 +214,14 @@ fn bad_configs_are_rejected_with_the_field_named() {
             ),
             "backend[1].health.via",
         ),
+        (
+            "empty TCP MD5 password",
+            format!(
+                "{GOOD}\n[bgp]\nasn = 65001\nrouter_id = \"198.18.0.2\"\n\
+                 [[bgp.peer]]\naddress = \"198.18.0.1\"\nasn = 65000\npassword = \"\"\n"
+            ),
+            "bgp.peer[0].password",
+        ),
     ];
     assert!(cases.len() >= 20);
     for (what, text, needle) in cases {

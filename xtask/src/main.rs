@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "procps",
     "bird2",
     "gobgpd",
+    "frr",
     "iperf3",
     // The HTTPS health-check test's backend service and certificate.
     "openssl",

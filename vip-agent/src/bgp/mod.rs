@@ -14,7 +14,6 @@ use std::{
 };
 
 use tokio::{
-    io::AsyncWriteExt,
     net::{TcpSocket, TcpStream},
     sync::{mpsc, watch},
     task::JoinHandle,
@@ -85,6 +84,35 @@ pub struct Speaker {
 /// BGP's port, where passive peers connect.
 pub const BGP_PORT: u16 = 179;
 
+/// Connections the kernel queues for the listener.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Logs refused connections at most once per interval, with how many were refused since.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<tokio::time::Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    const INTERVAL: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, from: IpAddr) {
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self.last.is_some_and(|t| now - t < Self::INTERVAL) {
+            return;
+        }
+        tracing::warn!(
+            %from,
+            refused = self.unlogged,
+            "BGP connections from unconfigured addresses refused (logged at most every 10 s)"
+        );
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
+}
+
 /// Accepts BGP connections (`listen`, or some peer is passive) and hands each to the session
 /// of the peer it comes from; connections from unconfigured addresses get Cease / connection
 /// rejected.
@@ -108,22 +136,25 @@ fn listen(
             session::set_md5(&socket, SocketAddr::new(mapped, 0), key)?;
         }
     }
-    let listener = socket.listen(16)?;
+    // A flood of connections waits in the kernel's queue, not in SYN retries.
+    let listener = socket.listen(LISTEN_BACKLOG)?;
+    let refusal = wire::encode_notification(&wire::Notification::new(
+        wire::code::CEASE,
+        wire::code::CONNECTION_REJECTED,
+        &[],
+    ));
     Ok(tokio::spawn(async move {
-        while let Ok((mut stream, from)) = listener.accept().await {
+        let mut refused = RefusalLog::default();
+        while let Ok((stream, from)) = listener.accept().await {
             let from = from.ip().to_canonical();
             match peers.get(&from) {
                 Some(tx) => {
                     let _ = tx.try_send(stream);
                 }
                 None => {
-                    tracing::warn!(%from, "BGP connection from an unconfigured address refused");
-                    let n = wire::Notification::new(
-                        wire::code::CEASE,
-                        wire::code::CONNECTION_REJECTED,
-                        &[],
-                    );
-                    let _ = stream.write_all(&wire::encode_notification(&n)).await;
+                    refused.note(from);
+                    // Never waits: a stranger that does not read gets nothing more.
+                    let _ = stream.try_write(&refusal);
                 }
             }
         }

@@ -267,8 +267,8 @@ async fn transport(
 
 /// How an OPEN exchange ended.
 enum Handshake {
-    /// Both OPENs accepted and confirmed, with this hold time.
-    Established(u16),
+    /// Both OPENs accepted and confirmed, with this hold time; the peer's OPEN.
+    Established(u16, wire::Open),
     /// The peer's connection collided with ours and wins: continue on it.
     Yield(TcpStream),
 }
@@ -296,9 +296,12 @@ async fn handshake(
     }))
     .await?;
     status.send_modify(|s| s.state = State::OpenSent);
-    // RFC 4271 suggests a large hold time until the OPEN arrives. A colliding connection waits
-    // in `inbound` until then: the comparison needs the peer's identifier.
-    let open = match timeout(Duration::from_secs(240), conn.read()).await {
+    // RFC 4271 suggests a large hold time until the OPEN arrives; a router sends its OPEN at
+    // once, and a silent connection must not hold the session longer than a hold time (at least
+    // 10 s). A colliding connection waits in `inbound` until then: the comparison needs the
+    // peer's identifier.
+    let open_wait = Duration::from_secs(u64::from(our_hold).clamp(10, 240));
+    let open = match timeout(open_wait, conn.read()).await {
         Err(_) => {
             return Err(conn
                 .notify(Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[]))
@@ -345,7 +348,7 @@ async fn handshake(
             }
             message = timeout_at(deadline, conn.read()) => return match message {
                 Err(_) => Err(conn.notify(Notification::new(code::HOLD_TIMER_EXPIRED, 0, &[])).await),
-                Ok(Ok(Message::Keepalive)) => Ok(Handshake::Established(hold)),
+                Ok(Ok(Message::Keepalive)) => Ok(Handshake::Established(hold, open)),
                 Ok(Ok(_)) => Err(conn.notify(Notification::new(code::FSM, 2, &[])).await),
                 Ok(Err(e)) => Err(e),
             },
@@ -364,9 +367,9 @@ async fn session(
     let Some(mut conn) = transport(peer, shutdown, inbound).await? else {
         return Ok(End::Shutdown);
     };
-    let hold = loop {
+    let (hold, open) = loop {
         match handshake(local, peer, &mut conn, status, inbound).await? {
-            Handshake::Established(hold) => break hold,
+            Handshake::Established(hold, open) => break (hold, open),
             Handshake::Yield(theirs) => conn = Connection::new(theirs, false),
         }
     };
@@ -426,8 +429,13 @@ async fn session(
                 Message::Keepalive | Message::Update => {
                     hold_deadline = hold_duration.map(|h| Instant::now() + h);
                 }
-                Message::RouteRefresh { .. } => {
+                Message::RouteRefresh { afi, safi } => {
                     hold_deadline = hold_duration.map(|h| Instant::now() + h);
+                    // For a family never negotiated: ignored (RFC 2918 section 4).
+                    if !open.negotiated(afi, safi) {
+                        tracing::debug!(peer = %peer.address, afi, safi, "ROUTE-REFRESH for a family not negotiated: ignored");
+                        continue;
+                    }
                     let all = routes.borrow().clone();
                     announced.clear();
                     send_changes(&mut conn, &mut announced, &all, &attrs).await?;

@@ -1,20 +1,18 @@
-//! BGP-4 wire format for an announce-only speaker (RFC 4271, 4760, 6793, 1997, 8092, 2918).
+//! BGP-4 wire format for an announce-only speaker (RFC 4271, 4760, 6793, 1997, 8092, 2918, 5492).
 //!
 //! Everything received is checked here before anything interprets it: the header (marker,
-//! length 19..=4096, type), then the body by type. OPEN and NOTIFICATION are decoded with
-//! zettabgp only after their structure is validated (its decoders index without checks);
-//! received UPDATEs are never decoded — vip installs no routes — only their two length fields are
-//! checked. What we send is encoded here: OPEN through zettabgp, UPDATE by hand, because
-//! zettabgp 0.6 writes an AS_SEQUENCE as segment type 1 (AS_SET).
+//! length 19..=4096, type), then the body by type, by pattern matching that cannot read out of
+//! bounds. An OPEN yields what vip uses (ASN, hold time, identifier, 4-octet AS, route refresh,
+//! unicast families); other capabilities are skipped, as RFC 5492 says. Received UPDATEs are
+//! never decoded (vip installs no routes), only their two length fields are checked. What we send
+//! is encoded here: OPEN through zettabgp, UPDATE by hand, because zettabgp 0.6 writes an
+//! AS_SEQUENCE as segment type 1 (AS_SET).
 //!
 //! Every malformed input maps to the NOTIFICATION (code, subcode) RFC 4271 section 6 asks for.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use zettabgp::{
-    BgpCapability, BgpMessage as _, BgpSessionParams, BgpTransportMode,
-    message::open::BgpOpenMessage,
-};
+use zettabgp::{BgpCapability, BgpMessage as _, BgpSessionParams, BgpTransportMode};
 
 pub const HEADER_LEN: usize = 19;
 pub const MAX_MESSAGE_LEN: usize = 4096;
@@ -164,21 +162,27 @@ pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(u8, usize), Notificati
     Ok((kind, len as usize - HEADER_LEN))
 }
 
-/// Decodes a message body of a type `parse_header` accepted.
+/// Decodes a message body of type `kind`; any body, however short, is refused or decoded,
+/// never read out of bounds.
 pub fn decode_body(kind: u8, body: &[u8]) -> Result<Message, Notification> {
+    let too_short = || Notification::new(code::MESSAGE_HEADER, code::BAD_MESSAGE_LENGTH, &[]);
     match kind {
         OPEN => decode_open(body).map(Message::Open),
         UPDATE => check_update(body).map(|()| Message::Update),
-        NOTIFICATION => Ok(Message::Notification(Notification::new(
-            body[0],
-            body[1],
-            &body[2..],
-        ))),
+        NOTIFICATION => match body {
+            [code, subcode, data @ ..] => Ok(Message::Notification(Notification::new(
+                *code, *subcode, data,
+            ))),
+            _ => Err(too_short()),
+        },
         KEEPALIVE => Ok(Message::Keepalive),
-        ROUTE_REFRESH => Ok(Message::RouteRefresh {
-            afi: u16::from_be_bytes([body[0], body[1]]),
-            safi: body[3],
-        }),
+        ROUTE_REFRESH => match body {
+            [a, b, _, safi] => Ok(Message::RouteRefresh {
+                afi: u16::from_be_bytes([*a, *b]),
+                safi: *safi,
+            }),
+            _ => Err(too_short()),
+        },
         other => Err(Notification::new(
             code::MESSAGE_HEADER,
             code::BAD_MESSAGE_TYPE,
@@ -190,7 +194,10 @@ pub fn decode_body(kind: u8, body: &[u8]) -> Result<Message, Notification> {
 /// The two length fields of an UPDATE must fit its body (RFC 4271 section 6.3).
 fn check_update(body: &[u8]) -> Result<(), Notification> {
     let malformed = || Notification::new(code::UPDATE_MESSAGE, code::MALFORMED_ATTRIBUTE_LIST, &[]);
-    let withdrawn = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    let [a, b, ..] = body else {
+        return Err(malformed());
+    };
+    let withdrawn = usize::from(u16::from_be_bytes([*a, *b]));
     let attrs_at = 2 + withdrawn;
     let attrs_len = body
         .get(attrs_at..attrs_at + 2)
@@ -202,9 +209,31 @@ fn check_update(body: &[u8]) -> Result<(), Notification> {
     Ok(())
 }
 
+/// Capability codes vip reads; every other capability is ignored (RFC 5492 section 3).
+mod capability {
+    pub(super) const MULTIPROTOCOL: u8 = 1;
+    pub(super) const ROUTE_REFRESH: u8 = 2;
+    pub(super) const FOUR_OCTET_AS: u8 = 65;
+    pub(super) const ENHANCED_ROUTE_REFRESH: u8 = 70;
+}
+
+/// Optional parameter type of capabilities (RFC 5492).
+const CAPABILITIES_PARAMETER: u8 = 2;
+const AFI_IPV4: u16 = 1;
+const AFI_IPV6: u16 = 2;
+const SAFI_UNICAST: u8 = 1;
+
+/// Decodes an OPEN: the fixed fields, and of the capabilities those vip uses. The optional
+/// parameters must tile the message exactly and each capability parameter must hold whole
+/// capability TLVs; capabilities vip does not use are skipped whatever they hold (FRR's
+/// hostname capability, for one).
 fn decode_open(body: &[u8]) -> Result<Open, Notification> {
     let open_err = |sub: u8| Notification::new(code::OPEN_MESSAGE, sub, &[]);
-    if body[0] != 4 {
+    let fixed: &[u8; 10] = body
+        .get(..10)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Notification::new(code::MESSAGE_HEADER, code::BAD_MESSAGE_LENGTH, &[]))?;
+    if fixed[0] != 4 {
         // Data: the largest version we support.
         return Err(Notification::new(
             code::OPEN_MESSAGE,
@@ -212,9 +241,7 @@ fn decode_open(body: &[u8]) -> Result<Open, Notification> {
             &[0, 4],
         ));
     }
-    // The optional parameters must tile the rest exactly; each capability parameter must hold
-    // whole capability TLVs. Only then may zettabgp index into it.
-    let params_len = usize::from(body[9]);
+    let params_len = usize::from(fixed[9]);
     if 10 + params_len != body.len() {
         return Err(Notification::new(
             code::MESSAGE_HEADER,
@@ -222,60 +249,62 @@ fn decode_open(body: &[u8]) -> Result<Open, Notification> {
             &[],
         ));
     }
-    let mut pos = 10;
-    while pos < body.len() {
-        let (Some(&ptype), Some(&plen)) = (body.get(pos), body.get(pos + 1)) else {
-            return Err(open_err(0));
-        };
-        let end = pos + 2 + usize::from(plen);
-        if end > body.len() {
-            return Err(open_err(0));
-        }
-        if ptype != 2 {
-            return Err(open_err(code::UNSUPPORTED_OPTIONAL_PARAMETER));
-        }
-        let mut cap = pos + 2;
-        while cap < end {
-            let Some(&clen) = body.get(cap + 1) else {
-                return Err(open_err(0));
-            };
-            cap += 2 + usize::from(clen);
-        }
-        if cap != end {
-            return Err(open_err(0));
-        }
-        pos = end;
-    }
-    let params = BgpSessionParams::new(0, 0, BgpTransportMode::IPv4, Ipv4Addr::UNSPECIFIED, vec![]);
-    let mut open = BgpOpenMessage::new();
-    open.decode_from(&params, body).map_err(|_| open_err(0))?;
     let mut out = Open {
-        asn: open.as_num,
-        hold_time: open.hold_time,
-        router_id: open.router_id,
+        asn: u32::from(u16::from_be_bytes([fixed[1], fixed[2]])),
+        hold_time: u16::from_be_bytes([fixed[3], fixed[4]]),
+        router_id: Ipv4Addr::new(fixed[5], fixed[6], fixed[7], fixed[8]),
         four_octet_as: false,
         route_refresh: false,
         ipv4_unicast: false,
         ipv6_unicast: false,
     };
-    for cap in &open.caps {
-        match cap {
-            BgpCapability::CapASN32(asn) => {
-                out.asn = *asn;
-                out.four_octet_as = true;
-            }
-            BgpCapability::CapRR | BgpCapability::CapEnhancedRR => out.route_refresh = true,
-            BgpCapability::SafiIPv4u => out.ipv4_unicast = true,
-            BgpCapability::SafiIPv6u => out.ipv6_unicast = true,
-            _ => {}
+    let mut multiprotocol = false;
+    let mut params = &body[10..];
+    while let [ptype, plen, rest @ ..] = params {
+        let Some((mut caps, after)) = rest.split_at_checked(usize::from(*plen)) else {
+            return Err(open_err(0));
+        };
+        if *ptype != CAPABILITIES_PARAMETER {
+            return Err(open_err(code::UNSUPPORTED_OPTIONAL_PARAMETER));
         }
+        while let [ccode, clen, rest @ ..] = caps {
+            let Some((value, after)) = rest.split_at_checked(usize::from(*clen)) else {
+                return Err(open_err(0));
+            };
+            match (*ccode, value) {
+                (capability::MULTIPROTOCOL, [a, b, _, safi]) => {
+                    multiprotocol = true;
+                    match (u16::from_be_bytes([*a, *b]), *safi) {
+                        (AFI_IPV4, SAFI_UNICAST) => out.ipv4_unicast = true,
+                        (AFI_IPV6, SAFI_UNICAST) => out.ipv6_unicast = true,
+                        _ => {}
+                    }
+                }
+                (capability::FOUR_OCTET_AS, [a, b, c, d]) => {
+                    out.asn = u32::from_be_bytes([*a, *b, *c, *d]);
+                    out.four_octet_as = true;
+                }
+                (capability::ROUTE_REFRESH | capability::ENHANCED_ROUTE_REFRESH, []) => {
+                    out.route_refresh = true;
+                }
+                (
+                    capability::MULTIPROTOCOL
+                    | capability::FOUR_OCTET_AS
+                    | capability::ROUTE_REFRESH
+                    | capability::ENHANCED_ROUTE_REFRESH,
+                    _,
+                ) => return Err(open_err(0)),
+                _ => {}
+            }
+            caps = after;
+        }
+        params = after;
+    }
+    if !params.is_empty() {
+        return Err(open_err(0));
     }
     // Without multiprotocol capabilities a peer speaks IPv4 unicast (RFC 4760 section 8).
-    if !open
-        .caps
-        .iter()
-        .any(|c| matches!(c, BgpCapability::SafiIPv4u | BgpCapability::SafiIPv6u))
-    {
+    if !multiprotocol {
         out.ipv4_unicast = true;
     }
     if out.hold_time == 1 || out.hold_time == 2 {
@@ -285,6 +314,15 @@ fn decode_open(body: &[u8]) -> Result<Open, Notification> {
         return Err(open_err(code::BAD_BGP_IDENTIFIER));
     }
     Ok(out)
+}
+
+impl Open {
+    /// Whether the peer negotiated the address family of a ROUTE-REFRESH (`afi`, `safi`); we
+    /// send both unicast families.
+    pub fn negotiated(&self, afi: u16, safi: u8) -> bool {
+        safi == SAFI_UNICAST
+            && ((afi == AFI_IPV4 && self.ipv4_unicast) || (afi == AFI_IPV6 && self.ipv6_unicast))
+    }
 }
 
 fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
@@ -605,6 +643,61 @@ mod tests {
         let mut lying_params = our_open();
         lying_params[HEADER_LEN + 9] += 3;
         assert!(parse_message(&lying_params).is_err());
+    }
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// An OPEN with the hostname capability (73) carrying a domain name, as FRR sends by
+    /// default: the capability is skipped and the OPEN accepted (zettabgp's parser refused it).
+    #[test]
+    fn capabilities_vip_does_not_use_never_fail_an_open() {
+        let open = hex("ffffffffffffffffffffffffffffffff00240104fde800090a0000010702054903000161");
+        let Ok(Message::Open(o)) = parse_message(&open) else {
+            panic!("OPEN refused: {:?}", parse_message(&open));
+        };
+        assert_eq!((o.asn, o.hold_time), (65000, 9));
+        assert_eq!(o.router_id, Ipv4Addr::new(10, 0, 0, 1));
+        assert!(o.ipv4_unicast && !o.ipv6_unicast && !o.four_octet_as);
+        // A non-UTF-8 host name, an unknown capability with a long value, and the ones vip
+        // reads, in one parameter.
+        let mut caps = vec![73, 4, 2, 0xff, 0xfe, 0];
+        caps.extend_from_slice(&[200, 20]);
+        caps.extend_from_slice(&[7; 20]);
+        caps.extend_from_slice(&[1, 4, 0, 2, 0, 1, 65, 4, 0, 0, 0xfd, 0xe9, 2, 0]);
+        let mut body = vec![4, 0x5b, 0xa0, 0, 3, 198, 18, 1, 1, caps.len() as u8 + 2, 2];
+        body.push(caps.len() as u8);
+        body.extend_from_slice(&caps);
+        let Ok(Message::Open(o)) = decode_body(OPEN, &body) else {
+            panic!("OPEN refused");
+        };
+        assert_eq!(o.asn, 65001);
+        assert!(o.four_octet_as && o.route_refresh && o.ipv6_unicast && !o.ipv4_unicast);
+        assert!(o.negotiated(2, 1) && !o.negotiated(1, 1) && !o.negotiated(2, 128));
+        // A capability vip reads, with the wrong length, is malformed.
+        let mut bad = body.clone();
+        let at = bad.len() - 2 - 6 - 6;
+        assert_eq!(bad[at], 1);
+        bad[at + 1] = 3;
+        assert!(decode_body(OPEN, &bad).is_err());
+    }
+
+    /// Every decoder takes any body, however short, without reading out of bounds.
+    #[test]
+    fn decoders_check_every_length() {
+        for kind in 0..=6 {
+            for len in 0..12 {
+                let _ = decode_body(kind, &vec![0xff; len]);
+                let _ = decode_body(kind, &vec![0; len]);
+            }
+        }
+        assert!(decode_body(NOTIFICATION, &[6]).is_err());
+        assert!(decode_body(ROUTE_REFRESH, &[0, 1, 0]).is_err());
+        assert!(decode_body(UPDATE, &[0]).is_err());
     }
 
     /// The receive path never panics and answers every bad input with a NOTIFICATION.

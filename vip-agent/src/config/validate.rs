@@ -125,12 +125,12 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
             ));
         }
         if let Some(pw) = &p.password
-            && pw.get_ref().len() > 80
+            && (pw.get_ref().is_empty() || pw.get_ref().len() > 80)
         {
             return Err(err(
                 &pw.span(),
                 field("password"),
-                "TCP MD5 keys are at most 80 bytes".into(),
+                "TCP MD5 keys are 1 to 80 bytes (leave `password` out for none)".into(),
             ));
         }
         let (pc, plc) = communities_of(&p.communities, &p.large_communities, &|span, which, m| {
