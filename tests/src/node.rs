@@ -354,3 +354,44 @@ impl FrameSender {
         file.write_all(frame).expect("send frame");
     }
 }
+
+/// A TCP service in a namespace that accepts (and closes) connections until dropped: what a
+/// health check finds up or down.
+pub struct TcpService {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl TcpService {
+    pub fn start(ns: &Netns, address: &str, port: u16) -> Self {
+        let address: std::net::IpAddr = address.parse().expect("an address");
+        let listener = ns.within(move || {
+            let l = std::net::TcpListener::bind((address, port)).expect("bind the service");
+            l.set_nonblocking(true).expect("non-blocking");
+            l
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok(_) => {}
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TcpService {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

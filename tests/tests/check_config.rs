@@ -215,6 +215,19 @@ fn bad_configs_are_rejected_with_the_field_named() {
             "backend[1].health.via",
         ),
         (
+            "kernel routes in the main table",
+            format!("{GOOD}\n[announce]\nmode = \"kernel\"\ntable = 254\n"),
+            "announce.table",
+        ),
+        (
+            "kernel routes and a BGP speaker at once",
+            format!(
+                "{GOOD}\n[announce]\nmode = \"kernel\"\n[bgp]\nasn = 65001\n\
+                 router_id = \"198.18.0.2\"\n[[bgp.peer]]\naddress = \"198.18.0.1\"\nasn = 65000\n"
+            ),
+            "announce.mode",
+        ),
+        (
             "empty TCP MD5 password",
             format!(
                 "{GOOD}\n[bgp]\nasn = 65001\nrouter_id = \"198.18.0.2\"\n\

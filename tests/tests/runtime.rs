@@ -2,60 +2,16 @@
 //! and a reload is planned whole, so it either fits or changes nothing (issue #14's defects).
 
 use std::{
-    net::TcpListener,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
 
 use vip_agent::dataplane::{Dataplane, DataplaneOptions};
-use vip_tests::node::{Agent, Netns};
+use vip_tests::node::{Agent, Netns, TcpService};
 
 const VIP4: &str = "198.19.0.1";
 /// The backend: the gateway's end of the LB's uplink (`Netns::lb_with_gateway`).
 const BACKEND: &str = "198.18.0.1";
-
-/// A TCP service on the backend that accepts (and closes) connections until dropped.
-struct Service {
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Service {
-    fn start(be: &Netns, port: u16) -> Self {
-        let listener = be.within(move || {
-            let l = TcpListener::bind((BACKEND, port)).expect("bind the service");
-            l.set_nonblocking(true).expect("non-blocking");
-            l
-        });
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok(_) => {}
-                    Err(_) => thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Self {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn health_config(lb: &Netns, interval: &str) -> String {
     format!(
@@ -104,7 +60,7 @@ fn metrics(lb: &Netns) -> String {
 #[test]
 fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
     let (lb, be) = Netns::lb_with_gateway("hcre");
-    let service = Service::start(&be, 8080);
+    let service = TcpService::start(&be, BACKEND, 8080);
     let mut agent = Agent::start(&lb, &health_config(&lb, "0.1"), &["--cleanup"]);
     agent.wait_for(&lb.pin_dir.join("links/xdp_up0"));
     wait_backend(&lb, &agent, "active: ok in", Duration::from_secs(10));
@@ -115,7 +71,7 @@ fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
     assert!(metrics(&lb).contains(&format!("{healthy} 0")));
 
     // The service is back; the reload comes well before 5 successes at 0.1 s.
-    let _service = Service::start(&be, 8080);
+    let _service = TcpService::start(&be, BACKEND, 8080);
     agent.rewrite_config(&health_config(&lb, "0.2"));
     agent.signal(libc::SIGHUP);
     agent.wait_for_log("reloaded", 1);

@@ -25,6 +25,38 @@ pub(super) struct RawConfig {
     pub(super) vips: Vec<Spanned<RawVip>>,
     pub(super) backend: Option<Spanned<RawBackendRole>>,
     pub(super) bgp: Option<Spanned<RawBgp>>,
+    pub(super) announce: Option<Spanned<RawAnnounce>>,
+}
+
+/// How VIPs reach the routers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum AnnounceMode {
+    /// vip's own BGP speaker (`[bgp]`).
+    #[default]
+    Bgp,
+    /// Routes in a kernel table for a routing daemon on the node.
+    Kernel,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnnounce {
+    #[serde(default)]
+    pub(super) mode: AnnounceMode,
+    #[serde(default = "default_route_table")]
+    pub(super) table: Spanned<u32>,
+    #[serde(default = "default_route_protocol")]
+    pub(super) protocol: Spanned<u8>,
+    #[serde(default)]
+    pub(super) drain_time: u64,
+}
+
+fn default_route_table() -> Spanned<u32> {
+    Spanned::new(0..0, DEFAULT_ROUTE_TABLE)
+}
+fn default_route_protocol() -> Spanned<u8> {
+    Spanned::new(0..0, DEFAULT_ROUTE_PROTOCOL)
 }
 
 #[derive(Deserialize)]

@@ -95,9 +95,28 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// Set when `node.role = "backend"`.
     pub backend: Option<BackendRole>,
-    /// BGP speaker settings, when VIPs are announced.
+    /// BGP speaker settings, when vip announces VIPs over BGP itself.
     pub bgp: Option<BgpConfig>,
+    /// Routes in a kernel table instead (`[announce] mode = "kernel"`), for a routing daemon
+    /// on the node to announce.
+    pub kernel_routes: Option<KernelRoutesConfig>,
 }
+
+/// Announcer mode `kernel`: each VIP that can be forwarded is a host route (`dev lo`) in a
+/// routing table, with vip's own protocol number, for BIRD or FRR on the node to announce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRoutesConfig {
+    /// The routing table (not `local`, `main` or `default`).
+    pub table: u32,
+    /// The routes' protocol number (`ip route ... proto N`): how vip knows its own routes.
+    pub protocol: u8,
+    /// On drain (`vip-agent drain`, SIGTERM): routes stay this long before they go.
+    pub drain_time: Duration,
+}
+
+/// Default table and protocol of kernel-mode routes.
+pub const DEFAULT_ROUTE_TABLE: u32 = 100;
+pub const DEFAULT_ROUTE_PROTOCOL: u8 = 118;
 
 /// The BGP speaker: announces each VIP with a usable backend as a host route.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -452,8 +452,62 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
         }
         Some(b) => Some(validate_bgp(b.into_inner(), &err)?),
     };
+    let kernel_routes = match raw.announce {
+        None => None,
+        Some(a) => {
+            let span = a.span();
+            let a = a.into_inner();
+            match a.mode {
+                AnnounceMode::Bgp if bgp.is_none() => {
+                    return Err(err(
+                        &span,
+                        "announce.mode".into(),
+                        "\"bgp\" needs a [bgp] section".into(),
+                    ));
+                }
+                AnnounceMode::Bgp => None,
+                AnnounceMode::Kernel if bgp.is_some() || role == Role::Backend => {
+                    return Err(err(
+                        &span,
+                        "announce.mode".into(),
+                        "\"kernel\" is for load-balancer nodes without [bgp]: remove one".into(),
+                    ));
+                }
+                AnnounceMode::Kernel => {
+                    let table = *a.table.get_ref();
+                    // 0 is no table; 253, 254, 255 are default, main and local.
+                    if table == 0 || (253..=255).contains(&table) {
+                        return Err(err(
+                            &a.table.span(),
+                            "announce.table".into(),
+                            format!(
+                                "{table}: use a table of its own, not 0, 253 (default), 254 (main) or 255 (local)"
+                            ),
+                        ));
+                    }
+                    let protocol = *a.protocol.get_ref();
+                    // 0-4 are the kernel's own (unspec, redirect, kernel, boot, static).
+                    if protocol <= 4 {
+                        return Err(err(
+                            &a.protocol.span(),
+                            "announce.protocol".into(),
+                            format!(
+                                "{protocol}: 0 to 4 are the kernel's; use one no other daemon uses (default {DEFAULT_ROUTE_PROTOCOL})"
+                            ),
+                        ));
+                    }
+                    Some(KernelRoutesConfig {
+                        table,
+                        protocol,
+                        drain_time: Duration::from_secs(a.drain_time),
+                    })
+                }
+            }
+        }
+    };
     Ok(Config {
         bgp,
+        kernel_routes,
         backend,
         node: NodeConfig {
             role,

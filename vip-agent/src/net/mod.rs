@@ -3,6 +3,7 @@
 
 pub mod lo;
 pub mod nexthop;
+pub mod routes;
 pub(crate) mod sockopt;
 
 use tracing::info;

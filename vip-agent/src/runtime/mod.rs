@@ -6,7 +6,7 @@
 //!
 //! A reload runs in phases, so that a VIP is announced only while this node forwards it:
 //! validate the file, plan the map writes (refused whole if they do not fit), withdraw what
-//! leaves (after announcing it with GRACEFUL_SHUTDOWN for `bgp.drain_time`), write the maps,
+//! leaves (after announcing it with GRACEFUL_SHUTDOWN for the drain time), write the maps,
 //! announce, and update `lo`.
 
 mod backends;
@@ -29,8 +29,9 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    announce::{self, Announcer},
     apply::{Plan, VipAccount},
-    bgp::{self, Speaker, session::Route},
+    bgp::{self, session::Route},
     config::{self, Config},
     control::{
         DrainOutcome, DrainTarget, Response,
@@ -83,7 +84,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<()> {
         node,
         status,
         node_drained: false,
-        speaker: None,
+        announcer: None,
         lo,
         reloads_ok: 0,
         reloads_failed: 0,
@@ -95,9 +96,9 @@ pub async fn run(options: RunOptions, config: Config) -> Result<()> {
 
     let control = ControlSocket::bind(&runtime.config.node.control_socket)?;
     let sessions = runtime
-        .speaker
+        .announcer
         .as_ref()
-        .map(Speaker::sessions)
+        .map(Announcer::sessions)
         .unwrap_or_default();
     let counters = match &runtime.node {
         Node::Lb(_) => Counters::open_lb(&runtime.config.node.pin_dir),
@@ -138,7 +139,8 @@ struct Runtime {
     node: Node,
     status: BackendStatus,
     node_drained: bool,
-    speaker: Option<Speaker>,
+    /// BGP or kernel routes.
+    announcer: Option<Announcer>,
     lo: LoopbackVips,
     reloads_ok: u64,
     reloads_failed: u64,
@@ -166,11 +168,9 @@ impl Runtime {
         self.ready = true;
         let (added, removed) = self.lo.sync(&self.config.loopback_addresses()).await?;
         info!(added, removed, "VIP addresses on lo");
-        self.speaker = self
-            .config
-            .bgp
-            .as_ref()
-            .map(|b| Speaker::start(b, self.routes(), restarted));
+        self.announcer = Announcer::start(&self.config, self.routes(), restarted)
+            .await
+            .context("starting the announcer")?;
         self.publish();
         Ok(())
     }
@@ -209,13 +209,8 @@ impl Runtime {
 
     /// Stops announcing (with the drain time), and with `cleanup` removes vip from the node.
     async fn stop(self, cleanup: bool) -> Result<()> {
-        if let Some(speaker) = self.speaker {
-            let drain = self
-                .config
-                .bgp
-                .as_ref()
-                .map_or(Duration::ZERO, |b| b.drain_time);
-            speaker.stop(drain).await;
+        if let Some(announcer) = self.announcer {
+            announcer.stop(announce::drain_time(&self.config)).await;
         }
         let pin_dir = self.config.node.pin_dir.clone();
         drop(self.node);
@@ -251,8 +246,8 @@ impl Runtime {
     }
 
     fn announce(&self) {
-        if let Some(speaker) = &self.speaker {
-            speaker.announce(self.routes());
+        if let Some(announcer) = &self.announcer {
+            announcer.announce(self.routes());
         }
     }
 
@@ -372,10 +367,15 @@ impl Runtime {
             Ok(new) => new,
             Err(e) => return self.refuse(&e, "reload rejected; the running config stays"),
         };
-        if new.node != self.config.node || new.bgp != self.config.bgp {
+        if new.node != self.config.node
+            || new.bgp != self.config.bgp
+            || new.kernel_routes != self.config.kernel_routes
+        {
             self.reloads_failed += 1;
             self.publish();
-            error!("node or BGP session settings changed: they need a restart; nothing applied");
+            error!(
+                "node, BGP session or kernel route settings changed: they need a restart; nothing applied"
+            );
             return;
         }
         // 2. Plan. Run-time drains end with a reload; health verdicts stay.
@@ -446,19 +446,15 @@ impl Runtime {
     /// GRACEFUL_SHUTDOWN for the drain time when one is set, and waits until the sessions
     /// have sent the withdrawal.
     async fn withdraw_all_but(&self, after: &[Route]) {
-        let Some(speaker) = &self.speaker else {
+        let Some(announcer) = &self.announcer else {
             return;
         };
         let staying: HashSet<IpAddr> = after.iter().map(|r| r.prefix).collect();
-        let now = speaker.routes();
+        let now = announcer.routes();
         if now.iter().all(|r| staying.contains(&r.prefix)) {
             return;
         }
-        let drain = self
-            .config
-            .bgp
-            .as_ref()
-            .map_or(Duration::ZERO, |b| b.drain_time);
+        let drain = announce::drain_time(&self.config);
         if !drain.is_zero() {
             let draining = now
                 .iter()
@@ -473,14 +469,14 @@ impl Runtime {
                 })
                 .collect();
             info!(?drain, "routes leaving: GRACEFUL_SHUTDOWN first");
-            speaker.announce(draining);
+            announcer.announce(draining);
             tokio::time::sleep(drain).await;
         }
         let kept = now
             .into_iter()
             .filter(|r| staying.contains(&r.prefix))
             .collect();
-        speaker.announce(kept);
-        speaker.sent(Duration::from_secs(1)).await;
+        announcer.announce(kept);
+        announcer.sent(Duration::from_secs(1)).await;
     }
 }
