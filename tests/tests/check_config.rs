@@ -215,6 +215,26 @@ fn bad_configs_are_rejected_with_the_field_named() {
             "backend[1].health.via",
         ),
         (
+            "a backend at 0.0.0.0",
+            GOOD.replace("address = \"198.18.1.1\"", "address = \"0.0.0.0\""),
+            "vip[0].backend[0].address",
+        ),
+        (
+            "a UDP idle timeout that would wrap in nanoseconds",
+            GOOD.replace("port = 80\n", "port = 80\nudp_idle_timeout = 18446744074\n"),
+            "vip[0].udp_idle_timeout",
+        ),
+        (
+            "Maglev tables beyond memory",
+            GOOD.replace("table_size = 251", "table_size = 65537\ntable_slots = 65536"),
+            "node.table_slots",
+        ),
+        (
+            "no conntrack entries",
+            GOOD.replace("[node]", "[node]\nconntrack_entries = 0"),
+            "node.conntrack_entries",
+        ),
+        (
             "kernel routes in the main table",
             format!("{GOOD}\n[announce]\nmode = \"kernel\"\ntable = 254\n"),
             "announce.table",
@@ -223,9 +243,18 @@ fn bad_configs_are_rejected_with_the_field_named() {
             "kernel routes and a BGP speaker at once",
             format!(
                 "{GOOD}\n[announce]\nmode = \"kernel\"\n[bgp]\nasn = 65001\n\
-                 router_id = \"198.18.0.2\"\n[[bgp.peer]]\naddress = \"198.18.0.1\"\nasn = 65000\n"
+                 router_id = \"198.18.0.2\"\nnext_hop_v6 = \"fd00:18::2\"\n\
+                 [[bgp.peer]]\naddress = \"198.18.0.1\"\nasn = 65000\n"
             ),
             "announce.mode",
+        ),
+        (
+            "an IPv6 VIP with only IPv4 peers and no IPv6 next hop",
+            format!(
+                "{GOOD}\n[bgp]\nasn = 65001\nrouter_id = \"198.18.0.2\"\n\
+                 [[bgp.peer]]\naddress = \"198.18.0.1\"\nasn = 65000\n"
+            ),
+            "bgp.next_hop_v6",
         ),
         (
             "empty TCP MD5 password",

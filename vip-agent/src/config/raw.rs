@@ -248,6 +248,12 @@ impl RawHealth {
         if !(1..=100).contains(&rise) || !(1..=100).contains(&fall) {
             return Err(format!("rise {rise} and fall {fall}: use 1 to 100"));
         }
+        let http_status = self.http_status.unwrap_or(200);
+        if !(100..=599).contains(&http_status) {
+            return Err(format!(
+                "http_status {http_status}: an HTTP status, 100 to 599"
+            ));
+        }
         let http_path = self.http_path.clone().unwrap_or_else(|| "/".into());
         if !http_path.starts_with('/') || http_path.contains(char::is_whitespace) {
             return Err(format!(
@@ -269,7 +275,7 @@ impl RawHealth {
             rise,
             fall,
             http_path,
-            http_status: self.http_status.unwrap_or(200),
+            http_status,
             tls_server_name,
             udp_send: self.udp_send.clone().unwrap_or_else(|| "ping".into()),
             udp_expect: self.udp_expect.clone().unwrap_or_default(),

@@ -1,6 +1,6 @@
 //! Config parsing and validation, error messages included.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use super::*;
 
@@ -135,4 +135,198 @@ fn duplicate_vip_is_rejected() {
     let e = error(&twice);
     assert!(e.message.contains("configured twice"), "{e}");
     assert_eq!(e.line, Some(21));
+}
+
+/// A config that uses every section.
+const FULL: &str = r#"
+[node]
+interfaces = ["eth0", "eth1"]
+source_v4 = "198.18.0.2"
+source_v6 = "fd00:18::2"
+pin_dir = "/sys/fs/bpf/vip"
+table_size = 251
+table_slots = 16
+conntrack_entries = 8192
+max_vips = 64
+max_backends = 256
+
+[bgp]
+asn = 65001
+router_id = "198.18.0.2"
+hold_time = 9
+drain_time = 5
+next_hop_v6 = "fd00:18::2"
+
+[[bgp.peer]]
+address = "198.18.0.1"
+asn = 65000
+password = "secret"
+
+[[vip]]
+address = "198.19.0.1"
+protocol = "tcp"
+port = 80
+udp_idle_timeout = 30
+[vip.health]
+check = "http"
+http_status = 200
+interval = 1
+timeout = 0.5
+
+[[vip.backend]]
+address = "198.18.1.1"
+weight = 3
+
+[[vip.backend]]
+address = "198.18.1.2"
+
+[[vip]]
+address = "fd00:19::1"
+protocol = "udp"
+port = 53
+encapsulation = "gue"
+gue_port = 6080
+
+[[vip.backend]]
+address = "fd00:1::1"
+"#;
+
+/// Values that mutations put where numbers and addresses stand: edges, overflows, and
+/// addresses that are no host's.
+const NUMBERS: &[&str] = &[
+    "0",
+    "1",
+    "2",
+    "-1",
+    "65535",
+    "65536",
+    "4294967295",
+    "4294967296",
+    "18446744074",
+    "18446744073709551615",
+    "1e308",
+    "0.0",
+    "nan",
+];
+const ADDRESSES: &[&str] = &[
+    "\"0.0.0.0\"",
+    "\"255.255.255.255\"",
+    "\"127.0.0.1\"",
+    "\"224.0.0.1\"",
+    "\"::\"",
+    "\"::1\"",
+    "\"ff02::1\"",
+    "\"198.19.0.1\"",
+    "\"fd00:19::1\"",
+    "\"198.18.1.1\"",
+    "\"300.1.1.1\"",
+    "\"\"",
+];
+
+/// 20,000 mutated configs through the parser: none panics, and none of the classes of broken
+/// values is accepted (each accepted config is checked field by field).
+#[test]
+fn fuzz_config() {
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+    let seed = rand::rng().random::<u64>();
+    let mut rng = StdRng::seed_from_u64(seed);
+    assert!(
+        parse(Path::new("full.toml"), FULL).is_ok(),
+        "{:?}",
+        parse(Path::new("full.toml"), FULL)
+    );
+    let lines: Vec<&str> = FULL.lines().collect();
+    let mut accepted = 0;
+    for _ in 0..20_000 {
+        let mut out: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+        for _ in 0..rng.random_range(1..4) {
+            let i = rng.random_range(0..out.len());
+            let Some((key, _)) = out[i].split_once(" = ") else {
+                continue;
+            };
+            let key = key.to_owned();
+            out[i] = match rng.random_range(0..5) {
+                0 => format!("{key} = {}", NUMBERS[rng.random_range(0..NUMBERS.len())]),
+                1 => format!(
+                    "{key} = {}",
+                    ADDRESSES[rng.random_range(0..ADDRESSES.len())]
+                ),
+                2 => String::new(),
+                3 => format!("{key} = \"{}\"", "x".repeat(rng.random_range(0..40))),
+                _ => out[rng.random_range(0..lines.len())].clone(),
+            };
+        }
+        let text = out.join("\n");
+        let Ok(c) = parse(Path::new("fuzz.toml"), &text) else {
+            continue;
+        };
+        accepted += 1;
+        let unicast = |a: IpAddr| {
+            !(a.is_unspecified()
+                || a.is_multicast()
+                || a.is_loopback()
+                || a == IpAddr::V4(std::net::Ipv4Addr::BROADCAST))
+        };
+        let vip_addrs: Vec<IpAddr> = c.vips.iter().map(|v| v.address).collect();
+        for v in &c.vips {
+            assert!(unicast(v.address), "seed {seed}: VIP {}\n{text}", v.address);
+            assert!(
+                v.udp_idle_timeout <= Duration::from_secs(86_400),
+                "seed {seed}\n{text}"
+            );
+            assert!(
+                v.encapsulation != Encapsulation::Gue || v.gue_port != 0,
+                "seed {seed}\n{text}"
+            );
+            for b in &v.backends {
+                assert!(
+                    unicast(b.address),
+                    "seed {seed}: backend {}\n{text}",
+                    b.address
+                );
+                assert!(!vip_addrs.contains(&b.address), "seed {seed}\n{text}");
+                assert!(
+                    (100..=599).contains(&b.health.http_status),
+                    "seed {seed}\n{text}"
+                );
+            }
+        }
+        let n = &c.node;
+        for s in [n.source_v4.map(IpAddr::V4), n.source_v6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+        {
+            assert!(unicast(s), "seed {seed}: source {s}\n{text}");
+        }
+        assert!(n.conntrack_entries >= 1024, "seed {seed}\n{text}");
+        assert!(
+            u64::from(n.table_size) * u64::from(n.table_slots) * 8 <= 4 << 30,
+            "seed {seed}\n{text}"
+        );
+        assert!(n.pin_dir.is_absolute(), "seed {seed}\n{text}");
+        assert!(
+            n.interfaces.iter().all(|i| !i.is_empty() && i.len() <= 15),
+            "seed {seed}\n{text}"
+        );
+        if let Some(b) = &c.bgp {
+            assert!(
+                b.asn != 0 && b.peers.iter().all(|p| p.asn != 0),
+                "seed {seed}\n{text}"
+            );
+            assert!(
+                b.drain_time <= Duration::from_secs(3_600),
+                "seed {seed}\n{text}"
+            );
+            assert!(
+                b.peers
+                    .iter()
+                    .all(|p| p.password.as_ref().is_none_or(|k| !k.is_empty())),
+                "seed {seed}\n{text}"
+            );
+        }
+    }
+    assert!(
+        accepted > 100,
+        "seed {seed}: only {accepted} mutations were valid configs"
+    );
 }

@@ -49,6 +49,32 @@ fn parse_large_community(s: &str) -> Result<[u32; 3], String> {
 
 type Located<'a> = dyn Fn(&Range<usize>, String, String) -> ConfigError + 'a;
 
+/// Why an address cannot stand for a host here (a VIP, a backend, a source), if it cannot.
+fn not_unicast(addr: IpAddr) -> Option<&'static str> {
+    if addr.is_unspecified() {
+        Some("the unspecified address")
+    } else if addr.is_multicast() {
+        Some("a multicast address")
+    } else if addr.is_loopback() {
+        Some("a loopback address")
+    } else if addr == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+/// Longest UDP idle timeout: a day (the datapath keeps it in nanoseconds).
+const MAX_UDP_IDLE_SECS: u64 = 86_400;
+/// Longest drain time: an hour.
+const MAX_DRAIN_SECS: u64 = 3_600;
+/// Conntrack entries per map.
+const CONNTRACK_RANGE: std::ops::RangeInclusive<u32> = 1_024..=(1 << 27);
+/// What the Maglev tables may take in kernel memory (8 bytes a slot).
+const MAX_MAGLEV_BYTES: u64 = 4 << 30;
+/// Linux interface names: IFNAMSIZ - 1.
+const MAX_IFNAME: usize = 15;
+
 fn communities_of(
     communities: &[Spanned<String>],
     large: &[Spanned<String>],
@@ -108,6 +134,20 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
         let p = p.into_inner();
         let field = |f: &str| format!("bgp.peer[{i}].{f}");
         let address = *p.address.get_ref();
+        if p.asn == 0 {
+            return Err(err(
+                &p.address.span(),
+                field("asn"),
+                "0 is no AS number: use the peer's".into(),
+            ));
+        }
+        if let Some(why) = not_unicast(address) {
+            return Err(err(
+                &p.address.span(),
+                field("address"),
+                format!("{address} is {why}: use the peer's unicast address"),
+            ));
+        }
         if !seen.insert(address) {
             return Err(err(
                 &p.address.span(),
@@ -159,10 +199,135 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
         next_hop_v6: b.next_hop_v6,
         communities,
         large_communities,
-        drain_time: Duration::from_secs(b.drain_time),
+        drain_time: drain_time(b.drain_time, "bgp.drain_time", err)?,
         listen: b.listen || peers.iter().any(|p| p.passive),
         peers,
     })
+}
+
+/// A drain time, in range.
+fn drain_time(seconds: u64, field: &str, err: &Located) -> Result<Duration, ConfigError> {
+    if seconds > MAX_DRAIN_SECS {
+        return Err(err(
+            &(0..0),
+            field.into(),
+            format!("{seconds}: use 0 to {MAX_DRAIN_SECS} seconds"),
+        ));
+    }
+    Ok(Duration::from_secs(seconds))
+}
+
+/// VIPs of a family the BGP sessions cannot carry: an IPv6 VIP needs an IPv6 session or
+/// `next_hop_v6`, an IPv4 VIP an IPv4 session or `next_hop_v4` (else it is never announced).
+fn check_next_hops(bgp: &BgpConfig, vips: &[VipConfig], err: &Located) -> Result<(), ConfigError> {
+    for vip in vips {
+        let (has_session, has_next_hop, which) = match vip.address {
+            IpAddr::V4(_) => (
+                bgp.peers.iter().any(|p| p.address.is_ipv4()),
+                bgp.next_hop_v4.is_some(),
+                "next_hop_v4",
+            ),
+            IpAddr::V6(_) => (
+                bgp.peers.iter().any(|p| p.address.is_ipv6()),
+                bgp.next_hop_v6.is_some(),
+                "next_hop_v6",
+            ),
+        };
+        if !has_session && !has_next_hop {
+            return Err(err(
+                &(0..0),
+                format!("bgp.{which}"),
+                format!(
+                    "VIP {} cannot be announced: no peer of its family; set bgp.{which}",
+                    vip.address
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The node's own settings: names, paths, addresses and sizes in their ranges.
+fn check_node(node: &RawNode, err: &Located) -> Result<(), ConfigError> {
+    let nowhere = 0..0;
+    let mut names = HashSet::new();
+    for name in node.interfaces.get_ref() {
+        let problem = if name.is_empty() || name.len() > MAX_IFNAME {
+            Some(format!(
+                "{name:?}: interface names are 1 to {MAX_IFNAME} bytes"
+            ))
+        } else if name.contains(['/', ' ']) {
+            Some(format!("{name:?} is not an interface name"))
+        } else if !names.insert(name) {
+            Some(format!("{name} is listed twice"))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(err(
+                &node.interfaces.span(),
+                "node.interfaces".into(),
+                problem,
+            ));
+        }
+    }
+    for (dir, field) in [
+        (&node.pin_dir, "node.pin_dir"),
+        (&node.control_socket, "node.control_socket"),
+    ] {
+        if !dir.is_absolute() || dir.parent().is_none() {
+            return Err(err(
+                &nowhere,
+                field.into(),
+                format!("{}: use an absolute path below /", dir.display()),
+            ));
+        }
+    }
+    let sources = [
+        node.source_v4
+            .map(IpAddr::V4)
+            .map(|a| (a, "node.source_v4")),
+        node.source_v6
+            .map(IpAddr::V6)
+            .map(|a| (a, "node.source_v6")),
+    ];
+    for (addr, field) in sources.into_iter().flatten() {
+        if let Some(why) = not_unicast(addr) {
+            return Err(err(
+                &nowhere,
+                field.into(),
+                format!("{addr} is {why}: use this node's own unicast address"),
+            ));
+        }
+    }
+    if !CONNTRACK_RANGE.contains(&node.conntrack_entries) {
+        return Err(err(
+            &nowhere,
+            "node.conntrack_entries".into(),
+            format!(
+                "{}: use {} to {}",
+                node.conntrack_entries,
+                CONNTRACK_RANGE.start(),
+                CONNTRACK_RANGE.end()
+            ),
+        ));
+    }
+    let slots = *node.table_slots.get_ref();
+    let bytes = u64::from(*node.table_size.get_ref()) * u64::from(slots) * 8;
+    if slots < 2 || bytes > MAX_MAGLEV_BYTES {
+        return Err(err(
+            &node.table_slots.span(),
+            "node.table_slots".into(),
+            format!(
+                "{slots} slots of {} entries take {} MiB of kernel memory: use at least 2 slots \
+                 and at most {} MiB in all (a smaller table_size, or fewer slots)",
+                node.table_size.get_ref(),
+                bytes >> 20,
+                MAX_MAGLEV_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
@@ -174,6 +339,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
     };
     let node = raw.node;
     let role = *node.role.get_ref();
+    check_node(&node, &err)?;
     let backend = match (role, raw.backend) {
         (Role::Backend, None) => {
             return Err(err(
@@ -277,6 +443,11 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
         ));
     }
 
+    let vip_addresses: HashSet<IpAddr> = raw
+        .vips
+        .iter()
+        .map(|v| *v.get_ref().address.get_ref())
+        .collect();
     let mut vips = Vec::new();
     let mut keys = HashSet::new();
     for (i, spanned) in raw.vips.into_iter().enumerate() {
@@ -295,11 +466,18 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                 ),
             ));
         }
-        if address.is_unspecified() || address.is_multicast() {
+        if let Some(why) = not_unicast(address) {
             return Err(err(
                 &v.address.span(),
                 field("address"),
-                format!("{address} cannot be a VIP: use a unicast address"),
+                format!("{address} is {why}: a VIP must be a unicast address"),
+            ));
+        }
+        if v.encapsulation == Encapsulation::Gue && v.gue_port == 0 {
+            return Err(err(
+                &vip_span,
+                field("gue_port"),
+                "0 is no port: use the backends' GUE port (e.g. 6080)".into(),
             ));
         }
         let mut backends = Vec::new();
@@ -313,6 +491,20 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                     &b.address.span(),
                     bfield("address"),
                     format!("backend {baddr} is listed twice for this VIP"),
+                ));
+            }
+            if let Some(why) = not_unicast(baddr) {
+                return Err(err(
+                    &b.address.span(),
+                    bfield("address"),
+                    format!("{baddr} is {why}: a backend must be a unicast address"),
+                ));
+            }
+            if vip_addresses.contains(&baddr) {
+                return Err(err(
+                    &b.address.span(),
+                    bfield("address"),
+                    format!("{baddr} is a VIP: a backend is a host behind the VIPs"),
                 ));
             }
             let weight = *b.weight.get_ref();
@@ -414,11 +606,14 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                 ));
             }
         }
-        if v.udp_idle_timeout == 0 {
+        if !(1..=MAX_UDP_IDLE_SECS).contains(&v.udp_idle_timeout) {
             return Err(err(
                 &vip_span,
                 field("udp_idle_timeout"),
-                "must be at least 1 (seconds)".into(),
+                format!(
+                    "{}: use 1 to {MAX_UDP_IDLE_SECS} seconds",
+                    v.udp_idle_timeout
+                ),
             ));
         }
         let (communities, large_communities) = communities_of(
@@ -452,6 +647,9 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
         }
         Some(b) => Some(validate_bgp(b.into_inner(), &err)?),
     };
+    if let Some(b) = &bgp {
+        check_next_hops(b, &vips, &err)?;
+    }
     let kernel_routes = match raw.announce {
         None => None,
         Some(a) => {
@@ -499,7 +697,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                     Some(KernelRoutesConfig {
                         table,
                         protocol,
-                        drain_time: Duration::from_secs(a.drain_time),
+                        drain_time: drain_time(a.drain_time, "announce.drain_time", &err)?,
                     })
                 }
             }
