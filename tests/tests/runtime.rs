@@ -166,3 +166,21 @@ fn a_reload_that_does_not_fit_changes_nothing() {
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(), "{}", agent.log_text());
 }
+
+/// A metrics port that is taken fails start-up before anything on the node changed: no
+/// program attached, no maps pinned, no VIP on `lo`.
+#[test]
+fn a_taken_metrics_port_fails_start_up_before_the_node_changes() {
+    let (lb, _be) = Netns::lb_with_gateway("port");
+    let _taken = lb.within(|| std::net::TcpListener::bind("127.0.0.1:9100").expect("bind"));
+    let mut agent = Agent::start(&lb, &health_config(&lb, "1"), &[]);
+    assert!(!agent.wait(), "the agent started: {}", agent.log_text());
+    assert!(
+        agent.log_text().contains("metrics address"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(!lb.pin_dir.exists(), "pins were made");
+    let lo = lb.ip(&["addr", "show", "dev", "lo"]);
+    assert!(!lo.contains(VIP4), "{lo}");
+}

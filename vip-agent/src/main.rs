@@ -120,10 +120,20 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // Output to a closed pipe (`vip-agent status | head`) ends the program quietly, as it does
+    // any Unix tool, instead of a panic in `print!`.
+    // SAFETY: restoring the default disposition of a signal, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // netlink-packet-route warns on every dump that this kernel is newer than it.
-        .unwrap_or_else(|_| "info,netlink_packet_route=error".into());
+        .unwrap_or_else(|_| "info".into())
+        // netlink-packet-route warns on every link dump that this kernel is newer than it
+        // knows: noise, whatever RUST_LOG says.
+        .add_directive(
+            "netlink_packet_route=error"
+                .parse()
+                .expect("a valid directive"),
+        );
     if let Command::Run {
         datapath_log: true, ..
     } = cli.command
@@ -134,7 +144,12 @@ fn main() -> Result<()> {
                 .expect("a valid directive"),
         );
     }
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Logs go to stderr, coloured only for a terminal.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let socket = cli.socket;
     match cli.command {
         Command::Run {

@@ -69,6 +69,13 @@ pub async fn run(options: RunOptions, config: Config) -> Result<()> {
         terminate: signal(SignalKind::terminate())?,
         interrupt: signal(SignalKind::interrupt())?,
     };
+    // The listeners first: a port or socket that is taken fails start-up before anything on
+    // the node changes.
+    let metrics_address = config.node.metrics_address;
+    let listener = TcpListener::bind(metrics_address)
+        .await
+        .with_context(|| format!("metrics address {metrics_address}"))?;
+    let control = ControlSocket::bind(&config.node.control_socket)?;
     let Loaded {
         node,
         restarted,
@@ -94,7 +101,6 @@ pub async fn run(options: RunOptions, config: Config) -> Result<()> {
     };
     runtime.start(restarted).await?;
 
-    let control = ControlSocket::bind(&runtime.config.node.control_socket)?;
     let sessions = runtime
         .announcer
         .as_ref()
@@ -105,10 +111,6 @@ pub async fn run(options: RunOptions, config: Config) -> Result<()> {
         Node::Backend(_) => Counters::open_decap(&runtime.config.node.pin_dir),
     }
     .context("opening the datapath's counters")?;
-    let metrics_address = runtime.config.node.metrics_address;
-    let listener = TcpListener::bind(metrics_address)
-        .await
-        .with_context(|| format!("metrics address {metrics_address}"))?;
     let sources = Arc::new(MetricsSources {
         view: view_rx.clone(),
         counters,
