@@ -256,10 +256,15 @@ impl Agent {
 
     /// Waits for the agent to exit (after a signal) and returns whether it exited cleanly.
     pub fn wait(&mut self) -> bool {
+        self.exit_status().success()
+    }
+
+    /// Waits for the agent to exit (after a signal) and returns its exit status.
+    pub fn exit_status(&mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
+                return status;
             }
             assert!(
                 Instant::now() < deadline,

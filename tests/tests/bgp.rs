@@ -515,6 +515,77 @@ fn graceful_restart_keeps_routes_while_the_agent_restarts() {
     assert!(bird.cli("show route").contains(VIP4));
 }
 
+/// A planned restart (SIGUSR2) closes the session as a restarting speaker: BIRD keeps the
+/// route, stale, while the pinned datapath forwards, and the next agent refreshes it. A stop
+/// (SIGTERM) withdraws at once, graceful restart or not.
+#[test]
+fn a_restart_keeps_routes_with_graceful_restart_and_a_stop_withdraws_them() {
+    let (rt, lbs) = topology(1);
+    let config = bird_config(1, None).replace("hold time 3;", "hold time 3; graceful restart on;");
+    let bird = Bird::start(&rt, &config);
+    let lb_conf = lb_config(&lbs[0], 1, "graceful_restart_time = 30\n", &[VIP4]);
+    let mut agent = Agent::start(&lbs[0], &lb_conf, &[]);
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    agent.signal(libc::SIGUSR2);
+    assert_eq!(agent.exit_status().code(), Some(75), "{}", agent.log_text());
+    // Past the hold time: kept, stale, for the restart time.
+    thread::sleep(Duration::from_secs(4));
+    assert!(
+        bird.cli("show route").contains(VIP4),
+        "route dropped on a restart"
+    );
+    let protocol = bird.cli("show protocols all lb1");
+    assert!(
+        protocol.contains("Neighbor graceful restart active"),
+        "{protocol}"
+    );
+    assert!(lbs[0].ip(&["link", "show", "up0"]).contains("xdp"));
+    let mut again = Agent::start(&lbs[0], &lb_conf, &[]);
+    bird.wait_for(|b| established(b, "lb1"), "the session again");
+    assert!(bird.cli("show route").contains(VIP4));
+    // A stop withdraws at once, long before the restart time would end.
+    again.signal(libc::SIGTERM);
+    let stopped = std::time::Instant::now();
+    bird.wait_for(|b| !b.cli("show route").contains(VIP4), "the withdrawal");
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+    assert!(again.wait(), "{}", again.log_text());
+}
+
+/// The same with FRR: after a restart its route to the VIP is kept as stale.
+#[test]
+fn frr_keeps_the_routes_of_a_restarting_agent() {
+    let (rt, lbs) = topology(1);
+    let frr = Frr::start(
+        &rt,
+        "router bgp 65000\n bgp router-id 198.18.1.1\n no bgp ebgp-requires-policy\n\
+         bgp graceful-restart\n neighbor 198.18.1.2 remote-as 65001\n\
+         neighbor 198.18.1.2 timers 1 3\n neighbor 198.18.1.2 timers connect 1\n",
+    );
+    let lb_conf = lb_config(&lbs[0], 1, "graceful_restart_time = 30\n", &[VIP4]);
+    let mut agent = Agent::start(&lbs[0], &lb_conf, &[]);
+    let has_route = |f: &Frr| {
+        f.cli("show bgp ipv4 unicast")
+            .contains(&format!("{VIP4}/32"))
+    };
+    frr.wait_for(has_route, "the VIP at FRR");
+    agent.signal(libc::SIGUSR2);
+    assert_eq!(agent.exit_status().code(), Some(75), "{}", agent.log_text());
+    thread::sleep(Duration::from_secs(4));
+    let table = frr.cli(&format!("show bgp ipv4 unicast {VIP4}/32"));
+    assert!(
+        table.contains("stale") || table.contains("Stale"),
+        "{table}"
+    );
+    let _again = Agent::start(&lbs[0], &lb_conf, &[]);
+    frr.wait_for(
+        |f| {
+            let t = f.cli(&format!("show bgp ipv4 unicast {VIP4}/32"));
+            t.contains(VIP4) && !t.to_lowercase().contains("stale")
+        },
+        "the route refreshed by the next agent",
+    );
+}
+
 /// A scripted router: it accepts the agent's connection, then misbehaves.
 mod scripted {
     use std::{

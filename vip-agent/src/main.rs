@@ -168,7 +168,10 @@ fn main() -> Result<()> {
                 cleanup,
                 datapath_log,
             };
-            tokio::runtime::Runtime::new()?.block_on(runtime::run(options, cfg))
+            match tokio::runtime::Runtime::new()?.block_on(runtime::run(options, cfg))? {
+                runtime::Exit::Stop => Ok(()),
+                runtime::Exit::Restart => std::process::exit(runtime::RESTART_EXIT_STATUS),
+            }
         }
         Command::CheckConfig { file } => {
             let cfg = config::load(&file)?;

@@ -107,6 +107,11 @@ impl KernelAnnouncer {
         let _ = tokio::time::timeout(within, installed.wait_for(|n| *n == wanted)).await;
     }
 
+    /// Leaves the routes in the table for the next agent, which takes them over.
+    pub(crate) fn restart(self) {
+        self.task.abort();
+    }
+
     /// Keeps the routes for `drain`, then removes them all.
     pub(crate) async fn stop(self, drain: Duration) {
         if !drain.is_zero() {

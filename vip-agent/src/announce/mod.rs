@@ -70,6 +70,15 @@ impl Announcer {
         }
     }
 
+    /// Ends announcing for an agent restart: BGP sessions close as a restarting speaker's
+    /// (peers with graceful restart keep the routes), kernel routes stay for the next agent.
+    pub(crate) async fn restart(self) {
+        match self {
+            Announcer::Bgp(s) => s.restart().await,
+            Announcer::Kernel(k) => k.restart(),
+        }
+    }
+
     /// Stops announcing: routes are kept, draining, for `drain`, then withdrawn.
     pub(crate) async fn stop(self, drain: Duration) {
         match self {

@@ -22,7 +22,7 @@ use tokio::{
 use vip_common::VipKey;
 
 use crate::config::{BgpConfig, Config};
-use session::{GRACEFUL_SHUTDOWN, Local, Route, Status};
+use session::{GRACEFUL_SHUTDOWN, Local, Route, Status, Stop};
 
 /// The announcement set: the VIPs of `config` that `usable` says can take new flows.
 pub fn routes_for(config: &Config, usable: impl Fn(&VipKey) -> bool) -> Vec<Route> {
@@ -75,7 +75,7 @@ impl Sessions {
 /// The running sessions.
 pub struct Speaker {
     routes: watch::Sender<Vec<Route>>,
-    shutdown: watch::Sender<bool>,
+    shutdown: watch::Sender<Option<Stop>>,
     sessions: Vec<(IpAddr, watch::Receiver<Status>, JoinHandle<()>)>,
     listener: Option<JoinHandle<()>>,
     settings: BgpConfig,
@@ -166,7 +166,7 @@ impl Speaker {
     /// (sets the graceful-restart restart bit).
     pub fn start(settings: &BgpConfig, routes: Vec<Route>, restarted: bool) -> Self {
         let (routes_tx, _) = watch::channel(routes);
-        let (shutdown_tx, _) = watch::channel(false);
+        let (shutdown_tx, _) = watch::channel(None);
         let local = Local {
             asn: settings.asn,
             router_id: settings.router_id,
@@ -291,7 +291,22 @@ impl Speaker {
         self.routes.send_replace(Vec::new());
         // Let the sessions send their withdrawals before the Cease.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        self.shutdown.send_replace(true);
+        self.end(Stop::Withdraw).await;
+    }
+
+    /// Ends the sessions for an agent restart: no withdrawal, no NOTIFICATION; peers with
+    /// graceful restart keep the routes while the pinned datapath forwards.
+    pub async fn restart(self) {
+        if self.settings.graceful_restart_time.is_none() {
+            tracing::warn!(
+                "restarting without graceful restart: routers drop the routes until the new agent announces them"
+            );
+        }
+        self.end(Stop::Restart).await;
+    }
+
+    async fn end(self, stop: Stop) {
+        self.shutdown.send_replace(Some(stop));
         if let Some(listener) = self.listener {
             listener.abort();
         }

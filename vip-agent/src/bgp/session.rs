@@ -88,18 +88,29 @@ enum End {
     Shutdown,
 }
 
-/// Runs the session with `peer` until `shutdown` becomes true (then sends Cease).
+/// How a session ends when the speaker stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The node stops serving: Cease / administrative shutdown (the peer drops the routes).
+    Withdraw,
+    /// The agent restarts while the pinned datapath forwards: the connection closes without a
+    /// NOTIFICATION, so a peer that negotiated graceful restart keeps the routes, stale, until
+    /// the new agent is back (RFC 4724 section 4.2).
+    Restart,
+}
+
+/// Runs the session with `peer` until `shutdown` says how to stop.
 pub async fn run(
     local: Local,
     peer: Peer,
     mut routes: watch::Receiver<Vec<Route>>,
     status: watch::Sender<Status>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<Option<Stop>>,
     mut inbound: mpsc::Receiver<TcpStream>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
-        if *shutdown.borrow() {
+        if shutdown.borrow().is_some() {
             return;
         }
         status.send_modify(|s| s.state = State::Connect);
@@ -254,7 +265,7 @@ impl Connection {
 /// accept). `None`: told to stop while waiting.
 async fn transport(
     peer: &Peer,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<Option<Stop>>,
     inbound: &mut mpsc::Receiver<TcpStream>,
 ) -> Result<Option<Connection>, SessionError> {
     tokio::select! {
@@ -361,7 +372,7 @@ async fn session(
     peer: &Peer,
     routes: &mut watch::Receiver<Vec<Route>>,
     status: &watch::Sender<Status>,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &mut watch::Receiver<Option<Stop>>,
     inbound: &mut mpsc::Receiver<TcpStream>,
 ) -> Result<End, SessionError> {
     let Some(mut conn) = transport(peer, shutdown, inbound).await? else {
@@ -464,10 +475,18 @@ async fn session(
                 status.send_modify(|s| s.announced = announced.len());
             }
             _ = shutdown.changed() => {
-                if *shutdown.borrow() {
-                    let cease = Notification::new(code::CEASE, code::ADMINISTRATIVE_SHUTDOWN, &[]);
-                    let _ = conn.notify(cease).await;
-                    return Ok(End::Shutdown);
+                let stop = *shutdown.borrow();
+                match stop {
+                    Some(Stop::Withdraw) => {
+                        let cease = Notification::new(code::CEASE, code::ADMINISTRATIVE_SHUTDOWN, &[]);
+                        let _ = conn.notify(cease).await;
+                        return Ok(End::Shutdown);
+                    }
+                    Some(Stop::Restart) => {
+                        let _ = conn.stream.shutdown().await;
+                        return Ok(End::Shutdown);
+                    }
+                    None => {}
                 }
             }
         }

@@ -60,14 +60,31 @@ struct Signals {
     hangup: Signal,
     terminate: Signal,
     interrupt: Signal,
+    /// SIGUSR2: exit to be restarted (see [`Exit::Restart`]).
+    restart: Signal,
 }
 
+/// How the agent ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT: the node stops serving (drain, withdraw).
+    Stop,
+    /// SIGUSR2: the agent exits to be started again while the pinned datapath forwards; BGP
+    /// sessions close without withdrawing, so routers with graceful restart keep the routes.
+    Restart,
+}
+
+/// The exit status of [`Exit::Restart`] (EX_TEMPFAIL): a supervisor restarts the agent
+/// (systemd's `Restart=on-failure`, a pod's restart policy).
+pub const RESTART_EXIT_STATUS: i32 = 75;
+
 /// Runs the agent with a validated `config` until SIGTERM or SIGINT.
-pub async fn run(options: RunOptions, config: Config) -> Result<()> {
+pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
     let mut signals = Signals {
         hangup: signal(SignalKind::hangup())?,
         terminate: signal(SignalKind::terminate())?,
         interrupt: signal(SignalKind::interrupt())?,
+        restart: signal(SignalKind::user_defined2())?,
     };
     // The listeners first: a port or socket that is taken fails start-up before anything on
     // the node changes.
@@ -130,7 +147,9 @@ pub async fn run(options: RunOptions, config: Config) -> Result<()> {
     metrics_server.abort();
     // The control socket's file goes with its listener.
     let _ = control_server.await;
-    runtime.stop(options.cleanup).await?;
+    // A runtime that failed stops like one told to.
+    let exit = *result.as_ref().unwrap_or(&Exit::Stop);
+    runtime.stop(options.cleanup, exit).await?;
     result
 }
 
@@ -183,7 +202,7 @@ impl Runtime {
         mut observations: Option<mpsc::Receiver<Observation>>,
         mut commands: mpsc::Receiver<Command>,
         metrics_server: &mut tokio::task::JoinHandle<std::io::Result<()>>,
-    ) -> Result<()> {
+    ) -> Result<Exit> {
         // Next hops follow the kernel's events; the timer only retries what events cannot
         // bring (a neighbour that never answered).
         let mut kernel = KernelChanges::subscribe()?;
@@ -203,14 +222,26 @@ impl Runtime {
                 result = &mut *metrics_server => {
                     anyhow::bail!("the metrics server stopped: {result:?}");
                 }
-                _ = signals.terminate.recv() => return Ok(()),
-                _ = signals.interrupt.recv() => return Ok(()),
+                _ = signals.terminate.recv() => return Ok(Exit::Stop),
+                _ = signals.interrupt.recv() => return Ok(Exit::Stop),
+                _ = signals.restart.recv() => return Ok(Exit::Restart),
             }
         }
     }
 
-    /// Stops announcing (with the drain time), and with `cleanup` removes vip from the node.
-    async fn stop(self, cleanup: bool) -> Result<()> {
+    /// Stops announcing (with the drain time), and with `cleanup` removes vip from the node;
+    /// for a restart, leaves announcements and datapath to the next agent.
+    async fn stop(self, cleanup: bool, exit: Exit) -> Result<()> {
+        if exit == Exit::Restart {
+            if let Some(announcer) = self.announcer {
+                announcer.restart().await;
+            }
+            if cleanup {
+                warn!("restarting: --cleanup does not apply, the datapath keeps forwarding");
+            }
+            info!("restarting; the datapath keeps forwarding for the next agent");
+            return Ok(());
+        }
         if let Some(announcer) = self.announcer {
             announcer.stop(announce::drain_time(&self.config)).await;
         }
