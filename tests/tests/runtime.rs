@@ -184,3 +184,37 @@ fn a_taken_metrics_port_fails_start_up_before_the_node_changes() {
     let lo = lb.ip(&["addr", "show", "dev", "lo"]);
     assert!(!lo.contains(VIP4), "{lo}");
 }
+
+/// Connections to the metrics address that send nothing are closed after the request timeout,
+/// and a flood of them does not keep a scrape from being answered.
+#[test]
+fn idle_metrics_connections_are_closed_and_scrapes_still_answered() {
+    use std::io::Read;
+    let (lb, _be) = Netns::lb_with_gateway("idle");
+    let mut agent = Agent::start(&lb, &health_config(&lb, "1"), &["--cleanup"]);
+    agent.wait_for_log("serving /metrics", 1);
+    let idle = lb.within(|| {
+        (0..200)
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:9100").expect("connect"))
+            .collect::<Vec<_>>()
+    });
+    let started = Instant::now();
+    assert!(metrics(&lb).contains("vip_config_reloads_total"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    thread::sleep(Duration::from_secs(3));
+    for mut c in idle {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            c.read(&mut buf).ok(),
+            Some(0),
+            "an idle connection stayed open"
+        );
+    }
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+}

@@ -335,18 +335,40 @@ pub(crate) async fn serve(
     listener: TcpListener,
     sources: Arc<MetricsSources>,
 ) -> std::io::Result<()> {
+    // At most this many connections at once; more wait in the kernel's queue. A connection
+    // that has not sent its request within the timeout is closed: idle or slow clients cannot
+    // hold the scrapes off for long.
+    const MAX_CONNECTIONS: usize = 256;
+    const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (mut conn, _) = listener.accept().await?;
+        let slot = slots.clone().acquire_owned().await.expect("never closed");
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                // Out of descriptors, say: not a reason to stop serving.
+                tracing::warn!(error = %e, "metrics listener accept");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let sources = sources.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut request = vec![0u8; 4096];
             let mut len = 0;
             // Requests are one line plus headers; stop at the blank line or 4 KiB.
-            while len < request.len() && !request[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut request[len..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => len += n,
+            let read = async {
+                while len < request.len() && !request[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut request[len..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => len += n,
+                    }
                 }
+                true
+            };
+            if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, read).await, Ok(true)) {
+                return;
             }
             let line = String::from_utf8_lossy(&request[..len]);
             let mut words = line.split_whitespace();
