@@ -360,6 +360,45 @@ fn announces_to_frr_which_sends_its_host_and_domain_name() {
     );
 }
 
+/// The FRR block of docs/operations.md, run as written (the documentation's addresses swapped
+/// for the lab's): both VIPs are accepted.
+#[test]
+fn the_frr_example_of_the_operations_guide_accepts_the_vips() {
+    let guide = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .expect("docs/operations.md");
+    let start = guide.find("ip prefix-list VIPS").expect("the FRR block");
+    let block = &guide[start..start + guide[start..].find("```").expect("its end")];
+    let config = block
+        .replace("192.0.2.10", "198.18.1.2")
+        .replace("192.0.2.1", "198.18.1.1")
+        .replace("198.51.100.0/24", "198.19.0.0/24")
+        .replace("2001:db8:100::/48", "fd00:19::/48")
+        .replace(
+            "timers 3 9",
+            "timers 1 3\n neighbor 198.18.1.2 timers connect 1",
+        );
+    let (rt, lbs) = topology(1);
+    let frr = Frr::start(&rt, &config);
+    let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
+    frr.wait_for(
+        |f| {
+            f.cli("show bgp ipv4 unicast")
+                .contains(&format!("{VIP4}/32"))
+        },
+        "the IPv4 VIP accepted",
+    );
+    frr.wait_for(
+        |f| {
+            f.cli("show bgp ipv6 unicast")
+                .contains(&format!("{VIP6}/128"))
+        },
+        "the IPv6 VIP accepted",
+    );
+}
+
 /// A router's OPEN with capabilities vip does not use (hostname with a domain name, an unknown
 /// code) establishes; a ROUTE-REFRESH for a family the router did not negotiate is ignored,
 /// one for IPv4 unicast is answered with the routes.
