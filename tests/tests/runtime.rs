@@ -218,3 +218,25 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answered() {
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(), "{}", agent.log_text());
 }
+
+/// An interface that another XDP program holds: start-up fails and says how to see it.
+#[test]
+fn an_interface_held_by_another_xdp_program_is_named_with_how_to_see_it() {
+    let (lb, _be) = Netns::lb_with_gateway("taken");
+    let _other = lb.within(|| {
+        let mut other = vip_agent::dataplane::DecapPlane::load(None).expect("load vip-decap");
+        other
+            .program()
+            .expect("verified")
+            .attach("up0", aya::programs::XdpMode::Skb)
+            .expect("attach another program to up0");
+        other
+    });
+    let mut agent = Agent::start(&lb, &health_config(&lb, "1"), &[]);
+    assert!(!agent.wait(), "the agent started: {}", agent.log_text());
+    let log = agent.log_text();
+    assert!(
+        log.contains("another XDP program is attached to up0") && log.contains("bpftool net show"),
+        "{log}"
+    );
+}

@@ -57,7 +57,28 @@ pub fn attach_xdp_pinned(
             }
         }
     }
-    Err(program_err(last_err.expect("at least one attach mode")))
+    let error = last_err.expect("at least one attach mode");
+    if held_by_another_program(&error) {
+        return Err(DataplaneError::InterfaceTaken {
+            iface: iface.to_owned(),
+            source: error,
+        });
+    }
+    Err(program_err(error))
+}
+
+/// Whether an attach failed because another XDP program holds the interface (EBUSY, EEXIST).
+fn held_by_another_program(error: &ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EBUSY | libc::EEXIST))
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Loads a program, again when the verifier was interrupted: it gives up with EAGAIN when a

@@ -65,6 +65,15 @@ pub enum DataplaneError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "another XDP program is attached to {iface}: see `bpftool net show dev {iface}`, and \
+         detach it (or `vip-agent detach` if it is an earlier vip's without pins)"
+    )]
+    InterfaceTaken {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
     #[error("table slot {slot} out of range (0..{slots})")]
     TableSlot { slot: u32, slots: u32 },
 }
