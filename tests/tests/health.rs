@@ -93,11 +93,26 @@ fn drain_keeps_established_connections_and_avoids_new_ones() {
     let on_be1 = conns.iter().filter(|(_, b)| b == "be1").count();
     assert!(on_be1 > 0);
     for i in 1..=2 {
+        // The backend host by both its addresses: the IPv4 VIP's four services (TCP, UDP and
+        // iperf3's TCP and UDP) and the IPv6 VIP's two.
         let out = lab
-            .agent_cli(i, &["drain", "--backend", "198.18.11.2", "--vip", VIP4])
+            .agent_cli(
+                i,
+                &[
+                    "drain",
+                    "--backend",
+                    "198.18.11.2",
+                    "--backend",
+                    "fd00:18:11::2",
+                ],
+            )
             .unwrap();
-        // The VIP address has TCP, UDP and iperf3 (TCP and UDP) services.
-        assert!(out.contains("drained 198.18.11.2 on 4 VIPs"), "{out}");
+        assert!(
+            out.contains("drained 198.18.11.2 and fd00:18:11::2 on 6 VIPs")
+                && out.contains("tcp/198.19.0.1:80")
+                && out.contains("udp/[fd00:19::1]:53"),
+            "{out}"
+        );
     }
     wait_condition(&lab, "198.18.11.2", "drained", TIMEOUT);
     assert_eq!(
@@ -116,8 +131,17 @@ fn drain_keeps_established_connections_and_avoids_new_ones() {
     );
 
     for i in 1..=2 {
-        lab.agent_cli(i, &["undrain", "--backend", "198.18.11.2"])
-            .unwrap();
+        lab.agent_cli(
+            i,
+            &[
+                "undrain",
+                "--backend",
+                "198.18.11.2",
+                "--backend",
+                "fd00:18:11::2",
+            ],
+        )
+        .unwrap();
     }
     wait_condition(&lab, "198.18.11.2", "active", TIMEOUT);
     assert!(backends_seen(&lab, 60).iter().any(|b| b == "be1"));

@@ -28,8 +28,9 @@ struct Cli {
 
 #[derive(clap::Args)]
 struct DrainArgs {
-    #[arg(long)]
-    backend: Option<IpAddr>,
+    /// A backend's address; repeat it for a host's other addresses (IPv4 and IPv6).
+    #[arg(long = "backend")]
+    backends: Vec<IpAddr>,
     #[arg(long)]
     vip: Option<IpAddr>,
 }
@@ -37,7 +38,7 @@ struct DrainArgs {
 impl From<DrainArgs> for DrainTarget {
     fn from(a: DrainArgs) -> Self {
         DrainTarget {
-            backend: a.backend,
+            backends: a.backends,
             vip: a.vip,
         }
     }

@@ -21,10 +21,11 @@ pub enum Request {
     Undrain(DrainTarget),
 }
 
-/// What a drain names: a backend (of every VIP, or of `vip`), or without a backend the node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a drain names: backends by address (each of every VIP, or of `vip`; a host with an
+/// IPv4 and an IPv6 address is named by both), or, with no address, the node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainTarget {
-    pub backend: Option<IpAddr>,
+    pub backends: Vec<IpAddr>,
     pub vip: Option<IpAddr>,
 }
 
@@ -60,13 +61,13 @@ pub struct PeerStatus {
 }
 
 /// What a drain or undrain did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DrainOutcome {
     pub drained: bool,
-    /// `None`: the whole node.
-    pub backend: Option<IpAddr>,
-    /// Backends (one per VIP) it applied to.
-    pub count: usize,
+    /// Empty: the whole node.
+    pub backends: Vec<IpAddr>,
+    /// The VIPs (`tcp/198.51.100.1:443`) whose backends it applied to.
+    pub vips: Vec<String>,
 }
 
 impl fmt::Display for Response {
@@ -117,10 +118,17 @@ impl fmt::Display for Response {
             }
             Response::Drain(d) => {
                 let word = if d.drained { "drained" } else { "undrained" };
-                match d.backend {
-                    None => writeln!(f, "node {word}"),
-                    Some(b) => writeln!(f, "{word} {b} on {} VIPs", d.count),
+                if d.backends.is_empty() {
+                    return writeln!(f, "node {word}");
                 }
+                let backends: Vec<String> = d.backends.iter().map(IpAddr::to_string).collect();
+                writeln!(
+                    f,
+                    "{word} {} on {} VIPs: {}",
+                    backends.join(" and "),
+                    d.vips.len(),
+                    d.vips.join(", ")
+                )
             }
             Response::Refused(why) => writeln!(f, "refused: {why}"),
         }

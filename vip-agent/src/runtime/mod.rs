@@ -359,37 +359,47 @@ impl Runtime {
         }
     }
 
-    /// A run-time drain or undrain of a backend (of every VIP, or of one) or of the node.
+    /// A run-time drain or undrain of backends (of every VIP, or of one) or of the node.
     fn drain(&mut self, drained: bool, target: DrainTarget) -> Response {
-        let Some(backend) = target.backend else {
+        if target.backends.is_empty() {
             self.node_drained = drained;
             info!(drained, "node drain");
             self.announce();
             self.publish();
             return Response::Drain(DrainOutcome {
                 drained,
-                backend: None,
-                count: 0,
+                backends: Vec::new(),
+                vips: Vec::new(),
             });
-        };
-        let keys: Vec<_> = self
-            .config
-            .vips
-            .iter()
-            .filter(|v| target.vip.is_none_or(|a| a == v.address))
-            .flat_map(|v| v.backends.iter().map(move |b| (v.key(), b.address)))
-            .filter(|(_, a)| *a == backend)
-            .collect();
+        }
+        let mut keys = Vec::new();
+        let mut vips = Vec::new();
+        for vip in &self.config.vips {
+            if target.vip.is_some_and(|a| a != vip.address) {
+                continue;
+            }
+            let named: Vec<_> = vip
+                .backends
+                .iter()
+                .filter(|b| target.backends.contains(&b.address))
+                .map(|b| (vip.key(), b.address))
+                .collect();
+            if !named.is_empty() {
+                vips.push(vip.to_string());
+                keys.extend(named);
+            }
+        }
         if keys.is_empty() {
-            return Response::Refused(format!("no VIP has backend {backend}"));
+            let names: Vec<String> = target.backends.iter().map(IpAddr::to_string).collect();
+            return Response::Refused(format!("no VIP has backend {}", names.join(" or ")));
         }
         self.status.set_drained(&keys, drained);
-        info!(%backend, drained, count = keys.len(), "backend drain");
+        info!(backends = ?target.backends, drained, count = keys.len(), "backend drain");
         self.converge();
         Response::Drain(DrainOutcome {
             drained,
-            backend: Some(backend),
-            count: keys.len(),
+            backends: target.backends,
+            vips,
         })
     }
 
