@@ -289,8 +289,17 @@ fn agent_lifecycle_on_lb_and_backend() {
     assert!(second.log_text().contains("took over pinned state"));
 
     // A pinned map of another shape is refused, clearly, and the running datapath stays.
+    // (Its own metrics port and control socket: the running agent holds the default ones.)
+    let refused_socket = std::env::temp_dir().join(format!("{}-refused.sock", lb.name));
     let wrong = lb_config(&lb.pin_dir, &reloaded)
-        .replace("conntrack_entries = 8192", "conntrack_entries = 4096");
+        .replace("conntrack_entries = 8192", "conntrack_entries = 4096")
+        .replace(
+            "[node]\n",
+            &format!(
+                "[node]\nmetrics_address = \"127.0.0.1:9101\"\ncontrol_socket = \"{}\"\n",
+                refused_socket.display()
+            ),
+        );
     let mut refused = Agent::start(&lb, &wrong, &[]);
     assert!(
         !refused.wait(),
