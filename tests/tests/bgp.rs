@@ -320,6 +320,22 @@ fn announces_to_gobgp() {
     assert!(v6.contains("fd00:18:1::2"), "{v6}");
 }
 
+/// Waits until FRR has both VIPs, IPv4 and IPv6.
+fn wait_for_both_vips(frr: &Frr) {
+    for (family, prefix) in [
+        ("ipv4", format!("{VIP4}/32")),
+        ("ipv6", format!("{VIP6}/128")),
+    ] {
+        frr.wait_for(
+            |f| {
+                f.cli(&format!("show bgp {family} unicast"))
+                    .contains(&prefix)
+            },
+            &format!("{prefix} at FRR"),
+        );
+    }
+}
+
 /// FRR sends the hostname capability by default, here with a domain name: the session comes up
 /// and both VIPs arrive (IPv6 over the IPv4 session).
 #[test]
@@ -334,20 +350,7 @@ fn announces_to_frr_which_sends_its_host_and_domain_name() {
          address-family ipv6 unicast\n  neighbor 198.18.1.2 activate\n exit-address-family\n",
     );
     let agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
-    frr.wait_for(
-        |f| {
-            f.cli("show bgp ipv4 unicast")
-                .contains(&format!("{VIP4}/32"))
-        },
-        "the IPv4 VIP at FRR",
-    );
-    frr.wait_for(
-        |f| {
-            f.cli("show bgp ipv6 unicast")
-                .contains(&format!("{VIP6}/128"))
-        },
-        "the IPv6 VIP at FRR",
-    );
+    wait_for_both_vips(&frr);
     let neighbor = frr.cli("show bgp neighbors 198.18.1.2");
     assert!(
         neighbor.contains("Hostname Capability: advertised"),
@@ -383,20 +386,7 @@ fn the_frr_example_of_the_operations_guide_accepts_the_vips() {
     let (rt, lbs) = topology(1);
     let frr = Frr::start(&rt, &config);
     let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
-    frr.wait_for(
-        |f| {
-            f.cli("show bgp ipv4 unicast")
-                .contains(&format!("{VIP4}/32"))
-        },
-        "the IPv4 VIP accepted",
-    );
-    frr.wait_for(
-        |f| {
-            f.cli("show bgp ipv6 unicast")
-                .contains(&format!("{VIP6}/128"))
-        },
-        "the IPv6 VIP accepted",
-    );
+    wait_for_both_vips(&frr);
 }
 
 /// A router's OPEN with capabilities vip does not use (hostname with a domain name, an unknown
