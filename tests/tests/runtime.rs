@@ -240,3 +240,60 @@ fn an_interface_held_by_another_xdp_program_is_named_with_how_to_see_it() {
         "{log}"
     );
 }
+
+/// `/metrics` passes `promtool check metrics` in the classic text format, and a scraper that
+/// asks for OpenMetrics gets it, with its content type.
+#[test]
+fn metrics_pass_promtool_and_open_metrics_is_negotiated() {
+    use std::io::{Read, Write};
+    let (lb, _be) = Netns::lb_with_gateway("prom");
+    let mut agent = Agent::start(&lb, &health_config(&lb, "1"), &["--cleanup"]);
+    agent.wait_for_log("serving /metrics", 1);
+    let get = |accept: &'static str| {
+        lb.within(move || {
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
+            write!(c, "GET /metrics HTTP/1.0\r\nAccept: {accept}\r\n\r\n").unwrap();
+            let mut r = String::new();
+            c.read_to_string(&mut r).unwrap();
+            r
+        })
+    };
+    let text = get("text/plain");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package, installed by `cargo xtask setup`)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && problems.trim().is_empty(),
+        "{problems}\n{body}"
+    );
+    let open = get("application/openmetrics-text; version=1.0.0,text/plain;q=0.5");
+    let (head, body) = open.split_once("\r\n\r\n").expect("a response");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text"),
+        "{head}"
+    );
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+}

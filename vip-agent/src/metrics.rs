@@ -7,7 +7,7 @@
 //! runtime. `/healthz` answers while the agent runs; `/readyz` while the datapath is attached
 //! and holds the running config.
 
-use std::{fmt::Write as _, sync::Arc};
+use std::{collections::HashSet, fmt::Write as _, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
@@ -321,7 +321,37 @@ impl Collector for SnapshotCollector {
     }
 }
 
-/// Encodes a snapshot in the Prometheus text format.
+/// Content types of the two expositions.
+const OPEN_METRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const TEXT_FORMAT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics exposition: a counter's HELP
+/// and TYPE lines name its `_total` samples, and there is no `# EOF` (or `# UNIT`).
+fn text_format(open_metrics: &str) -> String {
+    let counters: HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out += renamed.as_deref().unwrap_or(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// Encodes a snapshot in the OpenMetrics text format.
 pub(crate) fn render(snapshot: Snapshot) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(SnapshotCollector(snapshot)));
@@ -370,13 +400,26 @@ pub(crate) async fn serve(
             if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, read).await, Ok(true)) {
                 return;
             }
-            let line = String::from_utf8_lossy(&request[..len]);
-            let mut words = line.split_whitespace();
+            let head = String::from_utf8_lossy(&request[..len]);
+            let mut words = head.split_whitespace();
             let method = words.next().unwrap_or("");
             let path = words.next().unwrap_or("");
             let ready = sources.view.borrow().ready;
+            // Prometheus asks for OpenMetrics; anything else gets the classic text format.
+            let open_metrics = head.lines().any(|l| {
+                let l = l.to_ascii_lowercase();
+                l.starts_with("accept:") && l.contains("application/openmetrics-text")
+            });
+            let mut content_type = "text/plain; charset=utf-8";
             let (status, body) = match (method, path) {
-                ("GET", "/metrics") => ("200 OK", render(sources.snapshot())),
+                ("GET", "/metrics") if open_metrics => {
+                    content_type = OPEN_METRICS_TYPE;
+                    ("200 OK", render(sources.snapshot()))
+                }
+                ("GET", "/metrics") => {
+                    content_type = TEXT_FORMAT_TYPE;
+                    ("200 OK", text_format(&render(sources.snapshot())))
+                }
                 ("GET", "/healthz") => ("200 OK", "ok\n".to_owned()),
                 ("GET", "/readyz") if ready => ("200 OK", "ready\n".to_owned()),
                 ("GET", "/readyz") => ("503 Service Unavailable", "not ready\n".to_owned()),
@@ -389,7 +432,7 @@ pub(crate) async fn serve(
             let mut response = String::new();
             let _ = write!(
                 response,
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n\
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n\
                  Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
@@ -400,8 +443,6 @@ pub(crate) async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use super::*;
 
     fn full_snapshot() -> Snapshot {

@@ -24,6 +24,8 @@ const APT_PACKAGES: &[&str] = &[
     "bird2",
     "gobgpd",
     "frr",
+    // promtool, which checks the agent's metrics.
+    "prometheus",
     "iperf3",
     // The HTTPS health-check test's backend service and certificate.
     "openssl",
