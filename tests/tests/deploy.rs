@@ -231,3 +231,19 @@ fn kubernetes_manifests_validate_and_match_the_agent() {
     assert!(drain.status.success());
     assert!(lb.contains("terminationGracePeriodSeconds: 60") && lb.contains("drain_time = 10"));
 }
+
+/// The shipped alert rules are valid Prometheus rules.
+#[test]
+fn alert_rules_pass_promtool() {
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(repo().join("deploy/prometheus/vip-alerts.yml"))
+        .output()
+        .expect("promtool (Debian's prometheus package, installed by `cargo xtask setup`)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -43,6 +43,14 @@ pub(crate) struct Snapshot {
     pub bgp: Vec<(String, bool, u64)>,
     /// ((VIP label, backend), up, last check latency in seconds, state changes).
     pub health: Vec<((String, String), bool, f64, u64)>,
+    pub ready: bool,
+    pub node_drained: bool,
+    /// (interface, how it is attached).
+    pub attached: Vec<(String, String)>,
+    /// (seconds since the epoch, applied) of the last reload.
+    pub last_reload: Option<(f64, bool)>,
+    /// (VIP label, forwardable).
+    pub forwardable: Vec<(String, bool)>,
 }
 
 /// Where a scrape's numbers come from.
@@ -59,6 +67,18 @@ impl MetricsSources {
         let mut s = Snapshot {
             reloads_ok: view.reloads_ok,
             reloads_failed: view.reloads_failed,
+            ready: view.ready,
+            node_drained: view.node_drained,
+            attached: view
+                .attached
+                .iter()
+                .map(|a| {
+                    let (iface, how) = a.split_once(": ").unwrap_or((a, ""));
+                    (iface.to_owned(), how.to_owned())
+                })
+                .collect(),
+            last_reload: view.last_reload,
+            forwardable: view.forwardable.clone(),
             datapath: self.counters.datapath(),
             decap: self.counters.decap(),
             ..Default::default()
@@ -314,9 +334,61 @@ impl Collector for SnapshotCollector {
                 &rows,
             )?;
         }
-        let metric =
-            e.encode_descriptor("vip_up", "The agent is running.", None, MetricType::Gauge)?;
-        ConstGauge::new(1i64).encode(metric)?;
+        let label = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        gauges(
+            &mut e,
+            "vip_build_info",
+            "The agent's version; 1 while it runs.",
+            [(label("version", env!("CARGO_PKG_VERSION")), 1i64)],
+        )?;
+        gauges(
+            &mut e,
+            "vip_ready",
+            "1 while the datapath is attached and holds the running config.",
+            [(vec![], i64::from(s.ready))],
+        )?;
+        gauges(
+            &mut e,
+            "vip_node_drained",
+            "1 while the node is drained (its routes marked GRACEFUL_SHUTDOWN).",
+            [(vec![], i64::from(s.node_drained))],
+        )?;
+        gauges(
+            &mut e,
+            "vip_xdp_attached",
+            "1 for each interface the datapath is attached to, by how.",
+            s.attached.iter().map(|(iface, how)| {
+                (
+                    vec![
+                        ("interface".to_owned(), iface.clone()),
+                        ("mode".to_owned(), how.clone()),
+                    ],
+                    1i64,
+                )
+            }),
+        )?;
+        gauges(
+            &mut e,
+            "vip_forwardable",
+            "1 while the VIP can be forwarded (a backend takes new flows): it is announced.",
+            s.forwardable
+                .iter()
+                .map(|(vip, up)| (label("vip", vip), i64::from(*up))),
+        )?;
+        if let Some((when, ok)) = s.last_reload {
+            gauges(
+                &mut e,
+                "vip_config_last_reload_successful",
+                "1 if the last reload was applied.",
+                [(vec![], i64::from(ok))],
+            )?;
+            gauges(
+                &mut e,
+                "vip_config_last_reload_timestamp_seconds",
+                "When the last reload was tried.",
+                [(vec![], when)],
+            )?;
+        }
         Ok(())
     }
 }
@@ -467,25 +539,18 @@ mod tests {
                 0.001,
                 2,
             )],
+            ready: true,
+            node_drained: false,
+            attached: vec![("eth0".into(), "driver mode".into())],
+            last_reload: Some((1.7e9, true)),
+            forwardable: vec![("tcp/198.51.100.1:443".into(), true)],
         }
     }
 
-    /// Every metric name the dashboard queries is one the agent exports.
-    #[test]
-    fn dashboard_queries_only_exported_metrics() {
-        let text = render(full_snapshot());
-        let exported: HashSet<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .filter_map(|l| l.split(['{', ' ']).next())
-            .collect();
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/grafana/vip-dashboard.json"
-        );
-        let dashboard = std::fs::read_to_string(path).expect("dashboard");
-        let mut queried = HashSet::new();
-        let mut rest = dashboard.as_str();
+    /// The metric names used in a file (`vip_` and more), without the PromQL around them.
+    fn metric_names(text: &str) -> HashSet<String> {
+        let mut names = HashSet::new();
+        let mut rest = text;
         while let Some(i) = rest.find("vip_") {
             let name: String = rest[i..]
                 .chars()
@@ -494,15 +559,44 @@ mod tests {
             rest = &rest[i + name.len()..];
             // "vip-lb", "vip_up" as a label_values argument, and so on: names only.
             if name.len() > 4 {
-                queried.insert(name);
+                names.insert(name);
             }
         }
-        assert!(queried.len() >= 10, "{queried:?}");
-        for name in &queried {
+        names
+    }
+
+    /// The sample names an exposition holds.
+    fn exported(text: &str) -> HashSet<&str> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect()
+    }
+
+    /// Asserts every metric `file` (under the repository) uses is exported; at least `min`.
+    fn uses_only_exported(file: &str, min: usize) {
+        let text = render(full_snapshot());
+        let exported = exported(&text);
+        let path = format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"));
+        let used = metric_names(&std::fs::read_to_string(&path).expect(file));
+        assert!(used.len() >= min, "{file}: {used:?}");
+        for name in &used {
             assert!(
                 exported.contains(name.as_str()),
-                "the dashboard queries {name}, which is not exported: {exported:?}"
+                "{file} uses {name}, which is not exported: {exported:?}"
             );
         }
+    }
+
+    /// Every metric the shipped alert rules use is one the agent exports.
+    #[test]
+    fn alert_rules_use_only_exported_metrics() {
+        uses_only_exported("deploy/prometheus/vip-alerts.yml", 5);
+    }
+
+    /// Every metric name the dashboard queries is one the agent exports.
+    #[test]
+    fn dashboard_queries_only_exported_metrics() {
+        uses_only_exported("deploy/grafana/vip-dashboard.json", 10);
     }
 }

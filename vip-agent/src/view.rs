@@ -77,6 +77,10 @@ pub struct View {
     pub node_drained: bool,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
+    /// When the last reload was tried (seconds since the epoch), and whether it was applied.
+    pub last_reload: Option<(f64, bool)>,
+    /// Every configured VIP (its label) and whether it can be forwarded: announced.
+    pub forwardable: Vec<(String, bool)>,
     /// Every backend of every VIP, in config order.
     pub backends: Vec<BackendView>,
     /// Traffic accounts of the applied VIPs.

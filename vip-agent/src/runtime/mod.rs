@@ -112,6 +112,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         lo,
         reloads_ok: 0,
         reloads_failed: 0,
+        last_reload: None,
         attached: Vec::new(),
         ready: false,
         view,
@@ -165,6 +166,8 @@ struct Runtime {
     lo: LoopbackVips,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// When the last reload was tried, and whether it was applied.
+    last_reload: Option<(std::time::SystemTime, bool)>,
     attached: Vec<String>,
     /// The datapath is attached and holds the running config.
     ready: bool,
@@ -289,12 +292,30 @@ impl Runtime {
             Node::Lb(lb) => lb.applied.accounts(),
             Node::Backend(_) => Vec::new(),
         };
+        let forwardable = self
+            .config
+            .vips
+            .iter()
+            .map(|v| {
+                let up = match &self.node {
+                    Node::Lb(lb) => lb.applied.forwardable(&v.key()),
+                    Node::Backend(_) => false,
+                };
+                (v.to_string(), up)
+            })
+            .collect();
+        let since_epoch = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
         self.view.send_replace(View {
             ready: self.ready,
             attached: self.attached.clone(),
             node_drained: self.node_drained,
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
+            last_reload: self.last_reload.map(|(t, ok)| (since_epoch(t), ok)),
+            forwardable,
             backends: self.status.views(&self.config),
             accounts,
         });
@@ -415,6 +436,7 @@ impl Runtime {
             || new.kernel_routes != self.config.kernel_routes
         {
             self.reloads_failed += 1;
+            self.last_reload = Some((std::time::SystemTime::now(), false));
             self.publish();
             error!(
                 "node, BGP session or kernel route settings changed: they need a restart; nothing applied"
@@ -464,11 +486,13 @@ impl Runtime {
             error!(error = %crate::errors::chain(e.as_ref()), "health checks");
         }
         self.reloads_ok += 1;
+        self.last_reload = Some((std::time::SystemTime::now(), true));
         self.publish();
     }
 
     fn refuse(&mut self, error: &(dyn std::error::Error + 'static), what: &str) {
         self.reloads_failed += 1;
+        self.last_reload = Some((std::time::SystemTime::now(), false));
         self.publish();
         error!(error = %crate::errors::chain(error), "{what}");
     }
