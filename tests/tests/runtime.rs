@@ -297,3 +297,36 @@ fn metrics_pass_promtool_and_open_metrics_is_negotiated() {
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(), "{}", agent.log_text());
 }
+
+/// A reload applies the node's outer sources and conntrack insert limit, and refuses a map
+/// size change naming the key that needs a restart.
+#[test]
+fn a_reload_applies_what_it_can_and_names_what_needs_a_restart() {
+    let (lb, _be) = Netns::lb_with_gateway("live");
+    let mut agent = Agent::start(&lb, &health_config(&lb, "1"), &["--cleanup"]);
+    agent.wait_for_log("VIP addresses on lo", 1);
+    let source = || {
+        let maps = Dataplane::load(DataplaneOptions::from_pins(&lb.pin_dir).unwrap()).unwrap();
+        maps.vips().unwrap()[0].1.src_v4
+    };
+    assert_eq!(source(), [198, 18, 0, 2]);
+    let changed = health_config(&lb, "1")
+        .replace("source_v4 = \"198.18.0.2\"", "source_v4 = \"198.18.0.3\"")
+        .replace("[node]\n", "[node]\nconntrack_insert_limit = 1000\n");
+    agent.rewrite_config(&changed);
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("reloaded", 1);
+    assert_eq!(source(), [198, 18, 0, 3]);
+    agent.rewrite_config(&changed.replace("table_size = 251", "table_size = 257"));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("reload refused", 1);
+    assert!(
+        agent.log_text().contains("node.table_size"),
+        "{}",
+        agent.log_text()
+    );
+    let m = metrics(&lb);
+    assert!(m.contains("\nvip_config_last_reload_successful 0\n"), "{m}");
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+}

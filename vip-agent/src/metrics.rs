@@ -126,6 +126,17 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std
     ConstCounter::new(value).encode(metric)
 }
 
+/// A gauge without labels.
+fn gauge<N: EncodeGaugeValue>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result {
+    let metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    ConstGauge::new(value).encode(metric)
+}
+
 /// Rows of a labelled family: (label pairs, value).
 type Rows = Vec<(Vec<(String, String)>, u64)>;
 
@@ -341,17 +352,17 @@ impl Collector for SnapshotCollector {
             "The agent's version; 1 while it runs.",
             [(label("version", env!("CARGO_PKG_VERSION")), 1i64)],
         )?;
-        gauges(
+        gauge(
             &mut e,
             "vip_ready",
             "1 while the datapath is attached and holds the running config.",
-            [(vec![], i64::from(s.ready))],
+            i64::from(s.ready),
         )?;
-        gauges(
+        gauge(
             &mut e,
             "vip_node_drained",
             "1 while the node is drained (its routes marked GRACEFUL_SHUTDOWN).",
-            [(vec![], i64::from(s.node_drained))],
+            i64::from(s.node_drained),
         )?;
         gauges(
             &mut e,
@@ -376,17 +387,17 @@ impl Collector for SnapshotCollector {
                 .map(|(vip, up)| (label("vip", vip), i64::from(*up))),
         )?;
         if let Some((when, ok)) = s.last_reload {
-            gauges(
+            gauge(
                 &mut e,
                 "vip_config_last_reload_successful",
                 "1 if the last reload was applied.",
-                [(vec![], i64::from(ok))],
+                i64::from(ok),
             )?;
-            gauges(
+            gauge(
                 &mut e,
                 "vip_config_last_reload_timestamp_seconds",
                 "When the last reload was tried.",
-                [(vec![], when)],
+                when,
             )?;
         }
         Ok(())

@@ -157,6 +157,55 @@ pub struct BgpPeerConfig {
 }
 
 impl Config {
+    /// The settings in which `new` differs from `self` that only a restart applies (map sizes,
+    /// interfaces, listeners, the announcer's sessions), by their names in the file. Everything
+    /// else (VIPs, backends, health checks, sources, the conntrack insert limit) a reload
+    /// applies.
+    pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
+        // Every field named: a new one must be sorted into live or restart here.
+        let NodeConfig {
+            role,
+            interfaces,
+            attach,
+            source_v4: _,
+            source_v6: _,
+            pin_dir,
+            metrics_address,
+            control_socket,
+            table_size,
+            table_slots,
+            conntrack_entries,
+            conntrack_insert_limit: _,
+            max_vips,
+            max_backends,
+        } = &self.node;
+        let n = &new.node;
+        [
+            (*role != n.role, "node.role"),
+            (*interfaces != n.interfaces, "node.interfaces"),
+            (*attach != n.attach, "node.attach"),
+            (*pin_dir != n.pin_dir, "node.pin_dir"),
+            (
+                *metrics_address != n.metrics_address,
+                "node.metrics_address",
+            ),
+            (*control_socket != n.control_socket, "node.control_socket"),
+            (*table_size != n.table_size, "node.table_size"),
+            (*table_slots != n.table_slots, "node.table_slots"),
+            (
+                *conntrack_entries != n.conntrack_entries,
+                "node.conntrack_entries",
+            ),
+            (*max_vips != n.max_vips, "node.max_vips"),
+            (*max_backends != n.max_backends, "node.max_backends"),
+            (self.bgp != new.bgp, "bgp"),
+            (self.kernel_routes != new.kernel_routes, "announce"),
+        ]
+        .into_iter()
+        .filter_map(|(differs, key)| differs.then_some(key))
+        .collect()
+    }
+
     /// Whether some backend is health-checked through the data path.
     pub fn has_datapath_checks(&self) -> bool {
         self.vips

@@ -431,15 +431,14 @@ impl Runtime {
             Ok(new) => new,
             Err(e) => return self.refuse(&e, "reload rejected; the running config stays"),
         };
-        if new.node != self.config.node
-            || new.bgp != self.config.bgp
-            || new.kernel_routes != self.config.kernel_routes
-        {
+        let restart = self.config.restart_needed(&new);
+        if !restart.is_empty() {
             self.reloads_failed += 1;
             self.last_reload = Some((std::time::SystemTime::now(), false));
             self.publish();
             error!(
-                "node, BGP session or kernel route settings changed: they need a restart; nothing applied"
+                keys = restart.join(", "),
+                "reload refused: these settings changed and only a restart applies them; nothing applied"
             );
             return;
         }
