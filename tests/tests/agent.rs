@@ -209,6 +209,13 @@ fn agent_lifecycle_on_lb_and_backend() {
     ]);
     let which = String::from_utf8_lossy(&which.stdout).into_owned();
     assert!(which.contains(&format!("backend {BACKEND4}")), "{which}");
+    // A question leaves nothing behind: still the 100 flows of the traffic.
+    let flows = agent(&["flows", "--pin-dir", &pin, "--vip", VIP4]);
+    let flows = String::from_utf8_lossy(&flows.stdout).into_owned();
+    assert!(
+        flows.contains("100 flows"),
+        "`which` left an entry: {flows}"
+    );
 
     // Reload: add a VIP, remove one.
     let reloaded = vip(VIP4, "tcp", 80, BACKEND4) + &vip(VIP4B, "udp", 53, BACKEND4);

@@ -84,7 +84,7 @@ enum Command {
         vip: Option<IpAddr>,
     },
     /// Which backend a flow goes to, found by running a packet of that flow through the loaded
-    /// program (BPF_PROG_TEST_RUN). Like any packet of the flow, it leaves a conntrack entry.
+    /// program (BPF_PROG_TEST_RUN). A conntrack entry the probe makes is removed again.
     Which {
         #[arg(long, default_value = "/sys/fs/bpf/vip")]
         pin_dir: PathBuf,

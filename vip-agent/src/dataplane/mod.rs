@@ -428,6 +428,25 @@ impl Dataplane {
         }
     }
 
+    /// Removes a flow's connection-tracking entry (absent already: nothing to do).
+    pub fn remove_flow(&mut self, flow: &FlowKey) -> Result<()> {
+        let removed = if flow.family == AddrFamily::V4 as u8 {
+            let name = layout::CONNTRACK_V4;
+            let mut map: HashMap<&mut MapData, FlowKeyV4, ConnEntry> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.remove(&FlowKeyV4::of(flow)).map_err(|e| (name, e))
+        } else {
+            let name = layout::CONNTRACK;
+            let mut map: HashMap<&mut MapData, FlowKey, ConnEntry> =
+                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            map.remove(flow).map_err(|e| (name, e))
+        };
+        match removed {
+            Ok(()) | Err((_, MapError::KeyNotFound)) => Ok(()),
+            Err((name, e)) => Err(map_err(name)(e)),
+        }
+    }
+
     /// Every connection-tracking entry, IPv4 and IPv6 (a snapshot; the datapath keeps changing
     /// it).
     pub fn flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>> {

@@ -72,7 +72,14 @@ pub fn which(pin_dir: &Path, vip: SocketAddr, flow: SocketAddr, protocol: &str) 
     }
     let mut dp = open_pinned(pin_dir)?;
     let frame = test_run::frame(flow, vip, proto);
+    // The probe is a packet of the flow, and such a packet records the flow: a question must
+    // not, so an entry it made goes again.
+    let key = test_run::flow_key(flow, vip, proto);
+    let tracked = dp.conntrack(&key)?.is_some();
     let (action, out) = test_run::run(&mut dp, &frame)?;
+    if !tracked {
+        dp.remove_flow(&key)?;
+    }
     match test_run::outer_destination(&frame, &out) {
         Some(backend) => println!("{protocol} {flow} -> {vip}: backend {backend}"),
         None => println!("{protocol} {flow} -> {vip}: not forwarded (XDP action {action})"),
