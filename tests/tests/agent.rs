@@ -180,9 +180,9 @@ fn agent_lifecycle_on_lb_and_backend() {
     assert!(!first.log_text().contains("XDP_TX"), "{}", first.log_text());
     let metrics = http_get(&lb, "/metrics");
     for line in [
-        "vip_vip_packets_total{vip=\"tcp/198.19.0.1:80\"} 100",
-        "vip_vip_packets_total{vip=\"tcp/[fd00:19::1]:80\"} 100",
-        "vip_backend_packets_total{vip=\"tcp/198.19.0.1:80\",backend=\"198.18.1.1\"} 100",
+        "vip_service_packets_total{vip=\"198.19.0.1\",protocol=\"tcp\",port=\"80\"} 100",
+        "vip_service_packets_total{vip=\"fd00:19::1\",protocol=\"tcp\",port=\"80\"} 100",
+        "vip_backend_packets_total{vip=\"198.19.0.1\",protocol=\"tcp\",port=\"80\",backend=\"198.18.1.1\"} 100",
         "vip_datapath_packets_total{outcome=\"tx\"} 200",
         "vip_datapath_drops_total{reason=\"malformed\"} 0",
     ] {

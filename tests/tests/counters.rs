@@ -48,7 +48,10 @@ fn send(balancer: &mut Balancer, count: u16, first_port: u16) {
 /// (VIP packets, packets per backend address).
 fn report(balancer: &Balancer) -> (u64, Vec<(String, u64)>) {
     let accounts = balancer.applied.accounts();
-    let account = accounts.iter().find(|a| a.label == VIP).expect("the VIP");
+    let account = accounts
+        .iter()
+        .find(|a| a.name.to_string() == VIP)
+        .expect("the VIP");
     let mut vip = account.retired.packets;
     let mut backends = Vec::new();
     for (addr, id) in &account.backends {

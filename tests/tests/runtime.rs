@@ -67,7 +67,9 @@ fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
 
     drop(service);
     wait_backend(&lb, &agent, "down", Duration::from_secs(5));
-    let healthy = format!("vip_backend_healthy{{vip=\"tcp/{VIP4}:80\",backend=\"{BACKEND}\"}}");
+    let healthy = format!(
+        "vip_backend_healthy{{vip=\"{VIP4}\",protocol=\"tcp\",port=\"80\",backend=\"{BACKEND}\"}}"
+    );
     assert!(metrics(&lb).contains(&format!("{healthy} 0")));
 
     // The service is back; the reload comes well before 5 successes at 0.1 s.

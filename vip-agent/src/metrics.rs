@@ -24,6 +24,7 @@ use vip_common::{DatapathStats, DecapStats, Outcome, TrafficCounters};
 
 use crate::{
     bgp::{Sessions, session::State},
+    config::VipName,
     dataplane::Counters,
     view::View,
 };
@@ -33,24 +34,24 @@ use crate::{
 pub(crate) struct Snapshot {
     pub datapath: Option<DatapathStats>,
     pub decap: Option<DecapStats>,
-    /// (VIP label, traffic).
-    pub vips: Vec<(String, TrafficCounters)>,
-    /// ((VIP label, backend address), traffic).
-    pub backends: Vec<((String, String), TrafficCounters)>,
+    /// (VIP, traffic).
+    pub vips: Vec<(VipName, TrafficCounters)>,
+    /// ((VIP, backend address), traffic).
+    pub backends: Vec<((VipName, String), TrafficCounters)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// (peer, established, routes announced).
     pub bgp: Vec<(String, bool, u64)>,
-    /// ((VIP label, backend), up, last check latency in seconds, state changes).
-    pub health: Vec<((String, String), bool, f64, u64)>,
+    /// ((VIP, backend), up, last check latency in seconds, state changes).
+    pub health: Vec<((VipName, String), bool, f64, u64)>,
     pub ready: bool,
     pub node_drained: bool,
     /// (interface, how it is attached).
     pub attached: Vec<(String, String)>,
     /// (seconds since the epoch, applied) of the last reload.
     pub last_reload: Option<(f64, bool)>,
-    /// (VIP label, forwardable).
-    pub forwardable: Vec<(String, bool)>,
+    /// (VIP, forwardable).
+    pub forwardable: Vec<(VipName, bool)>,
 }
 
 /// Where a scrape's numbers come from.
@@ -88,17 +89,16 @@ impl MetricsSources {
             for (addr, id) in &account.backends {
                 let traffic = self.counters.backend_traffic(*id).unwrap_or_default();
                 total += traffic;
-                s.backends
-                    .push(((account.label.clone(), addr.to_string()), traffic));
+                s.backends.push(((account.name, addr.to_string()), traffic));
             }
-            s.vips.push((account.label.clone(), total));
+            s.vips.push((account.name, total));
         }
         s.health = view
             .backends
             .iter()
             .filter_map(|b| {
                 let c = b.check.as_ref()?;
-                let label = (b.vip.clone(), b.address.to_string());
+                let label = (b.vip, b.address.to_string());
                 Some((label, c.up, c.latency.as_secs_f64(), c.changes))
             })
             .collect();
@@ -135,6 +135,22 @@ fn gauge<N: EncodeGaugeValue>(
 ) -> std::fmt::Result {
     let metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
     ConstGauge::new(value).encode(metric)
+}
+
+/// A VIP's labels: `vip` (its address), `protocol`, `port` (0: every port).
+fn vip_labels(vip: &VipName) -> Vec<(String, String)> {
+    vec![
+        ("vip".to_owned(), vip.address.to_string()),
+        ("protocol".to_owned(), vip.protocol.name().to_owned()),
+        ("port".to_owned(), vip.port.to_string()),
+    ]
+}
+
+/// A backend of a VIP's labels: the VIP's and `backend`.
+fn backend_labels(vip: &VipName, backend: &str) -> Vec<(String, String)> {
+    let mut labels = vip_labels(vip);
+    labels.push(("backend".to_owned(), backend.to_owned()));
+    labels
 }
 
 /// Rows of a labelled family: (label pairs, value).
@@ -226,35 +242,28 @@ impl Collector for SnapshotCollector {
                 d.icmp_too_big,
             )?;
         }
-        let split = |v: &[(String, TrafficCounters)]| {
-            let packets: Vec<(String, u64)> =
-                v.iter().map(|(l, t)| (l.clone(), t.packets)).collect();
-            let bytes: Vec<(String, u64)> = v.iter().map(|(l, t)| (l.clone(), t.bytes)).collect();
-            (packets, bytes)
+        let per_service = |f: fn(&TrafficCounters) -> u64| -> Rows {
+            s.vips
+                .iter()
+                .map(|(vip, t)| (vip_labels(vip), f(t)))
+                .collect()
         };
-        let (p, b) = split(&s.vips);
         family(
             &mut e,
-            "vip_vip_packets",
-            "Packets forwarded per VIP.",
-            &one("vip", &p),
+            "vip_service_packets",
+            "Packets forwarded per VIP (address, protocol, port).",
+            &per_service(|t| t.packets),
         )?;
         family(
             &mut e,
-            "vip_vip_bytes",
-            "Bytes (client packets) forwarded per VIP.",
-            &one("vip", &b),
+            "vip_service_bytes",
+            "Bytes (client packets) forwarded per VIP (address, protocol, port).",
+            &per_service(|t| t.bytes),
         )?;
         let per_backend = |f: fn(&TrafficCounters) -> u64| -> Rows {
             s.backends
                 .iter()
-                .map(|((vip, backend), t)| {
-                    let labels = vec![
-                        ("vip".to_owned(), vip.clone()),
-                        ("backend".to_owned(), backend.clone()),
-                    ];
-                    (labels, f(t))
-                })
+                .map(|((vip, backend), t)| (backend_labels(vip, backend), f(t)))
                 .collect()
         };
         family(
@@ -311,12 +320,7 @@ impl Collector for SnapshotCollector {
             )?;
         }
         if !s.health.is_empty() {
-            let labels = |(vip, backend): &(String, String)| {
-                vec![
-                    ("vip".to_owned(), vip.clone()),
-                    ("backend".to_owned(), backend.clone()),
-                ]
-            };
+            let labels = |(vip, backend): &(VipName, String)| backend_labels(vip, backend);
             gauges(
                 &mut e,
                 "vip_backend_healthy",
@@ -384,7 +388,7 @@ impl Collector for SnapshotCollector {
             "1 while the VIP can be forwarded (a backend takes new flows): it is announced.",
             s.forwardable
                 .iter()
-                .map(|(vip, up)| (label("vip", vip), i64::from(*up))),
+                .map(|(vip, up)| (vip_labels(vip), i64::from(*up))),
         )?;
         if let Some((when, ok)) = s.last_reload {
             gauge(
@@ -533,28 +537,25 @@ mod tests {
             packets: 1,
             bytes: 2,
         };
+        let vip = VipName {
+            protocol: crate::config::Protocol::Tcp,
+            address: "198.51.100.1".parse().unwrap(),
+            port: 443,
+        };
         Snapshot {
             datapath: Some(DatapathStats::default()),
             decap: Some(DecapStats::default()),
-            vips: vec![("tcp/198.51.100.1:443".into(), traffic)],
-            backends: vec![(
-                ("tcp/198.51.100.1:443".into(), "192.0.2.21".into()),
-                traffic,
-            )],
+            vips: vec![(vip, traffic)],
+            backends: vec![((vip, "192.0.2.21".into()), traffic)],
             reloads_ok: 1,
             reloads_failed: 0,
             bgp: vec![("192.0.2.1".into(), true, 1)],
-            health: vec![(
-                ("tcp/198.51.100.1:443".into(), "192.0.2.21".into()),
-                true,
-                0.001,
-                2,
-            )],
+            health: vec![((vip, "192.0.2.21".into()), true, 0.001, 2)],
             ready: true,
             node_drained: false,
             attached: vec![("eth0".into(), "driver mode".into())],
             last_reload: Some((1.7e9, true)),
-            forwardable: vec![("tcp/198.51.100.1:443".into(), true)],
+            forwardable: vec![(vip, true)],
         }
     }
 

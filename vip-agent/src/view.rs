@@ -5,7 +5,7 @@ use std::{net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
-use crate::apply::VipAccount;
+use crate::{apply::VipAccount, config::VipName};
 
 /// A backend's run-time condition, derived from its config, its health verdict and drains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,8 +44,7 @@ pub struct CheckView {
 /// One backend of one VIP.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackendView {
-    /// The VIP's label (`tcp/198.51.100.1:443`).
-    pub vip: String,
+    pub vip: VipName,
     pub address: IpAddr,
     pub weight: u32,
     pub condition: Condition,
@@ -79,8 +78,8 @@ pub struct View {
     pub reloads_failed: u64,
     /// When the last reload was tried (seconds since the epoch), and whether it was applied.
     pub last_reload: Option<(f64, bool)>,
-    /// Every configured VIP (its label) and whether it can be forwarded: announced.
-    pub forwardable: Vec<(String, bool)>,
+    /// Every configured VIP and whether it can be forwarded: announced.
+    pub forwardable: Vec<(VipName, bool)>,
     /// Every backend of every VIP, in config order.
     pub backends: Vec<BackendView>,
     /// Traffic accounts of the applied VIPs.

@@ -25,7 +25,7 @@ pub use state::Capacity;
 pub use target::{BackendKey, BackendTarget, Target, VipTarget};
 pub use writer::MapWriter;
 
-use crate::net::nexthop::NextHop;
+use crate::{config::VipName, net::nexthop::NextHop};
 use plan::Step;
 use state::{AppliedVip, State};
 
@@ -53,7 +53,7 @@ pub struct ApplyReport {
 /// datapath; what departed backends sent is kept here, so a VIP's total never falls.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VipAccount {
-    pub label: String,
+    pub name: VipName,
     pub retired: TrafficCounters,
     pub backends: Vec<(IpAddr, BackendId)>,
 }
@@ -93,7 +93,6 @@ impl Applied {
                 AppliedVip {
                     meta: *meta,
                     members: Vec::new(),
-                    label: String::new(),
                 },
             );
         }
@@ -192,18 +191,18 @@ impl Applied {
         let mut accounts: Vec<VipAccount> = self
             .state
             .vips
-            .iter()
-            .map(|(key, vip)| {
+            .keys()
+            .filter_map(|key| {
                 let mut backends = backends_of.remove(key).unwrap_or_default();
                 backends.sort();
-                VipAccount {
-                    label: vip.label.clone(),
+                Some(VipAccount {
+                    name: VipName::of(key)?,
                     retired: self.retired.get(key).copied().unwrap_or_default(),
                     backends,
-                }
+                })
             })
             .collect();
-        accounts.sort_by(|a, b| a.label.cmp(&b.label));
+        accounts.sort_by_key(|a| a.name);
         accounts
     }
 }

@@ -153,7 +153,6 @@ pub(crate) fn plan(
                 id,
             });
         }
-        let label = vip.config.to_string();
         match next.vips.get_mut(&key) {
             Some(applied) if applied.members == members => {
                 let meta = vip_meta(&vip.config, target.sources, vip_id, applied.meta.table);
@@ -161,13 +160,12 @@ pub(crate) fn plan(
                     steps.push(Step::SetVip { key, meta });
                     applied.meta = meta;
                 }
-                applied.label = label;
             }
             _ => {
                 let table =
                     MaglevTable::build(next.capacity.table_size, &members).map_err(|source| {
                         PlanError::Maglev {
-                            vip: label.clone(),
+                            vip: vip.config.to_string(),
                             source,
                         }
                     })?;
@@ -179,14 +177,7 @@ pub(crate) fn plan(
                 steps.push(Step::WriteTable { slot, table });
                 steps.push(Step::SetVip { key, meta });
                 next.slots.make_live(key, slot);
-                next.vips.insert(
-                    key,
-                    AppliedVip {
-                        meta,
-                        members,
-                        label,
-                    },
-                );
+                next.vips.insert(key, AppliedVip { meta, members });
             }
         }
         steps.append(&mut after_flip);

@@ -32,8 +32,6 @@ pub(crate) struct AppliedVip {
     pub(crate) meta: VipMeta,
     /// The table's members, as built: an equal list means an equal table.
     pub(crate) members: Vec<MaglevBackend>,
-    /// Its name in metrics and `status` (`tcp/198.51.100.1:443`).
-    pub(crate) label: String,
 }
 
 /// What the maps hold, as far as the agent wrote them.

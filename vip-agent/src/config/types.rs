@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use vip_common::{IPPROTO_TCP, IPPROTO_UDP, VipKey};
 
 /// How to attach XDP.
@@ -24,7 +24,7 @@ pub enum AttachMode {
     Auto,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -32,6 +32,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Its name in configs, labels and names: `tcp`, `udp`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
     pub fn number(self) -> u8 {
         match self {
             Protocol::Tcp => IPPROTO_TCP,
@@ -282,6 +290,14 @@ pub struct VipConfig {
 }
 
 impl VipConfig {
+    pub fn name(&self) -> VipName {
+        VipName {
+            protocol: self.protocol,
+            address: self.address,
+            port: self.port,
+        }
+    }
+
     pub fn key(&self) -> VipKey {
         VipKey::new(self.address, self.protocol.number(), self.port)
     }
@@ -289,10 +305,38 @@ impl VipConfig {
 
 impl fmt::Display for VipConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
+        self.name().fmt(f)
+    }
+}
+
+/// A VIP as people and metrics name it: `tcp/198.51.100.1:443` (`:*` for every port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct VipName {
+    pub protocol: Protocol,
+    pub address: IpAddr,
+    /// 0: every port.
+    pub port: u16,
+}
+
+impl VipName {
+    /// The name of the VIP a datapath key stands for (`None` for a key no config makes).
+    pub fn of(key: &VipKey) -> Option<Self> {
+        let protocol = match key.proto {
+            IPPROTO_TCP => Protocol::Tcp,
+            IPPROTO_UDP => Protocol::Udp,
+            _ => return None,
         };
+        Some(Self {
+            protocol,
+            address: vip_common::addr_from_bytes(&key.addr, key.family)?,
+            port: u16::from_be_bytes(key.port),
+        })
+    }
+}
+
+impl fmt::Display for VipName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = self.protocol.name();
         match self.port {
             0 => write!(f, "{proto}/{}:*", self.address),
             port => write!(f, "{proto}/{}", SocketAddr::new(self.address, port)),

@@ -120,7 +120,7 @@ impl BackendStatus {
                 vip.backends.iter().map(move |b| {
                     let status = self.get(&(vip.key(), b.address));
                     BackendView {
-                        vip: vip.to_string(),
+                        vip: vip.name(),
                         address: b.address,
                         weight: b.weight,
                         condition: condition(b, status),

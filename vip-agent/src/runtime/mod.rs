@@ -301,7 +301,7 @@ impl Runtime {
                     Node::Lb(lb) => lb.applied.forwardable(&v.key()),
                     Node::Backend(_) => false,
                 };
-                (v.to_string(), up)
+                (v.name(), up)
             })
             .collect();
         let since_epoch = |t: std::time::SystemTime| {
