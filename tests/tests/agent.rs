@@ -154,7 +154,14 @@ fn agent_lifecycle_on_lb_and_backend() {
     let pin = lb.pin_dir.to_string_lossy().into_owned();
     let status =
         String::from_utf8_lossy(&agent(&["status", "--pin-dir", &pin]).stdout).into_owned();
-    for needle in [VIP4, VIP6, BACKEND4, BACKEND6, "via ifindex"] {
+    for needle in [
+        VIP4,
+        VIP6,
+        BACKEND4,
+        BACKEND6,
+        "ifindex",
+        "tcp/198.19.0.1:80 (IP-in-IP)",
+    ] {
         assert!(status.contains(needle), "status lacks {needle}: {status}");
     }
     let lo = lo_addresses(&lb);
@@ -209,6 +216,27 @@ fn agent_lifecycle_on_lb_and_backend() {
     ]);
     let which = String::from_utf8_lossy(&which.stdout).into_owned();
     assert!(which.contains(&format!("backend {BACKEND4}")), "{which}");
+    // The same as JSON, for scripts; and the flows.
+    let json = agent(&[
+        "which",
+        "--pin-dir",
+        &pin,
+        "--vip",
+        "198.19.0.1:80",
+        "--flow",
+        "198.18.77.1:4242",
+        "-o",
+        "json",
+    ]);
+    let json = String::from_utf8_lossy(&json.stdout).into_owned();
+    assert!(
+        json.contains(&format!("\"backend\": \"{BACKEND4}\""))
+            && json.contains("\"action\": \"XDP_"),
+        "{json}"
+    );
+    let json = agent(&["flows", "--pin-dir", &pin, "--vip", VIP4, "-o", "json"]);
+    let json = String::from_utf8_lossy(&json.stdout).into_owned();
+    assert_eq!(json.matches("\"protocol\": \"tcp\"").count(), 100, "{json}");
     // A question leaves nothing behind: still the 100 flows of the traffic.
     let flows = agent(&["flows", "--pin-dir", &pin, "--vip", VIP4]);
     let flows = String::from_utf8_lossy(&flows.stdout).into_owned();

@@ -12,7 +12,7 @@ use vip_agent::{
     config,
     control::{self, DrainTarget, Request, Response},
     dataplane::{detach_all, log as datapath_log},
-    inspect,
+    inspect::{self, Output},
     runtime::{self, RunOptions},
 };
 
@@ -70,10 +70,12 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/vip")]
         pin_dir: PathBuf,
     },
-    /// Show VIPs, backends and counters from the pinned maps.
+    /// Show VIPs, backends and counters from the pinned maps, and the running agent's state.
     Status {
         #[arg(long, default_value = "/sys/fs/bpf/vip")]
         pin_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// The connection-tracking entries, decoded.
     Flows {
@@ -82,6 +84,8 @@ enum Command {
         /// Only flows to this VIP address.
         #[arg(long)]
         vip: Option<IpAddr>,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Which backend a flow goes to, found by running a packet of that flow through the loaded
     /// program (BPF_PROG_TEST_RUN). A conntrack entry the probe makes is removed again.
@@ -96,6 +100,8 @@ enum Command {
         flow: SocketAddr,
         #[arg(long, default_value = "tcp")]
         protocol: String,
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
     },
     /// Drain at run time: a backend (no new flows; established ones continue), of every VIP
     /// or of `--vip`; without `--backend`, the whole node (BGP GRACEFUL_SHUTDOWN). Lasts until
@@ -104,7 +110,10 @@ enum Command {
     /// Ends a run-time drain.
     Undrain(DrainArgs),
     /// The running agent's backends: condition and latest health check.
-    Backends,
+    Backends {
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Maglev table statistics for a backend set: `--backend ADDR[:WEIGHT]`.
     Maglev {
         #[arg(long, default_value_t = vip_common::layout::DEFAULT_TABLE_SIZE)]
@@ -190,37 +199,50 @@ fn main() -> Result<()> {
             println!("detached from {:?}; removed {}", ifaces, pin_dir.display());
             Ok(())
         }
-        Command::Status { pin_dir } => {
-            inspect::status(&pin_dir)?;
-            match control::client::request(&socket, &Request::Status) {
-                Ok(answer) => print!("agent:\n{}", indent(&answer.to_string())),
-                Err(e) => println!("agent: {:#}", anyhow::Error::from(e)),
+        Command::Status { pin_dir, output } => {
+            let agent = control::client::request(&socket, &Request::Status)
+                .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+            inspect::status(&pin_dir, output, &agent)?;
+            if output == Output::Text {
+                match agent {
+                    Ok(answer) => print!("agent:\n{}", indent(&answer.to_string())),
+                    Err(e) => println!("agent: {e}"),
+                }
             }
             Ok(())
         }
-        Command::Flows { pin_dir, vip } => inspect::flows(&pin_dir, vip),
+        Command::Flows {
+            pin_dir,
+            vip,
+            output,
+        } => inspect::flows(&pin_dir, vip, output),
         Command::Which {
             pin_dir,
             vip,
             flow,
             protocol,
-        } => inspect::which(&pin_dir, vip, flow, &protocol),
+            output,
+        } => inspect::which(&pin_dir, vip, flow, &protocol, output),
         Command::Maglev {
             size,
             backends,
             remove,
             add,
         } => inspect::maglev(size, &backends, &remove, &add),
-        Command::Drain(args) => ask(&socket, Request::Drain(args.into())),
-        Command::Undrain(args) => ask(&socket, Request::Undrain(args.into())),
-        Command::Backends => ask(&socket, Request::Backends),
+        Command::Drain(args) => ask(&socket, Request::Drain(args.into()), Output::Text),
+        Command::Undrain(args) => ask(&socket, Request::Undrain(args.into()), Output::Text),
+        Command::Backends { output } => ask(&socket, Request::Backends, output),
     }
 }
 
 /// Sends a request to the running agent and prints its answer; a refusal is an error.
-fn ask(socket: &Path, request: Request) -> Result<()> {
+fn ask(socket: &Path, request: Request, output: Output) -> Result<()> {
     match control::client::request(socket, &request)? {
         Response::Refused(why) => bail!("the agent refused: {why}"),
+        answer if output == Output::Json => {
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
         answer => {
             print!("{answer}");
             Ok(())

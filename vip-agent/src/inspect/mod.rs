@@ -6,4 +6,4 @@ mod maglev;
 mod pinned;
 
 pub use maglev::maglev;
-pub use pinned::{flows, status, which};
+pub use pinned::{Output, flows, status, which};
