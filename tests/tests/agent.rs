@@ -205,7 +205,7 @@ fn agent_lifecycle_on_lb_and_backend() {
         flows.contains("100 flows") && flows.contains(BACKEND4),
         "{flows}"
     );
-    let which = agent(&[
+    let which_args = [
         "which",
         "--pin-dir",
         &pin,
@@ -213,21 +213,12 @@ fn agent_lifecycle_on_lb_and_backend() {
         "198.19.0.1:80",
         "--flow",
         "198.18.77.1:4242",
-    ]);
+    ];
+    let which = agent(&which_args);
     let which = String::from_utf8_lossy(&which.stdout).into_owned();
     assert!(which.contains(&format!("backend {BACKEND4}")), "{which}");
     // The same as JSON, for scripts; and the flows.
-    let json = agent(&[
-        "which",
-        "--pin-dir",
-        &pin,
-        "--vip",
-        "198.19.0.1:80",
-        "--flow",
-        "198.18.77.1:4242",
-        "-o",
-        "json",
-    ]);
+    let json = agent(&[&which_args[..], &["-o", "json"]].concat());
     let json = String::from_utf8_lossy(&json.stdout).into_owned();
     assert!(
         json.contains(&format!("\"backend\": \"{BACKEND4}\""))

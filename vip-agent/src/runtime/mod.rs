@@ -32,7 +32,7 @@ use crate::{
     announce::{self, Announcer},
     apply::{Plan, VipAccount},
     bgp::{self, session::Route},
-    config::{self, Config},
+    config::{self, Config, VipName},
     control::{
         DrainOutcome, DrainTarget, Response,
         server::{Command, ControlSocket},
@@ -116,6 +116,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         attached: Vec::new(),
         ready: false,
         view,
+        view_stale: false,
     };
     runtime.start(restarted).await?;
 
@@ -172,7 +173,12 @@ struct Runtime {
     /// The datapath is attached and holds the running config.
     ready: bool,
     view: watch::Sender<View>,
+    /// Health checks have reported since the view was last published.
+    view_stale: bool,
 }
+
+/// How often check results that change nothing reach the published view.
+const VIEW_TICK: Duration = Duration::from_millis(200);
 
 impl Runtime {
     /// Writes the config into the maps, attaches, puts the VIPs on `lo`, and only then
@@ -210,8 +216,10 @@ impl Runtime {
         // bring (a neighbour that never answered).
         let mut kernel = KernelChanges::subscribe()?;
         let mut refresh = tokio::time::interval(Duration::from_secs(10));
+        let mut view_tick = tokio::time::interval(VIEW_TICK);
         loop {
             tokio::select! {
+                _ = view_tick.tick(), if self.view_stale => self.publish(),
                 _ = signals.hangup.recv() => self.reload().await,
                 Some(()) = kernel.next() => self.refresh_next_hops().await,
                 _ = refresh.tick() => self.refresh_next_hops().await,
@@ -287,7 +295,8 @@ impl Runtime {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
+        self.view_stale = false;
         let accounts: Vec<VipAccount> = match &self.node {
             Node::Lb(lb) => lb.applied.accounts(),
             Node::Backend(_) => Vec::new(),
@@ -349,16 +358,12 @@ impl Runtime {
             o.latency,
             Instant::now(),
         ) else {
-            // No change of verdict: only the latest check to show.
-            self.publish();
+            // No change of verdict: only the latest check to show, published with the next
+            // view tick rather than a whole view per check.
+            self.view_stale = true;
             return;
         };
-        let vip = self
-            .config
-            .vips
-            .iter()
-            .find(|v| v.key() == o.key.0)
-            .map_or_else(String::new, |v| v.to_string());
+        let vip = VipName::of(&o.key.0).map_or_else(String::new, |n| n.to_string());
         if up {
             info!(%vip, backend = %o.key.1, reason = %detail, "backend up");
         } else {
