@@ -5,8 +5,10 @@ pub mod fixture;
 pub mod lab;
 pub mod node;
 pub mod packet;
+pub mod peering;
 pub mod router;
 pub mod rows;
+pub mod tc;
 
 /// Panics with a clear message unless running as root: these tests load programs into the kernel.
 pub fn require_root() {

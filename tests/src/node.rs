@@ -78,17 +78,20 @@ impl Netns {
         std::env::temp_dir().join(&self.name).join("vip.sock")
     }
 
-    /// `vip-agent ARGS` inside the namespace, talking to its agent's control socket.
+    /// `vip-agent ARGS` in the namespace's network but the host's mount namespace (`ip netns
+    /// exec` would hide the pins under /sys/fs/bpf), talking to its agent's control socket.
     pub fn agent_cli(&self, args: &[&str]) -> String {
         let socket = self.control_socket();
         let agent = agent_bin();
+        let net = format!("--net=/run/netns/{}", self.name);
         let mut cmd = vec![
+            net.as_str(),
             agent.to_str().expect("UTF-8 path"),
             "--socket",
             socket.to_str().expect("UTF-8 path"),
         ];
         cmd.extend_from_slice(args);
-        self.exec(&cmd)
+        run("nsenter", &cmd)
     }
 
     /// `ip -n NS ARGS`.

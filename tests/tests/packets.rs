@@ -188,6 +188,22 @@ fn not_for_a_vip_passes_untouched() {
         proto: 132,
         ..Frame::udp(CLIENT4, 1, "198.18.100.1", 53)
     };
+    // A router's BFD Control packet to this node (RFC 5881: port 3784, source port 49152+).
+    let bfd = vip_agent::bfd::packet::encode(&vip_agent::bfd::packet::Control {
+        diag: vip_agent::bfd::packet::Diag::None,
+        state: vip_agent::bfd::packet::State::Up,
+        poll: false,
+        final_: false,
+        detect_mult: 3,
+        my_discriminator: 1,
+        your_discriminator: 2,
+        desired_min_tx_us: 100_000,
+        required_min_rx_us: 100_000,
+    });
+    let bfd_to = |src: &str, dst: &str| Frame {
+        payload: bfd.to_vec(),
+        ..Frame::udp(src, 49152, dst, vip_agent::bfd::PORT)
+    };
     run_table(
         &mut s,
         vec![
@@ -214,6 +230,16 @@ fn not_for_a_vip_passes_untouched() {
             Row {
                 name: "IPv6 other address",
                 frame: Frame::udp(CLIENT6, 1, "fd00:100::99", 53),
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "BFD Control to the node",
+                frame: bfd_to(CLIENT4, "198.18.100.99"),
+                expect: Expect::Pass,
+            },
+            Row {
+                name: "IPv6 BFD Control to the node",
+                frame: bfd_to(CLIENT6, "fd00:100::99"),
                 expect: Expect::Pass,
             },
         ],

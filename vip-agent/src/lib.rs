@@ -8,12 +8,14 @@
 //! - [`health`]: probes and the verdicts drawn from them.
 //! - [`config`]: the config file, parsed and validated whole.
 //! - [`control`]: the control socket's typed requests, server and client.
-//! - [`bgp`]: the announce-only BGP speaker; `announce`: BGP or routes in a kernel table.
+//! - [`bgp`]: the announce-only BGP speaker; [`bfd`]: fast failure detection toward its peers;
+//!   `announce`: BGP or routes in a kernel table.
 //! - [`net`]: next hops, `lo` addresses, interface settings.
 //! - [`metrics`], [`view`], [`inspect`]: what the agent shows.
 
 pub(crate) mod announce;
 pub mod apply;
+pub mod bfd;
 pub mod bgp;
 pub mod config;
 pub mod control;

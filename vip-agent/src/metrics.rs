@@ -23,6 +23,7 @@ use tokio::{
 use vip_common::{DatapathStats, DecapStats, Outcome, TrafficCounters};
 
 use crate::{
+    bfd,
     bgp::{Sessions, session::State},
     config::VipName,
     dataplane::Counters,
@@ -42,6 +43,10 @@ pub(crate) struct Snapshot {
     pub reloads_failed: u64,
     /// (peer, established, routes announced).
     pub bgp: Vec<(String, bool, u64)>,
+    /// (peer, BFD session).
+    pub bfd: Vec<(String, bfd::Status)>,
+    /// (reason, received BFD packets refused for it); empty without BFD.
+    pub bfd_refused: Vec<(String, u64)>,
     /// ((VIP, backend), up, last check latency in seconds, state changes).
     pub health: Vec<((VipName, String), bool, f64, u64)>,
     pub ready: bool,
@@ -114,6 +119,17 @@ impl MetricsSources {
                 )
             })
             .collect();
+        s.bfd = self
+            .sessions
+            .bfd()
+            .into_iter()
+            .map(|(peer, st)| (peer.to_string(), st))
+            .collect();
+        s.bfd_refused = self
+            .sessions
+            .bfd_refusals()
+            .map(|r| owned(&r))
+            .unwrap_or_default();
         s
     }
 }
@@ -317,6 +333,61 @@ impl Collector for SnapshotCollector {
                 "vip_bgp_routes_announced",
                 "Routes announced to the peer.",
                 s.bgp.iter().map(|(p, _, n)| (peer(p), *n as i64)),
+            )?;
+        }
+        if !s.bfd.is_empty() {
+            let peer = |p: &String| vec![("peer".to_owned(), p.clone())];
+            gauges(
+                &mut e,
+                "vip_bfd_session_up",
+                "1 while the BFD session is Up.",
+                s.bfd
+                    .iter()
+                    .map(|(p, b)| (peer(p), i64::from(b.state == bfd::packet::State::Up))),
+            )?;
+            gauges(
+                &mut e,
+                "vip_bfd_session_info",
+                "The BFD session's state, last diagnostic and the peer's discriminator.",
+                s.bfd.iter().map(|(p, b)| {
+                    let mut labels = peer(p);
+                    labels.push(("state".into(), format!("{:?}", b.state)));
+                    labels.push(("diag".into(), format!("{:?}", b.diag)));
+                    labels.push((
+                        "remote_discriminator".into(),
+                        b.remote_discriminator.to_string(),
+                    ));
+                    (labels, 1i64)
+                }),
+            )?;
+            gauges(
+                &mut e,
+                "vip_bfd_tx_interval_seconds",
+                "The negotiated interval between our BFD packets.",
+                s.bfd
+                    .iter()
+                    .map(|(p, b)| (peer(p), b.tx_interval.as_secs_f64())),
+            )?;
+            gauges(
+                &mut e,
+                "vip_bfd_detection_time_seconds",
+                "How long without a packet before the peer is declared down.",
+                s.bfd
+                    .iter()
+                    .map(|(p, b)| (peer(p), b.detection_time.as_secs_f64())),
+            )?;
+            let flaps: Rows = s.bfd.iter().map(|(p, b)| (peer(p), b.flaps)).collect();
+            family(
+                &mut e,
+                "vip_bfd_session_flaps",
+                "Times the BFD session left Up.",
+                &flaps,
+            )?;
+            family(
+                &mut e,
+                "vip_bfd_packets_refused",
+                "Received BFD packets refused, by reason.",
+                &one("reason", &s.bfd_refused),
             )?;
         }
         if !s.health.is_empty() {
@@ -550,6 +621,20 @@ mod tests {
             reloads_ok: 1,
             reloads_failed: 0,
             bgp: vec![("192.0.2.1".into(), true, 1)],
+            bfd: vec![(
+                "192.0.2.1".into(),
+                bfd::Status {
+                    state: bfd::packet::State::Up,
+                    remote_state: bfd::packet::State::Up,
+                    diag: bfd::packet::Diag::None,
+                    local_discriminator: 1,
+                    remote_discriminator: 2,
+                    tx_interval: std::time::Duration::from_millis(100),
+                    detection_time: std::time::Duration::from_millis(300),
+                    flaps: 1,
+                },
+            )],
+            bfd_refused: owned(&[("ttl", 1)]),
             health: vec![((vip, "192.0.2.21".into()), true, 0.001, 2)],
             ready: true,
             node_drained: false,

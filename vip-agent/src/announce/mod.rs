@@ -13,9 +13,18 @@ use crate::{
 
 pub(crate) use kernel::KernelAnnouncer;
 
+/// Why the announcer could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AnnounceError {
+    #[error("kernel routes")]
+    Routes(#[from] crate::net::routes::RoutesError),
+    #[error("BFD")]
+    Bfd(#[from] crate::bfd::BfdError),
+}
+
 /// The node's announcer.
 pub(crate) enum Announcer {
-    Bgp(Speaker),
+    Bgp(Box<Speaker>),
     Kernel(KernelAnnouncer),
 }
 
@@ -26,15 +35,23 @@ impl Announcer {
         config: &Config,
         routes: Vec<Route>,
         restarted: bool,
-    ) -> Result<Option<Self>, crate::net::routes::RoutesError> {
+    ) -> Result<Option<Self>, AnnounceError> {
         if let Some(bgp) = &config.bgp {
-            return Ok(Some(Announcer::Bgp(Speaker::start(bgp, routes, restarted))));
+            let speaker = Speaker::start(bgp, routes, restarted)?;
+            return Ok(Some(Announcer::Bgp(Box::new(speaker))));
         }
         match &config.kernel_routes {
             Some(k) => Ok(Some(Announcer::Kernel(
                 KernelAnnouncer::start(k, routes).await?,
             ))),
             None => Ok(None),
+        }
+    }
+
+    /// New BFD timers from a reload (BGP mode; kernel mode runs no BFD).
+    pub(crate) fn set_bfd_timers(&self, timers: crate::bfd::Timers) {
+        if let Announcer::Bgp(s) = self {
+            s.set_bfd_timers(timers);
         }
     }
 

@@ -10,6 +10,7 @@ pub mod wire;
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -21,7 +22,10 @@ use tokio::{
 
 use vip_common::VipKey;
 
-use crate::config::{BgpConfig, Config};
+use crate::{
+    bfd::{self, Bfd},
+    config::{BgpConfig, Config},
+};
 use session::{GRACEFUL_SHUTDOWN, Local, Route, Status, Stop};
 
 /// The announcement set: the VIPs of `config` that `usable` says can take new flows.
@@ -60,15 +64,29 @@ pub fn routes_for(config: &Config, usable: impl Fn(&VipKey) -> bool) -> Vec<Rout
 
 /// A handle on the sessions' states, for readers that must not wait for the runtime.
 #[derive(Clone, Debug, Default)]
-pub struct Sessions(Vec<(IpAddr, watch::Receiver<Status>)>);
+pub struct Sessions {
+    bgp: Vec<(IpAddr, watch::Receiver<Status>)>,
+    bfd: Vec<(IpAddr, watch::Receiver<bfd::Status>)>,
+    bfd_refusals: Option<Arc<bfd::Refusals>>,
+}
 
 impl Sessions {
     /// Session states by peer.
     pub fn status(&self) -> Vec<(IpAddr, Status)> {
-        self.0
+        self.bgp
             .iter()
             .map(|(a, s)| (*a, s.borrow().clone()))
             .collect()
+    }
+
+    /// BFD session states by peer (peers with BFD on).
+    pub fn bfd(&self) -> Vec<(IpAddr, bfd::Status)> {
+        self.bfd.iter().map(|(a, s)| (*a, *s.borrow())).collect()
+    }
+
+    /// Received BFD packets refused, by reason; `None` without BFD.
+    pub fn bfd_refusals(&self) -> Option<Vec<(&'static str, u64)>> {
+        self.bfd_refusals.as_ref().map(|r| r.counts())
     }
 }
 
@@ -78,6 +96,7 @@ pub struct Speaker {
     shutdown: watch::Sender<Option<Stop>>,
     sessions: Vec<(IpAddr, watch::Receiver<Status>, JoinHandle<()>)>,
     listener: Option<JoinHandle<()>>,
+    bfd: Option<Bfd>,
     settings: BgpConfig,
 }
 
@@ -162,9 +181,25 @@ fn listen(
 }
 
 impl Speaker {
-    /// Starts one session per peer. `restarted`: this agent took over a running datapath
-    /// (sets the graceful-restart restart bit).
-    pub fn start(settings: &BgpConfig, routes: Vec<Route>, restarted: bool) -> Self {
+    /// Starts one session per peer, and a BFD session for each peer that has it.
+    /// `restarted`: this agent took over a running datapath (sets the graceful-restart
+    /// restart bit).
+    pub fn start(
+        settings: &BgpConfig,
+        routes: Vec<Route>,
+        restarted: bool,
+    ) -> Result<Self, bfd::BfdError> {
+        let bfd_peers: Vec<IpAddr> = settings
+            .peers
+            .iter()
+            .filter(|p| p.bfd)
+            .map(|p| p.address)
+            .collect();
+        let bfd = if bfd_peers.is_empty() {
+            None
+        } else {
+            Some(Bfd::start(&bfd_peers, settings.bfd_timers)?)
+        };
         let (routes_tx, _) = watch::channel(routes);
         let (shutdown_tx, _) = watch::channel(None);
         let local = Local {
@@ -215,16 +250,25 @@ impl Speaker {
                     status_tx,
                     shutdown_tx.subscribe(),
                     inbound_rx,
+                    bfd.as_ref().and_then(|b| b.session(p.address)),
                 ));
                 (p.address, status_rx, task)
             })
             .collect();
-        Self {
+        Ok(Self {
             routes: routes_tx,
             shutdown: shutdown_tx,
             sessions,
             listener,
+            bfd,
             settings: settings.clone(),
+        })
+    }
+
+    /// New BFD timers (a reload): Up sessions change them through a Poll Sequence.
+    pub fn set_bfd_timers(&self, timers: bfd::Timers) {
+        if let Some(b) = &self.bfd {
+            b.set_timers(timers);
         }
     }
 
@@ -240,12 +284,15 @@ impl Speaker {
 
     /// The sessions' states.
     pub fn sessions(&self) -> Sessions {
-        Sessions(
-            self.sessions
+        Sessions {
+            bgp: self
+                .sessions
                 .iter()
                 .map(|(a, s, _)| (*a, s.clone()))
                 .collect(),
-        )
+            bfd: self.bfd.as_ref().map(Bfd::sessions).unwrap_or_default(),
+            bfd_refusals: self.bfd.as_ref().map(Bfd::refusals),
+        }
     }
 
     /// The routes announced now (or being announced).
@@ -312,6 +359,10 @@ impl Speaker {
         }
         for (_, _, task) in self.sessions {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        // After the sessions' last words: BFD's AdminDown tells the peers this is no failure.
+        if let Some(bfd) = self.bfd {
+            bfd.stop().await;
         }
     }
 }

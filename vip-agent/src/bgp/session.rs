@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use super::wire::{self, Message, Notification, OpenParams, PathAttrs, code};
-use crate::config::BgpPeerConfig as Peer;
+use crate::{bfd, config::BgpPeerConfig as Peer};
 
 /// This speaker.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,6 +82,8 @@ enum SessionError {
     Received(Notification),
     #[error("connect timed out")]
     ConnectTimeout,
+    #[error("BFD session down")]
+    BfdDown,
 }
 
 enum End {
@@ -99,7 +101,8 @@ pub enum Stop {
     Restart,
 }
 
-/// Runs the session with `peer` until `shutdown` says how to stop.
+/// Runs the session with `peer` until `shutdown` says how to stop. With `bfd`, the session
+/// starts only while that BFD session is Up and ends the moment it leaves Up.
 pub async fn run(
     local: Local,
     peer: Peer,
@@ -107,23 +110,35 @@ pub async fn run(
     status: watch::Sender<Status>,
     mut shutdown: watch::Receiver<Option<Stop>>,
     mut inbound: mpsc::Receiver<TcpStream>,
+    mut bfd: Option<watch::Receiver<bfd::Status>>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
         if shutdown.borrow().is_some() {
             return;
         }
+        if let Some(bfd) = &mut bfd
+            && !bfd_up(bfd, &mut shutdown, &mut inbound).await
+        {
+            return;
+        }
         status.send_modify(|s| s.state = State::Connect);
         let before = status.borrow().established_transitions;
-        let result = session(
+        let attempt = session(
             &local,
             &peer,
             &mut routes,
             &status,
             &mut shutdown,
             &mut inbound,
-        )
-        .await;
+        );
+        let result = match &mut bfd {
+            None => attempt.await,
+            Some(bfd) => tokio::select! {
+                result = attempt => result,
+                () = bfd_down(bfd) => Err(SessionError::BfdDown),
+            },
+        };
         status.send_modify(|s| {
             s.state = State::Idle;
             s.announced = 0;
@@ -144,6 +159,36 @@ pub async fn run(
             _ = shutdown.changed() => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Waits for the BFD session to be Up; false if told to stop first. Connections the peer
+/// opens meanwhile are closed: the path is not proven yet.
+async fn bfd_up(
+    bfd: &mut watch::Receiver<bfd::Status>,
+    shutdown: &mut watch::Receiver<Option<Stop>>,
+    inbound: &mut mpsc::Receiver<TcpStream>,
+) -> bool {
+    loop {
+        if bfd.borrow_and_update().state == bfd::packet::State::Up {
+            return true;
+        }
+        tokio::select! {
+            changed = bfd.changed() => if changed.is_err() { return false },
+            _ = shutdown.changed() => if shutdown.borrow().is_some() { return false },
+            Some(early) = inbound.recv() => drop(early),
+        }
+    }
+}
+
+/// Returns when the BFD session leaves Up (never, once BFD has stopped).
+async fn bfd_down(bfd: &mut watch::Receiver<bfd::Status>) {
+    if bfd
+        .wait_for(|s| s.state != bfd::packet::State::Up)
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
     }
 }
 

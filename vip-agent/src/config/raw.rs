@@ -78,6 +78,15 @@ pub(super) struct RawBgp {
     pub(super) drain_time: u64,
     #[serde(default)]
     pub(super) listen: bool,
+    /// BFD with every peer (a peer's own `bfd` overrides).
+    #[serde(default)]
+    pub(super) bfd: bool,
+    #[serde(default = "default_bfd_interval")]
+    pub(super) bfd_min_tx: Spanned<u64>,
+    #[serde(default = "default_bfd_interval")]
+    pub(super) bfd_min_rx: Spanned<u64>,
+    #[serde(default = "default_bfd_multiplier")]
+    pub(super) bfd_multiplier: Spanned<u8>,
     #[serde(default, rename = "peer")]
     pub(super) peers: Vec<Spanned<RawPeer>>,
 }
@@ -94,6 +103,7 @@ pub(super) struct RawPeer {
     pub(super) router_id: Option<Ipv4Addr>,
     pub(super) password: Option<Spanned<String>>,
     pub(super) hold_time: Option<Spanned<u16>>,
+    pub(super) bfd: Option<bool>,
     pub(super) med: Option<u32>,
     pub(super) local_pref: Option<u32>,
     #[serde(default)]
@@ -288,6 +298,12 @@ fn default_gue_port() -> u16 {
 }
 fn default_zero_u16() -> Spanned<u16> {
     Spanned::new(0..0, 0)
+}
+fn default_bfd_interval() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_BFD_INTERVAL_MS)
+}
+fn default_bfd_multiplier() -> Spanned<u8> {
+    Spanned::new(0..0, DEFAULT_BFD_MULTIPLIER)
 }
 fn default_hold_time() -> Spanned<u16> {
     Spanned::new(0..0, 9)

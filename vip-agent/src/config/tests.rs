@@ -156,11 +156,20 @@ router_id = "198.18.0.2"
 hold_time = 9
 drain_time = 5
 next_hop_v6 = "fd00:18::2"
+bfd = true
+bfd_min_tx = 100
+bfd_min_rx = 200
+bfd_multiplier = 4
 
 [[bgp.peer]]
 address = "198.18.0.1"
 asn = 65000
 password = "secret"
+
+[[bgp.peer]]
+address = "198.18.0.3"
+asn = 65000
+bfd = false
 
 [[vip]]
 address = "198.19.0.1"
@@ -190,6 +199,56 @@ gue_port = 6080
 [[vip.backend]]
 address = "fd00:1::1"
 "#;
+
+#[test]
+fn bfd_per_peer_with_timers_that_a_reload_applies() {
+    let c = parse(Path::new("vip.toml"), FULL).unwrap();
+    let bgp = c.bgp.as_ref().unwrap();
+    assert!(
+        bgp.peers[0].bfd,
+        "`bfd` under [bgp] is every peer's default"
+    );
+    assert!(!bgp.peers[1].bfd, "a peer's own `bfd` wins");
+    assert_eq!(
+        bgp.bfd_timers,
+        crate::bfd::Timers {
+            min_tx: Duration::from_millis(100),
+            min_rx: Duration::from_millis(200),
+            multiplier: 4,
+        }
+    );
+    let defaults = parse(
+        Path::new("vip.toml"),
+        &FULL.replace("bfd_min_tx = 100\n", ""),
+    )
+    .unwrap();
+    assert_eq!(
+        defaults.bgp.unwrap().bfd_timers.min_tx,
+        Duration::from_millis(300)
+    );
+
+    let e = error(&FULL.replace("bfd_min_tx = 100", "bfd_min_tx = 5"));
+    assert_eq!(e.field, "bgp.bfd_min_tx");
+    assert!(e.message.contains("10 to 60000"), "{e}");
+    let e = error(&FULL.replace("bfd_multiplier = 4", "bfd_multiplier = 0"));
+    assert_eq!(e.field, "bgp.bfd_multiplier");
+    let e = error(&FULL.replace("bfd_multiplier = 4", "bfd_multiplier = 256"));
+    assert!(e.to_string().contains("bfd_multiplier"), "{e}");
+
+    // Timers change by reload; switching BFD on or off for a peer needs a restart.
+    let slower = parse(
+        Path::new("vip.toml"),
+        &FULL.replace("bfd_min_tx = 100", "bfd_min_tx = 400"),
+    )
+    .unwrap();
+    assert!(c.restart_needed(&slower).is_empty());
+    let off = parse(
+        Path::new("vip.toml"),
+        &FULL.replace("bfd = true", "bfd = false"),
+    )
+    .unwrap();
+    assert_eq!(c.restart_needed(&off), ["bgp"]);
+}
 
 /// Values that mutations put where numbers and addresses stand: edges, overflows, and
 /// addresses that are no host's.

@@ -144,8 +144,16 @@ pub struct BgpConfig {
     /// Accept connections from configured peers on port 179 (always, when a peer is passive);
     /// a connection that collides with our own is resolved as RFC 4271 6.8 says.
     pub listen: bool,
+    /// BFD timers of every session (peers with `bfd` on); a reload changes them live.
+    pub bfd_timers: crate::bfd::Timers,
     pub peers: Vec<BgpPeerConfig>,
 }
+
+/// BFD defaults: 300 ms x 3, the common router default (FRR's).
+pub const DEFAULT_BFD_INTERVAL_MS: u64 = 300;
+pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
+/// BFD intervals accepted, in milliseconds.
+pub const BFD_INTERVAL_RANGE_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BgpPeerConfig {
@@ -158,10 +166,32 @@ pub struct BgpPeerConfig {
     pub router_id: Option<Ipv4Addr>,
     pub password: Option<String>,
     pub hold_time: Option<u16>,
+    /// A BFD session with this peer; the BGP session waits for it to be Up and goes down
+    /// with it.
+    pub bfd: bool,
     pub med: Option<u32>,
     pub local_pref: Option<u32>,
     pub communities: Vec<u32>,
     pub large_communities: Vec<[u32; 3]>,
+}
+
+impl BgpConfig {
+    /// These settings but for the BFD timers, which a reload applies live.
+    fn without_bfd_timers(&self) -> Self {
+        Self {
+            bfd_timers: crate::bfd::Timers {
+                min_tx: Duration::ZERO,
+                min_rx: Duration::ZERO,
+                multiplier: 0,
+            },
+            ..self.clone()
+        }
+    }
+
+    /// Whether some peer runs BFD.
+    pub fn has_bfd(&self) -> bool {
+        self.peers.iter().any(|p| p.bfd)
+    }
 }
 
 impl Config {
@@ -206,7 +236,11 @@ impl Config {
             ),
             (*max_vips != n.max_vips, "node.max_vips"),
             (*max_backends != n.max_backends, "node.max_backends"),
-            (self.bgp != new.bgp, "bgp"),
+            (
+                self.bgp.as_ref().map(BgpConfig::without_bfd_timers)
+                    != new.bgp.as_ref().map(BgpConfig::without_bfd_timers),
+                "bgp",
+            ),
             (self.kernel_routes != new.kernel_routes, "announce"),
         ]
         .into_iter()

@@ -128,6 +128,7 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
         communities_of(&b.communities, &b.large_communities, &|span, which, m| {
             err(span, format!("bgp.{which}"), m)
         })?;
+    let bfd_timers = bfd_timers(&b, err)?;
     let mut peers = Vec::new();
     let mut seen = HashSet::new();
     for (i, p) in b.peers.into_iter().enumerate() {
@@ -184,6 +185,7 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
             router_id: p.router_id,
             password: p.password.map(|s| s.into_inner()),
             hold_time: p.hold_time.map(|h| h.into_inner()),
+            bfd: p.bfd.unwrap_or(b.bfd),
             med: p.med,
             local_pref: p.local_pref,
             communities: pc,
@@ -201,7 +203,40 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
         large_communities,
         drain_time: drain_time(b.drain_time, "bgp.drain_time", err)?,
         listen: b.listen || peers.iter().any(|p| p.passive),
+        bfd_timers,
         peers,
+    })
+}
+
+fn bfd_timers(b: &RawBgp, err: &Located) -> Result<crate::bfd::Timers, ConfigError> {
+    let interval = |v: &Spanned<u64>, field: &str| {
+        let ms = *v.get_ref();
+        if BFD_INTERVAL_RANGE_MS.contains(&ms) {
+            Ok(Duration::from_millis(ms))
+        } else {
+            Err(err(
+                &v.span(),
+                format!("bgp.{field}"),
+                format!(
+                    "{ms}: use {} to {} milliseconds",
+                    BFD_INTERVAL_RANGE_MS.start(),
+                    BFD_INTERVAL_RANGE_MS.end()
+                ),
+            ))
+        }
+    };
+    let multiplier = *b.bfd_multiplier.get_ref();
+    if multiplier == 0 {
+        return Err(err(
+            &b.bfd_multiplier.span(),
+            "bgp.bfd_multiplier".into(),
+            "0: use 1 to 255 (3 is usual)".into(),
+        ));
+    }
+    Ok(crate::bfd::Timers {
+        min_tx: interval(&b.bfd_min_tx, "bfd_min_tx")?,
+        min_rx: interval(&b.bfd_min_rx, "bfd_min_rx")?,
+        multiplier,
     })
 }
 

@@ -7,6 +7,6 @@ mod protocol;
 pub mod server;
 
 pub use protocol::{
-    AgentStatus, ControlError, DrainOutcome, DrainTarget, MAX_MESSAGE, PeerStatus, Request,
-    Response,
+    AgentStatus, BfdStatus, ControlError, DrainOutcome, DrainTarget, MAX_MESSAGE, PeerStatus,
+    Request, Response,
 };

@@ -58,6 +58,43 @@ pub struct PeerStatus {
     pub state: String,
     pub announced: usize,
     pub last_error: Option<String>,
+    /// The BFD session with this peer, when BFD is on for it.
+    pub bfd: Option<BfdStatus>,
+}
+
+/// One BFD session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BfdStatus {
+    /// Ours: AdminDown, Down, Init, Up.
+    pub state: String,
+    /// As the peer last said.
+    pub remote_state: String,
+    /// Why the session last went down.
+    pub diag: String,
+    pub local_discriminator: u32,
+    /// 0 until the peer is heard.
+    pub remote_discriminator: u32,
+    /// The negotiated interval between our packets, in microseconds (the unit on the wire).
+    pub tx_interval_us: u64,
+    /// Silence after which the peer is declared down, in microseconds.
+    pub detection_time_us: u64,
+    /// Times the session left Up.
+    pub flaps: u64,
+}
+
+impl From<crate::bfd::Status> for BfdStatus {
+    fn from(s: crate::bfd::Status) -> Self {
+        Self {
+            state: format!("{:?}", s.state),
+            remote_state: format!("{:?}", s.remote_state),
+            diag: format!("{:?}", s.diag),
+            local_discriminator: s.local_discriminator,
+            remote_discriminator: s.remote_discriminator,
+            tx_interval_us: s.tx_interval.as_micros() as u64,
+            detection_time_us: s.detection_time.as_micros() as u64,
+            flaps: s.flaps,
+        }
+    }
 }
 
 /// What a drain or undrain did.
@@ -104,6 +141,19 @@ impl fmt::Display for Response {
                         write!(f, ", last error: {e}")?;
                     }
                     writeln!(f)?;
+                    if let Some(b) = &p.bfd {
+                        writeln!(
+                            f,
+                            "  bfd: {}, remote {} (discriminator {}), tx {} ms, detection {} ms, {} flaps, last diagnostic {}",
+                            b.state,
+                            b.remote_state,
+                            b.remote_discriminator,
+                            b.tx_interval_us as f64 / 1e3,
+                            b.detection_time_us as f64 / 1e3,
+                            b.flaps,
+                            b.diag
+                        )?;
+                    }
                 }
                 Ok(())
             }

@@ -143,16 +143,23 @@ async fn respond(
                 node_drained: v.node_drained,
                 reloads_ok: v.reloads_ok,
                 reloads_failed: v.reloads_failed,
-                peers: sessions
-                    .status()
-                    .into_iter()
-                    .map(|(peer, s)| PeerStatus {
-                        peer,
-                        state: format!("{:?}", s.state),
-                        announced: s.announced,
-                        last_error: s.last_error,
-                    })
-                    .collect(),
+                peers: {
+                    let bfd = sessions.bfd();
+                    sessions
+                        .status()
+                        .into_iter()
+                        .map(|(peer, s)| PeerStatus {
+                            peer,
+                            state: format!("{:?}", s.state),
+                            announced: s.announced,
+                            last_error: s.last_error,
+                            bfd: bfd
+                                .iter()
+                                .find(|(p, _)| *p == peer)
+                                .map(|(_, b)| (*b).into()),
+                        })
+                        .collect()
+                },
             });
         }
         Request::Drain(target) => (true, target),

@@ -477,8 +477,11 @@ impl Runtime {
         self.status = status;
         self.node_drained = false;
         self.ready = true;
-        // 5. Announce.
+        // 5. Announce, with the BFD timers of the new config.
         self.announce();
+        if let (Some(announcer), Some(bgp)) = (&self.announcer, &self.config.bgp) {
+            announcer.set_bfd_timers(bgp.bfd_timers);
+        }
         // 6. `lo`, and the health checks of the new config.
         match self.lo.sync(&self.config.loopback_addresses()).await {
             Ok((added, removed)) => info!(added, removed, "reloaded"),

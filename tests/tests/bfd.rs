@@ -1,0 +1,230 @@
+//! vip-agent's BFD against BIRD's (`protocol bfd`, `bfd on` on the BGP neighbour), in network
+//! namespaces (the peering lab: router `rt`, LB node `lb1` with the XDP program attached to its
+//! uplink, so every BFD packet crosses it).
+
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
+
+use vip_agent::control::{BfdStatus, Response};
+use vip_tests::{
+    node::{Agent, Netns},
+    peering::{VIP4, bird_config, established, lb_config, topology},
+    router::Bird,
+};
+
+/// The agent's BFD settings: on for the peer, `interval` ms both ways, multiplier 3.
+fn agent_bfd(interval: u64) -> String {
+    format!("bfd = true\nbfd_min_tx = {interval}\nbfd_min_rx = {interval}\nbfd_multiplier = 3\n")
+}
+
+/// BIRD with BFD at `interval` ms x 3 on its links and `bfd on` on the BGP neighbours; a hold
+/// time of 9 s, so only BFD can take a session down quickly.
+fn bird_bfd(lbs: usize, interval: u64) -> String {
+    bird_config(lbs, None).replace("hold time 3;", "hold time 9; bfd on;")
+        + &format!(
+            "protocol bfd {{ interface \"r*\" {{ min rx interval {interval} ms; \
+             min tx interval {interval} ms; multiplier 3; }}; }}\n"
+        )
+}
+
+fn bird_bfd_up(bird: &Bird) -> bool {
+    bird.cli("show bfd sessions")
+        .lines()
+        .any(|l| l.contains("198.18.1.2") && l.contains("Up"))
+}
+
+/// `vip-agent status -o json`'s BFD session with the router.
+fn agent_bfd_status(lb: &Netns) -> BfdStatus {
+    let pins = lb.pin_dir.to_string_lossy().into_owned();
+    let json = lb.agent_cli(&["status", "--pin-dir", &pins, "-o", "json"]);
+    let whole: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let status: Response =
+        serde_json::from_value(whole["agent"]["Ok"].clone()).expect("the agent's status");
+    match status {
+        Response::Status(mut s) => s.peers.remove(0).bfd.expect("a BFD session"),
+        _ => panic!("not a status: {json}"),
+    }
+}
+
+fn metrics(lb: &Netns) -> String {
+    lb.within(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut r = String::new();
+        c.read_to_string(&mut r).unwrap();
+        r
+    })
+}
+
+/// Makes the LB node vanish for the router: every frame on the router's side of its link is
+/// dropped (carrier stays up, so the router keeps its next hop and only BFD or the hold time
+/// can tell). Undone when dropped.
+struct Cut {
+    _links: Vec<std::os::fd::OwnedFd>,
+}
+
+impl Cut {
+    fn router_side(rt: &Netns, dev: &str) -> Self {
+        let dev = dev.to_owned();
+        let links = rt.within(move || vip_tests::tc::drop_all(&dev).expect("tc drop program"));
+        Cut { _links: links }
+    }
+}
+
+#[test]
+fn bfd_comes_up_with_bird_before_bgp_and_shows_in_status_and_metrics() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_bfd(1, 100));
+    let _agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    bird.wait_for(bird_bfd_up, "BIRD's BFD session Up");
+    bird.wait_for(|b| established(b, "lb1"), "the BGP session");
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    // Both sides at the configured rate once the Poll Sequences are done.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let bfd = loop {
+        let bfd = agent_bfd_status(&lbs[0]);
+        if bfd.tx_interval_us == 100_000 || Instant::now() > deadline {
+            break bfd;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(bfd.state, "Up", "{bfd:?}");
+    assert_eq!(bfd.remote_state, "Up", "{bfd:?}");
+    assert_eq!(bfd.tx_interval_us, 100_000, "{bfd:?}");
+    assert_eq!(bfd.detection_time_us, 300_000, "{bfd:?}");
+    assert_ne!(bfd.remote_discriminator, 0, "{bfd:?}");
+    assert_eq!(bfd.flaps, 0, "{bfd:?}");
+    let m = metrics(&lbs[0]);
+    assert!(
+        m.contains("vip_bfd_session_up{peer=\"198.18.1.1\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("vip_bfd_detection_time_seconds{peer=\"198.18.1.1\"} 0.3"),
+        "{m}"
+    );
+    // BIRD agrees on the intervals.
+    let sessions = bird.cli("show bfd sessions");
+    assert!(sessions.contains("0.100"), "{sessions}");
+}
+
+#[test]
+fn bgp_waits_for_bfd_when_the_router_runs_none() {
+    let (rt, lbs) = topology(1);
+    // BIRD without BFD: the agent's BFD never comes up, so neither does its BGP session.
+    let bird = Bird::start(&rt, &bird_config(1, None));
+    let _agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    thread::sleep(Duration::from_secs(4));
+    assert!(
+        !established(&bird, "lb1"),
+        "{}",
+        bird.cli("show protocols lb1")
+    );
+    let bfd = agent_bfd_status(&lbs[0]);
+    assert_eq!(bfd.state, "Down", "{bfd:?}");
+    let pins = lbs[0].pin_dir.to_string_lossy().into_owned();
+    let status = lbs[0].agent_cli(&["status", "--pin-dir", &pins]);
+    assert!(status.contains("bgp peer 198.18.1.1: Idle"), "{status}");
+}
+
+#[test]
+fn a_dead_lb_node_is_dropped_within_the_detection_time() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_bfd(1, 100));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.wait_for(
+        |b| b.cli("show bfd sessions").contains("0.100"),
+        "BFD at 100 ms",
+    );
+    let _cut = Cut::router_side(&rt, "r1");
+    let cut = Instant::now();
+    agent.kill();
+    bird.wait_for(|b| !b.cli("show route").contains(VIP4), "the route gone");
+    let took = cut.elapsed();
+    eprintln!("route gone {took:?} after the cut");
+    // 300 ms detection; the hold time (9 s) would take thirty times as long. The margin is
+    // for BIRD's CLI polling on a shared machine.
+    assert!(took < Duration::from_secs(3), "route removal took {took:?}");
+    assert!(
+        bird.cli("show protocols all lb1")
+            .contains("BFD session down"),
+        "{}",
+        bird.cli("show protocols all lb1")
+    );
+}
+
+#[test]
+fn a_timer_change_by_reload_is_negotiated_without_a_flap() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_bfd(1, 100));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.wait_for(
+        |b| b.cli("show bfd sessions").contains("0.100"),
+        "BFD at 100 ms",
+    );
+    agent.rewrite_config(&lb_config(&lbs[0], 1, &agent_bfd(400), &[VIP4]));
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("reloaded", 1);
+    // BIRD sends at the slower of its rate and our Required Min RX: 400 ms now.
+    bird.wait_for(
+        |b| b.cli("show bfd sessions").contains("0.400"),
+        "BIRD at 400 ms",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agent_bfd_status(&lbs[0]).tx_interval_us != 400_000 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    let bfd = agent_bfd_status(&lbs[0]);
+    assert_eq!(bfd.tx_interval_us, 400_000, "{bfd:?}");
+    assert_eq!(bfd.detection_time_us, 1_200_000, "{bfd:?}");
+    assert_eq!(bfd.flaps, 0, "{bfd:?}");
+    assert!(established(&bird, "lb1"));
+    assert_eq!(
+        agent.log_text().matches("BGP session established").count(),
+        1
+    );
+}
+
+#[test]
+fn bird_restarted_takes_bgp_down_with_bfd_and_both_come_back() {
+    let (rt, lbs) = topology(1);
+    let mut bird = Bird::start(&rt, &bird_bfd(1, 100));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.stop();
+    agent.wait_for_log("BFD session down", 1);
+    let bird = Bird::start(&rt, &bird_bfd(1, 100));
+    bird.wait_for(bird_bfd_up, "BFD Up again");
+    bird.wait_for(
+        |b| b.cli("show route").contains(VIP4),
+        "the route after the router restarted",
+    );
+    let bfd = agent_bfd_status(&lbs[0]);
+    assert_eq!(bfd.state, "Up", "{bfd:?}");
+    assert_eq!(bfd.flaps, 1, "{bfd:?}");
+}
