@@ -228,3 +228,72 @@ fn bird_restarted_takes_bgp_down_with_bfd_and_both_come_back() {
     assert_eq!(bfd.state, "Up", "{bfd:?}");
     assert_eq!(bfd.flaps, 1, "{bfd:?}");
 }
+
+/// Packets from the router's address that are no valid BFD for this session: each refused and
+/// counted by reason, the agent up, the real session undisturbed.
+#[test]
+fn malformed_and_off_link_bfd_packets_are_refused_and_counted() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_bfd(1, 100));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    let valid = vip_agent::bfd::packet::encode(&vip_agent::bfd::packet::Control {
+        diag: vip_agent::bfd::packet::Diag::None,
+        state: vip_agent::bfd::packet::State::Down,
+        poll: false,
+        final_: false,
+        detect_mult: 3,
+        my_discriminator: 12345,
+        your_discriminator: 0,
+        desired_min_tx_us: 1_000_000,
+        required_min_rx_us: 1_000_000,
+    });
+    let mut authenticated = valid;
+    authenticated[1] |= 0x04;
+    let mut version_2 = valid;
+    version_2[0] = 0x40;
+    let mut stranger = valid;
+    stranger[8..12].copy_from_slice(&7u32.to_be_bytes());
+    let sent: Vec<(Vec<u8>, u32)> = vec![
+        (valid[..10].to_vec(), 255),
+        (version_2.to_vec(), 255),
+        (authenticated.to_vec(), 255),
+        (stranger.to_vec(), 255),
+        // Off link (TTL below 255): refused before it is read.
+        (valid.to_vec(), 64),
+    ];
+    rt.within(move || {
+        for (bytes, ttl) in sent {
+            for _ in 0..10 {
+                let s = std::net::UdpSocket::bind("198.18.1.1:0").unwrap();
+                s.set_ttl(ttl).unwrap();
+                s.send_to(&bytes, ("198.18.1.2", vip_agent::bfd::PORT))
+                    .unwrap();
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    let m = metrics(&lbs[0]);
+    for reason in [
+        "length",
+        "version",
+        "authentication",
+        "unknown_session",
+        "ttl",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "vip_bfd_packets_refused_total{{reason=\"{reason}\"}} 10"
+            )),
+            "{reason}: {m}"
+        );
+    }
+    assert!(agent.running());
+    let bfd = agent_bfd_status(&lbs[0]);
+    assert_eq!((bfd.state.as_str(), bfd.flaps), ("Up", 0), "{bfd:?}");
+    assert!(established(&bird, "lb1"));
+}

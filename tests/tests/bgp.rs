@@ -496,7 +496,9 @@ fn a_restart_keeps_routes_with_graceful_restart_and_a_stop_withdraws_them() {
     assert!(again.wait(), "{}", again.log_text());
 }
 
-/// The same with FRR: after a restart its route to the VIP is kept as stale.
+/// The same with FRR, which sets the N bit (RFC 8538) as vip does: a restart ends the session
+/// with Cease / Administrative Reset and FRR keeps the route as stale; a stop sends Cease / Hard
+/// Reset, after which FRR keeps nothing.
 #[test]
 fn frr_keeps_the_routes_of_a_restarting_agent() {
     let (rt, lbs) = topology(1);
@@ -513,6 +515,8 @@ fn frr_keeps_the_routes_of_a_restarting_agent() {
             .contains(&format!("{VIP4}/32"))
     };
     frr.wait_for(has_route, "the VIP at FRR");
+    let neighbor = frr.cli("show bgp neighbors 198.18.1.2");
+    assert!(neighbor.contains("N bit: True"), "{neighbor}");
     agent.signal(libc::SIGUSR2);
     assert_eq!(agent.exit_status().code(), Some(75), "{}", agent.log_text());
     thread::sleep(Duration::from_secs(4));
@@ -521,7 +525,12 @@ fn frr_keeps_the_routes_of_a_restarting_agent() {
         table.contains("stale") || table.contains("Stale"),
         "{table}"
     );
-    let _again = Agent::start(&lbs[0], &lb_conf, &[]);
+    let neighbor = frr.cli("show bgp neighbors 198.18.1.2");
+    assert!(
+        neighbor.contains("Cease/Administrative Reset"),
+        "{neighbor}"
+    );
+    let mut again = Agent::start(&lbs[0], &lb_conf, &[]);
     frr.wait_for(
         |f| {
             let t = f.cli(&format!("show bgp ipv4 unicast {VIP4}/32"));
@@ -529,6 +538,12 @@ fn frr_keeps_the_routes_of_a_restarting_agent() {
         },
         "the route refreshed by the next agent",
     );
+    again.signal(libc::SIGTERM);
+    assert!(again.wait(), "{}", again.log_text());
+    frr.wait_for(|f| !has_route(f), "the route gone after a stop");
+    let neighbor = frr.cli("show bgp neighbors 198.18.1.2");
+    assert!(neighbor.contains("Hard Reset"), "{neighbor}");
+    assert!(!neighbor.contains("Stale"), "{neighbor}");
 }
 
 /// A scripted router: it accepts the agent's connection, then misbehaves.

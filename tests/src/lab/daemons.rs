@@ -26,11 +26,21 @@ impl Lab {
              protocol kernel {{ ipv6 {{ export all; }}; merge paths on; persist; }}\n",
             dir.join("bird.log").display()
         );
+        let bfd = match s.bfd {
+            Some(ms) => {
+                conf += &format!(
+                    "protocol bfd {{ interface \"r-lb*\" {{ min rx interval {ms} ms; \
+                     min tx interval {ms} ms; multiplier 3; }}; }}\n"
+                );
+                "bfd on;"
+            }
+            None => "",
+        };
         for i in 1..=s.lbs {
             let (a4, r4, _, _) = lb_addrs(i);
             conf += &format!(
                 "protocol bgp lb{i} {{ local {r4} as {ROUTER_ASN}; neighbor {a4} as {LB_ASN}; \
-                 hold time 3; connect retry time 1; error wait time 1, 2; \
+                 hold time 3; connect retry time 1; error wait time 1, 2; {bfd} \
                  ipv4 {{ import all; export none; }}; ipv6 {{ import all; export none; }}; }}\n"
             );
         }
@@ -121,10 +131,13 @@ impl Lab {
         let mut c = format!(
             "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"{a4}\"\nsource_v6 = \"{a6}\"\npin_dir = \"{}\"\n\
              control_socket = \"{}\"\n\n\
-             [bgp]\nasn = {LB_ASN}\nrouter_id = \"{a4}\"\nhold_time = 3\nnext_hop_v6 = \"{a6}\"\n\
+             [bgp]\nasn = {LB_ASN}\nrouter_id = \"{a4}\"\nhold_time = 3\nnext_hop_v6 = \"{a6}\"\n{bfd}\
              [[bgp.peer]]\naddress = \"{r4}\"\nasn = {ROUTER_ASN}\n",
             self.spec.pin_dir(&format!("lb{i}")).display(),
             self.spec.control_socket(&format!("lb{i}")).display(),
+            bfd = self.spec.bfd.map_or(String::new(), |ms| format!(
+                "bfd = true\nbfd_min_tx = {ms}\nbfd_min_rx = {ms}\nbfd_multiplier = 3\n"
+            )),
         );
         for (vip, proto, port) in [
             (VIP4, "tcp", TCP_PORT),

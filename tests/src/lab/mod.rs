@@ -69,6 +69,8 @@ pub struct LabSpec {
     pub gue: bool,
     /// A `[vip.health]` table for every VIP, e.g. `check = "tcp"`.
     pub health: Option<String>,
+    /// BFD between the router and the LB nodes at this interval (ms, both ways, x 3).
+    pub bfd: Option<u64>,
 }
 
 /// The lab's GUE port.
@@ -82,6 +84,7 @@ impl LabSpec {
             weights: vec![1, 1, 1],
             gue: false,
             health: None,
+            bfd: None,
         }
     }
 

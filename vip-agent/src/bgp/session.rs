@@ -93,11 +93,14 @@ enum End {
 /// How a session ends when the speaker stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
-    /// The node stops serving: Cease / administrative shutdown (the peer drops the routes).
+    /// The node stops serving: Cease / Administrative Shutdown (the peer drops the routes),
+    /// wrapped in Cease / Hard Reset where the N bit makes any other NOTIFICATION a graceful
+    /// restart (RFC 8538).
     Withdraw,
-    /// The agent restarts while the pinned datapath forwards: the connection closes without a
-    /// NOTIFICATION, so a peer that negotiated graceful restart keeps the routes, stale, until
-    /// the new agent is back (RFC 4724 section 4.2).
+    /// The agent restarts while the pinned datapath forwards: a peer that negotiated graceful
+    /// restart keeps the routes, stale, until the new agent is back. The session ends with
+    /// Cease / Administrative Reset where both sides set the N bit (RFC 8538), so the peer
+    /// learns why; otherwise the connection closes without a NOTIFICATION (RFC 4724 4.2).
     Restart,
 }
 
@@ -521,10 +524,23 @@ async fn session(
             }
             _ = shutdown.changed() => {
                 let stop = *shutdown.borrow();
+                // With graceful restart and the N bit on both sides (RFC 8538), a peer keeps
+                // the routes on any NOTIFICATION but Cease / Hard Reset.
+                let notification_gr = local.graceful_restart.is_some() && open.graceful_notification;
                 match stop {
                     Some(Stop::Withdraw) => {
-                        let cease = Notification::new(code::CEASE, code::ADMINISTRATIVE_SHUTDOWN, &[]);
+                        let shutdown = [code::CEASE, code::ADMINISTRATIVE_SHUTDOWN];
+                        let cease = if notification_gr {
+                            Notification::new(code::CEASE, code::HARD_RESET, &shutdown)
+                        } else {
+                            Notification::new(shutdown[0], shutdown[1], &[])
+                        };
                         let _ = conn.notify(cease).await;
+                        return Ok(End::Shutdown);
+                    }
+                    Some(Stop::Restart) if notification_gr => {
+                        let reset = Notification::new(code::CEASE, code::ADMINISTRATIVE_RESET, &[]);
+                        let _ = conn.notify(reset).await;
                         return Ok(End::Shutdown);
                     }
                     Some(Stop::Restart) => {

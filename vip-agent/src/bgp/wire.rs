@@ -1,18 +1,16 @@
-//! BGP-4 wire format for an announce-only speaker (RFC 4271, 4760, 6793, 1997, 8092, 2918, 5492).
+//! BGP-4 wire format for an announce-only speaker (RFC 4271, 4760, 6793, 1997, 8092, 2918, 5492,
+//! 4724 and 8538).
 //!
 //! Everything received is checked here before anything interprets it: the header (marker,
 //! length 19..=4096, type), then the body by type, by pattern matching that cannot read out of
 //! bounds. An OPEN yields what vip uses (ASN, hold time, identifier, 4-octet AS, route refresh,
 //! unicast families); other capabilities are skipped, as RFC 5492 says. Received UPDATEs are
 //! never decoded (vip installs no routes), only their two length fields are checked. What we send
-//! is encoded here: OPEN through zettabgp, UPDATE by hand, because zettabgp 0.6 writes an
-//! AS_SEQUENCE as segment type 1 (AS_SET).
+//! is encoded here too, OPEN and UPDATE alike.
 //!
 //! Every malformed input maps to the NOTIFICATION (code, subcode) RFC 4271 section 6 asks for.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-
-use zettabgp::{BgpCapability, BgpMessage as _, BgpSessionParams, BgpTransportMode};
 
 pub const HEADER_LEN: usize = 19;
 pub const MAX_MESSAGE_LEN: usize = 4096;
@@ -47,8 +45,11 @@ pub mod code {
     pub const CEASE: u8 = 6;
     pub const ADMINISTRATIVE_SHUTDOWN: u8 = 2;
     pub const PEER_DECONFIGURED: u8 = 3;
+    pub const ADMINISTRATIVE_RESET: u8 = 4;
     pub const CONNECTION_REJECTED: u8 = 5;
     pub const CONNECTION_COLLISION: u8 = 7;
+    /// RFC 8538: a reset the peer must not treat as a graceful restart.
+    pub const HARD_RESET: u8 = 9;
 }
 
 /// A NOTIFICATION, sent or received.
@@ -107,6 +108,9 @@ pub struct Open {
     pub route_refresh: bool,
     pub ipv4_unicast: bool,
     pub ipv6_unicast: bool,
+    /// The peer advertised graceful restart with the N bit (RFC 8538): a NOTIFICATION other
+    /// than Cease / Hard Reset starts a graceful restart, as a closed connection does.
+    pub graceful_notification: bool,
 }
 
 /// A received message, validated.
@@ -213,9 +217,18 @@ fn check_update(body: &[u8]) -> Result<(), Notification> {
 mod capability {
     pub(super) const MULTIPROTOCOL: u8 = 1;
     pub(super) const ROUTE_REFRESH: u8 = 2;
+    pub(super) const GRACEFUL_RESTART: u8 = 64;
     pub(super) const FOUR_OCTET_AS: u8 = 65;
     pub(super) const ENHANCED_ROUTE_REFRESH: u8 = 70;
 }
+
+/// Graceful restart flags, in the first octet of the capability (RFC 4724, RFC 8538).
+const GR_RESTARTED: u8 = 0x80;
+const GR_NOTIFICATION: u8 = 0x40;
+/// Per family: the forwarding state was preserved (the pinned datapath forwards on).
+const GR_FORWARDING: u8 = 0x80;
+/// AS_TRANS (RFC 6793): the 2-octet AS field of a speaker with a 4-octet ASN.
+const AS_TRANS: u16 = 23456;
 
 /// Optional parameter type of capabilities (RFC 5492).
 const CAPABILITIES_PARAMETER: u8 = 2;
@@ -257,6 +270,7 @@ fn decode_open(body: &[u8]) -> Result<Open, Notification> {
         route_refresh: false,
         ipv4_unicast: false,
         ipv6_unicast: false,
+        graceful_notification: false,
     };
     let mut multiprotocol = false;
     let mut params = &body[10..];
@@ -287,8 +301,15 @@ fn decode_open(body: &[u8]) -> Result<Open, Notification> {
                 (capability::ROUTE_REFRESH | capability::ENHANCED_ROUTE_REFRESH, []) => {
                     out.route_refresh = true;
                 }
+                // Restart flags and time, then 4 octets per family.
+                (capability::GRACEFUL_RESTART, [flags, _, families @ ..])
+                    if families.len() % 4 == 0 =>
+                {
+                    out.graceful_notification = flags & GR_NOTIFICATION != 0;
+                }
                 (
                     capability::MULTIPROTOCOL
+                    | capability::GRACEFUL_RESTART
                     | capability::FOUR_OCTET_AS
                     | capability::ROUTE_REFRESH
                     | capability::ENHANCED_ROUTE_REFRESH,
@@ -343,44 +364,45 @@ pub struct OpenParams {
     pub graceful_restart: Option<(u16, bool)>,
 }
 
+/// Our OPEN: one capabilities parameter with both unicast families, route refresh, the
+/// 4-octet ASN and, when on, graceful restart with the N bit (RFC 8538) and both families'
+/// forwarding state preserved.
 pub fn encode_open(p: &OpenParams) -> Vec<u8> {
-    let mut caps = vec![
-        BgpCapability::SafiIPv4u,
-        BgpCapability::SafiIPv6u,
-        BgpCapability::CapRR,
-        BgpCapability::CapASN32(p.asn),
-    ];
-    if let Some((restart_time, restarted)) = p.graceful_restart {
-        caps.push(BgpCapability::CapGR {
-            restart_time: restart_time.min(4095),
-            restart_state: restarted,
-            afis: vec![
-                zettabgp::BgpCapGR {
-                    afi: 1,
-                    safi: 1,
-                    forwarding_state: true,
-                },
-                zettabgp::BgpCapGR {
-                    afi: 2,
-                    safi: 1,
-                    forwarding_state: true,
-                },
-            ],
-        });
+    let mut caps = Vec::new();
+    for afi in [AFI_IPV4, AFI_IPV6] {
+        caps.extend([capability::MULTIPROTOCOL, 4]);
+        caps.extend(afi.to_be_bytes());
+        caps.extend([0, SAFI_UNICAST]);
     }
-    let params = BgpSessionParams::new(
-        p.asn,
-        p.hold_time,
-        BgpTransportMode::IPv4,
-        p.router_id,
-        caps,
-    );
-    let mut body = [0u8; 256];
-    let len = params
-        .open_message()
-        .encode_to(&params, &mut body)
-        .expect("our OPEN fits 256 bytes");
-    frame(OPEN, &body[..len])
+    caps.extend([capability::ROUTE_REFRESH, 0]);
+    caps.extend([capability::FOUR_OCTET_AS, 4]);
+    caps.extend(p.asn.to_be_bytes());
+    if let Some((restart_time, restarted)) = p.graceful_restart {
+        let flags = GR_NOTIFICATION | if restarted { GR_RESTARTED } else { 0 };
+        let time = restart_time.min(4095).to_be_bytes();
+        caps.extend([
+            capability::GRACEFUL_RESTART,
+            2 + 2 * 4,
+            flags | time[0],
+            time[1],
+        ]);
+        for afi in [AFI_IPV4, AFI_IPV6] {
+            caps.extend(afi.to_be_bytes());
+            caps.extend([SAFI_UNICAST, GR_FORWARDING]);
+        }
+    }
+    let two_octet_as = u16::try_from(p.asn).unwrap_or(AS_TRANS);
+    let mut body = vec![4];
+    body.extend(two_octet_as.to_be_bytes());
+    body.extend(p.hold_time.to_be_bytes());
+    body.extend(p.router_id.octets());
+    body.extend([
+        2 + caps.len() as u8,
+        CAPABILITIES_PARAMETER,
+        caps.len() as u8,
+    ]);
+    body.extend(caps);
+    frame(OPEN, &body)
 }
 
 pub fn encode_keepalive() -> Vec<u8> {
@@ -575,6 +597,36 @@ mod tests {
             (3, Ipv4Addr::new(198, 18, 0, 2))
         );
         assert!(o.four_octet_as && o.route_refresh && o.ipv4_unicast && o.ipv6_unicast);
+        assert!(o.graceful_notification);
+    }
+
+    /// The graceful restart capability as RFC 4724 and 8538 lay it out: flags R and N above
+    /// the 12-bit restart time, then each family with its forwarding-state bit.
+    #[test]
+    fn graceful_restart_capability_carries_the_n_bit() {
+        let open = encode_open(&OpenParams {
+            asn: 65001,
+            hold_time: 9,
+            router_id: Ipv4Addr::new(198, 18, 0, 2),
+            graceful_restart: Some((300, true)),
+        });
+        let gr = [64, 10, 0xc1, 0x2c, 0, 1, 1, 0x80, 0, 2, 1, 0x80];
+        assert!(open.windows(gr.len()).any(|w| w == gr), "{open:02x?}");
+        // The 2-octet AS field holds the ASN itself when it fits.
+        assert_eq!(
+            &open[HEADER_LEN + 1..HEADER_LEN + 3],
+            &65001u16.to_be_bytes()
+        );
+        let without = encode_open(&OpenParams {
+            asn: 65001,
+            hold_time: 9,
+            router_id: Ipv4Addr::new(198, 18, 0, 2),
+            graceful_restart: None,
+        });
+        let Message::Open(o) = parse_message(&without).unwrap() else {
+            panic!("not an OPEN");
+        };
+        assert!(!o.graceful_notification);
     }
 
     #[test]
