@@ -10,7 +10,7 @@ use std::{
 use vip_agent::control::{BfdStatus, Response};
 use vip_tests::{
     node::{Agent, Netns},
-    peering::{VIP4, bird_config, established, lb_config, topology},
+    peering::{VIP4, VIP6, bird_config, established, lb_config, topology},
     router::Bird,
 };
 
@@ -296,4 +296,97 @@ fn malformed_and_off_link_bfd_packets_are_refused_and_counted() {
     let bfd = agent_bfd_status(&lbs[0]);
     assert_eq!((bfd.state.as_str(), bfd.flaps), ("Up", 0), "{bfd:?}");
     assert!(established(&bird, "lb1"));
+}
+
+#[test]
+fn bfd_over_ipv6_carries_an_ipv6_bgp_session() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(
+        &rt,
+        &bird_bfd(1, 100).replace(
+            "local 198.18.1.1 as 65000; neighbor 198.18.1.2",
+            "local fd00:18:1::1 as 65000; neighbor fd00:18:1::2",
+        ),
+    );
+    let _agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP6])
+            .replace("address = \"198.18.1.1\"", "address = \"fd00:18:1::1\""),
+        &[],
+    );
+    bird.wait_for(
+        |b| {
+            b.cli("show bfd sessions")
+                .lines()
+                .any(|l| l.contains("fd00:18:1::2") && l.contains("Up"))
+        },
+        "BIRD's BFD session over IPv6 Up",
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP6), "the IPv6 route");
+    let bfd = agent_bfd_status(&lbs[0]);
+    assert_eq!(bfd.state, "Up", "{bfd:?}");
+}
+
+/// The router dies (its side of the link drops everything): the agent's BGP session goes
+/// down within the detection time, not after the 9 s hold time.
+#[test]
+fn a_dead_router_takes_the_bgp_session_down_within_the_detection_time() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &bird_bfd(1, 100));
+    let mut agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]).replace("hold_time = 3", "hold_time = 9"),
+        &[],
+    );
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.wait_for(
+        |b| b.cli("show bfd sessions").contains("0.100"),
+        "BFD at 100 ms",
+    );
+    let _cut = Cut::router_side(&rt, "r1");
+    let cut = Instant::now();
+    agent.wait_for_log("BGP session down", 1);
+    let took = cut.elapsed();
+    assert!(took < Duration::from_secs(3), "BGP went down after {took:?}");
+    let log = agent.log_text();
+    assert!(log.contains("BFD session down"), "{log}");
+    let bfd = agent_bfd_status(&lbs[0]);
+    assert_eq!(bfd.diag, "ControlDetectionTimeExpired", "{bfd:?}");
+}
+
+/// A planned restart (SIGUSR2) with graceful restart and BFD: the agent's BFD session ends
+/// (with AdminDown) together with its BGP session. A router that treats BFD down as the start
+/// of a graceful restart (BIRD: `bfd graceful`) keeps the route, stale, until the next agent is
+/// back and BFD and BGP come up again; with plain `bfd on`, BIRD 2.0 drops it at once.
+#[test]
+fn a_restart_with_graceful_restart_keeps_the_route_where_bfd_down_is_graceful() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(
+        &rt,
+        &bird_bfd(1, 100).replace("bfd on;", "bfd graceful; graceful restart on;"),
+    );
+    let config = lb_config(
+        &lbs[0],
+        1,
+        &(agent_bfd(100) + "graceful_restart_time = 30\n"),
+        &[VIP4],
+    );
+    let mut agent = Agent::start(&lbs[0], &config, &[]);
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.wait_for(
+        |b| b.cli("show bfd sessions").contains("0.100"),
+        "BFD at 100 ms",
+    );
+    agent.signal(libc::SIGUSR2);
+    assert_eq!(agent.exit_status().code(), Some(75), "{}", agent.log_text());
+    thread::sleep(Duration::from_secs(2));
+    assert!(
+        bird.cli("show route").contains(VIP4),
+        "route dropped on a restart: {}",
+        bird.cli("show protocols all lb1")
+    );
+    let _again = Agent::start(&lbs[0], &config, &[]);
+    bird.wait_for(bird_bfd_up, "BFD Up again");
+    bird.wait_for(|b| established(b, "lb1"), "the session again");
+    assert!(bird.cli("show route").contains(VIP4));
 }
