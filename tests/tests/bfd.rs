@@ -347,7 +347,10 @@ fn a_dead_router_takes_the_bgp_session_down_within_the_detection_time() {
     let cut = Instant::now();
     agent.wait_for_log("BGP session down", 1);
     let took = cut.elapsed();
-    assert!(took < Duration::from_secs(3), "BGP went down after {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "BGP went down after {took:?}"
+    );
     let log = agent.log_text();
     assert!(log.contains("BFD session down"), "{log}");
     let bfd = agent_bfd_status(&lbs[0]);

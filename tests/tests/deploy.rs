@@ -36,6 +36,32 @@ fn localize(line: &str, config: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `GET path` from the agent's metrics listener in `ns`.
+fn http_get(ns: &Netns, path: &str) -> Option<String> {
+    let path = path.to_owned();
+    ns.within(move || {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").ok()?;
+        c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut r = String::new();
+        c.read_to_string(&mut r).ok()?;
+        Some(r)
+    })
+}
+
+/// Waits up to 15 s for `ok` on the agent's answer to `GET path`.
+fn wait_http(ns: &Netns, path: &str, ok: impl Fn(&str) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if http_get(ns, path).is_some_and(|r| ok(&r)) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
 #[test]
 fn systemd_unit_starts_reloads_and_stops_the_agent() {
     let unit = fs::read_to_string(repo().join("deploy/systemd/vip-agent.service")).unwrap();
@@ -73,18 +99,7 @@ fn systemd_unit_starts_reloads_and_stops_the_agent() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let get = |path: &str| {
-        let path = path.to_owned();
-        ns.within(move || {
-            use std::io::{Read, Write};
-            let mut c = std::net::TcpStream::connect("127.0.0.1:9100").ok()?;
-            c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-                .ok()?;
-            let mut r = String::new();
-            c.read_to_string(&mut r).ok()?;
-            Some(r)
-        })
-    };
+    let get = |path: &str| http_get(&ns, path);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !get("/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
         assert!(
@@ -197,18 +212,9 @@ fn kubernetes_manifests_validate_and_match_the_agent() {
 
     for name in ["lb-daemonset.yaml", "backend-daemonset.yaml"] {
         let manifest = fs::read_to_string(dir.join(name)).unwrap();
-        let config =
-            std::env::temp_dir().join(format!("vip-k8s-{}-{name}.toml", std::process::id()));
-        fs::write(&config, embedded_config(&manifest)).unwrap();
-        let out = agent(&["check-config", config.to_str().unwrap()]);
-        let _ = fs::remove_file(&config);
         assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(
-            manifest.contains(r#"args: ["run", "--config", "/etc/vip/vip.toml"]"#),
+            manifest
+                .contains(r#"args: ["run", "--config", "/etc/vip/vip.toml", "--watch-config"]"#),
             "{name}"
         );
         assert!(
@@ -219,10 +225,20 @@ fn kubernetes_manifests_validate_and_match_the_agent() {
             manifest.contains("path: /healthz") && manifest.contains("path: /readyz"),
             "{name}"
         );
+        assert!(manifest.contains("hostNetwork: true"), "{name}");
         assert!(
-            manifest.contains("hostNetwork: true") && manifest.contains("privileged: true"),
+            manifest.contains("priorityClassName: system-node-critical")
+                && manifest.contains("tolerations:"),
             "{name}"
         );
+        // Only the init step is privileged (it mounts bpffs for the host and sets sysctls);
+        // the agent runs with the capabilities `the_manifests_capabilities_are_enough` tests.
+        assert_eq!(manifest.matches("privileged: true").count(), 1, "{name}");
+        assert!(
+            manifest.contains("mountPropagation: HostToContainer"),
+            "{name}"
+        );
+        assert!(manifest.contains("mount -t bpf bpf /sys/fs/bpf"), "{name}");
     }
     // The preStop drain is a command the agent knows, and the grace period covers it.
     let lb = fs::read_to_string(dir.join("lb-daemonset.yaml")).unwrap();
@@ -246,4 +262,197 @@ fn alert_rules_pass_promtool() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A manifest's node: a namespace whose `eth0` has `address`, set up as the init step leaves a
+/// host (forwarding on).
+fn node(tag: &str, address: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "eth1", "up"]);
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv4.conf.all.forwarding=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    ns
+}
+
+/// `vip-agent ARGS` in `ns`'s network (the host's mounts), with `env`.
+fn agent_in(ns: &Netns, env: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name))
+        .arg(agent_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// One ConfigMap for every node: rendered for three nodes with their own downward-API host IP
+/// (and their own addresses for "auto"), each node's effective config has its own addresses.
+#[test]
+fn one_config_renders_per_node() {
+    let dir = repo().join("deploy/kubernetes");
+    for (manifest, role) in [
+        ("lb-daemonset.yaml", "lb"),
+        ("backend-daemonset.yaml", "backend"),
+    ] {
+        let text = fs::read_to_string(dir.join(manifest)).unwrap();
+        assert!(text.contains("fieldPath: status.hostIP") || role == "backend");
+        let config =
+            std::env::temp_dir().join(format!("vip-render-{}-{role}.toml", std::process::id()));
+        // The password line as an operator with the Secret would have it.
+        fs::write(
+            &config,
+            embedded_config(&text).replace("# password = ", "password = "),
+        )
+        .unwrap();
+        for i in 1..=3 {
+            let ip = format!("192.0.2.1{i}");
+            let ns = node(&format!("render{i}"), &ip);
+            let secret = format!("md5-of-node-{i}");
+            let out = agent_in(
+                &ns,
+                &[("NODE_IP", &ip), ("BGP_PASSWORD", &secret)],
+                &[
+                    "check-config",
+                    "--print-effective",
+                    config.to_str().unwrap(),
+                ],
+            );
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let effective: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(!text.contains(&secret), "a secret in the output: {text}");
+            if role == "lb" {
+                assert_eq!(effective["node"]["source_v4"], ip.as_str(), "{text}");
+                assert_eq!(effective["bgp"]["router_id"], ip.as_str(), "{text}");
+                assert_eq!(effective["bgp"]["peers"][0]["password"], true, "{text}");
+                assert_eq!(effective["bgp"]["peers"][0]["bfd"], true, "{text}");
+            } else {
+                assert_eq!(
+                    effective["backend"]["addresses"],
+                    serde_json::json!([ip]),
+                    "{text}"
+                );
+            }
+            // Without the variable the node's config is refused, saying which one.
+            let out = agent_in(&ns, &[], &["check-config", config.to_str().unwrap()]);
+            if role == "lb" {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    !out.status.success() && err.contains("NODE_IP is not set"),
+                    "{err}"
+                );
+            }
+        }
+        let _ = fs::remove_file(&config);
+    }
+}
+
+/// A DaemonSet's pod as far as this machine can run one: the agent started with the manifest's
+/// arguments and only the capabilities it grants (bounding set), on a node prepared as the init
+/// step prepares one, its config mounted as a ConfigMap volume is (`..data` symlink swaps). It
+/// loads, attaches and becomes ready, and a ConfigMap update is applied without a signal.
+#[test]
+fn a_daemonset_pod_runs_with_its_capabilities_and_follows_configmap_updates() {
+    let dir = repo().join("deploy/kubernetes");
+    for manifest in ["lb-daemonset.yaml", "backend-daemonset.yaml"] {
+        let text = fs::read_to_string(dir.join(manifest)).unwrap();
+        let list = |prefix: &str| -> Vec<String> {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(prefix))
+                .unwrap_or_else(|| panic!("{manifest}: {prefix}"))
+                .trim_end_matches(']')
+                .split(',')
+                .map(|c| c.trim().trim_matches('"').to_owned())
+                .collect()
+        };
+        let caps: Vec<String> = list("add: [")
+            .iter()
+            .map(|c| format!("+{}", c.to_lowercase()))
+            .collect();
+        let ns = node(&format!("pod-{}", &manifest[..2]), "192.0.2.11");
+        // The volume as the kubelet lays it out: vip.toml -> ..data/vip.toml -> a version.
+        let volume = std::env::temp_dir().join(&ns.name);
+        let version = |n: u32, body: &str| {
+            let d = volume.join(format!("..v{n}"));
+            fs::create_dir_all(&d).unwrap();
+            let private = format!(
+                "[node]\npin_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+                ns.pin_dir.display(),
+                volume.join("vip.sock").display()
+            );
+            fs::write(d.join("vip.toml"), body.replacen("[node]\n", &private, 1)).unwrap();
+            let tmp = volume.join("..data_tmp");
+            std::os::unix::fs::symlink(format!("..v{n}"), &tmp).unwrap();
+            fs::rename(&tmp, volume.join("..data")).unwrap();
+        };
+        let body = embedded_config(&text);
+        version(1, &body);
+        std::os::unix::fs::symlink("..data/vip.toml", volume.join("vip.toml")).unwrap();
+        let args: Vec<String> = list("args: [")
+            .iter()
+            .map(|a| {
+                a.replace(
+                    "/etc/vip/vip.toml",
+                    volume.join("vip.toml").to_str().unwrap(),
+                )
+            })
+            .collect();
+        assert!(
+            args.contains(&"--watch-config".to_owned()),
+            "{manifest}: {args:?}"
+        );
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .args([
+                "setpriv",
+                &format!("--bounding-set=-all,{}", caps.join(",")),
+            ])
+            .arg(agent_bin())
+            .args(&args)
+            .arg("--cleanup")
+            .env("NODE_IP", "192.0.2.11")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ready = wait_http(&ns, "/readyz", |r| r.starts_with("HTTP/1.1 200"));
+        // A ConfigMap update: one more VIP.
+        let updated = if manifest.starts_with("lb") {
+            body.clone()
+                + "\n[[vip]]\naddress = \"198.51.100.2\"\nprotocol = \"udp\"\nport = 53\n\
+                            [[vip.backend]]\naddress = \"192.0.2.21\"\n"
+        } else {
+            body.replace(
+                "vips = [\"198.51.100.1\"]",
+                "vips = [\"198.51.100.1\", \"198.51.100.2\"]",
+            )
+        };
+        version(2, &updated);
+        let reloaded = ready
+            && wait_http(&ns, "/metrics", |m| {
+                m.contains("vip_config_reloads_total{result=\"success\"} 1")
+            });
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let out = child.wait_with_output().unwrap();
+        let _ = fs::remove_dir_all(&volume);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(ready, "{manifest} with {caps:?}: {log}");
+        assert!(reloaded, "{manifest}: the update was not applied: {log}");
+        assert!(log.contains("the config file changed"), "{log}");
+    }
 }

@@ -62,9 +62,19 @@ enum Command {
         /// for debugging only, it costs a tail call and a record per packet.
         #[arg(long)]
         datapath_log: bool,
+        /// Reload when the config file changes (checked every 2 s; a Kubernetes ConfigMap
+        /// update needs no SIGHUP).
+        #[arg(long)]
+        watch_config: bool,
     },
     /// Validate a config file without touching the system.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// Print the config as the agent would run it (JSON: `${NAME}` expanded, defaults
+        /// filled in, passwords shown only as present or not).
+        #[arg(long)]
+        print_effective: bool,
+    },
     /// Detach the datapath from every interface and remove its pins.
     Detach {
         #[arg(long, default_value = "/sys/fs/bpf/vip")]
@@ -167,24 +177,34 @@ fn main() -> Result<()> {
             cleanup,
             netns,
             datapath_log,
+            watch_config,
         } => {
-            let cfg = config::load(&config)?;
             if let Some(ns) = netns {
-                // Before the runtime exists: its threads inherit this thread's namespace.
+                // Before the runtime exists: its threads inherit this thread's namespace; and
+                // before the config, whose "auto" addresses are this namespace's.
                 enter_netns(&ns)?;
             }
+            let cfg = config::load(&config)?;
             let options = RunOptions {
                 config_path: config,
                 cleanup,
                 datapath_log,
+                watch_config,
             };
             match tokio::runtime::Runtime::new()?.block_on(runtime::run(options, cfg))? {
                 runtime::Exit::Stop => Ok(()),
                 runtime::Exit::Restart => std::process::exit(runtime::RESTART_EXIT_STATUS),
             }
         }
-        Command::CheckConfig { file } => {
+        Command::CheckConfig {
+            file,
+            print_effective,
+        } => {
             let cfg = config::load(&file)?;
+            if print_effective {
+                println!("{}", serde_json::to_string_pretty(&cfg)?);
+                return Ok(());
+            }
             println!(
                 "{}: ok ({} VIPs, {} backends)",
                 file.display(),

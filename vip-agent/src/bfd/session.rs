@@ -13,14 +13,21 @@ use std::time::{Duration, Instant};
 use super::packet::{Control, Diag, State};
 
 /// What an operator sets for a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Timers {
     /// Desired Min TX Interval: how often we would like to send.
+    #[serde(serialize_with = "milliseconds")]
     pub min_tx: Duration,
     /// Required Min RX Interval: how often we can take packets.
+    #[serde(serialize_with = "milliseconds")]
     pub min_rx: Duration,
     /// Detect Mult: the peer declares us down after this many of our intervals without one.
     pub multiplier: u8,
+}
+
+/// Timers show in milliseconds, as they are configured.
+fn milliseconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
 /// While a session is not Up, packets go at most once a second (section 6.8.3).

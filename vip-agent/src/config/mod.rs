@@ -6,17 +6,20 @@
 //! backends of a family without a source address, a table size that is not prime, more VIPs
 //! than slots) and turns the file as written into the typed [`Config`].
 
+mod auto;
 mod error;
+mod expand;
 mod raw;
 mod types;
 mod validate;
 
 use std::path::Path;
 
+pub use auto::HostAddresses;
 pub use error::ConfigError;
 pub use types::*;
 
-/// Reads and validates a config file.
+/// Reads a config file, expands `${NAME}` from the environment, and validates it.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_owned(),
@@ -24,11 +27,30 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         field: String::new(),
         message: format!("cannot read: {e}"),
     })?;
-    parse(path, &text)
+    let expanded =
+        expand::expand(&text, |name| std::env::var(name).ok()).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: Some(error::line_of(&text, &(e.offset..e.offset))),
+            field: error::field_at(&text, e.offset),
+            message: e.message,
+        })?;
+    let host = HostAddresses::read().map_err(|e| ConfigError {
+        file: path.to_owned(),
+        line: None,
+        field: String::new(),
+        message: format!("reading this host's addresses (for \"auto\"): {e}"),
+    })?;
+    parse_on(path, &expanded, &host)
 }
 
-/// Parses and validates config text (`path` only names it in errors).
+/// Parses and validates config text (`path` only names it in errors), on a host without
+/// addresses (`"auto"` finds none).
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    parse_on(path, text, &HostAddresses::default())
+}
+
+/// Parses and validates config text; `"auto"` takes addresses from `host`.
+pub fn parse_on(path: &Path, text: &str, host: &HostAddresses) -> Result<Config, ConfigError> {
     let raw: raw::RawConfig = toml::from_str(text).map_err(|e| ConfigError {
         file: path.to_owned(),
         line: e.span().map(|s| error::line_of(text, &s)),
@@ -37,7 +59,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             .map_or_else(String::new, |s| error::field_at(text, s.start)),
         message: e.message().trim().to_owned(),
     })?;
-    validate::validate(path, text, raw)
+    validate::validate(path, text, raw, host)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use vip_common::layout::{
     DEFAULT_TABLE_SLOTS,
 };
 
-use super::types::*;
+use super::{auto::AutoOr, types::*};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,13 +63,13 @@ fn default_route_protocol() -> Spanned<u8> {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBgp {
     pub(super) asn: u32,
-    pub(super) router_id: Ipv4Addr,
+    pub(super) router_id: AutoOr<Ipv4Addr>,
     #[serde(default = "default_hold_time")]
     pub(super) hold_time: Spanned<u16>,
     #[serde(default = "default_zero_u16")]
     pub(super) graceful_restart_time: Spanned<u16>,
     pub(super) next_hop_v4: Option<Ipv4Addr>,
-    pub(super) next_hop_v6: Option<Ipv6Addr>,
+    pub(super) next_hop_v6: Option<AutoOr<Ipv6Addr>>,
     #[serde(default)]
     pub(super) communities: Vec<Spanned<String>>,
     #[serde(default)]
@@ -102,6 +102,8 @@ pub(super) struct RawPeer {
     pub(super) passive: bool,
     pub(super) router_id: Option<Ipv4Addr>,
     pub(super) password: Option<Spanned<String>>,
+    /// The password from a file (a mounted Secret); a trailing newline is not part of it.
+    pub(super) password_file: Option<Spanned<PathBuf>>,
     pub(super) hold_time: Option<Spanned<u16>>,
     pub(super) bfd: Option<bool>,
     pub(super) med: Option<u32>,
@@ -115,7 +117,7 @@ pub(super) struct RawPeer {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawBackendRole {
-    pub(super) addresses: Spanned<Vec<IpAddr>>,
+    pub(super) addresses: Spanned<AutoOr<Vec<IpAddr>>>,
     #[serde(default)]
     pub(super) vips: Vec<IpAddr>,
     pub(super) gue_port: Option<u16>,
@@ -129,8 +131,8 @@ pub(super) struct RawNode {
     pub(super) interfaces: Spanned<Vec<String>>,
     #[serde(default)]
     pub(super) attach: AttachMode,
-    pub(super) source_v4: Option<Ipv4Addr>,
-    pub(super) source_v6: Option<Ipv6Addr>,
+    pub(super) source_v4: Option<AutoOr<Ipv4Addr>>,
+    pub(super) source_v6: Option<AutoOr<Ipv6Addr>>,
     #[serde(default = "default_pin_dir")]
     pub(super) pin_dir: PathBuf,
     #[serde(default = "default_metrics_address")]

@@ -250,6 +250,62 @@ fn bfd_per_peer_with_timers_that_a_reload_applies() {
     assert_eq!(c.restart_needed(&off), ["bgp"]);
 }
 
+#[test]
+fn auto_takes_each_nodes_addresses_from_its_first_interface() {
+    let host = HostAddresses::new(vec![
+        ("eth0".into(), "fe80::11".parse().unwrap()),
+        ("eth0".into(), "192.0.2.11".parse().unwrap()),
+        ("eth0".into(), "2001:db8::11".parse().unwrap()),
+        ("eth1".into(), "198.51.100.11".parse().unwrap()),
+    ]);
+    let text = FULL
+        .replace("source_v4 = \"198.18.0.2\"", "source_v4 = \"auto\"")
+        .replace("source_v6 = \"fd00:18::2\"", "source_v6 = \"auto\"")
+        .replace("router_id = \"198.18.0.2\"", "router_id = \"auto\"")
+        .replace("next_hop_v6 = \"fd00:18::2\"", "next_hop_v6 = \"auto\"");
+    let c = parse_on(Path::new("vip.toml"), &text, &host).unwrap();
+    assert_eq!(c.node.source_v4, Some("192.0.2.11".parse().unwrap()));
+    assert_eq!(c.node.source_v6, Some("2001:db8::11".parse().unwrap()));
+    let bgp = c.bgp.unwrap();
+    assert_eq!(
+        bgp.router_id,
+        "192.0.2.11".parse::<std::net::Ipv4Addr>().unwrap()
+    );
+    assert_eq!(bgp.next_hop_v6, Some("2001:db8::11".parse().unwrap()));
+    // A host without the address: the field that asked for it, and why.
+    let e = parse(Path::new("vip.toml"), &text).unwrap_err();
+    assert_eq!(e.field, "node.source_v4");
+    assert!(e.message.contains("eth0 has no IPv4 address"), "{e}");
+
+    let backend = "[node]\nrole = \"backend\"\ninterfaces = [\"eth0\", \"eth1\"]\n\
+                   [backend]\naddresses = \"auto\"\nvips = [\"198.19.0.1\"]\n";
+    let c = parse_on(Path::new("vip.toml"), backend, &host).unwrap();
+    assert_eq!(c.backend.unwrap().addresses.len(), 3, "link-local left out");
+    let e = error(&backend.replace("\"auto\"", "\"automatic\""));
+    assert_eq!(e.field, "backend.addresses");
+}
+
+#[test]
+fn a_peers_password_may_come_from_a_file() {
+    let dir = std::env::temp_dir().join(format!("vip-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("peer-password");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let text = FULL.replace(
+        "password = \"secret\"",
+        &format!("password_file = \"{}\"", secret.display()),
+    );
+    let c = parse(Path::new("vip.toml"), &text).unwrap();
+    assert_eq!(c.bgp.unwrap().peers[0].password.as_deref(), Some("s3cret"));
+    let both = text.replace("password_file", "password = \"x\"\npassword_file");
+    assert!(error(&both).message.contains("not both"));
+    std::fs::remove_file(&secret).unwrap();
+    let e = error(&text);
+    assert_eq!(e.field, "bgp.peer[0].password_file");
+    assert!(e.message.contains("cannot read"), "{e}");
+    let _ = std::fs::remove_dir(&dir);
+}
+
 /// Values that mutations put where numbers and addresses stand: edges, overflows, and
 /// addresses that are no host's.
 const NUMBERS: &[&str] = &[
@@ -268,6 +324,7 @@ const NUMBERS: &[&str] = &[
     "nan",
 ];
 const ADDRESSES: &[&str] = &[
+    "\"auto\"",
     "\"0.0.0.0\"",
     "\"255.255.255.255\"",
     "\"127.0.0.1\"",

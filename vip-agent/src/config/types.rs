@@ -11,8 +11,18 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use vip_common::{IPPROTO_TCP, IPPROTO_UDP, VipKey};
 
+/// Durations show as seconds in the effective config (`check-config --print-effective`).
+fn seconds<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// Secrets never show in the effective config.
+fn redacted<S: serde::Serializer>(secret: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_bool(secret.is_some())
+}
+
 /// How to attach XDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Driver mode; fail if the driver lacks XDP.
@@ -49,7 +59,7 @@ impl Protocol {
 }
 
 /// Which fields of a flow pick its backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HashFields {
     /// Addresses, ports and protocol.
@@ -60,7 +70,7 @@ pub enum HashFields {
 }
 
 /// Encapsulation toward backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encapsulation {
     /// IPIP / IP6IP6 / 4in6 / 6in4, by the families of VIP and backend.
@@ -77,7 +87,7 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/vip/vip.sock";
 /// Default GUE port (as Linux `fou` examples use).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendState {
     #[default]
@@ -87,7 +97,7 @@ pub enum BackendState {
 }
 
 /// What a node does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Load balancer: XDP load-balancing program, `[[vip]]` with backends.
@@ -97,7 +107,7 @@ pub enum Role {
     Backend,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Config {
     pub node: NodeConfig,
     pub vips: Vec<VipConfig>,
@@ -112,13 +122,14 @@ pub struct Config {
 
 /// Announcer mode `kernel`: each VIP that can be forwarded is a host route (`dev lo`) in a
 /// routing table, with vip's own protocol number, for BIRD or FRR on the node to announce.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KernelRoutesConfig {
     /// The routing table (not `local`, `main` or `default`).
     pub table: u32,
     /// The routes' protocol number (`ip route ... proto N`): how vip knows its own routes.
     pub protocol: u8,
     /// On drain (`vip-agent drain`, SIGTERM): routes stay this long before they go.
+    #[serde(serialize_with = "seconds")]
     pub drain_time: Duration,
 }
 
@@ -127,7 +138,7 @@ pub const DEFAULT_ROUTE_TABLE: u32 = 100;
 pub const DEFAULT_ROUTE_PROTOCOL: u8 = 118;
 
 /// The BGP speaker: announces each VIP with a usable backend as a host route.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BgpConfig {
     pub asn: u32,
     pub router_id: Ipv4Addr,
@@ -140,6 +151,7 @@ pub struct BgpConfig {
     pub communities: Vec<u32>,
     pub large_communities: Vec<[u32; 3]>,
     /// On SIGTERM: announce with GRACEFUL_SHUTDOWN this long before withdrawing.
+    #[serde(serialize_with = "seconds")]
     pub drain_time: Duration,
     /// Accept connections from configured peers on port 179 (always, when a peer is passive);
     /// a connection that collides with our own is resolved as RFC 4271 6.8 says.
@@ -155,7 +167,7 @@ pub const DEFAULT_BFD_MULTIPLIER: u8 = 3;
 /// BFD intervals accepted, in milliseconds.
 pub const BFD_INTERVAL_RANGE_MS: std::ops::RangeInclusive<u64> = 10..=60_000;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BgpPeerConfig {
     pub address: IpAddr,
     pub asn: u32,
@@ -164,6 +176,7 @@ pub struct BgpPeerConfig {
     pub passive: bool,
     /// When set, the peer's OPEN must carry this BGP identifier.
     pub router_id: Option<Ipv4Addr>,
+    #[serde(serialize_with = "redacted")]
     pub password: Option<String>,
     pub hold_time: Option<u16>,
     /// A BFD session with this peer; the BGP session waits for it to be Up and goes down
@@ -269,7 +282,7 @@ impl Config {
 }
 
 /// A backend node: which encapsulated packets it accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackendRole {
     /// This backend's own addresses: the outer destinations it decapsulates.
     pub addresses: Vec<IpAddr>,
@@ -279,7 +292,7 @@ pub struct BackendRole {
     pub gue_port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeConfig {
     pub role: Role,
     pub interfaces: Vec<String>,
@@ -304,7 +317,7 @@ pub struct NodeConfig {
     pub max_backends: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VipConfig {
     pub address: IpAddr,
     pub protocol: Protocol,
@@ -315,6 +328,7 @@ pub struct VipConfig {
     pub gue_port: u16,
     pub source_prefix: Option<IpNet>,
     pub hash: HashFields,
+    #[serde(serialize_with = "seconds")]
     pub udp_idle_timeout: Duration,
     pub backends: Vec<BackendConfig>,
     /// Extra BGP communities and MED for this VIP's route.
@@ -378,7 +392,7 @@ impl fmt::Display for VipName {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackendConfig {
     pub address: IpAddr,
     pub weight: u32,
@@ -388,7 +402,7 @@ pub struct BackendConfig {
 }
 
 /// What a health check sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// No checks: the backend is always up.
@@ -406,7 +420,7 @@ pub enum CheckKind {
 }
 
 /// Where health checks go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckVia {
     /// To the backend's own address: proves the host and service are up.
@@ -418,13 +432,15 @@ pub enum CheckVia {
 }
 
 /// A backend health check.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthCheck {
     pub kind: CheckKind,
     pub via: CheckVia,
     /// Port checked; the VIP's port by default.
     pub port: u16,
+    #[serde(serialize_with = "seconds")]
     pub interval: Duration,
+    #[serde(serialize_with = "seconds")]
     pub timeout: Duration,
     /// Successes in a row that bring a down backend back.
     pub rise: u32,

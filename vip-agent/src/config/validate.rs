@@ -1,12 +1,19 @@
 //! From the file as written to the typed config: every check that spans fields.
 
-use std::{collections::HashSet, net::IpAddr, ops::Range, path::Path, time::Duration};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ops::Range,
+    path::Path,
+    time::Duration,
+};
 
 use ipnet::IpNet;
 use toml::Spanned;
 use vip_common::{layout::CAPACITY_LIMIT, maglev::is_prime};
 
 use super::{
+    auto::HostAddresses,
     error::{ConfigError, line_of},
     raw::*,
     types::*,
@@ -57,7 +64,7 @@ fn not_unicast(addr: IpAddr) -> Option<&'static str> {
         Some("a multicast address")
     } else if addr.is_loopback() {
         Some("a loopback address")
-    } else if addr == IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+    } else if addr == IpAddr::V4(Ipv4Addr::BROADCAST) {
         Some("the broadcast address")
     } else {
         None
@@ -93,7 +100,32 @@ fn communities_of(
     Ok((standard, large))
 }
 
-fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
+/// The addresses `"auto"` may stand for, resolved once for the whole config.
+struct Sources<'a> {
+    host: &'a HostAddresses,
+    /// The node's first interface, where `"auto"` looks.
+    uplink: &'a str,
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+}
+
+fn validate_bgp(mut b: RawBgp, err: &Located, sources: &Sources) -> Result<BgpConfig, ConfigError> {
+    let nowhere = 0..0;
+    let router_id = b
+        .router_id
+        .clone()
+        .resolve(|| {
+            sources
+                .v4
+                .map_or_else(|| sources.host.ipv4(sources.uplink), Ok)
+        })
+        .map_err(|m| err(&nowhere, "bgp.router_id".into(), m))?;
+    let next_hop_v6 = b
+        .next_hop_v6
+        .take()
+        .map(|n| n.resolve(|| sources.host.ipv6(sources.uplink)))
+        .transpose()
+        .map_err(|m| err(&nowhere, "bgp.next_hop_v6".into(), m))?;
     let hold = *b.hold_time.get_ref();
     if hold == 1 || hold == 2 {
         return Err(err(
@@ -117,7 +149,7 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
             "0 is not a valid ASN".into(),
         ));
     }
-    if b.router_id.is_unspecified() {
+    if router_id.is_unspecified() {
         return Err(err(
             &(0..0),
             "bgp.router_id".into(),
@@ -165,7 +197,30 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
                 "use 0 or 3 and more seconds".into(),
             ));
         }
-        if let Some(pw) = &p.password
+        let password = match (p.password, &p.password_file) {
+            (Some(pw), Some(_)) => {
+                return Err(err(
+                    &pw.span(),
+                    field("password"),
+                    "give `password` or `password_file`, not both".into(),
+                ));
+            }
+            (Some(pw), None) => Some(pw),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file.get_ref()).map_err(|e| {
+                    err(
+                        &file.span(),
+                        field("password_file"),
+                        format!("cannot read {}: {e}", file.get_ref().display()),
+                    )
+                })?;
+                let key = text.strip_suffix('\n').unwrap_or(&text);
+                let key = key.strip_suffix('\r').unwrap_or(key);
+                Some(Spanned::new(file.span(), key.to_owned()))
+            }
+            (None, None) => None,
+        };
+        if let Some(pw) = &password
             && (pw.get_ref().is_empty() || pw.get_ref().len() > 80)
         {
             return Err(err(
@@ -183,7 +238,7 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
             port: p.port,
             passive: p.passive,
             router_id: p.router_id,
-            password: p.password.map(|s| s.into_inner()),
+            password: password.map(|s| s.into_inner()),
             hold_time: p.hold_time.map(|h| h.into_inner()),
             bfd: p.bfd.unwrap_or(b.bfd),
             med: p.med,
@@ -194,11 +249,11 @@ fn validate_bgp(b: RawBgp, err: &Located) -> Result<BgpConfig, ConfigError> {
     }
     Ok(BgpConfig {
         asn: b.asn,
-        router_id: b.router_id,
+        router_id,
         hold_time: hold,
         graceful_restart_time: (gr > 0).then_some(gr),
         next_hop_v4: b.next_hop_v4,
-        next_hop_v6: b.next_hop_v6,
+        next_hop_v6,
         communities,
         large_communities,
         drain_time: drain_time(b.drain_time, "bgp.drain_time", err)?,
@@ -283,7 +338,7 @@ fn check_next_hops(bgp: &BgpConfig, vips: &[VipConfig], err: &Located) -> Result
 }
 
 /// The node's own settings: names, paths, addresses and sizes in their ranges.
-fn check_node(node: &RawNode, err: &Located) -> Result<(), ConfigError> {
+fn check_node(node: &RawNode, sources: &Sources, err: &Located) -> Result<(), ConfigError> {
     let nowhere = 0..0;
     let mut names = HashSet::new();
     for name in node.interfaces.get_ref() {
@@ -318,15 +373,11 @@ fn check_node(node: &RawNode, err: &Located) -> Result<(), ConfigError> {
             ));
         }
     }
-    let sources = [
-        node.source_v4
-            .map(IpAddr::V4)
-            .map(|a| (a, "node.source_v4")),
-        node.source_v6
-            .map(IpAddr::V6)
-            .map(|a| (a, "node.source_v6")),
+    let addresses = [
+        sources.v4.map(IpAddr::V4).map(|a| (a, "node.source_v4")),
+        sources.v6.map(IpAddr::V6).map(|a| (a, "node.source_v6")),
     ];
-    for (addr, field) in sources.into_iter().flatten() {
+    for (addr, field) in addresses.into_iter().flatten() {
         if let Some(why) = not_unicast(addr) {
             return Err(err(
                 &nowhere,
@@ -365,16 +416,45 @@ fn check_node(node: &RawNode, err: &Located) -> Result<(), ConfigError> {
     Ok(())
 }
 
-pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config, ConfigError> {
+pub(super) fn validate(
+    path: &Path,
+    text: &str,
+    raw: RawConfig,
+    host: &HostAddresses,
+) -> Result<Config, ConfigError> {
     let err = |span: &Range<usize>, field: String, message: String| ConfigError {
         file: path.to_owned(),
         line: (span.end > 0).then(|| line_of(text, span)),
         field,
         message,
     };
-    let node = raw.node;
+    let mut node = raw.node;
     let role = *node.role.get_ref();
-    check_node(&node, &err)?;
+    let uplink = node
+        .interfaces
+        .get_ref()
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let v4 = node
+        .source_v4
+        .take()
+        .map(|a| a.resolve(|| host.ipv4(&uplink)));
+    let v6 = node
+        .source_v6
+        .take()
+        .map(|a| a.resolve(|| host.ipv6(&uplink)));
+    let sources = Sources {
+        host,
+        uplink: &uplink,
+        v4: v4
+            .transpose()
+            .map_err(|m| err(&(0..0), "node.source_v4".into(), m))?,
+        v6: v6
+            .transpose()
+            .map_err(|m| err(&(0..0), "node.source_v6".into(), m))?,
+    };
+    check_node(&node, &sources, &err)?;
     let backend = match (role, raw.backend) {
         (Role::Backend, None) => {
             return Err(err(
@@ -392,9 +472,15 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
         }
         (Role::Backend, Some(b)) => {
             let b = b.into_inner();
-            if b.addresses.get_ref().is_empty() {
+            let span = b.addresses.span();
+            let addresses = b
+                .addresses
+                .into_inner()
+                .resolve(|| host.all(node.interfaces.get_ref()))
+                .map_err(|m| err(&span, "backend.addresses".into(), m))?;
+            if addresses.is_empty() {
                 return Err(err(
-                    &b.addresses.span(),
+                    &span,
                     "backend.addresses".into(),
                     "list this backend's own addresses (the outer destinations it accepts)".into(),
                 ));
@@ -407,7 +493,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                 ));
             }
             Some(BackendRole {
-                addresses: b.addresses.into_inner(),
+                addresses,
                 vips: b.vips,
                 gue_port: b.gue_port.filter(|p| *p != 0),
             })
@@ -551,8 +637,8 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                 ));
             }
             let source_missing = match baddr {
-                IpAddr::V4(_) => node.source_v4.is_none(),
-                IpAddr::V6(_) => node.source_v6.is_none(),
+                IpAddr::V4(_) => sources.v4.is_none(),
+                IpAddr::V6(_) => sources.v6.is_none(),
             };
             if source_missing && v.source_prefix.is_none() {
                 let which = if baddr.is_ipv4() {
@@ -680,7 +766,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
                 "backends do not announce VIPs: remove [bgp]".into(),
             ));
         }
-        Some(b) => Some(validate_bgp(b.into_inner(), &err)?),
+        Some(b) => Some(validate_bgp(b.into_inner(), &err, &sources)?),
     };
     if let Some(b) = &bgp {
         check_next_hops(b, &vips, &err)?;
@@ -746,8 +832,8 @@ pub(super) fn validate(path: &Path, text: &str, raw: RawConfig) -> Result<Config
             role,
             interfaces: node.interfaces.into_inner(),
             attach: node.attach,
-            source_v4: node.source_v4,
-            source_v6: node.source_v6,
+            source_v4: sources.v4,
+            source_v6: sources.v6,
             pin_dir: node.pin_dir,
             metrics_address: node.metrics_address,
             control_socket: node.control_socket,

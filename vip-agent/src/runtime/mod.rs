@@ -10,7 +10,10 @@
 //! announce, and update `lo`.
 
 mod backends;
+mod config_watch;
 mod node;
+
+use config_watch::ConfigWatch;
 
 use std::{
     collections::HashSet,
@@ -52,6 +55,8 @@ pub struct RunOptions {
     /// On exit, detach the program and remove pins and VIP addresses.
     pub cleanup: bool,
     pub datapath_log: bool,
+    /// Reload when the config file's content changes (see [`config_watch`]).
+    pub watch_config: bool,
 }
 
 /// The signals the runtime answers; installed before anything else, so a signal during
@@ -102,6 +107,9 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
     status.sync(&config, false, Instant::now());
     let lo = LoopbackVips::new().await?;
     let (view, view_rx) = watch::channel(View::default());
+    let config_watch = options
+        .watch_config
+        .then(|| ConfigWatch::new(options.config_path.clone()));
     let mut runtime = Runtime {
         path: options.config_path,
         config,
@@ -143,7 +151,13 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
     info!(socket = %socket.display(), "control socket");
 
     let result = runtime
-        .serve(&mut signals, observations, commands, &mut metrics_server)
+        .serve(
+            &mut signals,
+            observations,
+            commands,
+            &mut metrics_server,
+            config_watch,
+        )
         .await;
     control_server.abort();
     metrics_server.abort();
@@ -211,16 +225,29 @@ impl Runtime {
         mut observations: Option<mpsc::Receiver<Observation>>,
         mut commands: mpsc::Receiver<Command>,
         metrics_server: &mut tokio::task::JoinHandle<std::io::Result<()>>,
+        mut config_watch: Option<ConfigWatch>,
     ) -> Result<Exit> {
         // Next hops follow the kernel's events; the timer only retries what events cannot
         // bring (a neighbour that never answered).
         let mut kernel = KernelChanges::subscribe()?;
         let mut refresh = tokio::time::interval(Duration::from_secs(10));
         let mut view_tick = tokio::time::interval(VIEW_TICK);
+        let mut config_tick = tokio::time::interval(ConfigWatch::INTERVAL);
         loop {
             tokio::select! {
                 _ = view_tick.tick(), if self.view_stale => self.publish(),
-                _ = signals.hangup.recv() => self.reload().await,
+                _ = signals.hangup.recv() => {
+                    if let Some(w) = &mut config_watch {
+                        w.sync();
+                    }
+                    self.reload().await;
+                }
+                _ = config_tick.tick(), if config_watch.is_some() => {
+                    if config_watch.as_mut().is_some_and(ConfigWatch::changed) {
+                        info!(path = %self.path.display(), "the config file changed: reloading");
+                        self.reload().await;
+                    }
+                }
                 Some(()) = kernel.next() => self.refresh_next_hops().await,
                 _ = refresh.tick() => self.refresh_next_hops().await,
                 Some(observation) = async { observations.as_mut()?.recv().await } => {
