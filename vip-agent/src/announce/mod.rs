@@ -48,11 +48,12 @@ impl Announcer {
         }
     }
 
-    /// New BFD timers from a reload (BGP mode; kernel mode runs no BFD).
-    pub(crate) fn set_bfd_timers(&self, timers: crate::bfd::Timers) {
-        if let Announcer::Bgp(s) = self {
-            s.set_bfd_timers(timers);
+    /// Applies a reload's BGP settings to the running sessions (kernel mode has none).
+    pub(crate) async fn reconfigure(&mut self, config: &Config) -> Result<(), AnnounceError> {
+        if let (Announcer::Bgp(s), Some(bgp)) = (self, &config.bgp) {
+            s.reconfigure(bgp).await?;
         }
+        Ok(())
     }
 
     /// Replaces the announcement set.

@@ -12,6 +12,7 @@ pub mod packet;
 pub mod session;
 
 use std::{
+    collections::hash_map::RandomState,
     hash::BuildHasher,
     net::{IpAddr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket},
     os::fd::AsRawFd,
@@ -25,7 +26,7 @@ use std::{
 use tokio::{
     io::Interest,
     net::UdpSocket,
-    sync::watch,
+    sync::{mpsc, watch},
     task::JoinHandle,
     time::{Instant, sleep_until},
 };
@@ -85,10 +86,20 @@ pub enum BfdError {
 /// The running sessions.
 pub struct Bfd {
     sessions: Vec<(IpAddr, watch::Receiver<Status>)>,
+    /// Every local discriminator given out, so none is given twice.
+    discriminators: Vec<u32>,
+    random: RandomState,
     timers: watch::Sender<Timers>,
+    changes: mpsc::UnboundedSender<Change>,
     stop: watch::Sender<bool>,
     refusals: Arc<Refusals>,
     task: JoinHandle<()>,
+}
+
+/// A session joining or leaving the running task.
+enum Change {
+    Add(Box<Running>),
+    Remove(IpAddr),
 }
 
 /// A session with its sending socket and schedule.
@@ -101,57 +112,64 @@ struct Running {
 }
 
 impl Bfd {
-    /// One session per address in `peers`, all with `timers`.
-    pub fn start(peers: &[IpAddr], timers: Timers) -> Result<Self, BfdError> {
+    /// Listens on port 3784; sessions come with [`Bfd::add`], all with `timers`.
+    pub fn start(timers: Timers) -> Result<Self, BfdError> {
         let receiver = listen().map_err(BfdError::Listen)?;
-        let random = std::collections::hash_map::RandomState::new();
-        let mut running = Vec::new();
-        let mut views = Vec::new();
-        for peer in peers {
-            // Non-zero, unique on the node and unpredictable, so that a stale packet of an
-            // earlier agent's session matches no session of this one.
-            let mut attempt = 0u64;
-            let discriminator = loop {
-                attempt += 1;
-                let d = random.hash_one((peer, attempt)) as u32;
-                if d != 0
-                    && !running
-                        .iter()
-                        .any(|r: &Running| r.fsm.local_discriminator() == d)
-                {
-                    break d;
-                }
-            };
-            let fsm = Session::new(discriminator, timers);
-            let (status, view) = watch::channel(fsm.status());
-            running.push(Running {
-                peer: *peer,
-                socket: sender(*peer, &random).map_err(|e| BfdError::Sender(*peer, e))?,
-                fsm,
-                next_tx: Instant::now(),
-                status,
-            });
-            views.push((*peer, view));
-        }
         let (timers_tx, timers_rx) = watch::channel(timers);
+        let (changes, changes_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
         let refusals = Arc::new(Refusals::default());
-        let task = tokio::spawn(run(running, receiver, timers_rx, stop_rx, refusals.clone()));
+        let task = tokio::spawn(run(
+            receiver,
+            changes_rx,
+            timers_rx,
+            stop_rx,
+            refusals.clone(),
+        ));
         Ok(Self {
-            sessions: views,
+            sessions: Vec::new(),
+            discriminators: Vec::new(),
+            random: RandomState::new(),
             timers: timers_tx,
+            changes,
             stop: stop_tx,
             refusals,
             task,
         })
     }
 
-    /// The session with `peer`, if there is one.
-    pub fn session(&self, peer: IpAddr) -> Option<watch::Receiver<Status>> {
-        self.sessions
-            .iter()
-            .find(|(p, _)| *p == peer)
-            .map(|(_, s)| s.clone())
+    /// A session with `peer`, starting in Down.
+    pub fn add(&mut self, peer: IpAddr) -> Result<watch::Receiver<Status>, BfdError> {
+        // Non-zero, unique on the node and unpredictable, so that a stale packet of an
+        // earlier session matches no session of this one.
+        let mut attempt = 0u64;
+        let discriminator = loop {
+            attempt += 1;
+            let d = self.random.hash_one((peer, attempt)) as u32;
+            if d != 0 && !self.discriminators.contains(&d) {
+                break d;
+            }
+        };
+        self.discriminators.push(discriminator);
+        let fsm = Session::new(discriminator, *self.timers.borrow());
+        let (status, view) = watch::channel(fsm.status());
+        let running = Running {
+            peer,
+            socket: sender(peer, &self.random).map_err(|e| BfdError::Sender(peer, e))?,
+            fsm,
+            next_tx: Instant::now(),
+            status,
+        };
+        // The task ends only with `stop`, which takes `self`.
+        let _ = self.changes.send(Change::Add(Box::new(running)));
+        self.sessions.push((peer, view.clone()));
+        Ok(view)
+    }
+
+    /// Ends the session with `peer` (AdminDown to it first).
+    pub fn remove(&mut self, peer: IpAddr) {
+        self.sessions.retain(|(p, _)| *p != peer);
+        let _ = self.changes.send(Change::Remove(peer));
     }
 
     /// Every session's state, by peer.
@@ -279,21 +297,21 @@ fn demux(sessions: &[Running], c: &packet::Control, from: IpAddr) -> Option<usiz
 }
 
 /// A number in 0..=1 for the transmit jitter.
-fn jitter(random: &std::collections::hash_map::RandomState, seq: u64) -> f64 {
+fn jitter(random: &RandomState, seq: u64) -> f64 {
     (random.hash_one(seq) % 1001) as f64 / 1000.0
 }
 
 async fn run(
-    mut sessions: Vec<Running>,
     receiver: UdpSocket,
+    mut changes: mpsc::UnboundedReceiver<Change>,
     mut timers: watch::Receiver<Timers>,
     mut stop: watch::Receiver<bool>,
     refusals: Arc<Refusals>,
 ) {
-    let random = std::collections::hash_map::RandomState::new();
+    let random = RandomState::new();
+    let mut sessions: Vec<Running> = Vec::new();
     let mut seq = 0u64;
     let mut buf = [0u8; 512];
-    tracing::debug!(sessions = sessions.len(), "BFD running");
     loop {
         let next = sessions
             .iter()
@@ -358,6 +376,16 @@ async fn run(
                     }
                 }
             }
+            Some(change) = changes.recv() => match change {
+                Change::Add(s) => sessions.push(*s),
+                Change::Remove(peer) => {
+                    if let Some(i) = sessions.iter().position(|s| s.peer == peer) {
+                        let mut gone = sessions.swap_remove(i);
+                        gone.fsm.admin_down();
+                        send(&gone, false).await;
+                    }
+                }
+            },
             changed = timers.changed() => {
                 if changed.is_err() {
                     return;

@@ -8,14 +8,14 @@ pub mod session;
 pub mod wire;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
 use tokio::{
-    net::{TcpSocket, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -24,9 +24,9 @@ use vip_common::VipKey;
 
 use crate::{
     bfd::{self, Bfd},
-    config::{BgpConfig, Config},
+    config::{BgpConfig, BgpPeerConfig, Config},
 };
-use session::{GRACEFUL_SHUTDOWN, Local, Route, Status, Stop};
+use session::{GRACEFUL_SHUTDOWN, Local, Route, Settings, Status, Stop};
 
 /// The announcement set: the VIPs of `config` that `usable` says can take new flows.
 pub fn routes_for(config: &Config, usable: impl Fn(&VipKey) -> bool) -> Vec<Route> {
@@ -62,42 +62,72 @@ pub fn routes_for(config: &Config, usable: impl Fn(&VipKey) -> bool) -> Vec<Rout
     routes
 }
 
-/// A handle on the sessions' states, for readers that must not wait for the runtime.
-#[derive(Clone, Debug, Default)]
-pub struct Sessions {
+/// What readers see of the sessions.
+#[derive(Debug, Default)]
+struct Views {
     bgp: Vec<(IpAddr, watch::Receiver<Status>)>,
     bfd: Vec<(IpAddr, watch::Receiver<bfd::Status>)>,
     bfd_refusals: Option<Arc<bfd::Refusals>>,
 }
 
+/// A handle on the sessions' states, for readers that must not wait for the runtime; it
+/// follows peers that a reload adds or removes.
+#[derive(Clone, Debug, Default)]
+pub struct Sessions(Arc<RwLock<Views>>);
+
 impl Sessions {
     /// Session states by peer.
     pub fn status(&self) -> Vec<(IpAddr, Status)> {
-        self.bgp
-            .iter()
-            .map(|(a, s)| (*a, s.borrow().clone()))
-            .collect()
+        self.0.read().map_or_else(
+            |_| Vec::new(),
+            |v| {
+                v.bgp
+                    .iter()
+                    .map(|(a, s)| (*a, s.borrow().clone()))
+                    .collect()
+            },
+        )
     }
 
     /// BFD session states by peer (peers with BFD on).
     pub fn bfd(&self) -> Vec<(IpAddr, bfd::Status)> {
-        self.bfd.iter().map(|(a, s)| (*a, *s.borrow())).collect()
+        self.0.read().map_or_else(
+            |_| Vec::new(),
+            |v| v.bfd.iter().map(|(a, s)| (*a, *s.borrow())).collect(),
+        )
     }
 
     /// Received BFD packets refused, by reason; `None` without BFD.
     pub fn bfd_refusals(&self) -> Option<Vec<(&'static str, u64)>> {
-        self.bfd_refusals.as_ref().map(|r| r.counts())
+        self.0
+            .read()
+            .ok()?
+            .bfd_refusals
+            .as_ref()
+            .map(|r| r.counts())
     }
 }
 
-/// The running sessions.
+/// One configured peer's session.
+struct PeerSession {
+    settings: watch::Sender<Settings>,
+    stop: watch::Sender<Option<Stop>>,
+    status: watch::Receiver<Status>,
+    task: JoinHandle<()>,
+}
+
+/// The running sessions. Each peer's session runs on its own: a reload that adds, removes or
+/// changes a peer touches that peer's session only, and attribute changes (communities, MED,
+/// next hops) are re-announced without a reset.
 pub struct Speaker {
     routes: watch::Sender<Vec<Route>>,
-    shutdown: watch::Sender<Option<Stop>>,
-    sessions: Vec<(IpAddr, watch::Receiver<Status>, JoinHandle<()>)>,
-    listener: Option<JoinHandle<()>>,
+    peers: BTreeMap<IpAddr, PeerSession>,
+    listener: Option<Listener>,
     bfd: Option<Bfd>,
     settings: BgpConfig,
+    /// This agent took over a running datapath (the graceful-restart restart bit).
+    restarted: bool,
+    views: Sessions,
 }
 
 /// BGP's port, where passive peers connect.
@@ -132,52 +162,87 @@ impl RefusalLog {
     }
 }
 
-/// Accepts BGP connections (`listen`, or some peer is passive) and hands each to the session
-/// of the peer it comes from; connections from unconfigured addresses get Cease / connection
-/// rejected.
-fn listen(
-    settings: &BgpConfig,
-    peers: HashMap<IpAddr, mpsc::Sender<TcpStream>>,
-) -> std::io::Result<JoinHandle<()>> {
-    let socket = TcpSocket::new_v6()?;
-    socket.set_reuseaddr(true)?;
-    // Dual-stack: IPv4 peers arrive as v4-mapped addresses.
-    socket.bind(SocketAddr::from((
-        std::net::Ipv6Addr::UNSPECIFIED,
-        BGP_PORT,
-    )))?;
-    for p in &settings.peers {
-        if let Some(key) = &p.password {
-            let mapped = match p.address {
-                IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
-                v6 => v6,
-            };
-            session::set_md5(&socket, SocketAddr::new(mapped, 0), key)?;
-        }
-    }
-    // A flood of connections waits in the kernel's queue, not in SYN retries.
-    let listener = socket.listen(LISTEN_BACKLOG)?;
-    let refusal = wire::encode_notification(&wire::Notification::new(
-        wire::code::CEASE,
-        wire::code::CONNECTION_REJECTED,
-        &[],
-    ));
-    Ok(tokio::spawn(async move {
-        let mut refused = RefusalLog::default();
-        while let Ok((stream, from)) = listener.accept().await {
-            let from = from.ip().to_canonical();
-            match peers.get(&from) {
-                Some(tx) => {
-                    let _ = tx.try_send(stream);
-                }
-                None => {
-                    refused.note(from);
-                    // Never waits: a stranger that does not read gets nothing more.
-                    let _ = stream.try_write(&refusal);
+/// Where accepted connections go: each configured peer's session, by address.
+type Inbound = Arc<Mutex<HashMap<IpAddr, mpsc::Sender<TcpStream>>>>;
+
+/// The port-179 listener (`listen`, or some peer is passive).
+struct Listener {
+    socket: Arc<TcpListener>,
+    inbound: Inbound,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Accepts BGP connections and hands each to the session of the peer it comes from;
+    /// connections from unconfigured addresses get Cease / connection rejected.
+    fn start(inbound: Inbound) -> std::io::Result<Self> {
+        let socket = TcpSocket::new_v6()?;
+        socket.set_reuseaddr(true)?;
+        // Dual-stack: IPv4 peers arrive as v4-mapped addresses.
+        socket.bind(SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            BGP_PORT,
+        )))?;
+        // A flood of connections waits in the kernel's queue, not in SYN retries.
+        let socket = Arc::new(socket.listen(LISTEN_BACKLOG)?);
+        let refusal = wire::encode_notification(&wire::Notification::new(
+            wire::code::CEASE,
+            wire::code::CONNECTION_REJECTED,
+            &[],
+        ));
+        let (accepting, peers) = (socket.clone(), inbound.clone());
+        let task = tokio::spawn(async move {
+            let mut refused = RefusalLog::default();
+            while let Ok((stream, from)) = accepting.accept().await {
+                let from = from.ip().to_canonical();
+                let session = peers.lock().ok().and_then(|p| p.get(&from).cloned());
+                match session {
+                    Some(tx) => {
+                        let _ = tx.try_send(stream);
+                    }
+                    None => {
+                        refused.note(from);
+                        // Never waits: a stranger that does not read gets nothing more.
+                        let _ = stream.try_write(&refusal);
+                    }
                 }
             }
-        }
-    }))
+        });
+        Ok(Self {
+            socket,
+            inbound,
+            task,
+        })
+    }
+
+    /// Signs the segments of `peer`'s connections with its TCP-MD5 key.
+    fn set_md5(&self, peer: IpAddr, key: &str) -> std::io::Result<()> {
+        let mapped = match peer {
+            IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+            v6 => v6,
+        };
+        session::set_md5(&*self.socket, SocketAddr::new(mapped, 0), key)
+    }
+}
+
+/// A session's settings from the node's and the peer's config: node-wide communities first,
+/// then the peer's own.
+fn settings_for(config: &BgpConfig, peer: &BgpPeerConfig, restarted: bool) -> Settings {
+    let mut peer = peer.clone();
+    peer.communities = [&config.communities[..], &peer.communities[..]].concat();
+    peer.large_communities = [&config.large_communities[..], &peer.large_communities[..]].concat();
+    Settings {
+        local: Local {
+            asn: config.asn,
+            router_id: config.router_id,
+            hold_time: config.hold_time,
+            graceful_restart: config.graceful_restart_time,
+            restarted,
+            next_hop_v4: config.next_hop_v4,
+            next_hop_v6: config.next_hop_v6,
+        },
+        peer,
+    }
 }
 
 impl Speaker {
@@ -189,92 +254,153 @@ impl Speaker {
         routes: Vec<Route>,
         restarted: bool,
     ) -> Result<Self, bfd::BfdError> {
-        let bfd_peers: Vec<IpAddr> = settings
-            .peers
-            .iter()
-            .filter(|p| p.bfd)
-            .map(|p| p.address)
-            .collect();
-        let bfd = if bfd_peers.is_empty() {
-            None
-        } else {
-            Some(Bfd::start(&bfd_peers, settings.bfd_timers)?)
-        };
-        let (routes_tx, _) = watch::channel(routes);
-        let (shutdown_tx, _) = watch::channel(None);
-        let local = Local {
-            asn: settings.asn,
-            router_id: settings.router_id,
-            hold_time: settings.hold_time,
-            graceful_restart: settings.graceful_restart_time,
+        let (routes, _) = watch::channel(routes);
+        let mut speaker = Self {
+            routes,
+            peers: BTreeMap::new(),
+            listener: None,
+            bfd: None,
+            settings: settings.clone(),
             restarted,
-            next_hop_v4: settings.next_hop_v4,
-            next_hop_v6: settings.next_hop_v6,
+            views: Sessions::default(),
         };
         // Listening before any session connects: a peer that answers our connection with its
         // own (a collision) must find the port open.
-        let (inbound_tx, inbound_rx): (HashMap<_, _>, Vec<_>) = settings
-            .peers
-            .iter()
-            .map(|p| {
-                let (tx, rx) = mpsc::channel(4);
-                ((p.address, tx), rx)
-            })
-            .unzip();
-        let listener = if settings.listen {
-            match listen(settings, inbound_tx) {
-                Ok(task) => Some(task),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: peers cannot connect to us");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let sessions = settings
-            .peers
-            .iter()
-            .zip(inbound_rx)
-            .map(|(p, inbound_rx)| {
-                // Node-wide communities first, then the peer's own.
-                let mut peer = p.clone();
-                peer.communities = [&settings.communities[..], &p.communities[..]].concat();
-                peer.large_communities =
-                    [&settings.large_communities[..], &p.large_communities[..]].concat();
-                let (status_tx, status_rx) = watch::channel(Status::default());
-                let task = tokio::spawn(session::run(
-                    local.clone(),
-                    peer,
-                    routes_tx.subscribe(),
-                    status_tx,
-                    shutdown_tx.subscribe(),
-                    inbound_rx,
-                    bfd.as_ref().and_then(|b| b.session(p.address)),
-                ));
-                (p.address, status_rx, task)
-            })
-            .collect();
-        Ok(Self {
-            routes: routes_tx,
-            shutdown: shutdown_tx,
-            sessions,
-            listener,
-            bfd,
-            settings: settings.clone(),
-        })
+        speaker.listen();
+        for peer in &settings.peers {
+            speaker.add_peer(peer)?;
+        }
+        speaker.publish();
+        Ok(speaker)
     }
 
-    /// New BFD timers (a reload): Up sessions change them through a Poll Sequence.
-    pub fn set_bfd_timers(&self, timers: bfd::Timers) {
-        if let Some(b) = &self.bfd {
-            b.set_timers(timers);
+    /// Starts or stops the listener as the settings ask, keys included.
+    fn listen(&mut self) {
+        if !self.settings.listen {
+            if let Some(l) = self.listener.take() {
+                l.task.abort();
+            }
+            return;
+        }
+        if self.listener.is_none() {
+            let inbound = Inbound::default();
+            match Listener::start(inbound) {
+                Ok(l) => self.listener = Some(l),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen on BGP port {BGP_PORT}: peers cannot connect to us");
+                    return;
+                }
+            }
+        }
+        if let Some(l) = &self.listener {
+            for p in &self.settings.peers {
+                if let Some(key) = &p.password
+                    && let Err(e) = l.set_md5(p.address, key)
+                {
+                    tracing::error!(peer = %p.address, error = %e, "TCP-MD5 key on the listener");
+                }
+            }
         }
     }
 
-    /// The settings the sessions run with (changes need a restart of the speaker).
-    pub fn settings(&self) -> &BgpConfig {
-        &self.settings
+    fn add_peer(&mut self, peer: &BgpPeerConfig) -> Result<(), bfd::BfdError> {
+        let bfd = if peer.bfd {
+            let bfd = match &mut self.bfd {
+                Some(b) => b,
+                None => self.bfd.insert(Bfd::start(self.settings.bfd_timers)?),
+            };
+            Some(bfd.add(peer.address)?)
+        } else {
+            None
+        };
+        let (inbound_tx, inbound_rx) = mpsc::channel(4);
+        if let Some(l) = &self.listener
+            && let Ok(mut map) = l.inbound.lock()
+        {
+            map.insert(peer.address, inbound_tx);
+        }
+        let (settings, settings_rx) =
+            watch::channel(settings_for(&self.settings, peer, self.restarted));
+        let (stop, stop_rx) = watch::channel(None);
+        let (status_tx, status) = watch::channel(Status::default());
+        let task = tokio::spawn(session::run(
+            settings_rx,
+            self.routes.subscribe(),
+            status_tx,
+            stop_rx,
+            inbound_rx,
+            bfd,
+        ));
+        self.peers.insert(
+            peer.address,
+            PeerSession {
+                settings,
+                stop,
+                status,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    /// Ends a removed peer's session: its routes withdrawn, Cease / peer de-configured.
+    async fn remove_peer(&mut self, peer: IpAddr) {
+        let Some(session) = self.peers.remove(&peer) else {
+            return;
+        };
+        if let Some(l) = &self.listener
+            && let Ok(mut map) = l.inbound.lock()
+        {
+            map.remove(&peer);
+        }
+        session.stop.send_replace(Some(Stop::Deconfigured));
+        let _ = tokio::time::timeout(Duration::from_secs(2), session.task).await;
+        if let Some(bfd) = &mut self.bfd {
+            bfd.remove(peer);
+        }
+    }
+
+    /// Applies new settings (a reload): removed peers' sessions end, new ones start, a peer
+    /// whose BFD was switched is started again, and every other session gets its new settings
+    /// (and decides whether they need a reset or a re-announcement).
+    pub async fn reconfigure(&mut self, new: &BgpConfig) -> Result<(), bfd::BfdError> {
+        let old = std::mem::replace(&mut self.settings, new.clone());
+        let before: HashMap<IpAddr, &BgpPeerConfig> =
+            old.peers.iter().map(|p| (p.address, p)).collect();
+        let switched = |p: &BgpPeerConfig| before.get(&p.address).is_some_and(|o| o.bfd != p.bfd);
+        let gone: Vec<IpAddr> = old
+            .peers
+            .iter()
+            .map(|p| p.address)
+            .filter(|a| !new.peers.iter().any(|p| p.address == *a))
+            .chain(new.peers.iter().filter(|p| switched(p)).map(|p| p.address))
+            .collect();
+        for peer in gone {
+            tracing::info!(%peer, "BGP peer removed from the config");
+            self.remove_peer(peer).await;
+        }
+        self.listen();
+        if let Some(bfd) = &self.bfd {
+            bfd.set_timers(new.bfd_timers);
+        }
+        for peer in &new.peers {
+            match self.peers.get(&peer.address) {
+                Some(session) => {
+                    let settings = settings_for(new, peer, self.restarted);
+                    session.settings.send_if_modified(|s| {
+                        let changed = *s != settings;
+                        *s = settings;
+                        changed
+                    });
+                }
+                None => {
+                    tracing::info!(peer = %peer.address, "BGP peer added");
+                    self.add_peer(peer)?;
+                }
+            }
+        }
+        self.publish();
+        Ok(())
     }
 
     /// Replaces the announcement set; sessions send the difference.
@@ -284,14 +410,21 @@ impl Speaker {
 
     /// The sessions' states.
     pub fn sessions(&self) -> Sessions {
-        Sessions {
-            bgp: self
-                .sessions
-                .iter()
-                .map(|(a, s, _)| (*a, s.clone()))
-                .collect(),
-            bfd: self.bfd.as_ref().map(Bfd::sessions).unwrap_or_default(),
-            bfd_refusals: self.bfd.as_ref().map(Bfd::refusals),
+        self.views.clone()
+    }
+
+    /// Shows readers the sessions there are now.
+    fn publish(&self) {
+        if let Ok(mut v) = self.views.0.write() {
+            *v = Views {
+                bgp: self
+                    .peers
+                    .iter()
+                    .map(|(a, s)| (*a, s.status.clone()))
+                    .collect(),
+                bfd: self.bfd.as_ref().map(Bfd::sessions).unwrap_or_default(),
+                bfd_refusals: self.bfd.as_ref().map(Bfd::refusals),
+            };
         }
     }
 
@@ -306,8 +439,8 @@ impl Speaker {
         let wanted = self.routes.borrow().len();
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
-            let done = self.sessions.iter().all(|(_, s, _)| {
-                let s = s.borrow();
+            let done = self.peers.values().all(|p| {
+                let s = p.status.borrow();
                 s.state != session::State::Established || s.announced == wanted
             });
             if done {
@@ -353,12 +486,14 @@ impl Speaker {
     }
 
     async fn end(self, stop: Stop) {
-        self.shutdown.send_replace(Some(stop));
-        if let Some(listener) = self.listener {
-            listener.abort();
+        for p in self.peers.values() {
+            p.stop.send_replace(Some(stop));
         }
-        for (_, _, task) in self.sessions {
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        if let Some(listener) = self.listener {
+            listener.task.abort();
+        }
+        for p in self.peers.into_values() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), p.task).await;
         }
         // After the sessions' last words: BFD's AdminDown tells the peers this is no failure.
         if let Some(bfd) = self.bfd {

@@ -39,6 +39,32 @@ pub struct Local {
     pub next_hop_v6: Option<Ipv6Addr>,
 }
 
+/// What a session runs with: this speaker and the peer (its communities already include the
+/// node-wide ones).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub local: Local,
+    pub peer: Peer,
+}
+
+impl Settings {
+    /// Whether `other` differs from these only in what routes carry (communities, MED,
+    /// LOCAL_PREF, next hops): a re-announcement, not a new session.
+    fn same_session(&self, other: &Settings) -> bool {
+        let bare = |s: &Settings| {
+            let mut s = s.clone();
+            s.local.next_hop_v4 = None;
+            s.local.next_hop_v6 = None;
+            s.peer.communities.clear();
+            s.peer.large_communities.clear();
+            s.peer.med = None;
+            s.peer.local_pref = None;
+            s
+        };
+        bare(self) == bare(other)
+    }
+}
+
 /// One announced VIP with its own attributes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Route {
@@ -84,6 +110,8 @@ enum SessionError {
     ConnectTimeout,
     #[error("BFD session down")]
     BfdDown,
+    #[error("the session's settings changed (reload)")]
+    Reconfigured,
 }
 
 enum End {
@@ -93,6 +121,8 @@ enum End {
 /// How a session ends when the speaker stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
+    /// The peer left the config (a reload): withdraw, then Cease / Peer De-configured.
+    Deconfigured,
     /// The node stops serving: Cease / Administrative Shutdown (the peer drops the routes),
     /// wrapped in Cease / Hard Reset where the N bit makes any other NOTIFICATION a graceful
     /// restart (RFC 8538).
@@ -104,11 +134,11 @@ pub enum Stop {
     Restart,
 }
 
-/// Runs the session with `peer` until `shutdown` says how to stop. With `bfd`, the session
-/// starts only while that BFD session is Up and ends the moment it leaves Up.
+/// Runs the session with its peer until `shutdown` says how to stop, following `settings`.
+/// With `bfd`, the session starts only while that BFD session is Up and ends the moment it
+/// leaves Up.
 pub async fn run(
-    local: Local,
-    peer: Peer,
+    mut settings: watch::Receiver<Settings>,
     mut routes: watch::Receiver<Vec<Route>>,
     status: watch::Sender<Status>,
     mut shutdown: watch::Receiver<Option<Stop>>,
@@ -127,9 +157,9 @@ pub async fn run(
         }
         status.send_modify(|s| s.state = State::Connect);
         let before = status.borrow().established_transitions;
+        let peer = settings.borrow_and_update().peer.address;
         let attempt = session(
-            &local,
-            &peer,
+            &mut settings,
             &mut routes,
             &status,
             &mut shutdown,
@@ -148,9 +178,13 @@ pub async fn run(
         });
         match result {
             Ok(End::Shutdown) => return,
+            Err(SessionError::Reconfigured) => {
+                tracing::info!(%peer, "BGP session restarts with its new settings");
+                continue;
+            }
             Err(e) => {
                 let error = crate::errors::chain(&e);
-                tracing::warn!(peer = %peer.address, %error, "BGP session down");
+                tracing::warn!(%peer, %error, "BGP session down");
                 status.send_modify(|s| s.last_error = Some(error));
             }
         }
@@ -160,6 +194,8 @@ pub async fn run(
         tokio::select! {
             _ = sleep(backoff) => {}
             _ = shutdown.changed() => {}
+            // New settings (a password, a port): try them now.
+            _ = settings.changed() => backoff = Duration::from_secs(1),
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
     }
@@ -226,7 +262,11 @@ struct TcpMd5Sig {
 
 /// Signs every segment to `peer` with `key` (RFC 2385). On an IPv6 socket an IPv4 peer is given
 /// as its v4-mapped address.
-pub fn set_md5(socket: &TcpSocket, peer: SocketAddr, key: &str) -> std::io::Result<()> {
+pub fn set_md5(
+    socket: &impl std::os::fd::AsRawFd,
+    peer: SocketAddr,
+    key: &str,
+) -> std::io::Result<()> {
     if key.len() > 80 {
         return Err(std::io::Error::other("TCP MD5 keys are at most 80 bytes"));
     }
@@ -416,13 +456,14 @@ async fn handshake(
 }
 
 async fn session(
-    local: &Local,
-    peer: &Peer,
+    settings: &mut watch::Receiver<Settings>,
     routes: &mut watch::Receiver<Vec<Route>>,
     status: &watch::Sender<Status>,
     shutdown: &mut watch::Receiver<Option<Stop>>,
     inbound: &mut mpsc::Receiver<TcpStream>,
 ) -> Result<End, SessionError> {
+    let mut current = settings.borrow_and_update().clone();
+    let (local, peer) = (&current.local.clone(), &current.peer.clone());
     let Some(mut conn) = transport(peer, shutdown, inbound).await? else {
         return Ok(End::Shutdown);
     };
@@ -442,37 +483,16 @@ async fn session(
 
     // Accepted on the dual-stack listener, an IPv4 session's address is v4-mapped.
     let local_addr = conn.stream.local_addr()?.ip().to_canonical();
-    let attrs = |r: &Route| -> PathAttrs {
-        let ebgp = peer.asn != local.asn;
-        let mut communities = peer.communities.clone();
-        communities.extend(&r.communities);
-        let mut large = peer.large_communities.clone();
-        large.extend(&r.large_communities);
-        PathAttrs {
-            as_path: ebgp.then_some(local.asn),
-            next_hop_v4: local.next_hop_v4.or(match local_addr {
-                IpAddr::V4(a) => Some(a),
-                IpAddr::V6(_) => None,
-            }),
-            next_hop_v6: local.next_hop_v6.or(match local_addr {
-                IpAddr::V6(a) => Some(a),
-                IpAddr::V4(_) => None,
-            }),
-            med: r.med.or(peer.med),
-            local_pref: if ebgp {
-                None
-            } else {
-                peer.local_pref.or(Some(100))
-            },
-            communities,
-            large_communities: large,
-        }
+    let attrs_of = |s: &Settings| {
+        let s = s.clone();
+        move |r: &Route| path_attrs(&s, local_addr, r)
     };
+    let mut attrs = attrs_of(&current);
 
     // Everything, then End-of-RIB.
     let mut announced: HashMap<IpAddr, Route> = HashMap::new();
-    let current = routes.borrow_and_update().clone();
-    send_changes(&mut conn, &mut announced, &current, &attrs).await?;
+    let initial = routes.borrow_and_update().clone();
+    send_changes(&mut conn, &mut announced, &initial, &attrs).await?;
     for m in wire::encode_end_of_rib() {
         conn.send(&m).await?;
     }
@@ -522,6 +542,21 @@ async fn session(
                 send_changes(&mut conn, &mut announced, &wanted, &attrs).await?;
                 status.send_modify(|s| s.announced = announced.len());
             }
+            _ = settings.changed() => {
+                let new = settings.borrow_and_update().clone();
+                if !current.same_session(&new) {
+                    let change = Notification::new(code::CEASE, code::OTHER_CONFIGURATION_CHANGE, &[]);
+                    let _ = conn.notify(change).await;
+                    return Err(SessionError::Reconfigured);
+                }
+                // New attributes: everything again.
+                current = new;
+                attrs = attrs_of(&current);
+                let all = routes.borrow().clone();
+                announced.clear();
+                send_changes(&mut conn, &mut announced, &all, &attrs).await?;
+                tracing::info!(peer = %peer.address, "routes re-announced with their new attributes");
+            }
             _ = shutdown.changed() => {
                 let stop = *shutdown.borrow();
                 // With graceful restart and the N bit on both sides (RFC 8538), a peer keeps
@@ -538,6 +573,12 @@ async fn session(
                         let _ = conn.notify(cease).await;
                         return Ok(End::Shutdown);
                     }
+                    Some(Stop::Deconfigured) => {
+                        send_changes(&mut conn, &mut announced, &[], &attrs).await?;
+                        let gone = Notification::new(code::CEASE, code::PEER_DECONFIGURED, &[]);
+                        let _ = conn.notify(gone).await;
+                        return Ok(End::Shutdown);
+                    }
                     Some(Stop::Restart) if notification_gr => {
                         let reset = Notification::new(code::CEASE, code::ADMINISTRATIVE_RESET, &[]);
                         let _ = conn.notify(reset).await;
@@ -551,6 +592,35 @@ async fn session(
                 }
             }
         }
+    }
+}
+
+/// The attributes `route` carries to the peer of `s`, over a session from `local_addr`.
+fn path_attrs(s: &Settings, local_addr: IpAddr, r: &Route) -> PathAttrs {
+    let (local, peer) = (&s.local, &s.peer);
+    let ebgp = peer.asn != local.asn;
+    let mut communities = peer.communities.clone();
+    communities.extend(&r.communities);
+    let mut large = peer.large_communities.clone();
+    large.extend(&r.large_communities);
+    PathAttrs {
+        as_path: ebgp.then_some(local.asn),
+        next_hop_v4: local.next_hop_v4.or(match local_addr {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }),
+        next_hop_v6: local.next_hop_v6.or(match local_addr {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }),
+        med: r.med.or(peer.med),
+        local_pref: if ebgp {
+            None
+        } else {
+            peer.local_pref.or(Some(100))
+        },
+        communities,
+        large_communities: large,
     }
 }
 

@@ -46,6 +46,7 @@ pub mod code {
     pub const ADMINISTRATIVE_SHUTDOWN: u8 = 2;
     pub const PEER_DECONFIGURED: u8 = 3;
     pub const ADMINISTRATIVE_RESET: u8 = 4;
+    pub const OTHER_CONFIGURATION_CHANGE: u8 = 6;
     pub const CONNECTION_REJECTED: u8 = 5;
     pub const CONNECTION_COLLISION: u8 = 7;
     /// RFC 8538: a reset the peer must not treat as a graceful restart.

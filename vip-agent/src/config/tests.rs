@@ -235,19 +235,20 @@ fn bfd_per_peer_with_timers_that_a_reload_applies() {
     let e = error(&FULL.replace("bfd_multiplier = 4", "bfd_multiplier = 256"));
     assert!(e.to_string().contains("bfd_multiplier"), "{e}");
 
-    // Timers change by reload; switching BFD on or off for a peer needs a restart.
-    let slower = parse(
-        Path::new("vip.toml"),
-        &FULL.replace("bfd_min_tx = 100", "bfd_min_tx = 400"),
-    )
-    .unwrap();
-    assert!(c.restart_needed(&slower).is_empty());
-    let off = parse(
-        Path::new("vip.toml"),
-        &FULL.replace("bfd = true", "bfd = false"),
-    )
-    .unwrap();
-    assert_eq!(c.restart_needed(&off), ["bgp"]);
+    // Timers, and BFD on or off, change by reload, like every BGP setting; only vip's own
+    // speaker coming or going needs a restart.
+    for (old, new) in [
+        ("bfd_min_tx = 100", "bfd_min_tx = 400"),
+        ("bfd = true", "bfd = false"),
+        ("asn = 65001", "asn = 65002"),
+    ] {
+        let changed = parse(Path::new("vip.toml"), &FULL.replace(old, new)).unwrap();
+        assert!(c.restart_needed(&changed).is_empty(), "{new}");
+    }
+    let without_bgp =
+        FULL[..FULL.find("[bgp]").unwrap()].to_owned() + &FULL[FULL.find("[[vip]]").unwrap()..];
+    let without_bgp = parse(Path::new("vip.toml"), &without_bgp).unwrap();
+    assert_eq!(c.restart_needed(&without_bgp), ["bgp"]);
 }
 
 #[test]

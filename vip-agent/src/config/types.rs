@@ -188,30 +188,11 @@ pub struct BgpPeerConfig {
     pub large_communities: Vec<[u32; 3]>,
 }
 
-impl BgpConfig {
-    /// These settings but for the BFD timers, which a reload applies live.
-    fn without_bfd_timers(&self) -> Self {
-        Self {
-            bfd_timers: crate::bfd::Timers {
-                min_tx: Duration::ZERO,
-                min_rx: Duration::ZERO,
-                multiplier: 0,
-            },
-            ..self.clone()
-        }
-    }
-
-    /// Whether some peer runs BFD.
-    pub fn has_bfd(&self) -> bool {
-        self.peers.iter().any(|p| p.bfd)
-    }
-}
-
 impl Config {
     /// The settings in which `new` differs from `self` that only a restart applies (map sizes,
-    /// interfaces, listeners, the announcer's sessions), by their names in the file. Everything
-    /// else (VIPs, backends, health checks, sources, the conntrack insert limit) a reload
-    /// applies.
+    /// interfaces, listeners, the announcer's mode), by their names in the file. Everything
+    /// else (VIPs, backends, health checks, sources, the conntrack insert limit, BGP peers
+    /// and their settings) a reload applies.
     pub fn restart_needed(&self, new: &Config) -> Vec<&'static str> {
         // Every field named: a new one must be sorted into live or restart here.
         let NodeConfig {
@@ -249,11 +230,9 @@ impl Config {
             ),
             (*max_vips != n.max_vips, "node.max_vips"),
             (*max_backends != n.max_backends, "node.max_backends"),
-            (
-                self.bgp.as_ref().map(BgpConfig::without_bfd_timers)
-                    != new.bgp.as_ref().map(BgpConfig::without_bfd_timers),
-                "bgp",
-            ),
+            // Every BGP setting is applied live; only starting or ending vip's own speaker
+            // is not.
+            (self.bgp.is_some() != new.bgp.is_some(), "bgp"),
             (self.kernel_routes != new.kernel_routes, "announce"),
         ]
         .into_iter()

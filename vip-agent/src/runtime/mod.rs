@@ -504,10 +504,12 @@ impl Runtime {
         self.status = status;
         self.node_drained = false;
         self.ready = true;
-        // 5. Announce, with the BFD timers of the new config.
+        // 5. Announce, with the sessions' new settings.
         self.announce();
-        if let (Some(announcer), Some(bgp)) = (&self.announcer, &self.config.bgp) {
-            announcer.set_bfd_timers(bgp.bfd_timers);
+        if let Some(announcer) = &mut self.announcer
+            && let Err(e) = announcer.reconfigure(&self.config).await
+        {
+            error!(error = %crate::errors::chain(&e), "applying the BGP settings");
         }
         // 6. `lo`, and the health checks of the new config.
         match self.lo.sync(&self.config.loopback_addresses()).await {
