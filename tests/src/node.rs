@@ -94,6 +94,26 @@ impl Netns {
         run("nsenter", &cmd)
     }
 
+    /// `GET path` from the agent's metrics listener (127.0.0.1:9100) in the namespace; `None`
+    /// while nothing answers.
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+        self.within(move || {
+            use std::io::Read;
+            let mut c = std::net::TcpStream::connect("127.0.0.1:9100").ok()?;
+            c.write_all(request.as_bytes()).ok()?;
+            let mut r = String::new();
+            c.read_to_string(&mut r).ok()?;
+            Some(r)
+        })
+    }
+
+    /// The agent's metrics, as scraped (headers included).
+    pub fn metrics(&self) -> String {
+        self.http_get("/metrics")
+            .expect("the agent's metrics listener")
+    }
+
     /// `ip -n NS ARGS`.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut full = vec!["-n", self.name.as_str()];

@@ -82,15 +82,7 @@ fn client_frame(i: u16, vip: &str, port: u16) -> Vec<u8> {
 
 /// GET `path` from the agent's metrics address inside `ns`.
 fn http_get(ns: &Netns, path: &str) -> String {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
-    ns.within(move || {
-        use std::io::{Read, Write};
-        let mut conn = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics address");
-        conn.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        conn.read_to_string(&mut response).unwrap();
-        response
-    })
+    ns.http_get(path).expect("the agent's metrics listener")
 }
 
 fn lo_addresses(ns: &Netns) -> String {

@@ -48,17 +48,6 @@ fn agent_bfd_status(lb: &Netns) -> BfdStatus {
     }
 }
 
-fn metrics(lb: &Netns) -> String {
-    lb.within(|| {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
-        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut r = String::new();
-        c.read_to_string(&mut r).unwrap();
-        r
-    })
-}
-
 /// Makes the LB node vanish for the router: every frame on the router's side of its link is
 /// dropped (carrier stays up, so the router keeps its next hop and only BFD or the hold time
 /// can tell). Undone when dropped.
@@ -101,7 +90,7 @@ fn bfd_comes_up_with_bird_before_bgp_and_shows_in_status_and_metrics() {
     assert_eq!(bfd.detection_time_us, 300_000, "{bfd:?}");
     assert_ne!(bfd.remote_discriminator, 0, "{bfd:?}");
     assert_eq!(bfd.flaps, 0, "{bfd:?}");
-    let m = metrics(&lbs[0]);
+    let m = lbs[0].metrics();
     assert!(
         m.contains("vip_bfd_session_up{peer=\"198.18.1.1\"} 1"),
         "{m}"
@@ -277,7 +266,7 @@ fn malformed_and_off_link_bfd_packets_are_refused_and_counted() {
         }
     });
     thread::sleep(Duration::from_millis(500));
-    let m = metrics(&lbs[0]);
+    let m = lbs[0].metrics();
     for reason in [
         "length",
         "version",

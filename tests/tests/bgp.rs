@@ -37,20 +37,22 @@ fn announces_to_bird_and_withdraws() {
             .contains("198.18.1.2")
     );
     // The session is in the agent's metrics, and `status` shows it and the attachment.
-    let metrics = lbs[0].within(|| {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
-        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut r = String::new();
-        c.read_to_string(&mut r).unwrap();
-        r
-    });
+    let metrics = lbs[0].metrics();
     assert!(
         metrics.contains("vip_bgp_session_established{peer=\"198.18.1.1\"} 1"),
         "{metrics}"
     );
     assert!(
         metrics.contains("vip_bgp_routes_announced{peer=\"198.18.1.1\"} 2"),
+        "{metrics}"
+    );
+    // Both routes (different next hops: two UPDATEs) and End-of-RIB for each family.
+    assert!(
+        metrics.contains("vip_bgp_updates_sent_total{peer=\"198.18.1.1\"} 4"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("vip_bgp_notifications_sent_total{peer=\"198.18.1.1\"} 0"),
         "{metrics}"
     );
     let pin = lbs[0].pin_dir.to_string_lossy().into_owned();
@@ -421,11 +423,29 @@ fn router_restart_makes_the_agent_reconnect_and_reannounce() {
     let mut bird = Bird::start(&rt, &bird_config(1, None));
     let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4]), &[]);
     bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    // An operator disables the session at the router (Cease / administrative shutdown).
+    bird.cli("disable lb1");
+    bird.wait_for(|b| !b.cli("show route").contains(VIP4), "the route gone");
+    bird.cli("enable lb1");
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route again");
+    let metrics = lbs[0].metrics();
+    for counted in [
+        "vip_bgp_session_flaps_total{peer=\"198.18.1.1\"} 1",
+        "vip_bgp_notifications_received_total{peer=\"198.18.1.1\"} 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted}: {metrics}");
+    }
+    // The router dies and comes back: no NOTIFICATION, one more flap.
     bird.stop();
     let bird = Bird::start(&rt, &bird_config(1, None));
     bird.wait_for(
         |b| b.cli("show route").contains(VIP4),
         "the route after the router restarted",
+    );
+    let metrics = lbs[0].metrics();
+    assert!(
+        metrics.contains("vip_bgp_session_flaps_total{peer=\"198.18.1.1\"} 2"),
+        "{metrics}"
     );
 }
 

@@ -36,25 +36,11 @@ fn localize(line: &str, config: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `GET path` from the agent's metrics listener in `ns`.
-fn http_get(ns: &Netns, path: &str) -> Option<String> {
-    let path = path.to_owned();
-    ns.within(move || {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").ok()?;
-        c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-            .ok()?;
-        let mut r = String::new();
-        c.read_to_string(&mut r).ok()?;
-        Some(r)
-    })
-}
-
 /// Waits up to 15 s for `ok` on the agent's answer to `GET path`.
 fn wait_http(ns: &Netns, path: &str, ok: impl Fn(&str) -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
-        if http_get(ns, path).is_some_and(|r| ok(&r)) {
+        if ns.http_get(path).is_some_and(|r| ok(&r)) {
             return true;
         }
         thread::sleep(Duration::from_millis(200));
@@ -99,7 +85,7 @@ fn systemd_unit_starts_reloads_and_stops_the_agent() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let get = |path: &str| http_get(&ns, path);
+    let get = |path: &str| ns.http_get(path);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !get("/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
         assert!(

@@ -42,17 +42,6 @@ fn wait_backend(lb: &Netns, agent: &Agent, what: &str, within: Duration) {
     }
 }
 
-fn metrics(lb: &Netns) -> String {
-    lb.within(|| {
-        use std::io::{Read, Write};
-        let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
-        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-        let mut r = String::new();
-        c.read_to_string(&mut r).unwrap();
-        r
-    })
-}
-
 /// A backend marked down, its service back, then a reload that changes only the check's
 /// interval (0.1 s to 0.2 s) before the old check saw `rise` successes: the restarted check
 /// starts from "down" and brings the backend up after `rise` successes. Every view agrees:
@@ -70,7 +59,7 @@ fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
     let healthy = format!(
         "vip_backend_healthy{{vip=\"{VIP4}\",protocol=\"tcp\",port=\"80\",backend=\"{BACKEND}\"}}"
     );
-    assert!(metrics(&lb).contains(&format!("{healthy} 0")));
+    assert!(lb.metrics().contains(&format!("{healthy} 0")));
 
     // The service is back; the reload comes well before 5 successes at 0.1 s.
     let _service = TcpService::start(&be, BACKEND, 8080);
@@ -79,9 +68,9 @@ fn a_reload_that_changes_a_check_does_not_strand_a_down_backend() {
     agent.wait_for_log("reloaded", 1);
     wait_backend(&lb, &agent, "active: ok in", Duration::from_secs(5));
     assert!(
-        metrics(&lb).contains(&format!("{healthy} 1")),
+        lb.metrics().contains(&format!("{healthy} 1")),
         "{}",
-        metrics(&lb)
+        lb.metrics()
     );
     // Its entry is present again (a down backend's is not).
     let maps = Dataplane::load(DataplaneOptions::from_pins(&lb.pin_dir).unwrap()).unwrap();
@@ -141,7 +130,10 @@ fn a_reload_that_replaces_every_vip_fits_and_so_does_a_restart() {
     agent.signal(libc::SIGHUP);
     agent.wait_for_log("reloaded", 1);
     assert_eq!(pinned_ports(&lb), vec![81; 15], "{}", agent.log_text());
-    assert!(metrics(&lb).contains("vip_config_reloads_total{result=\"success\"} 1"));
+    assert!(
+        lb.metrics()
+            .contains("vip_config_reloads_total{result=\"success\"} 1")
+    );
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(), "{}", agent.log_text());
 
@@ -164,7 +156,10 @@ fn a_reload_that_does_not_fit_changes_nothing() {
     agent.signal(libc::SIGHUP);
     agent.wait_for_log("reload rejected", 1);
     assert_eq!(pinned_ports(&lb), vec![80; 15]);
-    assert!(metrics(&lb).contains("vip_config_reloads_total{result=\"failure\"} 1"));
+    assert!(
+        lb.metrics()
+            .contains("vip_config_reloads_total{result=\"failure\"} 1")
+    );
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(), "{}", agent.log_text());
 }
@@ -201,7 +196,7 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answered() {
             .collect::<Vec<_>>()
     });
     let started = Instant::now();
-    assert!(metrics(&lb).contains("vip_config_reloads_total"));
+    assert!(lb.metrics().contains("vip_config_reloads_total"));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -327,7 +322,7 @@ fn a_reload_applies_what_it_can_and_names_what_needs_a_restart() {
         "{}",
         agent.log_text()
     );
-    let m = metrics(&lb);
+    let m = lb.metrics();
     assert!(m.contains("\nvip_config_last_reload_successful 0\n"), "{m}");
     agent.signal(libc::SIGTERM);
     assert!(agent.wait(), "{}", agent.log_text());

@@ -24,7 +24,7 @@ use vip_common::{DatapathStats, DecapStats, Outcome, TrafficCounters};
 
 use crate::{
     bfd,
-    bgp::{Sessions, session::State},
+    bgp::{self, Sessions, session::State},
     config::VipName,
     dataplane::Counters,
     view::View,
@@ -41,8 +41,8 @@ pub(crate) struct Snapshot {
     pub backends: Vec<((VipName, String), TrafficCounters)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
-    /// (peer, established, routes announced).
-    pub bgp: Vec<(String, bool, u64)>,
+    /// (peer, session).
+    pub bgp: Vec<(String, bgp::session::Status)>,
     /// (peer, BFD session).
     pub bfd: Vec<(String, bfd::Status)>,
     /// (reason, received BFD packets refused for it); empty without BFD.
@@ -111,13 +111,7 @@ impl MetricsSources {
             .sessions
             .status()
             .into_iter()
-            .map(|(peer, st)| {
-                (
-                    peer.to_string(),
-                    st.state == State::Established,
-                    st.announced as u64,
-                )
-            })
+            .map(|(peer, st)| (peer.to_string(), st))
             .collect();
         s.bfd = self
             .sessions
@@ -326,13 +320,48 @@ impl Collector for SnapshotCollector {
                 &mut e,
                 "vip_bgp_session_established",
                 "1 while the BGP session is established.",
-                s.bgp.iter().map(|(p, up, _)| (peer(p), i64::from(*up))),
+                s.bgp
+                    .iter()
+                    .map(|(p, st)| (peer(p), i64::from(st.state == State::Established))),
             )?;
             gauges(
                 &mut e,
                 "vip_bgp_routes_announced",
                 "Routes announced to the peer.",
-                s.bgp.iter().map(|(p, _, n)| (peer(p), *n as i64)),
+                s.bgp.iter().map(|(p, st)| (peer(p), st.announced as i64)),
+            )?;
+            let per_peer = |value: fn(&bgp::session::Status) -> u64| -> Rows {
+                s.bgp.iter().map(|(p, st)| (peer(p), value(st))).collect()
+            };
+            family(
+                &mut e,
+                "vip_bgp_session_flaps",
+                "Times the established session went down.",
+                &per_peer(|st| st.flaps),
+            )?;
+            family(
+                &mut e,
+                "vip_bgp_updates_sent",
+                "UPDATE messages sent to the peer.",
+                &per_peer(|st| st.messages.updates_sent),
+            )?;
+            family(
+                &mut e,
+                "vip_bgp_updates_received",
+                "UPDATE messages received from the peer.",
+                &per_peer(|st| st.messages.updates_received),
+            )?;
+            family(
+                &mut e,
+                "vip_bgp_notifications_sent",
+                "NOTIFICATION messages sent to the peer.",
+                &per_peer(|st| st.messages.notifications_sent),
+            )?;
+            family(
+                &mut e,
+                "vip_bgp_notifications_received",
+                "NOTIFICATION messages received from the peer.",
+                &per_peer(|st| st.messages.notifications_received),
             )?;
         }
         if !s.bfd.is_empty() {
@@ -620,7 +649,14 @@ mod tests {
             backends: vec![((vip, "192.0.2.21".into()), traffic)],
             reloads_ok: 1,
             reloads_failed: 0,
-            bgp: vec![("192.0.2.1".into(), true, 1)],
+            bgp: vec![(
+                "192.0.2.1".into(),
+                bgp::session::Status {
+                    state: State::Established,
+                    announced: 1,
+                    ..Default::default()
+                },
+            )],
             bfd: vec![(
                 "192.0.2.1".into(),
                 bfd::Status {

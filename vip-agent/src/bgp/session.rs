@@ -93,7 +93,20 @@ pub struct Status {
     pub state: State,
     pub last_error: Option<String>,
     pub established_transitions: u64,
+    /// Times an established session went down (not counting a stop).
+    pub flaps: u64,
     pub announced: usize,
+    /// UPDATE and NOTIFICATION messages, over every connection of the session.
+    pub messages: MessageCounts,
+}
+
+/// Messages of a session, by kind and direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageCounts {
+    pub updates_sent: u64,
+    pub updates_received: u64,
+    pub notifications_sent: u64,
+    pub notifications_received: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +189,10 @@ pub async fn run(
             s.state = State::Idle;
             s.announced = 0;
         });
+        if status.borrow().established_transitions > before && !matches!(result, Ok(End::Shutdown))
+        {
+            status.send_modify(|s| s.flaps += 1);
+        }
         match result {
             Ok(End::Shutdown) => return,
             Err(SessionError::Reconfigured) => {
@@ -300,16 +317,32 @@ struct Connection {
     received: Vec<u8>,
     /// We opened it; otherwise we accepted the peer's.
     ours: bool,
+    /// Where its messages are counted.
+    status: watch::Sender<Status>,
 }
 
 impl Connection {
-    fn new(stream: TcpStream, ours: bool) -> Self {
+    fn new(stream: TcpStream, ours: bool, status: &watch::Sender<Status>) -> Self {
         let _ = stream.set_nodelay(true);
         Self {
             stream,
             received: Vec::with_capacity(wire::MAX_MESSAGE_LEN),
             ours,
+            status: status.clone(),
         }
+    }
+
+    fn count(&self, kind: u8, sent: bool) {
+        self.status.send_modify(|s| {
+            let m = &mut s.messages;
+            match (kind, sent) {
+                (wire::UPDATE, true) => m.updates_sent += 1,
+                (wire::UPDATE, false) => m.updates_received += 1,
+                (wire::NOTIFICATION, true) => m.notifications_sent += 1,
+                (wire::NOTIFICATION, false) => m.notifications_received += 1,
+                _ => {}
+            }
+        });
     }
 
     /// The next message; a malformed one is answered with its NOTIFICATION. Cancel-safe.
@@ -324,6 +357,7 @@ impl Connection {
                 if self.received.len() >= end {
                     let decoded = wire::decode_body(kind, &self.received[wire::HEADER_LEN..end]);
                     self.received.drain(..end);
+                    self.count(kind, false);
                     return match decoded {
                         Ok(Message::Notification(n)) => Err(SessionError::Received(n)),
                         Ok(m) => Ok(m),
@@ -338,11 +372,16 @@ impl Connection {
     }
 
     async fn send(&mut self, message: &[u8]) -> Result<(), SessionError> {
-        Ok(self.stream.write_all(message).await?)
+        self.stream.write_all(message).await?;
+        if let Some(kind) = message.get(wire::HEADER_LEN - 1) {
+            self.count(*kind, true);
+        }
+        Ok(())
     }
 
     /// Sends a NOTIFICATION; the session then ends.
     async fn notify(&mut self, n: Notification) -> SessionError {
+        self.count(wire::NOTIFICATION, true);
         let _ = self.stream.write_all(&wire::encode_notification(&n)).await;
         let _ = self.stream.shutdown().await;
         SessionError::Sent(n)
@@ -353,13 +392,16 @@ impl Connection {
 /// accept). `None`: told to stop while waiting.
 async fn transport(
     peer: &Peer,
+    status: &watch::Sender<Status>,
     shutdown: &mut watch::Receiver<Option<Stop>>,
     inbound: &mut mpsc::Receiver<TcpStream>,
 ) -> Result<Option<Connection>, SessionError> {
     tokio::select! {
         // `None` (no listener) disables this branch rather than ending.
-        Some(accepted) = inbound.recv() => Ok(Some(Connection::new(accepted, false))),
-        connected = connect(peer), if !peer.passive => Ok(Some(Connection::new(connected?, true))),
+        Some(accepted) = inbound.recv() => Ok(Some(Connection::new(accepted, false, status))),
+        connected = connect(peer), if !peer.passive => {
+            Ok(Some(Connection::new(connected?, true, status)))
+        }
         _ = shutdown.changed() => Ok(None),
     }
 }
@@ -464,13 +506,13 @@ async fn session(
 ) -> Result<End, SessionError> {
     let mut current = settings.borrow_and_update().clone();
     let (local, peer) = (&current.local.clone(), &current.peer.clone());
-    let Some(mut conn) = transport(peer, shutdown, inbound).await? else {
+    let Some(mut conn) = transport(peer, status, shutdown, inbound).await? else {
         return Ok(End::Shutdown);
     };
     let (hold, open) = loop {
         match handshake(local, peer, &mut conn, status, inbound).await? {
             Handshake::Established(hold, open) => break (hold, open),
-            Handshake::Yield(theirs) => conn = Connection::new(theirs, false),
+            Handshake::Yield(theirs) => conn = Connection::new(theirs, false, status),
         }
     };
     let hold_duration = (hold > 0).then(|| Duration::from_secs(u64::from(hold)));
