@@ -184,6 +184,11 @@ fn agent_lifecycle_on_lb_and_backend() {
         "vip_backend_packets_total{vip=\"198.19.0.1\",protocol=\"tcp\",port=\"80\",backend=\"198.18.1.1\"} 100",
         "vip_datapath_packets_total{outcome=\"tx\"} 200",
         "vip_datapath_drops_total{reason=\"malformed\"} 0",
+        // Each frame is a flow of its own: 100 entries per family, all to one backend each.
+        "vip_conntrack_entries{family=\"ipv4\"} 100",
+        "vip_conntrack_entries{family=\"ipv6\"} 100",
+        "vip_conntrack_capacity{family=\"ipv4\"} 8192",
+        "vip_backend_conntrack_entries{vip=\"198.19.0.1\",protocol=\"tcp\",port=\"80\",backend=\"198.18.1.1\"} 100",
     ] {
         assert!(metrics.contains(line), "metrics lack {line}: {metrics}");
     }

@@ -26,7 +26,7 @@ use crate::{
     bfd,
     bgp::{self, Sessions, session::State},
     config::VipName,
-    dataplane::Counters,
+    dataplane::{Census, Counters},
     view::View,
 };
 
@@ -39,6 +39,10 @@ pub(crate) struct Snapshot {
     pub vips: Vec<(VipName, TrafficCounters)>,
     /// ((VIP, backend address), traffic).
     pub backends: Vec<((VipName, String), TrafficCounters)>,
+    /// The conntrack maps counted (at most every [`CENSUS_INTERVAL`]).
+    pub conntrack: Option<Census>,
+    /// ((VIP, backend address), conntrack entries that send to it).
+    pub backend_flows: Vec<((VipName, String), u64)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// (peer, session).
@@ -64,9 +68,27 @@ pub(crate) struct MetricsSources {
     pub view: watch::Receiver<View>,
     pub counters: Counters,
     pub sessions: Sessions,
+    /// The last conntrack census and when it was taken.
+    pub census: std::sync::Mutex<Option<(std::time::Instant, Census)>>,
 }
 
+/// How old a conntrack census may be: counting walks both maps (a syscall per entry), so
+/// scrapes more frequent than this share one walk.
+pub(crate) const CENSUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl MetricsSources {
+    /// The conntrack census, taken again when older than [`CENSUS_INTERVAL`].
+    fn census(&self) -> Option<Census> {
+        let mut cached = self.census.lock().ok()?;
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < CENSUS_INTERVAL);
+        if !fresh {
+            *cached = Some((std::time::Instant::now(), self.counters.conntrack_census()?));
+        }
+        cached.as_ref().map(|(_, c)| c.clone())
+    }
+
     /// Reads everything a scrape shows.
     pub(crate) fn snapshot(&self) -> Snapshot {
         let view = self.view.borrow().clone();
@@ -89,12 +111,17 @@ impl MetricsSources {
             decap: self.counters.decap(),
             ..Default::default()
         };
+        s.conntrack = self.census();
         for account in &view.accounts {
             let mut total = account.retired;
             for (addr, id) in &account.backends {
                 let traffic = self.counters.backend_traffic(*id).unwrap_or_default();
                 total += traffic;
                 s.backends.push(((account.name, addr.to_string()), traffic));
+                if let Some(c) = &s.conntrack {
+                    let flows = c.by_backend.get(id).copied().unwrap_or(0);
+                    s.backend_flows.push(((account.name, addr.to_string()), flows));
+                }
             }
             s.vips.push((account.name, total));
         }
@@ -288,6 +315,36 @@ impl Collector for SnapshotCollector {
             "Bytes (client packets) forwarded per backend of a VIP.",
             &per_backend(|t| t.bytes),
         )?;
+        if let Some(c) = &s.conntrack {
+            let family_label = |f: &str| vec![("family".to_owned(), f.to_owned())];
+            gauges(
+                &mut e,
+                "vip_conntrack_entries",
+                "Connection-tracking entries (counted at most every 10 s).",
+                [
+                    (family_label("ipv4"), c.entries_v4 as i64),
+                    (family_label("ipv6"), c.entries_v6 as i64),
+                ],
+            )?;
+            gauges(
+                &mut e,
+                "vip_conntrack_capacity",
+                "Size of each connection-tracking map (node.conntrack_entries).",
+                [
+                    (family_label("ipv4"), i64::from(c.capacity_v4)),
+                    (family_label("ipv6"), i64::from(c.capacity_v6)),
+                ],
+            )?;
+            gauges(
+                &mut e,
+                "vip_backend_conntrack_entries",
+                "Connection-tracking entries that send to the backend (ipvsadm's connections: \
+                 TCP entries stay until the LRU reuses them, UDP ones until idle).",
+                s.backend_flows
+                    .iter()
+                    .map(|((vip, backend), n)| (backend_labels(vip, backend), *n as i64)),
+            )?;
+        }
         if let Some(d) = &s.decap {
             let outcomes = [
                 ("decapsulated", d.decapsulated),
@@ -671,6 +728,13 @@ mod tests {
                 },
             )],
             bfd_refused: owned(&[("ttl", 1)]),
+            conntrack: Some(Census {
+                entries_v4: 3,
+                capacity_v4: 4096,
+                capacity_v6: 4096,
+                ..Default::default()
+            }),
+            backend_flows: vec![((vip, "192.0.2.21".into()), 3)],
             health: vec![((vip, "192.0.2.21".into()), true, 0.001, 2)],
             ready: true,
             node_drained: false,

@@ -3,8 +3,10 @@
 
 use std::path::Path;
 
-use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
-use vip_common::{BackendId, DatapathStats, DecapStats, TrafficCounters, layout};
+use aya::maps::{HashMap as AyaHashMap, Map, MapData, PerCpuArray, PerCpuValues};
+use vip_common::{
+    BackendId, ConnEntry, DatapathStats, DecapStats, FlowKey, FlowKeyV4, TrafficCounters, layout,
+};
 
 use super::error::{DataplaneError, Result, map_err};
 
@@ -30,9 +32,32 @@ pub(crate) fn sum_entry<T: aya::Pod + bytemuck::Pod>(
     Ok(sum_cpus(&map.get(&index, 0).map_err(map_err(name))?))
 }
 
+/// A pinned LRU hash map, and its size.
+fn open_lru<K: aya::Pod, V: aya::Pod>(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<(AyaHashMap<MapData, K, V>, u32)> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    let capacity = data.info().map_err(map_err(name))?.max_entries();
+    let map = AyaHashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+    Ok((map, capacity))
+}
+
 fn open<T: aya::Pod>(pin_dir: &Path, name: &'static str) -> Result<PerCpuArray<MapData, T>> {
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
     PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(map_err(name))
+}
+
+/// The connection-tracking maps, counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    pub entries_v4: u64,
+    pub entries_v6: u64,
+    /// Each map's size.
+    pub capacity_v4: u32,
+    pub capacity_v6: u32,
+    /// Entries by the backend id they send to.
+    pub by_backend: std::collections::HashMap<BackendId, u64>,
 }
 
 /// The counters of the node's datapath.
@@ -40,6 +65,10 @@ pub enum Counters {
     Lb {
         stats: PerCpuArray<MapData, DatapathStats>,
         backends: PerCpuArray<MapData, TrafficCounters>,
+        conntrack_v4: AyaHashMap<MapData, FlowKeyV4, ConnEntry>,
+        conntrack_v6: AyaHashMap<MapData, FlowKey, ConnEntry>,
+        /// Sizes of the IPv4 and IPv6 conntrack maps.
+        conntrack_capacity: (u32, u32),
     },
     Decap {
         stats: PerCpuArray<MapData, DecapStats>,
@@ -49,9 +78,14 @@ pub enum Counters {
 impl Counters {
     /// The load balancer's counters pinned under `pin_dir`.
     pub fn open_lb(pin_dir: &Path) -> Result<Self> {
+        let (conntrack_v4, capacity_v4) = open_lru(pin_dir, layout::CONNTRACK_V4)?;
+        let (conntrack_v6, capacity_v6) = open_lru(pin_dir, layout::CONNTRACK)?;
         Ok(Counters::Lb {
             stats: open(pin_dir, layout::STATS)?,
             backends: open(pin_dir, layout::BACKEND_STATS)?,
+            conntrack_v4,
+            conntrack_v6,
+            conntrack_capacity: (capacity_v4, capacity_v6),
         })
     }
 
@@ -76,6 +110,35 @@ impl Counters {
             Counters::Decap { stats } => sum_entry(stats, layout::DECAP_STATS, 0).ok(),
             Counters::Lb { .. } => None,
         }
+    }
+
+    /// Counts the connection-tracking entries (a walk over both maps: a syscall per entry, so
+    /// callers should not ask more often than every few seconds).
+    pub fn conntrack_census(&self) -> Option<Census> {
+        let Counters::Lb {
+            conntrack_v4,
+            conntrack_v6,
+            conntrack_capacity,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let mut census = Census {
+            capacity_v4: conntrack_capacity.0,
+            capacity_v6: conntrack_capacity.1,
+            ..Census::default()
+        };
+        // Entries evicted during the walk show up as errors: skip them.
+        for (_, entry) in conntrack_v4.iter().filter_map(|e| e.ok()) {
+            census.entries_v4 += 1;
+            *census.by_backend.entry(entry.backend).or_default() += 1;
+        }
+        for (_, entry) in conntrack_v6.iter().filter_map(|e| e.ok()) {
+            census.entries_v6 += 1;
+            *census.by_backend.entry(entry.backend).or_default() += 1;
+        }
+        Some(census)
     }
 
     /// Traffic sent to backend `id`.

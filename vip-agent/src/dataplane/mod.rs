@@ -15,7 +15,7 @@ pub mod test_run;
 
 pub use attach::{attach_xdp_pinned, detach_all, link_pin_path};
 pub(crate) use attach::{load_retrying, xdp_program};
-pub use counters::Counters;
+pub use counters::{Census, Counters};
 pub use decap::DecapPlane;
 pub(crate) use pins::{check_pinned, create_pin_dir};
 

@@ -142,6 +142,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         view: view_rx.clone(),
         counters,
         sessions: sessions.clone(),
+        census: Default::default(),
     });
     let mut metrics_server = tokio::spawn(metrics::serve(listener, sources));
     info!(%metrics_address, "serving /metrics, /healthz, /readyz");
