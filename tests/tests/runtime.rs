@@ -255,7 +255,32 @@ fn metrics_pass_promtool_and_open_metrics_is_negotiated() {
             r
         })
     };
-    let text = get("text/plain");
+    // Once a check has run, its duration is in the histogram (the check runs every second).
+    let checked = |t: &str| {
+        t.lines().any(|l| {
+            l.starts_with("vip_backend_check_duration_seconds_count{") && !l.ends_with(" 0")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut text = get("text/plain");
+    while !checked(&text) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+        text = get("text/plain");
+    }
+    assert!(checked(&text), "{text}");
+    // Buckets count up to the total: `+Inf` holds every check.
+    let value = |prefix: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("{prefix}: {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(
+        value("vip_backend_check_duration_seconds_bucket{le=\"+Inf\""),
+        value("vip_backend_check_duration_seconds_count{"),
+        "{text}"
+    );
     let (head, body) = text.split_once("\r\n\r\n").expect("a response");
     assert!(
         head.contains("Content-Type: text/plain; version=0.0.4"),

@@ -11,7 +11,7 @@ use std::{collections::HashSet, fmt::Write as _, sync::Arc};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric as _, NoLabelSet},
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -27,7 +27,7 @@ use crate::{
     bgp::{self, Sessions, session::State},
     config::VipName,
     dataplane::{Census, Counters},
-    view::View,
+    view::{CheckView, View},
 };
 
 /// Counters read from the maps and the agent for one scrape.
@@ -52,7 +52,7 @@ pub(crate) struct Snapshot {
     /// (reason, received BFD packets refused for it); empty without BFD.
     pub bfd_refused: Vec<(String, u64)>,
     /// ((VIP, backend), up, last check latency in seconds, state changes).
-    pub health: Vec<((VipName, String), bool, f64, u64)>,
+    pub health: Vec<((VipName, String), CheckView)>,
     pub ready: bool,
     pub node_drained: bool,
     /// (interface, how it is attached).
@@ -120,7 +120,8 @@ impl MetricsSources {
                 s.backends.push(((account.name, addr.to_string()), traffic));
                 if let Some(c) = &s.conntrack {
                     let flows = c.by_backend.get(id).copied().unwrap_or(0);
-                    s.backend_flows.push(((account.name, addr.to_string()), flows));
+                    s.backend_flows
+                        .push(((account.name, addr.to_string()), flows));
                 }
             }
             s.vips.push((account.name, total));
@@ -128,11 +129,7 @@ impl MetricsSources {
         s.health = view
             .backends
             .iter()
-            .filter_map(|b| {
-                let c = b.check.as_ref()?;
-                let label = (b.vip, b.address.to_string());
-                Some((label, c.up, c.latency.as_secs_f64(), c.changes))
-            })
+            .filter_map(|b| Some(((b.vip, b.address.to_string()), b.check.clone()?)))
             .collect();
         s.bgp = self
             .sessions
@@ -484,7 +481,7 @@ impl Collector for SnapshotCollector {
                 "1 while the backend passes its health checks.",
                 s.health
                     .iter()
-                    .map(|(key, up, _, _)| (labels(key), i64::from(*up))),
+                    .map(|(key, c)| (labels(key), i64::from(c.up))),
             )?;
             gauges(
                 &mut e,
@@ -492,12 +489,30 @@ impl Collector for SnapshotCollector {
                 "Latency of the last health check.",
                 s.health
                     .iter()
-                    .map(|(key, _, latency, _)| (labels(key), *latency)),
+                    .map(|(key, c)| (labels(key), c.latency.as_secs_f64())),
             )?;
+            let mut metric = e.encode_descriptor(
+                "vip_backend_check_duration_seconds",
+                "How long health checks took.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (key, c) in &s.health {
+                let d = &c.durations;
+                let count = d.counts.iter().sum();
+                metric
+                    .encode_family(&labels(key))?
+                    .encode_histogram::<NoLabelSet>(
+                        d.sum.as_secs_f64(),
+                        count,
+                        &d.buckets(),
+                        None,
+                    )?;
+            }
             let rows: Rows = s
                 .health
                 .iter()
-                .map(|(key, _, _, changes)| (labels(key), *changes))
+                .map(|(key, c)| (labels(key), c.changes))
                 .collect();
             family(
                 &mut e,
@@ -735,7 +750,16 @@ mod tests {
                 ..Default::default()
             }),
             backend_flows: vec![((vip, "192.0.2.21".into()), 3)],
-            health: vec![((vip, "192.0.2.21".into()), true, 0.001, 2)],
+            health: vec![(
+                (vip, "192.0.2.21".into()),
+                CheckView {
+                    up: true,
+                    detail: "ok".into(),
+                    latency: std::time::Duration::from_millis(1),
+                    changes: 2,
+                    durations: Default::default(),
+                },
+            )],
             ready: true,
             node_drained: false,
             attached: vec![("eth0".into(), "driver mode".into())],

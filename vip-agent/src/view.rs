@@ -39,6 +39,8 @@ pub struct CheckView {
     pub detail: String,
     pub latency: Duration,
     pub changes: u64,
+    /// Every check's duration so far.
+    pub durations: crate::health::verdict::Durations,
 }
 
 /// One backend of one VIP.

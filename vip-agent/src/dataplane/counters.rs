@@ -60,15 +60,20 @@ pub struct Census {
     pub by_backend: std::collections::HashMap<BackendId, u64>,
 }
 
+/// The connection-tracking maps, for counting.
+pub struct Conntrack {
+    v4: AyaHashMap<MapData, FlowKeyV4, ConnEntry>,
+    v6: AyaHashMap<MapData, FlowKey, ConnEntry>,
+    /// Sizes of the IPv4 and IPv6 maps.
+    capacity: (u32, u32),
+}
+
 /// The counters of the node's datapath.
 pub enum Counters {
     Lb {
         stats: PerCpuArray<MapData, DatapathStats>,
         backends: PerCpuArray<MapData, TrafficCounters>,
-        conntrack_v4: AyaHashMap<MapData, FlowKeyV4, ConnEntry>,
-        conntrack_v6: AyaHashMap<MapData, FlowKey, ConnEntry>,
-        /// Sizes of the IPv4 and IPv6 conntrack maps.
-        conntrack_capacity: (u32, u32),
+        conntrack: Box<Conntrack>,
     },
     Decap {
         stats: PerCpuArray<MapData, DecapStats>,
@@ -83,9 +88,11 @@ impl Counters {
         Ok(Counters::Lb {
             stats: open(pin_dir, layout::STATS)?,
             backends: open(pin_dir, layout::BACKEND_STATS)?,
-            conntrack_v4,
-            conntrack_v6,
-            conntrack_capacity: (capacity_v4, capacity_v6),
+            conntrack: Box::new(Conntrack {
+                v4: conntrack_v4,
+                v6: conntrack_v6,
+                capacity: (capacity_v4, capacity_v6),
+            }),
         })
     }
 
@@ -115,26 +122,20 @@ impl Counters {
     /// Counts the connection-tracking entries (a walk over both maps: a syscall per entry, so
     /// callers should not ask more often than every few seconds).
     pub fn conntrack_census(&self) -> Option<Census> {
-        let Counters::Lb {
-            conntrack_v4,
-            conntrack_v6,
-            conntrack_capacity,
-            ..
-        } = self
-        else {
+        let Counters::Lb { conntrack, .. } = self else {
             return None;
         };
         let mut census = Census {
-            capacity_v4: conntrack_capacity.0,
-            capacity_v6: conntrack_capacity.1,
+            capacity_v4: conntrack.capacity.0,
+            capacity_v6: conntrack.capacity.1,
             ..Census::default()
         };
         // Entries evicted during the walk show up as errors: skip them.
-        for (_, entry) in conntrack_v4.iter().filter_map(|e| e.ok()) {
+        for (_, entry) in conntrack.v4.iter().filter_map(|e| e.ok()) {
             census.entries_v4 += 1;
             *census.by_backend.entry(entry.backend).or_default() += 1;
         }
-        for (_, entry) in conntrack_v6.iter().filter_map(|e| e.ok()) {
+        for (_, entry) in conntrack.v6.iter().filter_map(|e| e.ok()) {
             census.entries_v6 += 1;
             *census.by_backend.entry(entry.backend).or_default() += 1;
         }

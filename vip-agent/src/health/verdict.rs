@@ -22,6 +22,45 @@ pub(crate) struct Verdict {
     /// The latest check's outcome in words.
     pub detail: String,
     pub latency: Duration,
+    /// Every check's duration, for the metrics' histogram.
+    pub durations: Durations,
+}
+
+/// Check durations in histogram buckets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Durations {
+    /// Checks that took at most `Durations::BOUNDS[i]` (and more than the bound before); the
+    /// last entry counts the slower ones.
+    pub counts: [u64; Durations::BOUNDS.len() + 1],
+    pub sum: Duration,
+}
+
+impl Durations {
+    /// Upper bounds in seconds: a LAN check takes a millisecond, a timed-out one its timeout.
+    pub const BOUNDS: [f64; 11] = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+    ];
+
+    fn record(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let bucket = Self::BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(Self::BOUNDS.len());
+        self.counts[bucket] += 1;
+        self.sum += d;
+    }
+
+    /// (upper bound, checks in that bucket alone), `+Inf` last (as `f64::MAX`, which the
+    /// encoder writes `+Inf`); the encoder sums them up.
+    pub fn buckets(&self) -> Vec<(f64, u64)> {
+        Self::BOUNDS
+            .iter()
+            .chain([f64::MAX].iter())
+            .zip(&self.counts)
+            .map(|(bound, n)| (*bound, *n))
+            .collect()
+    }
 }
 
 impl Verdict {
@@ -37,6 +76,7 @@ impl Verdict {
             changes: 0,
             detail: "not checked yet".into(),
             latency: Duration::ZERO,
+            durations: Durations::default(),
         }
     }
 
@@ -61,6 +101,7 @@ impl Verdict {
     ) -> Option<bool> {
         self.detail = detail;
         self.latency = latency;
+        self.durations.record(latency);
         if ok {
             self.successes = self.successes.saturating_add(1);
             self.failures = 0;
@@ -95,6 +136,21 @@ impl Verdict {
 mod tests {
     use super::*;
     use crate::config;
+
+    #[test]
+    fn durations_fall_in_their_buckets() {
+        let mut d = Durations::default();
+        for ms in [0.3, 0.5, 3.0, 2000.0, 9000.0] {
+            d.record(Duration::from_secs_f64(ms / 1e3));
+        }
+        let b = d.buckets();
+        assert_eq!(b[0], (0.0005, 2), "0.5 ms is in the 0.5 ms bucket");
+        assert_eq!(b[3], (0.005, 1));
+        assert_eq!(b[10], (5.0, 1));
+        assert_eq!(b[11], (f64::MAX, 1), "slower than every bound");
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), 5);
+        assert_eq!(d.sum, Duration::from_secs_f64(11.0038));
+    }
 
     fn check(rise: u32, fall: u32) -> HealthCheck {
         let text = format!(

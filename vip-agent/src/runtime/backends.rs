@@ -131,6 +131,7 @@ impl BackendStatus {
                                 detail: v.detail.clone(),
                                 latency: v.latency,
                                 changes: v.changes,
+                                durations: v.durations.clone(),
                             }),
                     }
                 })
