@@ -447,3 +447,66 @@ fn fuzz_config() {
         "seed {seed}: only {accepted} mutations were valid configs"
     );
 }
+
+/// docs/config.md lists exactly the keys the agent accepts, table by table: the agent's own
+/// list comes from the parser's answer to an unknown key in each table.
+#[test]
+fn config_reference_lists_every_key() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config.md"))
+        .expect("docs/config.md");
+    // The documented keys under each `## `[table]`` heading.
+    let mut documented: Vec<(String, std::collections::BTreeSet<String>)> = Vec::new();
+    for line in doc.lines() {
+        if let Some(heading) = line.strip_prefix("## `") {
+            let table = heading.split('`').next().unwrap_or_default().to_owned();
+            documented.push((table, Default::default()));
+        } else if let Some(row) = line.strip_prefix("| `")
+            && let Some((_, keys)) = documented.last_mut()
+        {
+            keys.insert(row.split('`').next().unwrap_or_default().to_owned());
+        }
+    }
+    let backend_role = "[node]\nrole = \"backend\"\ninterfaces = [\"eth0\"]\n\
+                        [backend]\naddresses = [\"192.0.2.1\"]\n";
+    // Where an unknown key lands in each table.
+    let probes = [
+        ("[node]", FULL.replacen("[node]\n", "[node]\nzzz_unknown = 1\n", 1)),
+        ("[[vip]]", FULL.replacen("port = 80\n", "port = 80\nzzz_unknown = 1\n", 1)),
+        (
+            "[[vip.backend]]",
+            FULL.replacen("weight = 3\n", "weight = 3\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[vip.health]",
+            FULL.replacen("http_status = 200\n", "http_status = 200\nzzz_unknown = 1\n", 1),
+        ),
+        ("[bgp]", FULL.replacen("hold_time = 9\n", "hold_time = 9\nzzz_unknown = 1\n", 1)),
+        (
+            "[[bgp.peer]]",
+            FULL.replacen("asn = 65000\n", "asn = 65000\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[announce]",
+            GOOD.to_owned() + "[announce]\nmode = \"kernel\"\nzzz_unknown = 1\n",
+        ),
+        ("[backend]", backend_role.to_owned() + "zzz_unknown = 1\n"),
+    ];
+    assert_eq!(documented.len(), probes.len(), "{:?}", documented.iter().map(|d| &d.0).collect::<Vec<_>>());
+    for (table, text) in probes {
+        let message = error(&text).message;
+        let accepted: std::collections::BTreeSet<String> = message
+            .split_once("expected")
+            .unwrap_or_else(|| panic!("{table}: {message}"))
+            .1
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        let (_, keys) = documented
+            .iter()
+            .find(|(t, _)| t.starts_with(table))
+            .unwrap_or_else(|| panic!("docs/config.md has no section for {table}"));
+        assert_eq!(keys, &accepted, "{table}: documented vs accepted");
+    }
+}
