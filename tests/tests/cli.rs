@@ -35,3 +35,37 @@ fn a_closed_pipe_ends_output_quietly() {
     let _ = child.wait();
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `--log-format json`: every log line is one JSON object with a level and a message, for log
+/// shippers; text stays the default.
+#[test]
+fn logs_can_be_json_lines() {
+    let lb = vip_tests::node::Netns::new("logjson");
+    lb.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1"]);
+    lb.ip(&["link", "set", "up0", "up"]);
+    lb.ip(&["link", "set", "up1", "up"]);
+    let config = format!(
+        "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
+         table_size = 251\nconntrack_entries = 4096\n\
+         [[vip]]\naddress = \"198.19.0.1\"\nprotocol = \"tcp\"\nport = 80\n\
+         [[vip.backend]]\naddress = \"198.18.0.9\"\n",
+        lb.pin_dir.display()
+    );
+    let mut agent =
+        vip_tests::node::Agent::start(&lb, &config, &["--cleanup", "--log-format", "json"]);
+    agent.wait_for_log("serving /metrics", 1);
+    agent.signal(libc::SIGTERM);
+    assert!(agent.wait(), "{}", agent.log_text());
+    let log = agent.log_text();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+}

@@ -22,8 +22,23 @@ struct Cli {
     /// The running agent's control socket (its `node.control_socket`).
     #[arg(long, global = true, env = "VIP_SOCKET", default_value = config::DEFAULT_CONTROL_SOCKET)]
     socket: PathBuf,
+    /// Log lines as text, or as one JSON object each (for log shippers).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "VIP_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(clap::Args)]
@@ -165,11 +180,15 @@ fn main() -> Result<()> {
         );
     }
     // Logs go to stderr, coloured only for a terminal.
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let socket = cli.socket;
     match cli.command {
         Command::Run {

@@ -470,17 +470,30 @@ fn config_reference_lists_every_key() {
                         [backend]\naddresses = [\"192.0.2.1\"]\n";
     // Where an unknown key lands in each table.
     let probes = [
-        ("[node]", FULL.replacen("[node]\n", "[node]\nzzz_unknown = 1\n", 1)),
-        ("[[vip]]", FULL.replacen("port = 80\n", "port = 80\nzzz_unknown = 1\n", 1)),
+        (
+            "[node]",
+            FULL.replacen("[node]\n", "[node]\nzzz_unknown = 1\n", 1),
+        ),
+        (
+            "[[vip]]",
+            FULL.replacen("port = 80\n", "port = 80\nzzz_unknown = 1\n", 1),
+        ),
         (
             "[[vip.backend]]",
             FULL.replacen("weight = 3\n", "weight = 3\nzzz_unknown = 1\n", 1),
         ),
         (
             "[vip.health]",
-            FULL.replacen("http_status = 200\n", "http_status = 200\nzzz_unknown = 1\n", 1),
+            FULL.replacen(
+                "http_status = 200\n",
+                "http_status = 200\nzzz_unknown = 1\n",
+                1,
+            ),
         ),
-        ("[bgp]", FULL.replacen("hold_time = 9\n", "hold_time = 9\nzzz_unknown = 1\n", 1)),
+        (
+            "[bgp]",
+            FULL.replacen("hold_time = 9\n", "hold_time = 9\nzzz_unknown = 1\n", 1),
+        ),
         (
             "[[bgp.peer]]",
             FULL.replacen("asn = 65000\n", "asn = 65000\nzzz_unknown = 1\n", 1),
@@ -491,7 +504,12 @@ fn config_reference_lists_every_key() {
         ),
         ("[backend]", backend_role.to_owned() + "zzz_unknown = 1\n"),
     ];
-    assert_eq!(documented.len(), probes.len(), "{:?}", documented.iter().map(|d| &d.0).collect::<Vec<_>>());
+    assert_eq!(
+        documented.len(),
+        probes.len(),
+        "{:?}",
+        documented.iter().map(|d| &d.0).collect::<Vec<_>>()
+    );
     for (table, text) in probes {
         let message = error(&text).message;
         let accepted: std::collections::BTreeSet<String> = message
