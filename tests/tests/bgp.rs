@@ -887,3 +887,47 @@ fn a_peer_with_another_router_id_is_refused() {
     agent.wait_for_log("bad BGP identifier", 1);
     assert!(!established(&bird, "lb1"));
 }
+
+/// A session carries only the VIPs it can: over an IPv4 session without `next_hop_v6` the IPv6
+/// VIP is not sent (and not counted), `status` says so, and the IPv6 session carries it.
+#[test]
+fn routes_a_session_cannot_carry_are_named_and_not_counted() {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(
+        &rt,
+        &(bird_config(1, None)
+            + "protocol bgp lb1v6 { local fd00:18:1::1 as 65000; neighbor fd00:18:1::2 as 65001; \
+               hold time 3; connect retry time 1; error wait time 1, 2;\n\
+               ipv4 { import all; export none; }; ipv6 { import all; export none; }; }\n"),
+    );
+    let config = lb_config(&lbs[0], 1, "", &[VIP4, VIP6])
+        .replace("next_hop_v6 = \"fd00:18:1::2\"\n", "")
+        .replace(
+            "[[bgp.peer]]\naddress = \"198.18.1.1\"\nasn = 65000\n",
+            "[[bgp.peer]]\naddress = \"198.18.1.1\"\nasn = 65000\n\
+             [[bgp.peer]]\naddress = \"fd00:18:1::1\"\nasn = 65000\n",
+        );
+    let _agent = Agent::start(&lbs[0], &config, &[]);
+    bird.wait_for(
+        |b| b.cli("show route protocol lb1v6").contains(VIP6),
+        "the IPv6 VIP over the IPv6 session",
+    );
+    bird.wait_for(
+        |b| b.cli("show route protocol lb1").contains(VIP4),
+        "the IPv4 VIP over the IPv4 session",
+    );
+    assert!(!bird.cli("show route protocol lb1").contains(VIP6));
+    let metrics = lbs[0].metrics();
+    assert!(
+        metrics.contains("vip_bgp_routes_announced{peer=\"198.18.1.1\"} 1"),
+        "{metrics}"
+    );
+    let pins = lbs[0].pin_dir.to_string_lossy().into_owned();
+    let status = lbs[0].agent_cli(&["status", "--pin-dir", &pins]);
+    assert!(
+        status.contains(&format!(
+            "bgp peer 198.18.1.1: Established, 1 routes announced, not carried (family not negotiated or no next hop of it): {VIP6}"
+        )),
+        "{status}"
+    );
+}

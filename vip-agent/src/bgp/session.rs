@@ -98,6 +98,9 @@ pub struct Status {
     pub announced: usize,
     /// UPDATE and NOTIFICATION messages, over every connection of the session.
     pub messages: MessageCounts,
+    /// VIPs to announce that this session cannot carry (family not negotiated, or no next
+    /// hop of their family); not counted in `announced`.
+    pub unsendable: Vec<IpAddr>,
 }
 
 /// Messages of a session, by kind and direction.
@@ -188,6 +191,7 @@ pub async fn run(
         status.send_modify(|s| {
             s.state = State::Idle;
             s.announced = 0;
+            s.unsendable.clear();
         });
         if status.borrow().established_transitions > before && !matches!(result, Ok(End::Shutdown))
         {
@@ -525,9 +529,10 @@ async fn session(
 
     // Accepted on the dual-stack listener, an IPv4 session's address is v4-mapped.
     let local_addr = conn.stream.local_addr()?.ip().to_canonical();
+    let families = (open.ipv4_unicast, open.ipv6_unicast);
     let attrs_of = |s: &Settings| {
         let s = s.clone();
-        move |r: &Route| path_attrs(&s, local_addr, r)
+        move |r: &Route| path_attrs(&s, local_addr, families, r)
     };
     let mut attrs = attrs_of(&current);
 
@@ -637,24 +642,36 @@ async fn session(
     }
 }
 
-/// The attributes `route` carries to the peer of `s`, over a session from `local_addr`.
-fn path_attrs(s: &Settings, local_addr: IpAddr, r: &Route) -> PathAttrs {
+/// The attributes `route` carries to the peer of `s`, over a session from `local_addr` that
+/// negotiated `families` (IPv4, IPv6 unicast); `None` when the session cannot carry it.
+fn path_attrs(
+    s: &Settings,
+    local_addr: IpAddr,
+    families: (bool, bool),
+    r: &Route,
+) -> Option<PathAttrs> {
     let (local, peer) = (&s.local, &s.peer);
     let ebgp = peer.asn != local.asn;
     let mut communities = peer.communities.clone();
     communities.extend(&r.communities);
     let mut large = peer.large_communities.clone();
     large.extend(&r.large_communities);
-    PathAttrs {
+    let next_hop_v4 = local.next_hop_v4.or(match local_addr {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    });
+    let next_hop_v6 = local.next_hop_v6.or(match local_addr {
+        IpAddr::V6(a) => Some(a),
+        IpAddr::V4(_) => None,
+    });
+    let carried = match r.prefix {
+        IpAddr::V4(_) => families.0 && next_hop_v4.is_some(),
+        IpAddr::V6(_) => families.1 && next_hop_v6.is_some(),
+    };
+    carried.then_some(PathAttrs {
         as_path: ebgp.then_some(local.asn),
-        next_hop_v4: local.next_hop_v4.or(match local_addr {
-            IpAddr::V4(a) => Some(a),
-            IpAddr::V6(_) => None,
-        }),
-        next_hop_v6: local.next_hop_v6.or(match local_addr {
-            IpAddr::V6(a) => Some(a),
-            IpAddr::V4(_) => None,
-        }),
+        next_hop_v4,
+        next_hop_v6,
         med: r.med.or(peer.med),
         local_pref: if ebgp {
             None
@@ -663,7 +680,7 @@ fn path_attrs(s: &Settings, local_addr: IpAddr, r: &Route) -> PathAttrs {
         },
         communities,
         large_communities: large,
-    }
+    })
 }
 
 /// Withdraws what is no longer wanted and announces what is new or changed, grouping routes
@@ -672,11 +689,28 @@ async fn send_changes(
     conn: &mut Connection,
     announced: &mut HashMap<IpAddr, Route>,
     wanted: &[Route],
-    attrs: &impl Fn(&Route) -> PathAttrs,
+    attrs: &impl Fn(&Route) -> Option<PathAttrs>,
 ) -> Result<(), SessionError> {
+    // What this session can carry: a route of a family the peer did not negotiate, or without
+    // a next hop of its family, stays out (and out of the count), and `status` says so.
+    let (sendable, unsendable): (Vec<_>, Vec<_>) = wanted
+        .iter()
+        .map(|r| (r, attrs(r)))
+        .partition(|(_, a)| a.is_some());
+    let unsendable: Vec<IpAddr> = unsendable.iter().map(|(r, _)| r.prefix).collect();
+    if conn.status.borrow().unsendable != unsendable {
+        if !unsendable.is_empty() {
+            tracing::warn!(
+                ?unsendable,
+                "VIPs this BGP session cannot carry (family not negotiated, or no next hop of their family: set bgp.next_hop_v4/v6)"
+            );
+        }
+        conn.status
+            .send_modify(|s| s.unsendable.clone_from(&unsendable));
+    }
     let gone: Vec<IpAddr> = announced
         .keys()
-        .filter(|p| !wanted.iter().any(|r| r.prefix == **p))
+        .filter(|p| !sendable.iter().any(|(r, _)| r.prefix == **p))
         .copied()
         .collect();
     for m in wire::encode_withdraw(&gone) {
@@ -686,11 +720,11 @@ async fn send_changes(
         announced.remove(p);
     }
     let mut groups: BTreeMap<Vec<u8>, (PathAttrs, Vec<IpAddr>)> = BTreeMap::new();
-    for r in wanted {
+    for (r, a) in sendable {
+        let Some(a) = a else { continue };
         if announced.get(&r.prefix) == Some(r) {
             continue;
         }
-        let a = attrs(r);
         let key = format!("{a:?}").into_bytes();
         groups
             .entry(key)

@@ -58,6 +58,8 @@ pub struct PeerStatus {
     pub state: String,
     pub announced: usize,
     pub last_error: Option<String>,
+    /// VIPs this session cannot carry (family not negotiated, or no next hop of it).
+    pub not_carried: Vec<IpAddr>,
     /// The BFD session with this peer, when BFD is on for it.
     pub bfd: Option<BfdStatus>,
 }
@@ -137,6 +139,15 @@ impl fmt::Display for Response {
                         "bgp peer {}: {}, {} routes announced",
                         p.peer, p.state, p.announced
                     )?;
+                    if !p.not_carried.is_empty() {
+                        let vips: Vec<String> =
+                            p.not_carried.iter().map(ToString::to_string).collect();
+                        write!(
+                            f,
+                            ", not carried (family not negotiated or no next hop of it): {}",
+                            vips.join(" ")
+                        )?;
+                    }
                     if let Some(e) = &p.last_error {
                         write!(f, ", last error: {e}")?;
                     }

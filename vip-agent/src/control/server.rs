@@ -152,6 +152,7 @@ async fn respond(
                             peer,
                             state: format!("{:?}", s.state),
                             announced: s.announced,
+                            not_carried: s.unsendable,
                             last_error: s.last_error,
                             bfd: bfd
                                 .iter()
