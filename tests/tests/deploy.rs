@@ -122,6 +122,39 @@ fn systemd_unit_starts_reloads_and_stops_the_agent() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// The image builds from sources only, with a nightly pinned by date, installs nothing the
+/// build does not need, and ships a stripped agent with the tools the troubleshooting guide
+/// uses.
+#[test]
+fn the_image_build_is_pinned_and_lean() {
+    let dockerfile = fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let ignore = fs::read_to_string(repo().join(".dockerignore")).expect(".dockerignore");
+    assert!(ignore.lines().any(|l| l == "target/") && ignore.lines().any(|l| l == ".git/"));
+    let nightly = dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG NIGHTLY=nightly-"))
+        .expect("a nightly pinned by date");
+    assert!(
+        nightly.len() == 10 && nightly.split('-').count() == 3,
+        "{nightly}"
+    );
+    assert!(dockerfile.contains("ENV VIP_NIGHTLY=${NIGHTLY}"));
+    assert!(dockerfile.contains("cargo xtask setup --build-only"));
+    assert!(dockerfile.contains("strip target/release/vip-agent"));
+    assert!(dockerfile.contains("install -y --no-install-recommends bpftool iproute2"));
+    // The build-only set-up is one xtask knows.
+    let xtask = repo().join("target/debug/xtask");
+    let help = Command::new(&xtask)
+        .args(["setup", "--help"])
+        .output()
+        .expect("xtask (built by `cargo xtask`)");
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("--build-only"),
+        "{}",
+        String::from_utf8_lossy(&help.stdout)
+    );
+}
+
 #[test]
 fn container_entrypoint_and_arguments_match_the_cli() {
     let dockerfile = fs::read_to_string(repo().join("Dockerfile")).unwrap();

@@ -51,7 +51,12 @@ enum LabAction {
 #[derive(Subcommand)]
 enum Cmd {
     /// Install what is missing: apt packages, nightly rust-src, clippy/rustfmt, bpf-linker.
-    Setup,
+    Setup {
+        /// Only what building needs (the toolchain parts and bpf-linker): no test daemons,
+        /// no validators. For container images.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Build the eBPF objects (nightly, bpfel-unknown-none).
     BuildEbpf,
     /// Build the eBPF objects and the agent (release).
@@ -83,7 +88,13 @@ enum Cmd {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Cmd::Setup => setup(),
+        Cmd::Setup { build_only } => {
+            if build_only {
+                setup_toolchain()
+            } else {
+                setup()
+            }
+        }
         Cmd::BuildEbpf => build_ebpf(),
         Cmd::Build => build(),
         Cmd::Test { args } => {
@@ -178,7 +189,7 @@ fn cargo() -> Command {
 /// (a set RUSTFLAGS silently replaces the target rustflags and drops `--btf`).
 fn nightly_cargo() -> Command {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo"])
+    cmd.args(["run", &nightly(), "cargo"])
         .current_dir(workspace());
     for var in [
         "RUSTFLAGS",
@@ -249,6 +260,12 @@ fn lint() -> Result<()> {
         .args(["--", "-D", "warnings"]))
 }
 
+/// The nightly toolchain of the eBPF crate: `VIP_NIGHTLY` (a dated one, as the Dockerfile
+/// pins), else `nightly`.
+fn nightly() -> String {
+    std::env::var("VIP_NIGHTLY").unwrap_or_else(|_| "nightly".into())
+}
+
 fn setup() -> Result<()> {
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
@@ -263,19 +280,25 @@ fn setup() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
-    run(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "clippy",
-        "rustfmt",
-        "--toolchain",
-        "nightly",
-    ]))?;
-    run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
-    install_bpf_linker()?;
+    setup_toolchain()?;
     install_manifest_validator()?;
     Ok(())
+}
+
+/// The toolchain parts the build needs: nightly's rust-src, clippy and rustfmt, bpf-linker.
+fn setup_toolchain() -> Result<()> {
+    run(Command::new("rustup")
+        .args([
+            "component",
+            "add",
+            "rust-src",
+            "clippy",
+            "rustfmt",
+            "--toolchain",
+        ])
+        .arg(nightly()))?;
+    run(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    install_bpf_linker()
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -354,7 +377,8 @@ fn install_bpf_linker() -> Result<()> {
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM");
     let sysroot = Command::new("rustc")
-        .args(["+nightly", "--print", "sysroot"])
+        .arg(format!("+{}", nightly()))
+        .args(["--print", "sysroot"])
         .output()
         .context("rustc +nightly --print sysroot")?;
     let sysroot = PathBuf::from(String::from_utf8(sysroot.stdout)?.trim());
