@@ -92,3 +92,17 @@ pub fn established(bird: &Bird, proto: &str) -> bool {
     bird.cli(&format!("show protocols {proto}"))
         .contains("Established")
 }
+
+/// The code block of docs/operations.md that starts with `first_line`, up to its closing fence.
+pub fn operations_guide_block(first_line: &str) -> String {
+    let guide = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .expect("docs/operations.md");
+    let start = guide
+        .find(first_line)
+        .unwrap_or_else(|| panic!("no block starting with {first_line:?}"));
+    let end = guide[start..].find("```").expect("the block's end");
+    guide[start..start + end].to_owned()
+}

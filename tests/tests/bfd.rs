@@ -382,3 +382,33 @@ fn a_restart_with_graceful_restart_keeps_the_route_where_bfd_down_is_graceful() 
     bird.wait_for(|b| established(b, "lb1"), "the session again");
     assert!(bird.cli("show route").contains(VIP4));
 }
+
+/// The BIRD blocks of docs/operations.md (BGP, then BFD), run as written with the lab's
+/// addresses: the session comes up with BFD, the VIP is installed in the router's kernel.
+#[test]
+fn the_bird_examples_of_the_operations_guide_work() {
+    let lab = |text: String| {
+        text.replace("192.0.2.10", "198.18.1.2")
+            .replace("192.0.2.1", "198.18.1.1")
+            .replace("\"eth*\"", "\"r*\"")
+    };
+    let bgp = lab(vip_tests::peering::operations_guide_block(
+        "router id 192.0.2.1;",
+    ));
+    let bfd = lab(vip_tests::peering::operations_guide_block("protocol bfd {"));
+    // The BFD block's `protocol bgp lb1` replaces the plain one.
+    let plain = &bgp[bgp.find("protocol bgp lb1").expect("the BGP protocol")..];
+    let config = bgp.replace(plain, "") + &bfd;
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, &config);
+    let _agent = Agent::start(
+        &lbs[0],
+        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
+        &[],
+    );
+    bird.wait_for(bird_bfd_up, "BFD Up");
+    bird.wait_for(|b| established(b, "lb1"), "the session");
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the VIP");
+    let kernel = rt.ip(&["route", "show", &format!("{VIP4}/32")]);
+    assert!(kernel.contains("198.18.1.2"), "{kernel}");
+}

@@ -9,7 +9,7 @@ use std::{thread, time::Duration};
 
 use vip_tests::{
     node::Agent,
-    peering::{VIP4, VIP6, bird_config, established, lb_config, topology},
+    peering::{VIP4, VIP6, bird_config, established, lb_config, operations_guide_block, topology},
     router::{Bird, Frr, GoBgp},
 };
 
@@ -285,14 +285,7 @@ fn announces_to_frr_which_sends_its_host_and_domain_name() {
 /// for the lab's): both VIPs are accepted.
 #[test]
 fn the_frr_example_of_the_operations_guide_accepts_the_vips() {
-    let guide = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/operations.md"
-    ))
-    .expect("docs/operations.md");
-    let start = guide.find("ip prefix-list VIPS").expect("the FRR block");
-    let block = &guide[start..start + guide[start..].find("```").expect("its end")];
-    let config = block
+    let config = operations_guide_block("ip prefix-list VIPS")
         .replace("192.0.2.10", "198.18.1.2")
         .replace("192.0.2.1", "198.18.1.1")
         .replace("198.51.100.0/24", "198.19.0.0/24")
