@@ -11,7 +11,7 @@
 //! - [`bgp`]: the announce-only BGP speaker; [`bfd`]: fast failure detection toward its peers;
 //!   `announce`: BGP or routes in a kernel table.
 //! - [`net`]: next hops, `lo` addresses, interface settings.
-//! - [`metrics`], [`view`], [`inspect`]: what the agent shows.
+//! - [`metrics`], [`view`], [`inspect`]: what the agent shows; [`doctor`]: what the host lacks.
 
 pub(crate) mod announce;
 pub mod apply;
@@ -20,6 +20,7 @@ pub mod bgp;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod doctor;
 pub(crate) mod errors;
 pub(crate) mod health;
 pub mod inspect;

@@ -12,6 +12,7 @@ use vip_agent::{
     config,
     control::{self, DrainTarget, Request, Response},
     dataplane::{detach_all, log as datapath_log},
+    doctor,
     inspect::{self, Output},
     runtime::{self, RunOptions},
 };
@@ -139,6 +140,12 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "text")]
         output: Output,
     },
+    /// Check this host for what vip needs (kernel, bpffs, drivers, sysctls, ports), with the
+    /// fix for each problem. Reads only. Exits 1 when something would stop vip.
+    Doctor {
+        #[arg(long, default_value = "/etc/vip/vip.toml")]
+        config: PathBuf,
+    },
     /// Maglev table statistics for a backend set: `--backend ADDR[:WEIGHT]`.
     Maglev {
         #[arg(long, default_value_t = vip_common::layout::DEFAULT_TABLE_SIZE)]
@@ -262,6 +269,18 @@ fn main() -> Result<()> {
             protocol,
             output,
         } => inspect::which(&pin_dir, vip, flow, &protocol, output),
+        Command::Doctor { config } => {
+            let cfg = config::load(&config)?;
+            let findings = doctor::examine(&cfg);
+            for f in &findings {
+                println!("{f}");
+            }
+            let failed = findings.iter().any(|f| f.verdict == doctor::Verdict::Fail);
+            if failed {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Maglev {
             size,
             backends,
