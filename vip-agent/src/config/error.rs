@@ -1,28 +1,98 @@
 //! A config error and where in the file it is.
 
-use std::{fmt, ops::Range, path::PathBuf};
+use std::{
+    fmt,
+    ops::Range,
+    path::{Path, PathBuf},
+};
 
 /// A configuration error, located in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: PathBuf,
-    /// 1-based line, when known.
-    pub line: Option<usize>,
+    /// Where in the file, when known.
+    pub place: Option<Box<Place>>,
     /// Dotted path of the field, e.g. `vip[2].backend[0].weight`.
     pub field: String,
     pub message: String,
 }
 
+/// A place in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    /// The line as written, shown under the message.
+    pub source_line: String,
+}
+
+impl ConfigError {
+    /// An error about the whole file (it cannot be read, say).
+    pub(super) fn file(file: &Path, message: String) -> Self {
+        Self {
+            file: file.to_owned(),
+            place: None,
+            field: String::new(),
+            message,
+        }
+    }
+
+    /// The 1-based line, when known.
+    pub fn line(&self) -> Option<usize> {
+        self.place.as_ref().map(|p| p.line)
+    }
+
+    /// An error at `span` of `text` (`0..0`: no place in the file, e.g. a missing key).
+    pub(super) fn at(
+        file: &Path,
+        text: &str,
+        span: &Range<usize>,
+        field: String,
+        message: String,
+    ) -> Self {
+        let mut e = Self::file(file, message);
+        e.field = field;
+        if span.end > 0 {
+            let start = span.start.min(text.len());
+            let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+            e.place = Some(Box::new(Place {
+                line: line_of(text, span),
+                column: text[line_start..start].chars().count() + 1,
+                source_line: text[line_start..]
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned(),
+            }));
+        }
+        e
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
+        if let Some(p) = &self.place {
+            write!(f, ":{}:{}", p.line, p.column)?;
         }
         if !self.field.is_empty() {
             write!(f, ": {}", self.field)?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", self.message)?;
+        // The line itself, with a caret under the place.
+        if let Some(p) = &self.place {
+            let number = p.line.to_string();
+            write!(
+                f,
+                "\n {number} | {}\n {} | {}^",
+                p.source_line,
+                " ".repeat(number.len()),
+                " ".repeat(p.column - 1)
+            )?;
+        }
+        Ok(())
     }
 }
 

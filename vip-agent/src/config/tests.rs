@@ -42,16 +42,22 @@ fn good_config_with_defaults() {
 #[test]
 fn errors_name_file_line_field_and_what_is_allowed() {
     let e = error(&GOOD.replace("weight = 2", "weight = 5000"));
-    assert_eq!(e.line, Some(17));
+    assert_eq!(e.line(), Some(17));
     assert_eq!(e.field, "vip[0].backend[1].weight");
+    // Line and column, and the line itself with a caret under the value.
     assert!(
         e.to_string()
-            .starts_with("vip.toml:17: vip[0].backend[1].weight: 5000"),
+            .starts_with("vip.toml:17:10: vip[0].backend[1].weight: 5000"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .ends_with("\n 17 | weight = 5000\n    |          ^"),
         "{e}"
     );
 
     let e = error(&GOOD.replace("protocol = \"tcp\"", "protocol = \"sctp\""));
-    assert_eq!(e.line, Some(9));
+    assert_eq!(e.line(), Some(9));
     assert_eq!(e.field, "vip[0].protocol");
     assert!(
         e.message.contains("tcp") && e.message.contains("udp"),
@@ -62,11 +68,11 @@ fn errors_name_file_line_field_and_what_is_allowed() {
     assert_eq!(e.field, "vip[0].backend[1].state");
 
     let e = error(&GOOD.replace("table_size = 251", "table_size = 250"));
-    assert_eq!((e.line, e.field.as_str()), (Some(5), "node.table_size"));
+    assert_eq!((e.line(), e.field.as_str()), (Some(5), "node.table_size"));
 
     let e = error(&GOOD.replace("address = \"198.18.1.2\"", "address = \"198.18.1.1\""));
     assert_eq!(
-        (e.line, e.field.as_str()),
+        (e.line(), e.field.as_str()),
         (Some(16), "vip[0].backend[1].address")
     );
 
@@ -77,7 +83,7 @@ fn errors_name_file_line_field_and_what_is_allowed() {
     assert!(e.message.contains("unknown field `colour`"), "{e}");
 
     let e = error(&GOOD.replace("address = \"198.19.0.1\"", "address = \"198.19.0.300\""));
-    assert_eq!(e.line, Some(8));
+    assert_eq!(e.line(), Some(8));
 }
 
 #[test]
@@ -129,12 +135,28 @@ vips = ["198.19.0.1", "198.19.0.1", "fd00:19::1"]
 }
 
 #[test]
+fn missing_and_unknown_keys_are_named_in_their_table() {
+    // A missing key is named where it is missing, inside its table.
+    let e = error(&FULL.replace("asn = 65000\npassword", "password"));
+    assert_eq!(e.field, "bgp.peer[0].asn", "{e}");
+    let e = error(&FULL.replace("router_id = \"198.18.0.2\"\n", ""));
+    assert_eq!(e.field, "bgp.router_id", "{e}");
+    // A table header with a comment does not move the place of what follows.
+    let e = error(
+        &GOOD
+            .replace("[[vip]]", "[[vip]] # the web VIP")
+            .replace("port = 80", "port = 80\ncolour = 1"),
+    );
+    assert_eq!(e.field, "vip[0].colour", "{e}");
+}
+
+#[test]
 fn duplicate_vip_is_rejected() {
     let twice =
         format!("{GOOD}\n[[vip]]\naddress = \"198.19.0.1\"\nprotocol = \"tcp\"\nport = 80\n");
     let e = error(&twice);
     assert!(e.message.contains("configured twice"), "{e}");
-    assert_eq!(e.line, Some(21));
+    assert_eq!(e.line(), Some(21));
 }
 
 /// A config that uses every section.

@@ -12,12 +12,7 @@ use ipnet::IpNet;
 use toml::Spanned;
 use vip_common::{layout::CAPACITY_LIMIT, maglev::is_prime};
 
-use super::{
-    auto::HostAddresses,
-    error::{ConfigError, line_of},
-    raw::*,
-    types::*,
-};
+use super::{auto::HostAddresses, error::ConfigError, raw::*, types::*};
 
 /// `ASN:VALUE` (RFC 1997), both 16-bit; or a well-known name.
 fn parse_community(s: &str) -> Result<u32, String> {
@@ -422,11 +417,8 @@ pub(super) fn validate(
     raw: RawConfig,
     host: &HostAddresses,
 ) -> Result<Config, ConfigError> {
-    let err = |span: &Range<usize>, field: String, message: String| ConfigError {
-        file: path.to_owned(),
-        line: (span.end > 0).then(|| line_of(text, span)),
-        field,
-        message,
+    let err = |span: &Range<usize>, field: String, message: String| {
+        ConfigError::at(path, text, span, field, message)
     };
     let mut node = raw.node;
     let role = *node.role.get_ref();
