@@ -15,6 +15,8 @@ pub struct ConfigError {
     /// Dotted path of the field, e.g. `vip[2].backend[0].weight`.
     pub field: String,
     pub message: String,
+    /// The other mistakes found in the same file, each with its place.
+    pub also: Vec<ConfigError>,
 }
 
 /// A place in the config file.
@@ -36,7 +38,16 @@ impl ConfigError {
             place: None,
             field: String::new(),
             message,
+            also: Vec::new(),
         }
+    }
+
+    /// One error that carries every error in `errors` (the first leads); `None` if empty.
+    pub(super) fn all(errors: Vec<ConfigError>) -> Option<Self> {
+        let mut errors = errors.into_iter();
+        let mut first = errors.next()?;
+        first.also.extend(errors);
+        Some(first)
     }
 
     /// The 1-based line, when known.
@@ -91,6 +102,9 @@ impl fmt::Display for ConfigError {
                 " ".repeat(number.len()),
                 " ".repeat(p.column - 1)
             )?;
+        }
+        for other in &self.also {
+            write!(f, "\n{other}")?;
         }
         Ok(())
     }

@@ -150,6 +150,29 @@ fn missing_and_unknown_keys_are_named_in_their_table() {
     assert_eq!(e.field, "vip[0].colour", "{e}");
 }
 
+/// One run shows every VIP's and every peer's mistake, each at its place.
+#[test]
+fn every_vip_and_peer_mistake_is_reported_at_once() {
+    let text = FULL
+        .replace("weight = 3", "weight = 3000")
+        .replace("gue_port = 6080", "gue_port = 0")
+        .replace("password = \"secret\"", "password = \"\"");
+    let e = error(&text);
+    let all: Vec<&ConfigError> = std::iter::once(&e).chain(&e.also).collect();
+    let fields: Vec<&str> = all.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        [
+            "vip[0].backend[0].weight",
+            "vip[1].gue_port",
+            "bgp.peer[0].password"
+        ],
+        "{e}"
+    );
+    let shown = e.to_string();
+    assert_eq!(shown.matches("vip.toml:").count(), 3, "{shown}");
+}
+
 #[test]
 fn duplicate_vip_is_rejected() {
     let twice =

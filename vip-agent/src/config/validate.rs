@@ -158,89 +158,100 @@ fn validate_bgp(mut b: RawBgp, err: &Located, sources: &Sources) -> Result<BgpCo
     let bfd_timers = bfd_timers(&b, err)?;
     let mut peers = Vec::new();
     let mut seen = HashSet::new();
+    let mut errors = Vec::new();
     for (i, p) in b.peers.into_iter().enumerate() {
-        let p = p.into_inner();
-        let field = |f: &str| format!("bgp.peer[{i}].{f}");
-        let address = *p.address.get_ref();
-        if p.asn == 0 {
-            return Err(err(
-                &p.address.span(),
-                field("asn"),
-                "0 is no AS number: use the peer's".into(),
-            ));
-        }
-        if let Some(why) = not_unicast(address) {
-            return Err(err(
-                &p.address.span(),
-                field("address"),
-                format!("{address} is {why}: use the peer's unicast address"),
-            ));
-        }
-        if !seen.insert(address) {
-            return Err(err(
-                &p.address.span(),
-                field("address"),
-                format!("peer {address} is configured twice"),
-            ));
-        }
-        if let Some(h) = &p.hold_time
-            && (*h.get_ref() == 1 || *h.get_ref() == 2)
-        {
-            return Err(err(
-                &h.span(),
-                field("hold_time"),
-                "use 0 or 3 and more seconds".into(),
-            ));
-        }
-        let password = match (p.password, &p.password_file) {
-            (Some(pw), Some(_)) => {
+        let one = || -> Result<BgpPeerConfig, ConfigError> {
+            let p = p.into_inner();
+            let field = |f: &str| format!("bgp.peer[{i}].{f}");
+            let address = *p.address.get_ref();
+            if p.asn == 0 {
+                return Err(err(
+                    &p.address.span(),
+                    field("asn"),
+                    "0 is no AS number: use the peer's".into(),
+                ));
+            }
+            if let Some(why) = not_unicast(address) {
+                return Err(err(
+                    &p.address.span(),
+                    field("address"),
+                    format!("{address} is {why}: use the peer's unicast address"),
+                ));
+            }
+            if !seen.insert(address) {
+                return Err(err(
+                    &p.address.span(),
+                    field("address"),
+                    format!("peer {address} is configured twice"),
+                ));
+            }
+            if let Some(h) = &p.hold_time
+                && (*h.get_ref() == 1 || *h.get_ref() == 2)
+            {
+                return Err(err(
+                    &h.span(),
+                    field("hold_time"),
+                    "use 0 or 3 and more seconds".into(),
+                ));
+            }
+            let password = match (p.password, &p.password_file) {
+                (Some(pw), Some(_)) => {
+                    return Err(err(
+                        &pw.span(),
+                        field("password"),
+                        "give `password` or `password_file`, not both".into(),
+                    ));
+                }
+                (Some(pw), None) => Some(pw),
+                (None, Some(file)) => {
+                    let text = std::fs::read_to_string(file.get_ref()).map_err(|e| {
+                        err(
+                            &file.span(),
+                            field("password_file"),
+                            format!("cannot read {}: {e}", file.get_ref().display()),
+                        )
+                    })?;
+                    let key = text.strip_suffix('\n').unwrap_or(&text);
+                    let key = key.strip_suffix('\r').unwrap_or(key);
+                    Some(Spanned::new(file.span(), key.to_owned()))
+                }
+                (None, None) => None,
+            };
+            if let Some(pw) = &password
+                && (pw.get_ref().is_empty() || pw.get_ref().len() > 80)
+            {
                 return Err(err(
                     &pw.span(),
                     field("password"),
-                    "give `password` or `password_file`, not both".into(),
+                    "TCP MD5 keys are 1 to 80 bytes (leave `password` out for none)".into(),
                 ));
             }
-            (Some(pw), None) => Some(pw),
-            (None, Some(file)) => {
-                let text = std::fs::read_to_string(file.get_ref()).map_err(|e| {
-                    err(
-                        &file.span(),
-                        field("password_file"),
-                        format!("cannot read {}: {e}", file.get_ref().display()),
-                    )
+            let (pc, plc) =
+                communities_of(&p.communities, &p.large_communities, &|span, which, m| {
+                    err(span, field(which), m)
                 })?;
-                let key = text.strip_suffix('\n').unwrap_or(&text);
-                let key = key.strip_suffix('\r').unwrap_or(key);
-                Some(Spanned::new(file.span(), key.to_owned()))
-            }
-            (None, None) => None,
+            Ok(BgpPeerConfig {
+                address,
+                asn: p.asn,
+                port: p.port,
+                passive: p.passive,
+                router_id: p.router_id,
+                password: password.map(|s| s.into_inner()),
+                hold_time: p.hold_time.map(|h| h.into_inner()),
+                bfd: p.bfd.unwrap_or(b.bfd),
+                med: p.med,
+                local_pref: p.local_pref,
+                communities: pc,
+                large_communities: plc,
+            })
         };
-        if let Some(pw) = &password
-            && (pw.get_ref().is_empty() || pw.get_ref().len() > 80)
-        {
-            return Err(err(
-                &pw.span(),
-                field("password"),
-                "TCP MD5 keys are 1 to 80 bytes (leave `password` out for none)".into(),
-            ));
+        match one() {
+            Ok(peer) => peers.push(peer),
+            Err(e) => errors.push(e),
         }
-        let (pc, plc) = communities_of(&p.communities, &p.large_communities, &|span, which, m| {
-            err(span, field(which), m)
-        })?;
-        peers.push(BgpPeerConfig {
-            address,
-            asn: p.asn,
-            port: p.port,
-            passive: p.passive,
-            router_id: p.router_id,
-            password: password.map(|s| s.into_inner()),
-            hold_time: p.hold_time.map(|h| h.into_inner()),
-            bfd: p.bfd.unwrap_or(b.bfd),
-            med: p.med,
-            local_pref: p.local_pref,
-            communities: pc,
-            large_communities: plc,
-        });
+    }
+    if let Some(all) = ConfigError::all(errors) {
+        return Err(all);
     }
     Ok(BgpConfig {
         asn: b.asn,
@@ -563,191 +574,199 @@ pub(super) fn validate(
         .collect();
     let mut vips = Vec::new();
     let mut keys = HashSet::new();
+    let mut errors = Vec::new();
     for (i, spanned) in raw.vips.into_iter().enumerate() {
-        let vip_span = spanned.span();
-        let v = spanned.into_inner();
-        let address = *v.address.get_ref();
-        let field = |f: &str| format!("vip[{i}].{f}");
-        let key = (address, v.protocol, v.port);
-        if !keys.insert(key) {
-            return Err(err(
-                &v.address.span(),
-                field("address"),
-                format!(
-                    "{address} {:?} port {} is configured twice",
-                    v.protocol, v.port
-                ),
-            ));
-        }
-        if let Some(why) = not_unicast(address) {
-            return Err(err(
-                &v.address.span(),
-                field("address"),
-                format!("{address} is {why}: a VIP must be a unicast address"),
-            ));
-        }
-        if v.encapsulation == Encapsulation::Gue && v.gue_port == 0 {
-            return Err(err(
-                &vip_span,
-                field("gue_port"),
-                "0 is no port: use the backends' GUE port (e.g. 6080)".into(),
-            ));
-        }
-        let mut backends = Vec::new();
-        let mut seen = HashSet::new();
-        for (j, b) in v.backends.iter().enumerate() {
-            let b = b.get_ref();
-            let baddr = *b.address.get_ref();
-            let bfield = |f: &str| format!("vip[{i}].backend[{j}].{f}");
-            if !seen.insert(baddr) {
+        // Every VIP is checked, so that one run shows every VIP's mistake.
+        let one = || -> Result<VipConfig, ConfigError> {
+            let vip_span = spanned.span();
+            let v = spanned.into_inner();
+            let address = *v.address.get_ref();
+            let field = |f: &str| format!("vip[{i}].{f}");
+            let key = (address, v.protocol, v.port);
+            if !keys.insert(key) {
                 return Err(err(
-                    &b.address.span(),
-                    bfield("address"),
-                    format!("backend {baddr} is listed twice for this VIP"),
-                ));
-            }
-            if let Some(why) = not_unicast(baddr) {
-                return Err(err(
-                    &b.address.span(),
-                    bfield("address"),
-                    format!("{baddr} is {why}: a backend must be a unicast address"),
-                ));
-            }
-            if vip_addresses.contains(&baddr) {
-                return Err(err(
-                    &b.address.span(),
-                    bfield("address"),
-                    format!("{baddr} is a VIP: a backend is a host behind the VIPs"),
-                ));
-            }
-            let weight = *b.weight.get_ref();
-            if weight > MAX_WEIGHT {
-                return Err(err(
-                    &b.weight.span(),
-                    bfield("weight"),
-                    format!("{weight} is above the maximum weight {MAX_WEIGHT} (0 = drain)"),
-                ));
-            }
-            let source_missing = match baddr {
-                IpAddr::V4(_) => sources.v4.is_none(),
-                IpAddr::V6(_) => sources.v6.is_none(),
-            };
-            if source_missing && v.source_prefix.is_none() {
-                let which = if baddr.is_ipv4() {
-                    "source_v4"
-                } else {
-                    "source_v6"
-                };
-                return Err(err(
-                    &b.address.span(),
-                    bfield("address"),
+                    &v.address.span(),
+                    field("address"),
                     format!(
-                        "backend {baddr} needs an outer source address: set node.{which} \
-                         (or a vip source_prefix of that family)"
+                        "{address} {:?} port {} is configured twice",
+                        v.protocol, v.port
                     ),
                 ));
             }
-            let health = v
-                .health
-                .merged(b.health.as_ref().unwrap_or(&RawHealth::default()))
-                .resolve(v.port)
-                .map_err(|m| {
-                    let f = if b.health.is_some() {
-                        bfield("health")
-                    } else {
-                        field("health")
-                    };
-                    err(&b.address.span(), f, m)
-                })?;
-            if health.via == CheckVia::Datapath && health.kind != CheckKind::None {
-                let problem = if baddr.is_ipv4() != address.is_ipv4() {
-                    Some("the backend's address family must match the VIP's".to_string())
-                } else if baddr.is_ipv6() && v.encapsulation == Encapsulation::Gue {
-                    Some("GUE VIPs are checked through the data path over IPv4 only".into())
-                } else if source_missing {
+            if let Some(why) = not_unicast(address) {
+                return Err(err(
+                    &v.address.span(),
+                    field("address"),
+                    format!("{address} is {why}: a VIP must be a unicast address"),
+                ));
+            }
+            if v.encapsulation == Encapsulation::Gue && v.gue_port == 0 {
+                return Err(err(
+                    &vip_span,
+                    field("gue_port"),
+                    "0 is no port: use the backends' GUE port (e.g. 6080)".into(),
+                ));
+            }
+            let mut backends = Vec::new();
+            let mut seen = HashSet::new();
+            for (j, b) in v.backends.iter().enumerate() {
+                let b = b.get_ref();
+                let baddr = *b.address.get_ref();
+                let bfield = |f: &str| format!("vip[{i}].backend[{j}].{f}");
+                if !seen.insert(baddr) {
+                    return Err(err(
+                        &b.address.span(),
+                        bfield("address"),
+                        format!("backend {baddr} is listed twice for this VIP"),
+                    ));
+                }
+                if let Some(why) = not_unicast(baddr) {
+                    return Err(err(
+                        &b.address.span(),
+                        bfield("address"),
+                        format!("{baddr} is {why}: a backend must be a unicast address"),
+                    ));
+                }
+                if vip_addresses.contains(&baddr) {
+                    return Err(err(
+                        &b.address.span(),
+                        bfield("address"),
+                        format!("{baddr} is a VIP: a backend is a host behind the VIPs"),
+                    ));
+                }
+                let weight = *b.weight.get_ref();
+                if weight > MAX_WEIGHT {
+                    return Err(err(
+                        &b.weight.span(),
+                        bfield("weight"),
+                        format!("{weight} is above the maximum weight {MAX_WEIGHT} (0 = drain)"),
+                    ));
+                }
+                let source_missing = match baddr {
+                    IpAddr::V4(_) => sources.v4.is_none(),
+                    IpAddr::V6(_) => sources.v6.is_none(),
+                };
+                if source_missing && v.source_prefix.is_none() {
                     let which = if baddr.is_ipv4() {
                         "source_v4"
                     } else {
                         "source_v6"
                     };
-                    Some(format!("the probes come from node.{which}: set it"))
-                } else {
-                    None
-                };
-                if let Some(problem) = problem {
-                    let f = if b.health.is_some() {
-                        bfield("health.via")
-                    } else {
-                        field("health.via")
-                    };
                     return Err(err(
                         &b.address.span(),
-                        f,
-                        format!("via = \"datapath\" with backend {baddr}: {problem}"),
+                        bfield("address"),
+                        format!(
+                            "backend {baddr} needs an outer source address: set node.{which} \
+                             (or a vip source_prefix of that family)"
+                        ),
+                    ));
+                }
+                let health = v
+                    .health
+                    .merged(b.health.as_ref().unwrap_or(&RawHealth::default()))
+                    .resolve(v.port)
+                    .map_err(|m| {
+                        let f = if b.health.is_some() {
+                            bfield("health")
+                        } else {
+                            field("health")
+                        };
+                        err(&b.address.span(), f, m)
+                    })?;
+                if health.via == CheckVia::Datapath && health.kind != CheckKind::None {
+                    let problem = if baddr.is_ipv4() != address.is_ipv4() {
+                        Some("the backend's address family must match the VIP's".to_string())
+                    } else if baddr.is_ipv6() && v.encapsulation == Encapsulation::Gue {
+                        Some("GUE VIPs are checked through the data path over IPv4 only".into())
+                    } else if source_missing {
+                        let which = if baddr.is_ipv4() {
+                            "source_v4"
+                        } else {
+                            "source_v6"
+                        };
+                        Some(format!("the probes come from node.{which}: set it"))
+                    } else {
+                        None
+                    };
+                    if let Some(problem) = problem {
+                        let f = if b.health.is_some() {
+                            bfield("health.via")
+                        } else {
+                            field("health.via")
+                        };
+                        return Err(err(
+                            &b.address.span(),
+                            f,
+                            format!("via = \"datapath\" with backend {baddr}: {problem}"),
+                        ));
+                    }
+                }
+                backends.push(BackendConfig {
+                    address: baddr,
+                    weight,
+                    state: b.state,
+                    health,
+                });
+            }
+            if let Some(prefix) = &v.source_prefix {
+                let p = *prefix.get_ref();
+                let wrong_family = v
+                    .backends
+                    .iter()
+                    .any(|b| b.get_ref().address.get_ref().is_ipv4() != p.addr().is_ipv4());
+                if wrong_family {
+                    return Err(err(
+                        &prefix.span(),
+                        field("source_prefix"),
+                        format!("{p}: the prefix's family must match the VIP's backends"),
+                    ));
+                }
+                if let IpNet::V6(p6) = p
+                    && p6.prefix_len() < 96
+                {
+                    return Err(err(
+                        &prefix.span(),
+                        field("source_prefix"),
+                        format!(
+                            "{p}: IPv6 source prefixes must be /96 or longer (entropy goes in the last 32 bits)"
+                        ),
                     ));
                 }
             }
-            backends.push(BackendConfig {
-                address: baddr,
-                weight,
-                state: b.state,
-                health,
-            });
-        }
-        if let Some(prefix) = &v.source_prefix {
-            let p = *prefix.get_ref();
-            let wrong_family = v
-                .backends
-                .iter()
-                .any(|b| b.get_ref().address.get_ref().is_ipv4() != p.addr().is_ipv4());
-            if wrong_family {
+            if !(1..=MAX_UDP_IDLE_SECS).contains(&v.udp_idle_timeout) {
                 return Err(err(
-                    &prefix.span(),
-                    field("source_prefix"),
-                    format!("{p}: the prefix's family must match the VIP's backends"),
-                ));
-            }
-            if let IpNet::V6(p6) = p
-                && p6.prefix_len() < 96
-            {
-                return Err(err(
-                    &prefix.span(),
-                    field("source_prefix"),
+                    &vip_span,
+                    field("udp_idle_timeout"),
                     format!(
-                        "{p}: IPv6 source prefixes must be /96 or longer (entropy goes in the last 32 bits)"
+                        "{}: use 1 to {MAX_UDP_IDLE_SECS} seconds",
+                        v.udp_idle_timeout
                     ),
                 ));
             }
+            let (communities, large_communities) = communities_of(
+                &v.communities,
+                &v.large_communities,
+                &|span, which, message| err(span, field(which), message),
+            )?;
+            Ok(VipConfig {
+                communities,
+                large_communities,
+                med: v.med,
+                address,
+                protocol: v.protocol,
+                port: v.port,
+                encapsulation: v.encapsulation,
+                gue_port: v.gue_port,
+                source_prefix: v.source_prefix.map(|p| p.into_inner().trunc()),
+                hash: v.hash,
+                udp_idle_timeout: Duration::from_secs(v.udp_idle_timeout),
+                backends,
+            })
+        };
+        match one() {
+            Ok(vip) => vips.push(vip),
+            Err(e) => errors.push(e),
         }
-        if !(1..=MAX_UDP_IDLE_SECS).contains(&v.udp_idle_timeout) {
-            return Err(err(
-                &vip_span,
-                field("udp_idle_timeout"),
-                format!(
-                    "{}: use 1 to {MAX_UDP_IDLE_SECS} seconds",
-                    v.udp_idle_timeout
-                ),
-            ));
-        }
-        let (communities, large_communities) = communities_of(
-            &v.communities,
-            &v.large_communities,
-            &|span, which, message| err(span, field(which), message),
-        )?;
-        vips.push(VipConfig {
-            communities,
-            large_communities,
-            med: v.med,
-            address,
-            protocol: v.protocol,
-            port: v.port,
-            encapsulation: v.encapsulation,
-            gue_port: v.gue_port,
-            source_prefix: v.source_prefix.map(|p| p.into_inner().trunc()),
-            hash: v.hash,
-            udp_idle_timeout: Duration::from_secs(v.udp_idle_timeout),
-            backends,
-        });
     }
     let bgp = match raw.bgp {
         None => None,
@@ -758,8 +777,18 @@ pub(super) fn validate(
                 "backends do not announce VIPs: remove [bgp]".into(),
             ));
         }
-        Some(b) => Some(validate_bgp(b.into_inner(), &err, &sources)?),
+        Some(b) => match validate_bgp(b.into_inner(), &err, &sources) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
     };
+    // What follows needs the VIPs and BGP settings whole.
+    if let Some(all) = ConfigError::all(errors) {
+        return Err(all);
+    }
     if let Some(b) = &bgp {
         check_next_hops(b, &vips, &err)?;
     }
