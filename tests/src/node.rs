@@ -62,15 +62,26 @@ impl Netns {
     pub fn lb_with_gateway(tag: &str) -> (Self, Self) {
         let lb = Self::new(&format!("{tag}-lb"));
         let gw = Self::new(&format!("{tag}-gw"));
-        lb.ip(&[
-            "link", "add", "up0", "type", "veth", "peer", "name", "gw0", "netns", &gw.name,
-        ]);
-        lb.ip(&["addr", "add", "198.18.0.2/24", "dev", "up0"]);
-        lb.ip(&["link", "set", "up0", "up"]);
-        gw.ip(&["addr", "add", "198.18.0.1/24", "dev", "gw0"]);
-        gw.ip(&["link", "set", "gw0", "up"]);
+        lb.link(("up0", "198.18.0.2/24"), &gw, ("gw0", "198.18.0.1/24"));
         lb.ip(&["route", "add", "198.18.128.0/24", "via", "198.18.0.1"]);
         (lb, gw)
+    }
+
+    /// A veth pair, up, from `dev` here to `peer_dev` in `peer`, each with its address
+    /// (`198.18.0.2/24`).
+    pub fn link(
+        &self,
+        (dev, address): (&str, &str),
+        peer: &Netns,
+        (peer_dev, peer_address): (&str, &str),
+    ) {
+        self.ip(&[
+            "link", "add", dev, "type", "veth", "peer", "name", peer_dev, "netns", &peer.name,
+        ]);
+        self.ip(&["addr", "add", address, "dev", dev]);
+        self.ip(&["link", "set", dev, "up"]);
+        peer.ip(&["addr", "add", peer_address, "dev", peer_dev]);
+        peer.ip(&["link", "set", peer_dev, "up"]);
     }
 
     /// Where an agent of this namespace has its control socket (beside its config and log).

@@ -50,13 +50,7 @@ fn router_has_vip(router: &Bird) -> bool {
 fn kernel_routes_follow_the_vip_for_a_routing_daemon_to_announce() {
     let rt = Netns::new("krt");
     let lb = Netns::new("klb");
-    rt.ip(&[
-        "link", "add", "r1", "type", "veth", "peer", "name", "up0", "netns", &lb.name,
-    ]);
-    rt.ip(&["addr", "add", "198.18.1.1/24", "dev", "r1"]);
-    rt.ip(&["link", "set", "r1", "up"]);
-    lb.ip(&["addr", "add", "198.18.1.2/24", "dev", "up0"]);
-    lb.ip(&["link", "set", "up0", "up"]);
+    rt.link(("r1", "198.18.1.1/24"), &lb, ("up0", "198.18.1.2/24"));
 
     let service = TcpService::start(&rt, BACKEND, 8080);
     let mut agent = Agent::start(&lb, &agent_config(&lb), &["--cleanup"]);

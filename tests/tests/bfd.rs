@@ -63,6 +63,28 @@ impl Cut {
     }
 }
 
+/// The agent's config with BFD at 100 ms and one VIP.
+fn standard(lb: &Netns) -> String {
+    lb_config(lb, 1, &agent_bfd(100), &[VIP4])
+}
+
+/// The peering lab with BIRD (`bird_conf`) and the agent (its config made for the LB node's
+/// namespace), up: the route at the router and BIRD's BFD session at 100 ms.
+fn up_at_100ms(
+    bird_conf: &str,
+    agent_conf: impl FnOnce(&Netns) -> String,
+) -> (Netns, Vec<Netns>, Bird, Agent) {
+    let (rt, lbs) = topology(1);
+    let bird = Bird::start(&rt, bird_conf);
+    let agent = Agent::start(&lbs[0], &agent_conf(&lbs[0]), &[]);
+    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
+    bird.wait_for(
+        |b| b.cli("show bfd sessions").contains("0.100"),
+        "BFD at 100 ms",
+    );
+    (rt, lbs, bird, agent)
+}
+
 #[test]
 fn bfd_comes_up_with_bird_before_bgp_and_shows_in_status_and_metrics() {
     let (rt, lbs) = topology(1);
@@ -129,18 +151,7 @@ fn bgp_waits_for_bfd_when_the_router_runs_none() {
 
 #[test]
 fn a_dead_lb_node_is_dropped_within_the_detection_time() {
-    let (rt, lbs) = topology(1);
-    let bird = Bird::start(&rt, &bird_bfd(1, 100));
-    let mut agent = Agent::start(
-        &lbs[0],
-        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
-        &[],
-    );
-    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
-    bird.wait_for(
-        |b| b.cli("show bfd sessions").contains("0.100"),
-        "BFD at 100 ms",
-    );
+    let (rt, _lbs, bird, mut agent) = up_at_100ms(&bird_bfd(1, 100), standard);
     let _cut = Cut::router_side(&rt, "r1");
     let cut = Instant::now();
     agent.kill();
@@ -160,18 +171,7 @@ fn a_dead_lb_node_is_dropped_within_the_detection_time() {
 
 #[test]
 fn a_timer_change_by_reload_is_negotiated_without_a_flap() {
-    let (rt, lbs) = topology(1);
-    let bird = Bird::start(&rt, &bird_bfd(1, 100));
-    let mut agent = Agent::start(
-        &lbs[0],
-        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]),
-        &[],
-    );
-    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
-    bird.wait_for(
-        |b| b.cli("show bfd sessions").contains("0.100"),
-        "BFD at 100 ms",
-    );
+    let (_rt, lbs, bird, mut agent) = up_at_100ms(&bird_bfd(1, 100), standard);
     agent.rewrite_config(&lb_config(&lbs[0], 1, &agent_bfd(400), &[VIP4]));
     agent.signal(libc::SIGHUP);
     agent.wait_for_log("reloaded", 1);
@@ -320,18 +320,9 @@ fn bfd_over_ipv6_carries_an_ipv6_bgp_session() {
 /// down within the detection time, not after the 9 s hold time.
 #[test]
 fn a_dead_router_takes_the_bgp_session_down_within_the_detection_time() {
-    let (rt, lbs) = topology(1);
-    let bird = Bird::start(&rt, &bird_bfd(1, 100));
-    let mut agent = Agent::start(
-        &lbs[0],
-        &lb_config(&lbs[0], 1, &agent_bfd(100), &[VIP4]).replace("hold_time = 3", "hold_time = 9"),
-        &[],
-    );
-    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
-    bird.wait_for(
-        |b| b.cli("show bfd sessions").contains("0.100"),
-        "BFD at 100 ms",
-    );
+    let (rt, lbs, _bird, mut agent) = up_at_100ms(&bird_bfd(1, 100), |lb| {
+        standard(lb).replace("hold_time = 3", "hold_time = 9")
+    });
     let _cut = Cut::router_side(&rt, "r1");
     let cut = Instant::now();
     agent.wait_for_log("BGP session down", 1);
@@ -352,23 +343,19 @@ fn a_dead_router_takes_the_bgp_session_down_within_the_detection_time() {
 /// back and BFD and BGP come up again; with plain `bfd on`, BIRD 2.0 drops it at once.
 #[test]
 fn a_restart_with_graceful_restart_keeps_the_route_where_bfd_down_is_graceful() {
-    let (rt, lbs) = topology(1);
-    let bird = Bird::start(
-        &rt,
+    let with_restart = |lb: &Netns| {
+        lb_config(
+            lb,
+            1,
+            &(agent_bfd(100) + "graceful_restart_time = 30\n"),
+            &[VIP4],
+        )
+    };
+    let (_rt, lbs, bird, mut agent) = up_at_100ms(
         &bird_bfd(1, 100).replace("bfd on;", "bfd graceful; graceful restart on;"),
+        with_restart,
     );
-    let config = lb_config(
-        &lbs[0],
-        1,
-        &(agent_bfd(100) + "graceful_restart_time = 30\n"),
-        &[VIP4],
-    );
-    let mut agent = Agent::start(&lbs[0], &config, &[]);
-    bird.wait_for(|b| b.cli("show route").contains(VIP4), "the route");
-    bird.wait_for(
-        |b| b.cli("show bfd sessions").contains("0.100"),
-        "BFD at 100 ms",
-    );
+    let config = with_restart(&lbs[0]);
     agent.signal(libc::SIGUSR2);
     assert_eq!(agent.exit_status().code(), Some(75), "{}", agent.log_text());
     thread::sleep(Duration::from_secs(2));

@@ -17,13 +17,7 @@ const SECOND: &str = "198.18.9.1";
 /// protocol `lb1`.
 fn second_router(lb: &Netns) -> (Netns, Bird) {
     let rt2 = Netns::new("rt2");
-    rt2.ip(&[
-        "link", "add", "r1", "type", "veth", "peer", "name", "up1", "netns", &lb.name,
-    ]);
-    rt2.ip(&["addr", "add", "198.18.9.1/24", "dev", "r1"]);
-    rt2.ip(&["link", "set", "r1", "up"]);
-    lb.ip(&["addr", "add", "198.18.9.2/24", "dev", "up1"]);
-    lb.ip(&["link", "set", "up1", "up"]);
+    rt2.link(("r1", "198.18.9.1/24"), lb, ("up1", "198.18.9.2/24"));
     let bird = Bird::start(
         &rt2,
         &bird_config(1, None)
