@@ -377,6 +377,8 @@ fn the_bird_examples_of_the_operations_guide_work() {
     let lab = |text: String| {
         text.replace("192.0.2.10", "198.18.1.2")
             .replace("192.0.2.1", "198.18.1.1")
+            .replace("198.51.100.0/24", "198.19.0.0/24")
+            .replace("2001:db8:100::/48", "fd00:19::/48")
             .replace("\"eth*\"", "\"r*\"")
     };
     let bgp = lab(vip_tests::peering::operations_guide_block(
