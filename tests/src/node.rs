@@ -105,13 +105,13 @@ impl Netns {
         run("nsenter", &cmd)
     }
 
-    /// `GET path` from the agent's metrics listener (127.0.0.1:9100) in the namespace; `None`
+    /// `GET path` from the agent's metrics listener (127.0.0.1:7179) in the namespace; `None`
     /// while nothing answers.
     pub fn http_get(&self, path: &str) -> Option<String> {
         let request = format!("GET {path} HTTP/1.0\r\n\r\n");
         self.within(move || {
             use std::io::Read;
-            let mut c = std::net::TcpStream::connect("127.0.0.1:9100").ok()?;
+            let mut c = std::net::TcpStream::connect("127.0.0.1:7179").ok()?;
             c.write_all(request.as_bytes()).ok()?;
             let mut r = String::new();
             c.read_to_string(&mut r).ok()?;

@@ -113,23 +113,29 @@ fn a_reload_reannounces_new_attributes_and_resets_only_a_changed_session() {
         );
     }
 
-    // Node-wide communities and a MED: the routes again, no session reset.
-    let attributes = config(&lbs[0], &peers, "")
+    // Node-wide communities, a MED and an IPv4 next hop: the routes again, no session reset.
+    let attributes = config(&lbs[0], &peers, "next_hop_v4 = \"198.18.1.9\"\n")
         .replace(
             "communities = [\"65001:100\"]",
             "communities = [\"65001:200\"]\n",
         )
         .replace("[[vip.backend]]", "med = 42\n[[vip.backend]]");
     reload(&mut agent, &attributes, 1);
-    for b in [&bird, &bird2] {
-        b.wait_for(
-            |b| {
-                let r = b.cli("show route protocol lb1 all");
-                r.contains("(65001,200)") && r.contains("BGP.med: 42")
-            },
-            "the new attributes",
-        );
-    }
+    bird.wait_for(
+        |b| {
+            b.cli(&format!("show route {VIP4}/32"))
+                .contains("via 198.18.1.9")
+        },
+        "the new next hop",
+    );
+    // (The second router cannot reach that next hop, so only the first shows the route.)
+    bird.wait_for(
+        |b| {
+            let r = b.cli("show route protocol lb1 all");
+            r.contains("(65001,200)") && r.contains("BGP.med: 42")
+        },
+        "the new attributes",
+    );
     assert_eq!(established_count(&agent, "198.18.1.1"), 1);
     assert_eq!(established_count(&agent, SECOND), 1);
 

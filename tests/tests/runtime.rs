@@ -16,7 +16,7 @@ const BACKEND: &str = "198.18.0.1";
 fn health_config(lb: &Netns, interval: &str) -> String {
     format!(
         "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
-         table_size = 251\nconntrack_entries = 4096\nmetrics_address = \"127.0.0.1:9100\"\n\
+         table_size = 251\nconntrack_entries = 4096\nmetrics_address = \"127.0.0.1:7179\"\n\
          [[vip]]\naddress = \"{VIP4}\"\nprotocol = \"tcp\"\nport = 80\n\
          [vip.health]\ncheck = \"tcp\"\nport = 8080\ninterval = {interval}\ntimeout = 0.1\n\
          rise = 5\nfall = 2\n\
@@ -90,7 +90,7 @@ fn many_vips(lb: &Netns, vips: u8, port: u16) -> String {
     let mut c = format!(
         "[node]\ninterfaces = [\"up0\"]\nsource_v4 = \"198.18.0.2\"\npin_dir = \"{}\"\n\
          table_size = 251\ntable_slots = 16\nconntrack_entries = 4096\n\
-         metrics_address = \"127.0.0.1:9100\"\n",
+         metrics_address = \"127.0.0.1:7179\"\n",
         lb.pin_dir.display()
     );
     for v in 1..=vips {
@@ -169,7 +169,7 @@ fn a_reload_that_does_not_fit_changes_nothing() {
 #[test]
 fn a_taken_metrics_port_fails_start_up_before_the_node_changes() {
     let (lb, _be) = Netns::lb_with_gateway("port");
-    let _taken = lb.within(|| std::net::TcpListener::bind("127.0.0.1:9100").expect("bind"));
+    let _taken = lb.within(|| std::net::TcpListener::bind("127.0.0.1:7179").expect("bind"));
     let mut agent = Agent::start(&lb, &health_config(&lb, "1"), &[]);
     assert!(!agent.wait(), "the agent started: {}", agent.log_text());
     assert!(
@@ -192,7 +192,7 @@ fn idle_metrics_connections_are_closed_and_scrapes_still_answered() {
     agent.wait_for_log("serving /metrics", 1);
     let idle = lb.within(|| {
         (0..200)
-            .map(|_| std::net::TcpStream::connect("127.0.0.1:9100").expect("connect"))
+            .map(|_| std::net::TcpStream::connect("127.0.0.1:7179").expect("connect"))
             .collect::<Vec<_>>()
     });
     let started = Instant::now();
@@ -248,7 +248,7 @@ fn metrics_pass_promtool_and_open_metrics_is_negotiated() {
     agent.wait_for_log("serving /metrics", 1);
     let get = |accept: &'static str| {
         lb.within(move || {
-            let mut c = std::net::TcpStream::connect("127.0.0.1:9100").expect("metrics");
+            let mut c = std::net::TcpStream::connect("127.0.0.1:7179").expect("metrics");
             write!(c, "GET /metrics HTTP/1.0\r\nAccept: {accept}\r\n\r\n").unwrap();
             let mut r = String::new();
             c.read_to_string(&mut r).unwrap();

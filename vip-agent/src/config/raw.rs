@@ -324,7 +324,7 @@ fn default_control_socket() -> PathBuf {
 }
 
 fn default_metrics_address() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9100))
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_METRICS_PORT))
 }
 fn default_table_size() -> Spanned<u32> {
     Spanned::new(0..0, DEFAULT_TABLE_SIZE)

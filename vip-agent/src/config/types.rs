@@ -133,6 +133,10 @@ pub struct KernelRoutesConfig {
     pub drain_time: Duration,
 }
 
+/// The metrics listener's default port: outside 9100-9999, the range Prometheus allocates to
+/// exporters (node_exporter has 9100), so it meets none of them on a node.
+pub const DEFAULT_METRICS_PORT: u16 = 7179;
+
 /// Default table and protocol of kernel-mode routes.
 pub const DEFAULT_ROUTE_TABLE: u32 = 100;
 pub const DEFAULT_ROUTE_PROTOCOL: u8 = 118;
