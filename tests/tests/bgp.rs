@@ -212,14 +212,12 @@ fn two_lb_nodes_give_an_ecmp_route() {
 #[test]
 fn announces_to_gobgp() {
     let (rt, lbs) = topology(1);
-    let gobgp = GoBgp::start(
-        &rt,
-        "[global.config]\nas = 65000\nrouter-id = \"198.18.1.1\"\n\
-         [[neighbors]]\n[neighbors.config]\nneighbor-address = \"198.18.1.2\"\npeer-as = 65001\n\
-         [neighbors.timers.config]\nhold-time = 3\nconnect-retry = 1\n\
-         [[neighbors.afi-safis]]\n[neighbors.afi-safis.config]\nafi-safi-name = \"ipv4-unicast\"\n\
-         [[neighbors.afi-safis]]\n[neighbors.afi-safis.config]\nafi-safi-name = \"ipv6-unicast\"\n",
-    );
+    // The operations guide's block, with the lab's addresses and short timers.
+    let config = operations_guide_block("[global.config]")
+        .replace("192.0.2.10", "198.18.1.2")
+        .replace("192.0.2.1", "198.18.1.1")
+        + "  [neighbors.timers.config]\n    hold-time = 3\n    connect-retry = 1\n";
+    let gobgp = GoBgp::start(&rt, &config);
     let _agent = Agent::start(&lbs[0], &lb_config(&lbs[0], 1, "", &[VIP4, VIP6]), &[]);
     gobgp.wait_for(
         |g| g.cli("global rib -a ipv6").contains(VIP6),
