@@ -9,6 +9,7 @@
 //! after the timed runs is checked against a plain single run of the same frame.
 
 mod agent;
+mod cpus;
 mod datapath;
 mod harness;
 mod lab;
@@ -75,6 +76,7 @@ fn main() {
     )
     .unwrap();
     datapath::report(&mut md, &mut harness, &mut services);
+    cpus::every_cpu(&mut md, &mut services.lb);
     drop(services);
     scaling::table_scaling(&mut md, &mut harness);
     let wanted = |section| args.only.is_none_or(|only| only == section);
