@@ -150,10 +150,11 @@ fn missing_and_unknown_keys_are_named_in_their_table() {
     assert_eq!(e.field, "vip[0].colour", "{e}");
 }
 
-/// One run shows every VIP's and every peer's mistake, each at its place.
+/// One run shows every mistake, the node's, every VIP's and every peer's, each at its place.
 #[test]
-fn every_vip_and_peer_mistake_is_reported_at_once() {
+fn every_mistake_is_reported_at_once() {
     let text = FULL
+        .replace("table_size = 251", "table_size = 250")
         .replace("weight = 3", "weight = 3000")
         .replace("gue_port = 6080", "gue_port = 0")
         .replace("password = \"secret\"", "password = \"\"");
@@ -163,6 +164,7 @@ fn every_vip_and_peer_mistake_is_reported_at_once() {
     assert_eq!(
         fields,
         [
+            "node.table_size",
             "vip[0].backend[0].weight",
             "vip[1].gue_port",
             "bgp.peer[0].password"
@@ -170,7 +172,7 @@ fn every_vip_and_peer_mistake_is_reported_at_once() {
         "{e}"
     );
     let shown = e.to_string();
-    assert_eq!(shown.matches("vip.toml:").count(), 3, "{shown}");
+    assert_eq!(shown.matches("vip.toml:").count(), 4, "{shown}");
 }
 
 #[test]

@@ -457,21 +457,28 @@ pub(super) fn validate(
             .transpose()
             .map_err(|m| err(&(0..0), "node.source_v6".into(), m))?,
     };
-    check_node(&node, &sources, &err)?;
+    // Every mistake is collected, so that one run of check-config shows them all; what the
+    // node's addresses resolve to is needed by everything after it, so that alone stops here.
+    let mut errors = Vec::new();
+    if let Err(e) = check_node(&node, &sources, &err) {
+        errors.push(e);
+    }
     let backend = match (role, raw.backend) {
         (Role::Backend, None) => {
-            return Err(err(
+            errors.push(err(
                 &node.role.span(),
                 "backend".into(),
                 "role \"backend\" needs a [backend] section with `addresses` (and `vips`)".into(),
             ));
+            None
         }
         (Role::Lb, Some(b)) => {
-            return Err(err(
+            errors.push(err(
                 &b.span(),
                 "backend".into(),
                 "a [backend] section needs node.role = \"backend\"".into(),
             ));
+            None
         }
         (Role::Backend, Some(b)) => {
             let b = b.into_inner();
@@ -479,23 +486,24 @@ pub(super) fn validate(
             let addresses = b
                 .addresses
                 .into_inner()
-                .resolve(|| host.all(node.interfaces.get_ref()))
-                .map_err(|m| err(&span, "backend.addresses".into(), m))?;
-            if addresses.is_empty() {
-                return Err(err(
+                .resolve(|| host.all(node.interfaces.get_ref()));
+            match &addresses {
+                Err(m) => errors.push(err(&span, "backend.addresses".into(), m.clone())),
+                Ok(a) if a.is_empty() => errors.push(err(
                     &span,
                     "backend.addresses".into(),
                     "list this backend's own addresses (the outer destinations it accepts)".into(),
-                ));
+                )),
+                Ok(_) => {}
             }
             if let Some(v) = raw.vips.first() {
-                return Err(err(
+                errors.push(err(
                     &v.span(),
                     "vip".into(),
                     "a backend lists the VIPs it serves in backend.vips, not as [[vip]]".into(),
                 ));
             }
-            Some(BackendRole {
+            addresses.ok().map(|addresses| BackendRole {
                 addresses,
                 vips: b.vips,
                 gue_port: b.gue_port.filter(|p| *p != 0),
@@ -504,7 +512,7 @@ pub(super) fn validate(
         (Role::Lb, None) => None,
     };
     if node.interfaces.get_ref().is_empty() {
-        return Err(err(
+        errors.push(err(
             &node.interfaces.span(),
             "node.interfaces".into(),
             "list at least one interface to attach to, e.g. [\"eth0\"]".into(),
@@ -512,7 +520,7 @@ pub(super) fn validate(
     }
     let table_size = *node.table_size.get_ref();
     if !is_prime(table_size) || table_size < 7 {
-        return Err(err(
+        errors.push(err(
             &node.table_size.span(),
             "node.table_size".into(),
             format!("{table_size} is not a prime number of at least 7 (e.g. 65537, 16381, 251)"),
@@ -520,7 +528,7 @@ pub(super) fn validate(
     }
     let table_slots = *node.table_slots.get_ref();
     if raw.vips.len() as u64 >= u64::from(table_slots) {
-        return Err(err(
+        errors.push(err(
             &node.table_slots.span(),
             "node.table_slots".into(),
             format!(
@@ -536,7 +544,7 @@ pub(super) fn validate(
         (&node.max_backends, "max_backends"),
     ] {
         if !(1..=CAPACITY_LIMIT).contains(capacity.get_ref()) {
-            return Err(err(
+            errors.push(err(
                 &capacity.span(),
                 format!("node.{name}"),
                 format!("{}: use 1 to {CAPACITY_LIMIT}", capacity.get_ref()),
@@ -545,7 +553,7 @@ pub(super) fn validate(
     }
     let max_vips = *node.max_vips.get_ref();
     if raw.vips.len() > max_vips as usize {
-        return Err(err(
+        errors.push(err(
             &node.max_vips.span(),
             "node.max_vips".into(),
             format!(
@@ -557,7 +565,7 @@ pub(super) fn validate(
     let max_backends = *node.max_backends.get_ref();
     let backend_entries: usize = raw.vips.iter().map(|v| v.get_ref().backends.len()).sum();
     if backend_entries > max_backends as usize {
-        return Err(err(
+        errors.push(err(
             &node.max_backends.span(),
             "node.max_backends".into(),
             format!(
@@ -574,7 +582,6 @@ pub(super) fn validate(
         .collect();
     let mut vips = Vec::new();
     let mut keys = HashSet::new();
-    let mut errors = Vec::new();
     for (i, spanned) in raw.vips.into_iter().enumerate() {
         // Every VIP is checked, so that one run shows every VIP's mistake.
         let one = || -> Result<VipConfig, ConfigError> {
