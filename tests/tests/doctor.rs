@@ -120,3 +120,35 @@ fn an_lb_node_without_forwarding_with_a_taken_bgp_port_is_told_so() {
         "{report}"
     );
 }
+
+/// A host without bpffs (a mount namespace where it is unmounted): doctor says so, with the
+/// mount command.
+#[test]
+fn a_host_without_bpffs_is_told_to_mount_it() {
+    let ns = host("doc-bpffs");
+    let config = std::env::temp_dir().join(format!("{}-bpffs.toml", ns.name));
+    std::fs::write(
+        &config,
+        "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"198.18.0.2\"\n",
+    )
+    .unwrap();
+    let script = format!(
+        "while mountpoint -q /sys/fs/bpf; do umount -l /sys/fs/bpf; done; \
+         exec nsenter --net=/run/netns/{} {} doctor --config {}",
+        ns.name,
+        agent_bin().display(),
+        config.display()
+    );
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{report}");
+    assert!(
+        report.contains("FAIL no bpffs holds /sys/fs/bpf/vip"),
+        "{report}"
+    );
+    assert!(report.contains("mount -t bpf bpf /sys/fs/bpf"), "{report}");
+}
