@@ -401,3 +401,19 @@ fn the_bird_examples_of_the_operations_guide_work() {
     let kernel = rt.ip(&["route", "show", &format!("{VIP4}/32")]);
     assert!(kernel.contains("198.18.1.2"), "{kernel}");
 }
+
+/// BFD's port held by another daemon (say FRR's bfdd) fails start-up before anything on the
+/// node changed: no program attached, no pins, no VIP on `lo`.
+#[test]
+fn a_taken_bfd_port_fails_start_up_before_the_node_changes() {
+    let (_rt, lbs) = topology(1);
+    let _bfdd = lbs[0]
+        .within(|| std::net::UdpSocket::bind(("::", vip_agent::bfd::PORT)).expect("bind 3784"));
+    let mut agent = Agent::start(&lbs[0], &standard(&lbs[0]), &[]);
+    assert!(!agent.wait(), "the agent started: {}", agent.log_text());
+    let log = agent.log_text();
+    assert!(log.contains("BFD's UDP port 3784"), "{log}");
+    assert!(!lbs[0].pin_dir.exists(), "pins were made");
+    assert!(!lbs[0].ip(&["link", "show", "up0"]).contains("xdp"));
+    assert!(!lbs[0].ip(&["addr", "show", "dev", "lo"]).contains(VIP4));
+}

@@ -35,9 +35,10 @@ impl Announcer {
         config: &Config,
         routes: Vec<Route>,
         restarted: bool,
+        bfd_listener: Option<crate::bfd::Listener>,
     ) -> Result<Option<Self>, AnnounceError> {
         if let Some(bgp) = &config.bgp {
-            let speaker = Speaker::start(bgp, routes, restarted)?;
+            let speaker = Speaker::start(bgp, routes, restarted, bfd_listener)?;
             return Ok(Some(Announcer::Bgp(Box::new(speaker))));
         }
         match &config.kernel_routes {

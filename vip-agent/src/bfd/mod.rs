@@ -112,9 +112,13 @@ struct Running {
 }
 
 impl Bfd {
-    /// Listens on port 3784; sessions come with [`Bfd::add`], all with `timers`.
-    pub fn start(timers: Timers) -> Result<Self, BfdError> {
-        let receiver = listen().map_err(BfdError::Listen)?;
+    /// Receives on `listener` (bound now when not given); sessions come with [`Bfd::add`],
+    /// all with `timers`.
+    pub fn start(timers: Timers, listener: Option<Listener>) -> Result<Self, BfdError> {
+        let receiver = match listener {
+            Some(l) => l.0,
+            None => Listener::bind()?.0,
+        };
         let (timers_tx, timers_rx) = watch::channel(timers);
         let (changes, changes_rx) = mpsc::unbounded_channel();
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -197,14 +201,23 @@ impl Bfd {
     }
 }
 
-/// The receiving socket: dual-stack, port 3784, with each packet's TTL / hop limit.
-fn listen() -> std::io::Result<UdpSocket> {
-    let socket = StdUdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)))?;
-    let on: libc::c_int = 1;
-    crate::net::sockopt::set(&socket, libc::IPPROTO_IP, libc::IP_RECVTTL, &on)?;
-    crate::net::sockopt::set(&socket, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, &on)?;
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket)
+/// BFD's receiving socket, bound: dual-stack, port 3784, with each packet's TTL / hop limit.
+/// The agent binds it before it changes anything on the node, so a port another BFD daemon
+/// holds fails start-up cleanly.
+pub struct Listener(UdpSocket);
+
+impl Listener {
+    pub fn bind() -> Result<Self, BfdError> {
+        let bind = || -> std::io::Result<UdpSocket> {
+            let socket = StdUdpSocket::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, PORT)))?;
+            let on: libc::c_int = 1;
+            crate::net::sockopt::set(&socket, libc::IPPROTO_IP, libc::IP_RECVTTL, &on)?;
+            crate::net::sockopt::set(&socket, libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, &on)?;
+            socket.set_nonblocking(true)?;
+            UdpSocket::from_std(socket)
+        };
+        bind().map(Self).map_err(BfdError::Listen)
+    }
 }
 
 /// A session's sending socket: a source port of its own in 49152..=65535 (RFC 5881

@@ -124,6 +124,8 @@ pub struct Speaker {
     peers: BTreeMap<IpAddr, PeerSession>,
     listener: Option<Listener>,
     bfd: Option<Bfd>,
+    /// BFD's socket, bound before the node was touched, until BFD starts with it.
+    bfd_listener: Option<bfd::Listener>,
     settings: BgpConfig,
     /// This agent took over a running datapath (the graceful-restart restart bit).
     restarted: bool,
@@ -249,10 +251,12 @@ impl Speaker {
     /// Starts one session per peer, and a BFD session for each peer that has it.
     /// `restarted`: this agent took over a running datapath (sets the graceful-restart
     /// restart bit).
+    /// `bfd_listener`: BFD's socket, when the caller bound it early.
     pub fn start(
         settings: &BgpConfig,
         routes: Vec<Route>,
         restarted: bool,
+        bfd_listener: Option<bfd::Listener>,
     ) -> Result<Self, bfd::BfdError> {
         let (routes, _) = watch::channel(routes);
         let mut speaker = Self {
@@ -260,6 +264,7 @@ impl Speaker {
             peers: BTreeMap::new(),
             listener: None,
             bfd: None,
+            bfd_listener,
             settings: settings.clone(),
             restarted,
             views: Sessions::default(),
@@ -307,7 +312,10 @@ impl Speaker {
         let bfd = if peer.bfd {
             let bfd = match &mut self.bfd {
                 Some(b) => b,
-                None => self.bfd.insert(Bfd::start(self.settings.bfd_timers)?),
+                None => self.bfd.insert(Bfd::start(
+                    self.settings.bfd_timers,
+                    self.bfd_listener.take(),
+                )?),
             };
             Some(bfd.add(peer.address)?)
         } else {

@@ -98,6 +98,13 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         .await
         .with_context(|| format!("metrics address {metrics_address}"))?;
     let control = ControlSocket::bind(&config.node.control_socket)?;
+    let bfd_listener = config
+        .bgp
+        .as_ref()
+        .filter(|b| b.peers.iter().any(|p| p.bfd))
+        .map(|_| crate::bfd::Listener::bind())
+        .transpose()
+        .with_context(|| format!("BFD's UDP port {}", crate::bfd::PORT))?;
     let Loaded {
         node,
         restarted,
@@ -126,7 +133,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         view,
         view_stale: false,
     };
-    runtime.start(restarted).await?;
+    runtime.start(restarted, bfd_listener).await?;
 
     let sessions = runtime
         .announcer
@@ -198,7 +205,11 @@ const VIEW_TICK: Duration = Duration::from_millis(200);
 impl Runtime {
     /// Writes the config into the maps, attaches, puts the VIPs on `lo`, and only then
     /// announces them.
-    async fn start(&mut self, restarted: bool) -> Result<()> {
+    async fn start(
+        &mut self,
+        restarted: bool,
+        bfd_listener: Option<crate::bfd::Listener>,
+    ) -> Result<()> {
         match &mut self.node {
             Node::Lb(lb) => {
                 let report = lb
@@ -213,7 +224,7 @@ impl Runtime {
         self.ready = true;
         let (added, removed) = self.lo.sync(&self.config.loopback_addresses()).await?;
         info!(added, removed, "VIP addresses on lo");
-        self.announcer = Announcer::start(&self.config, self.routes(), restarted)
+        self.announcer = Announcer::start(&self.config, self.routes(), restarted, bfd_listener)
             .await
             .context("starting the announcer")?;
         self.publish();
