@@ -10,7 +10,8 @@
 //! - [`control`]: the control socket's typed requests, server and client.
 //! - [`bgp`]: the announce-only BGP speaker; [`bfd`]: fast failure detection toward its peers;
 //!   `announce`: BGP or routes in a kernel table.
-//! - [`net`]: next hops, `lo` addresses, interface settings.
+//! - [`net`]: next hops, `lo` addresses, source NAT, interface settings; [`egress`]: VIPs as
+//!   backends' source (block rests, the source NAT each backend needs).
 //! - [`metrics`], [`view`], [`inspect`]: what the agent shows; [`doctor`]: what the host lacks.
 
 pub(crate) mod announce;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod doctor;
+pub mod egress;
 pub(crate) mod errors;
 pub(crate) mod health;
 pub mod inspect;

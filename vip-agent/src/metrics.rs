@@ -27,7 +27,7 @@ use crate::{
     bgp::{self, Sessions, session::State},
     config::VipName,
     dataplane::{Census, Counters},
-    view::{CheckView, View},
+    view::{BlockState, CheckView, EgressBlockView, View},
 };
 
 /// Counters read from the maps and the agent for one scrape.
@@ -43,6 +43,8 @@ pub(crate) struct Snapshot {
     pub conntrack: Option<Census>,
     /// ((VIP, backend address), conntrack entries that send to it).
     pub backend_flows: Vec<((VipName, String), u64)>,
+    /// Egress blocks with an owner or resting, and the traffic to their owner (load balancer).
+    pub egress: Vec<(EgressBlockView, Option<TrafficCounters>)>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// (peer, session).
@@ -66,7 +68,7 @@ pub(crate) struct Snapshot {
 /// Where a scrape's numbers come from.
 pub(crate) struct MetricsSources {
     pub view: watch::Receiver<View>,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
     pub sessions: Sessions,
     /// The last conntrack census and when it was taken.
     pub census: std::sync::Mutex<Option<(std::time::Instant, Census)>>,
@@ -126,6 +128,16 @@ impl MetricsSources {
             }
             s.vips.push((account.name, total));
         }
+        s.egress = view
+            .egress
+            .iter()
+            .map(|b| {
+                let traffic = b
+                    .backend_id
+                    .and_then(|id| self.counters.backend_traffic(id).ok());
+                (b.clone(), traffic)
+            })
+            .collect();
         s.health = view
             .backends
             .iter()
@@ -311,6 +323,47 @@ impl Collector for SnapshotCollector {
             "vip_backend_bytes",
             "Bytes (client packets) forwarded per backend of a VIP.",
             &per_backend(|t| t.bytes),
+        )?;
+        let block_labels = |b: &EgressBlockView| {
+            vec![
+                ("vip".to_owned(), b.vip.to_string()),
+                ("block".to_owned(), b.block.to_string()),
+                (
+                    "owner".to_owned(),
+                    b.owner.map_or_else(String::new, |o| o.to_string()),
+                ),
+            ]
+        };
+        let per_block = |f: fn(&TrafficCounters) -> u64| -> Rows {
+            s.egress
+                .iter()
+                .filter_map(|(b, t)| Some((block_labels(b), f(t.as_ref()?))))
+                .collect()
+        };
+        family(
+            &mut e,
+            "vip_egress_block_packets",
+            "Packets sent to the owner of an egress block (replies to connections it opened \
+             from the VIP).",
+            &per_block(|t| t.packets),
+        )?;
+        family(
+            &mut e,
+            "vip_egress_block_bytes",
+            "Bytes (reply packets) sent to the owner of an egress block.",
+            &per_block(|t| t.bytes),
+        )?;
+        gauges(
+            &mut e,
+            "vip_egress_block_resting",
+            "1 while an egress block rests after its backend left (its replies are dropped), \
+             0 while its owner has it.",
+            s.egress.iter().map(|(b, _)| {
+                let mut labels = block_labels(b);
+                labels.push(("first_port".to_owned(), b.first_port.to_string()));
+                labels.push(("last_port".to_owned(), b.last_port.to_string()));
+                (labels, i64::from(b.state == BlockState::Resting))
+            }),
         )?;
         if let Some(c) = &s.conntrack {
             let family_label = |f: &str| vec![("family".to_owned(), f.to_owned())];
@@ -719,6 +772,20 @@ mod tests {
             decap: Some(DecapStats::default()),
             vips: vec![(vip, traffic)],
             backends: vec![((vip, "192.0.2.21".into()), traffic)],
+            egress: vec![(
+                EgressBlockView {
+                    vip: vip.address,
+                    block: 0,
+                    first_port: 40_000,
+                    last_port: 40_099,
+                    owner: Some("192.0.2.21".parse().unwrap()),
+                    state: BlockState::Active,
+                    previous: None,
+                    rest_left: None,
+                    backend_id: Some(1),
+                },
+                Some(traffic),
+            )],
             reloads_ok: 1,
             reloads_failed: 0,
             bgp: vec![(

@@ -39,7 +39,8 @@ pub struct VipKey {
     pub addr: [u8; 16],
     /// Destination port, network order; 0 = all ports.
     pub port: [u8; 2],
-    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`; an egress entry also has one of `IPPROTO_ICMP` /
+    /// `IPPROTO_ICMPV6` (echo replies, the identifier taking the port's place).
     pub proto: u8,
     /// [`AddrFamily`] as a number (4 or 6).
     pub family: u8,
@@ -63,11 +64,17 @@ pub struct VipMeta {
     /// The VIP itself. Established flows find their VIP's settings by `vip_id` (an array read)
     /// and must match this key: a conntrack entry of a removed VIP whose id was reused does not.
     pub vip: VipKey,
-    pub _pad_key: [u8; 4],
+    /// Egress entries only (an all-ports key of an address whose backends use it as source):
+    /// the first port of the egress range, host order. See [`VipMeta::egress_block`].
+    pub egress_first: u16,
+    /// Egress entries only: ports per backend block; 0 marks every other entry.
+    pub egress_block_size: u16,
     /// Index into `VIP_META`; conntrack entries name their VIP by it.
     pub vip_id: u32,
     /// Which Maglev table slot is live: the table occupies `MAGLEV[table * M .. (table + 1) * M]`.
-    /// The agent switches tables by rewriting this value (an atomic hash map update).
+    /// The agent switches tables by rewriting this value (an atomic hash map update). An
+    /// egress entry's slot holds its owner table instead: entry `b` is the backend that owns
+    /// block `b` (`NO_BACKEND` for a free or resting block).
     pub table: u32,
     /// `VIP_F_*` bits.
     pub flags: u32,
@@ -86,7 +93,23 @@ pub struct VipMeta {
     pub src_v6_entropy: [u8; 4],
     /// GUE destination port, network order (with `VIP_F_GUE`).
     pub gue_port: [u8; 2],
-    pub _pad: [u8; 2],
+    /// Egress entries only: last port of the range minus the first (host order), so one
+    /// wrapping compare tells whether a port is in the range.
+    pub egress_span: u16,
+}
+
+impl VipMeta {
+    /// For an egress entry, the block that destination port `port` (host order) falls in;
+    /// `None` for other entries and for ports outside the egress range. Ports in the range
+    /// lead to the block's owner with no conntrack and no hash, so every LB node agrees.
+    #[inline(always)]
+    pub fn egress_block(&self, port: u16) -> Option<u32> {
+        let offset = port.wrapping_sub(self.egress_first);
+        if self.egress_block_size == 0 || offset > self.egress_span {
+            return None;
+        }
+        Some(u32::from(offset) / u32::from(self.egress_block_size))
+    }
 }
 
 /// `Backend::flags`: the slot holds a backend (conntrack entries to an empty slot are ignored).
@@ -457,6 +480,29 @@ pub use user::{addr_bytes, addr_from_bytes};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn egress_blocks_cover_the_range_and_nothing_else() {
+        let mut meta: VipMeta = Zeroable::zeroed();
+        assert_eq!(meta.egress_block(0), None, "not an egress entry");
+        meta.egress_first = 40_000;
+        meta.egress_span = 999;
+        meta.egress_block_size = 100;
+        assert_eq!(meta.egress_block(39_999), None);
+        assert_eq!(meta.egress_block(40_000), Some(0));
+        assert_eq!(meta.egress_block(40_099), Some(0));
+        assert_eq!(meta.egress_block(40_100), Some(1));
+        assert_eq!(meta.egress_block(40_999), Some(9));
+        assert_eq!(meta.egress_block(41_000), None);
+        assert_eq!(
+            meta.egress_block(80),
+            None,
+            "below the range wraps past the span"
+        );
+        meta.egress_first = 65_000;
+        meta.egress_span = 535;
+        assert_eq!(meta.egress_block(65_535), Some(5));
+    }
 
     #[test]
     fn ipv4_conntrack_key_keeps_the_five_tuple() {

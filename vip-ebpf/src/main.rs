@@ -1,7 +1,7 @@
 //! vip's XDP load balancer.
 //!
 //! Every packet on the LB node's NIC comes through [`vip_lb`], and [`process`] reads as the
-//! pipeline: `parse` → `select` (conntrack, Maglev) → `encap` → `nexthop`. Packets to a VIP get a backend
+//! pipeline: `parse` → `select` (conntrack, Maglev, egress owners) → `encap` → `nexthop`. Packets to a VIP get a backend
 //! (from connection tracking, else the VIP's Maglev table), are encapsulated toward it and leave
 //! with XDP_TX or a redirect; everything else passes untouched. The agent decides everything it
 //! can ahead of time (outer source, next hop, table contents); this program only applies it.
@@ -68,9 +68,18 @@ fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Outcome {
             if packet.malformed {
                 return Outcome::DropMalformed;
             }
-            match select::backend(meta, &packet.flow, packet.policy, stats) {
-                Some(choice) => (meta, choice),
-                None => return Outcome::DropNoBackend,
+            // The one test a packet to a served port pays for egress: its VIP entry is not
+            // an egress entry (those have all-ports keys of their own).
+            if meta.egress_block_size != 0 || packet.policy == ConnPolicy::EgressOnly {
+                match select::egress(meta, &packet.flow) {
+                    Ok(choice) => (meta, choice),
+                    Err(outcome) => return outcome,
+                }
+            } else {
+                match select::backend(meta, &packet.flow, packet.policy, stats) {
+                    Some(choice) => (meta, choice),
+                    None => return Outcome::DropNoBackend,
+                }
             }
         }
     };

@@ -1,4 +1,5 @@
-//! Parsing: Ethernet (one optional 802.1Q tag), IPv4, IPv6, TCP, UDP, and ICMP "too big" errors.
+//! Parsing: Ethernet (one optional 802.1Q tag), IPv4, IPv6, TCP, UDP, ICMP errors about flows of
+//! a VIP, and ICMP echo replies to egress addresses.
 //!
 //! Headers are read in place through bounds-checked pointers (the IP header starts at 14, or 18
 //! behind a VLAN tag), not copied, to keep the stack small. Anything not understood, and anything not for a VIP,
@@ -26,9 +27,16 @@ use crate::{
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+/// Offset of the echo identifier in an ICMP header: the "port" of an echo flow.
+const ICMP_ECHO_ID_OFF: usize = 4;
 
 /// IPv6 traffic class, the field the outer header copies.
 #[inline(always)]
@@ -118,7 +126,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Parsed {
         return Err(Outcome::Passed);
     }
     if ip.proto == IPPROTO_ICMP {
-        return icmp4_too_big(ctx, l3, ip);
+        return icmp4(ctx, l3, ip);
     }
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
         return Err(Outcome::Passed);
@@ -197,7 +205,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
         return Err(Outcome::Passed);
     }
     if ip.next_hdr == IPPROTO_ICMPV6 {
-        return icmp6_too_big(ctx, l3, ip);
+        return icmp6(ctx, l3, ip);
     }
     // Extension headers (fragments among them) are not parsed: such packets pass.
     if ip.next_hdr != IPPROTO_TCP && ip.next_hdr != IPPROTO_UDP {
@@ -224,25 +232,44 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Parsed {
     })
 }
 
-/// ICMP "fragmentation needed" about a packet a backend sent from a VIP: it goes to the backend
-/// that owns the flow, found from the quoted header (reversed: the client's view of the flow).
+/// What an ICMP message to a VIP address is to the load balancer: "too big" errors go to the
+/// backend of the flow they quote (the flow's conntrack entry, else its VIP's answer); other
+/// errors, and echo replies, only when they belong to an egress flow (the block's owner).
 #[inline(always)]
-fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
+fn icmp_policy(too_big: bool) -> ConnPolicy {
+    if too_big {
+        ConnPolicy::LookupOnly
+    } else {
+        ConnPolicy::EgressOnly
+    }
+}
+
+/// ICMP to a VIP address: an echo reply (to a backend's egress ping), or an error about a
+/// packet a backend sent from the VIP, which goes to the backend that owns the flow, found from
+/// the quoted header (reversed: the view of the flow from outside).
+#[inline(always)]
+fn icmp4(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
     const ICMP: usize = IPV4_LEN;
     const QUOTED: usize = ICMP + ICMP_LEN;
     if ip.vihl != 0x45 {
         return Err(Outcome::Passed);
     }
-    let Some(icmp) = read::<[u8; 2]>(ctx, l3 + ICMP) else {
+    let Some([icmp_type, code]) = read::<[u8; 2]>(ctx, l3 + ICMP) else {
         return Err(Outcome::Passed);
     };
-    if icmp != [ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED] {
+    let len = usize::from(u16::from_be_bytes(ip.tot_len));
+    let error = (len, ip.tos, AddrFamily::V4);
+    if icmp_type == ICMP_ECHO_REPLY {
+        let flow = FlowKey::v4(ip.src_addr, ip.dst_addr, IPPROTO_ICMP);
+        return echo_reply(ctx, l3, l3 + ICMP, flow, error);
+    }
+    if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED {
         return Err(Outcome::Passed);
     }
     let Some(quoted) = header::<Ipv4Hdr>(ctx, l3 + QUOTED) else {
         return Err(Outcome::Passed);
     };
-    // The quoted packet was sent by a backend from the VIP to the client.
+    // The quoted packet was sent by a backend from the VIP.
     if quoted.vihl != 0x45
         || quoted.src_addr != ip.dst_addr
         || (quoted.proto != IPPROTO_TCP && quoted.proto != IPPROTO_UDP)
@@ -251,19 +278,27 @@ fn icmp4_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv4Hdr) -> Parsed {
     }
     let flow = FlowKey::v4(quoted.dst_addr, quoted.src_addr, quoted.proto);
     let flow = quoted_flow(ctx, l3 + QUOTED + IPV4_LEN, flow)?;
-    let len = usize::from(u16::from_be_bytes(ip.tot_len));
-    let error = (len, ip.tos, AddrFamily::V4);
-    icmp_to_backend(ctx, l3, flow, error, QUOTED + IPV4_LEN + 4)
+    let policy = icmp_policy(icmp_type == ICMP_DEST_UNREACH && code == ICMP_FRAG_NEEDED);
+    icmp_to_backend(ctx, l3, (flow, policy), error, QUOTED + IPV4_LEN + 4)
 }
 
-/// ICMPv6 "packet too big": as [`icmp4_too_big`].
+/// ICMPv6 to a VIP address: as [`icmp4`].
 #[inline(always)]
-fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
+fn icmp6(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
     const QUOTED: usize = IPV6_LEN + ICMP_LEN;
     let Some(icmp_type) = read::<u8>(ctx, l3 + IPV6_LEN) else {
         return Err(Outcome::Passed);
     };
-    if icmp_type != ICMPV6_PKT_TOOBIG {
+    let len = IPV6_LEN + usize::from(u16::from_be_bytes(ip.payload_len));
+    let error = (len, traffic_class(ip), AddrFamily::V6);
+    if icmp_type == ICMPV6_ECHO_REPLY {
+        let flow = FlowKey::v6(ip.src_addr, ip.dst_addr, IPPROTO_ICMPV6);
+        return echo_reply(ctx, l3, l3 + IPV6_LEN, flow, error);
+    }
+    if icmp_type != ICMPV6_PKT_TOOBIG
+        && icmp_type != ICMPV6_DEST_UNREACH
+        && icmp_type != ICMPV6_TIME_EXCEEDED
+    {
         return Err(Outcome::Passed);
     }
     let Some(quoted) = header::<Ipv6Hdr>(ctx, l3 + QUOTED) else {
@@ -277,9 +312,26 @@ fn icmp6_too_big(ctx: &XdpContext, l3: usize, ip: &Ipv6Hdr) -> Parsed {
     }
     let flow = FlowKey::v6(quoted.dst_addr, quoted.src_addr, quoted.next_hdr);
     let flow = quoted_flow(ctx, l3 + QUOTED + IPV6_LEN, flow)?;
-    let len = IPV6_LEN + usize::from(u16::from_be_bytes(ip.payload_len));
-    let error = (len, traffic_class(ip), AddrFamily::V6);
-    icmp_to_backend(ctx, l3, flow, error, QUOTED + IPV6_LEN + 4)
+    let policy = icmp_policy(icmp_type == ICMPV6_PKT_TOOBIG);
+    icmp_to_backend(ctx, l3, (flow, policy), error, QUOTED + IPV6_LEN + 4)
+}
+
+/// An echo reply: its identifier is the flow's port (what source NAT on the backend mapped
+/// into the backend's block).
+#[inline(always)]
+fn echo_reply(
+    ctx: &XdpContext,
+    l3: usize,
+    icmp: usize,
+    mut flow: FlowKey,
+    error: (usize, u8, AddrFamily),
+) -> Parsed {
+    let Some(id) = read::<[u8; 2]>(ctx, icmp + ICMP_ECHO_ID_OFF) else {
+        return Err(Outcome::Passed);
+    };
+    flow.dst_port = id;
+    let min_len = icmp - l3 + ICMP_LEN;
+    icmp_to_backend(ctx, l3, (flow, ConnPolicy::EgressOnly), error, min_len)
 }
 
 /// The client's view of the flow an ICMP error quotes (a backend sent the quoted packet from
@@ -292,13 +344,13 @@ fn quoted_flow(ctx: &XdpContext, ports_at: usize, mut flow: FlowKey) -> Result<F
     Ok(flow)
 }
 
-/// An ICMP error — `(length of its IP packet, TOS, family)`; at least `min_len` bytes, all in
-/// the frame — for the backend of the flow it is about.
+/// An ICMP message — `(length of its IP packet, TOS, family)`; at least `min_len` bytes, all
+/// in the frame — for the backend of the flow it is about, found as `policy` says.
 #[inline(always)]
 fn icmp_to_backend(
     ctx: &XdpContext,
     l3: usize,
-    flow: FlowKey,
+    (flow, policy): (FlowKey, ConnPolicy),
     (len, tos, family): (usize, u8, AddrFamily),
     min_len: usize,
 ) -> Parsed {
@@ -306,7 +358,7 @@ fn icmp_to_backend(
         l2_len: l3,
         meta: None,
         flow,
-        policy: ConnPolicy::LookupOnly,
+        policy,
         inner: Inner {
             len: len as u16,
             tos,

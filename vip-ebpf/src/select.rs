@@ -2,7 +2,7 @@
 
 use vip_common::{
     BACKEND_F_PRESENT, Backend, BackendId, ConnEntry, DatapathStats, FlowKey, INSERT_WINDOW_SHIFT,
-    IPPROTO_UDP, TrafficCounters, VipMeta,
+    IPPROTO_UDP, Outcome, TrafficCounters, VipMeta,
     hash::{flow_hash, maglev_slot},
 };
 
@@ -22,8 +22,11 @@ pub(crate) enum ConnPolicy {
     Track,
     /// UDP: as `Track`, but entries idle longer than the VIP's timeout are ignored.
     TrackIdle,
-    /// ICMP errors: an entry decides if there is one; nothing is recorded.
+    /// ICMP "too big" errors: an entry decides if there is one; nothing is recorded.
     LookupOnly,
+    /// Other ICMP errors and echo replies: forwarded only when they belong to an egress flow
+    /// (see [`egress`]), passed otherwise.
+    EgressOnly,
     /// Fragments of addresses-only VIPs: Maglev only (every fragment hashes alike).
     Stateless,
 }
@@ -146,10 +149,31 @@ pub(crate) fn backend(
                 stats.conntrack_insert_skipped += 1;
             }
         }
-        ConnPolicy::LookupOnly | ConnPolicy::Stateless => {}
+        ConnPolicy::LookupOnly | ConnPolicy::EgressOnly | ConnPolicy::Stateless => {}
     }
     stats.conntrack_miss += 1;
     Some(Choice { id, backend, hash })
+}
+
+/// The owner of the egress block `flow`'s destination port falls in: replies to connections
+/// that a backend opened with the VIP as source. No conntrack and no hash: the agent wrote the
+/// same owner table on every LB node. `Err` says what becomes of the packet otherwise: a port
+/// outside the range (or a packet that is not egress traffic at all) passes, a block without
+/// an owner (free, or resting after its backend left) is dropped.
+#[inline(always)]
+pub(crate) fn egress(meta: &VipMeta, flow: &FlowKey) -> Result<Choice, Outcome> {
+    let block = meta
+        .egress_block(u16::from_be_bytes(flow.dst_port))
+        .ok_or(Outcome::Passed)?;
+    let table_size = DATAPATH_CONFIG.get(0).ok_or(Outcome::Passed)?.table_size;
+    let slot = meta.table.wrapping_mul(table_size).wrapping_add(block);
+    let id = *MAGLEV.get(slot).ok_or(Outcome::DropNoBackend)?;
+    let backend = usable(id).ok_or(Outcome::DropNoBackend)?;
+    Ok(Choice {
+        id,
+        backend,
+        hash: flow_hash(flow, u32::MAX),
+    })
 }
 
 /// Whether this CPU may make another conntrack entry in the window of `now_ns`.

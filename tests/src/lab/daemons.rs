@@ -10,7 +10,8 @@ use std::{
 };
 
 use super::{
-    GUE_PORT, IPERF_PORT, LB_ASN, Lab, ROUTER_ASN, TCP_PORT, UDP_PORT, VIP4, VIP6,
+    EGRESS_PORTS, EGRESS_REST_SECS, GUE_PORT, IPERF_PORT, LB_ASN, Lab, ROUTER_ASN, TCP_PORT,
+    UDP_PORT, VIP4, VIP6,
     error::{LabError, Result, io},
     shell::in_ns,
     topology::{backend_addrs, lb_addrs},
@@ -185,6 +186,33 @@ udp_expect = \"ping\"",
                 c += &format!("[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
             }
         }
+        c + &self.egress_config()
+    }
+
+    /// The `[[egress]]` sections every node has (none without `egress_block_size`).
+    fn egress_config(&self) -> String {
+        let Some(size) = self.spec.egress_block_size else {
+            return String::new();
+        };
+        let (first, last) = EGRESS_PORTS;
+        let mut c = String::new();
+        for vip in [VIP4, VIP6] {
+            c += &format!(
+                "\n[[egress]]\nvip = \"{vip}\"\nports = \"{first}-{last}\"\nblock_size = {size}\n\
+                 rest = {EGRESS_REST_SECS}\n"
+            );
+            for (b, _) in self
+                .spec
+                .weights
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| **w > 0)
+            {
+                let (b4, b6) = backend_addrs(b + 1);
+                let addr = if vip == VIP6 { b6 } else { b4 };
+                c += &format!("[[egress.backend]]\naddress = \"{addr}\"\nblock = {b}\n");
+            }
+        }
         c
     }
 
@@ -194,9 +222,10 @@ udp_expect = \"ping\"",
             "[node]\nrole = \"backend\"\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\n\
              control_socket = \"{}\"\n\n\
              [backend]\naddresses = [\"{b4}\", \"{b6}\"]\nvips = [\"{VIP4}\", \"{VIP6}\"]\n\
-             gue_port = {GUE_PORT}\n",
+             gue_port = {GUE_PORT}\n{}",
             self.spec.pin_dir(&format!("be{i}")).display(),
             self.spec.control_socket(&format!("be{i}")).display(),
+            self.egress_config(),
         )
     }
 
@@ -215,32 +244,42 @@ udp_expect = \"ping\"",
     pub fn set_weights(&mut self, weights: &[u32], lbs: &[usize]) -> Result<()> {
         self.spec.weights = weights.to_vec();
         for &i in lbs {
-            let name = format!("lb{i}");
-            let log_path = self.spec.run_dir().join(format!("{name}.log"));
-            let reloads = || {
-                fs::read_to_string(&log_path)
-                    .unwrap_or_default()
-                    .matches("reloaded")
-                    .count()
-            };
-            let before = reloads();
-            let config = self.spec.run_dir().join(format!("{name}.toml"));
-            fs::write(&config, self.lb_config(i))
-                .map_err(io(format!("writing {}", config.display())))?;
-            let child = self
-                .children
-                .iter()
-                .find(|(n, _)| *n == name)
-                .ok_or_else(|| LabError::NoSuchNode(name.clone()))?;
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(child.1.id() as i32, libc::SIGHUP) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while reloads() == before {
-                if Instant::now() > deadline {
-                    return Err(LabError::NotReached(format!("{name} did not reload")));
-                }
-                thread::sleep(Duration::from_millis(50));
+            self.reload(&format!("lb{i}"), &self.lb_config(i))?;
+        }
+        Ok(())
+    }
+
+    /// Gives backend `i` the config that the current weights make (its egress block comes and
+    /// goes with its weight), and waits until it has applied it.
+    pub fn reconfigure_backend(&mut self, i: usize) -> Result<()> {
+        self.reload(&format!("be{i}"), &self.backend_config(i))
+    }
+
+    /// Rewrites node `name`'s config, sends SIGHUP, and waits until it reloaded.
+    fn reload(&self, name: &str, config: &str) -> Result<()> {
+        let log_path = self.spec.run_dir().join(format!("{name}.log"));
+        let reloads = || {
+            fs::read_to_string(&log_path)
+                .unwrap_or_default()
+                .matches("reloaded")
+                .count()
+        };
+        let before = reloads();
+        let path = self.spec.run_dir().join(format!("{name}.toml"));
+        fs::write(&path, config).map_err(io(format!("writing {}", path.display())))?;
+        let child = self
+            .children
+            .iter()
+            .find(|(n, _)| *n == name)
+            .ok_or_else(|| LabError::NoSuchNode(name.to_owned()))?;
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(child.1.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloads() == before {
+            if Instant::now() > deadline {
+                return Err(LabError::NotReached(format!("{name} did not reload")));
             }
+            thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }

@@ -40,6 +40,25 @@ impl Lab {
         }
     }
 
+    /// `vip-agent status` of LB node `i`, with its running agent's part (`-o json` with `json`).
+    /// Runs outside the namespace: `ip netns exec` would hide the pins behind a new /sys.
+    pub fn lb_status(&self, i: usize, json: bool) -> Result<String> {
+        let name = format!("lb{i}");
+        let output = Command::new(&self.agent)
+            .arg("--socket")
+            .arg(self.spec.control_socket(&name))
+            .args([
+                "status",
+                "-o",
+                if json { "json" } else { "text" },
+                "--pin-dir",
+            ])
+            .arg(self.spec.pin_dir(&name))
+            .output()
+            .map_err(super::error::io(format!("status of {name}")))?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// `vip-agent status` of a node.
     pub fn status(&self, name: &str) -> String {
         Command::new(&self.agent)

@@ -31,7 +31,7 @@ use std::{
 };
 
 pub use error::{LabError, Result};
-pub use services::{echo_all, serve, tcp_hello, udp_hello};
+pub use services::{echo_all, egress_tcp, egress_udp, serve, serve_outside, tcp_hello, udp_hello};
 pub use shell::enter;
 pub use topology::backend_addrs;
 
@@ -71,7 +71,15 @@ pub struct LabSpec {
     pub health: Option<String>,
     /// BFD between the router and the LB nodes at this interval (ms, both ways, x 3).
     pub bfd: Option<u64>,
+    /// Both VIP addresses as the backends' source too: `[[egress]]` on every node with ports
+    /// [`EGRESS_PORTS`] in blocks of this size, backend `i` (weight > 0) owning block `i - 1`.
+    pub egress_block_size: Option<u16>,
 }
+
+/// The lab's egress ports (on both VIP addresses).
+pub const EGRESS_PORTS: (u16, u16) = (40_000, 40_999);
+/// The lab's egress block rest, in seconds: short, for tests to see one end.
+pub const EGRESS_REST_SECS: u64 = 3;
 
 /// The lab's GUE port.
 pub const GUE_PORT: u16 = 6080;
@@ -85,6 +93,7 @@ impl LabSpec {
             gue: false,
             health: None,
             bfd: None,
+            egress_block_size: None,
         }
     }
 

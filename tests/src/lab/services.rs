@@ -144,3 +144,143 @@ pub fn echo_all(streams: &mut [TcpStream], tag: &str) -> usize {
     }
     ok
 }
+
+/// A server outside the data centre, in namespace `ns` on `port` (TCP and UDP, both families),
+/// for backends' egress connections: a TCP connection is greeted with the source it came from
+/// (`ADDRESS:PORT`), then echoed; a datagram is answered with `ADDRESS:PORT PAYLOAD`. Runs on
+/// threads of this process until it exits; returns once listening.
+pub fn serve_outside(ns: &str, port: u16) -> Result<()> {
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let ns = ns.to_owned();
+    thread::spawn(move || {
+        let bound = (|| -> Result<(TcpListener, UdpSocket)> {
+            enter(&ns)?;
+            let any = SocketAddr::new("::".parse().expect("any"), port);
+            let tcp = TcpListener::bind(any).map_err(io(format!("TCP {port} in {ns}")))?;
+            let udp = UdpSocket::bind(any).map_err(io(format!("UDP {port} in {ns}")))?;
+            Ok((tcp, udp))
+        })();
+        let (tcp, udp) = match bound {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        thread::spawn(move || {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                let mut reply = format!("{from} ").into_bytes();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = udp.send_to(&reply, from);
+            }
+        });
+        let _ = ready_tx.send(Ok(()));
+        for stream in tcp.incoming().flatten() {
+            thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut stream = stream;
+                let Ok(peer) = stream.peer_addr() else { return };
+                let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+                let _ = stream.write_all(format!("{peer}\n").as_bytes());
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    ready
+        .recv()
+        .map_err(|_| LabError::NotReached("the outside server's thread ended".into()))?
+}
+
+/// From inside namespace `ns` (a backend), `n` TCP connections from `source` (a VIP on its
+/// `lo`) to `server`, each given `timeout`; returns each connection (or why it failed) with
+/// the source the server saw.
+pub fn egress_tcp(
+    ns: &str,
+    source: IpAddr,
+    server: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Vec<std::io::Result<(TcpStream, SocketAddr)>> {
+    let ns = ns.to_owned();
+    thread::spawn(move || {
+        enter(&ns).expect("backend namespace");
+        (0..n)
+            .map(|_| {
+                use std::io::BufRead;
+                let domain = socket2::Domain::for_address(server);
+                let socket = socket2::Socket::new(
+                    domain,
+                    socket2::Type::STREAM,
+                    Some(socket2::Protocol::TCP),
+                )?;
+                socket.bind(&SocketAddr::new(source, 0).into())?;
+                socket.connect_timeout(&server.into(), timeout)?;
+                let stream: TcpStream = socket.into();
+                stream.set_read_timeout(Some(timeout))?;
+                let mut line = String::new();
+                std::io::BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+                let seen = line
+                    .trim()
+                    .parse()
+                    .map_err(|_| std::io::Error::other(format!("greeting {line:?}")))?;
+                Ok((stream, seen))
+            })
+            .collect()
+    })
+    .join()
+    .expect("egress thread")
+}
+
+/// From inside namespace `ns`, `n` UDP flows (a socket each) from `source` to `server`, one
+/// datagram each; returns for each its socket and the source the server saw, or why there was
+/// no answer.
+pub fn egress_udp(
+    ns: &str,
+    source: IpAddr,
+    server: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> Vec<std::io::Result<(UdpSocket, SocketAddr)>> {
+    let ns = ns.to_owned();
+    thread::spawn(move || {
+        enter(&ns).expect("backend namespace");
+        let sockets: Vec<std::io::Result<UdpSocket>> = (0..n)
+            .map(|i| {
+                let socket = UdpSocket::bind(SocketAddr::new(source, 0))?;
+                socket.set_read_timeout(Some(timeout))?;
+                socket.connect(server)?;
+                socket.send(format!("flow {i}").as_bytes())?;
+                Ok(socket)
+            })
+            .collect();
+        sockets
+            .into_iter()
+            .enumerate()
+            .map(|(i, socket)| {
+                let socket = socket?;
+                let mut buf = [0u8; 1500];
+                let len = socket.recv(&mut buf)?;
+                let reply = String::from_utf8_lossy(&buf[..len]);
+                let (seen, payload) = reply
+                    .split_once(' ')
+                    .ok_or_else(|| std::io::Error::other(format!("reply {reply:?}")))?;
+                if payload != format!("flow {i}") {
+                    return Err(std::io::Error::other(format!("reply {reply:?}")));
+                }
+                let seen = seen
+                    .parse()
+                    .map_err(|_| std::io::Error::other(format!("reply {reply:?}")))?;
+                Ok((socket, seen))
+            })
+            .collect()
+    })
+    .join()
+    .expect("egress thread")
+}

@@ -6,12 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, VIP_F_GUE, VIP_F_HASH_ADDRS_ONLY, VipKey,
-    VipMeta, addr_bytes, hash::backend_tag,
+    AddrFamily, BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, VIP_F_GUE, VIP_F_HASH_ADDRS_ONLY, VipKey, VipMeta, addr_bytes,
+    hash::backend_tag,
 };
 
 use crate::{
-    config::{Encapsulation, HashFields, VipConfig},
+    config::{EgressConfig, Encapsulation, HashFields, VipConfig},
     net::nexthop::NextHop,
 };
 
@@ -49,7 +50,8 @@ pub fn vip_meta(vip: &VipConfig, sources: Sources, vip_id: u32, table: u32) -> V
     }
     VipMeta {
         vip: vip.key(),
-        _pad_key: [0; 4],
+        egress_first: 0,
+        egress_block_size: 0,
         vip_id,
         table,
         flags,
@@ -60,7 +62,53 @@ pub fn vip_meta(vip: &VipConfig, sources: Sources, vip_id: u32, table: u32) -> V
         src_v6,
         src_v6_entropy,
         gue_port: vip.gue_port.to_be_bytes(),
-        _pad: [0; 2],
+        egress_span: 0,
+    }
+}
+
+/// The key the agent plans an egress address under: all ports, protocol 0 (no packet has it).
+/// The datapath holds it as one all-ports entry per protocol ([`datapath_keys`]).
+pub fn egress_key(addr: IpAddr) -> VipKey {
+    VipKey::new(addr, 0, 0)
+}
+
+/// Whether a planned key is an egress address's.
+pub fn is_egress_key(key: &VipKey) -> bool {
+    key.proto == 0
+}
+
+/// The datapath's keys of a planned key: itself for a VIP; for an egress address, an all-ports
+/// entry for TCP, UDP and ICMP echo replies.
+pub fn datapath_keys(key: &VipKey) -> Vec<VipKey> {
+    if !is_egress_key(key) {
+        return vec![*key];
+    }
+    let icmp = if key.family == AddrFamily::V4 as u8 {
+        IPPROTO_ICMP
+    } else {
+        IPPROTO_ICMPV6
+    };
+    [IPPROTO_TCP, IPPROTO_UDP, icmp]
+        .into_iter()
+        .map(|proto| VipKey { proto, ..*key })
+        .collect()
+}
+
+/// An egress address's `VipMeta`: the encapsulation of `vip` (a VIP on the address), the
+/// egress range, and table slot `table`, which holds the owner table.
+pub fn egress_meta(
+    vip: &VipConfig,
+    egress: &EgressConfig,
+    sources: Sources,
+    vip_id: u32,
+    table: u32,
+) -> VipMeta {
+    VipMeta {
+        vip: egress_key(egress.vip),
+        egress_first: egress.first_port,
+        egress_block_size: egress.block_size,
+        egress_span: egress.last_port - egress.first_port,
+        ..vip_meta(vip, sources, vip_id, table)
     }
 }
 

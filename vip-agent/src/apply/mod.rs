@@ -22,12 +22,12 @@ pub use encode::Sources;
 pub use plan::{Plan, PlanError};
 pub use slots::TableSlots;
 pub use state::Capacity;
-pub use target::{BackendKey, BackendTarget, Target, VipTarget};
+pub use target::{BackendKey, BackendTarget, EgressTarget, Target, VipTarget};
 pub use writer::MapWriter;
 
 use crate::{config::VipName, net::nexthop::NextHop};
 use plan::Step;
-use state::{AppliedVip, State};
+use state::{AppliedVip, State, TableSource};
 
 /// Why an apply failed.
 #[derive(Debug, thiserror::Error)]
@@ -85,18 +85,33 @@ impl Applied {
         backends: &[(BackendId, Backend)],
     ) -> usize {
         let state = &mut self.state;
-        for (key, meta) in vips {
+        // An egress address's entries (one per protocol) are one planned key.
+        let vips: Vec<(VipKey, VipMeta)> = vips
+            .iter()
+            .map(|(key, meta)| match meta.egress_block_size {
+                0 => (*key, *meta),
+                _ => {
+                    let key = VipKey { proto: 0, ..*key };
+                    (key, VipMeta { vip: key, ..*meta })
+                }
+            })
+            .collect();
+        for (key, meta) in &vips {
             state.slots.adopt(*key, meta.table);
             state.vip_ids.adopt(*key, meta.vip_id);
+            let source = match meta.egress_block_size {
+                0 => TableSource::Maglev(Vec::new()),
+                _ => TableSource::Owners(Vec::new()),
+            };
             state.vips.insert(
                 *key,
                 AppliedVip {
                     meta: *meta,
-                    members: Vec::new(),
+                    source,
                 },
             );
         }
-        let mut adopted = vips.len();
+        let mut adopted = state.vips.len();
         for (id, entry) in backends {
             let vip = vips.iter().find(|(_, m)| m.vip_id == entry.vip_id);
             let addr = vip_common::addr_from_bytes(&entry.addr, entry.family);
@@ -154,7 +169,7 @@ impl Applied {
                     report.backends_removed += 1;
                 }
                 Step::WriteTable { slot, table } => {
-                    writer.write_table(slot, table.slots()).map_err(write)?;
+                    writer.write_table(slot, &table).map_err(write)?;
                     report.vips_published += 1;
                 }
                 Step::SetVip { key, meta } => writer.set_vip(&key, &meta).map_err(write)?,

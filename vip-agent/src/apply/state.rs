@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use vip_common::{Backend, VipKey, VipMeta, maglev::MaglevBackend};
+use vip_common::{Backend, BackendId, VipKey, VipMeta, maglev::MaglevBackend};
 
 use super::{ids::Ids, slots::TableSlots, target::BackendKey};
 
@@ -26,12 +26,21 @@ impl From<&crate::dataplane::DataplaneOptions> for Capacity {
     }
 }
 
-/// A VIP as written.
+/// A VIP (or egress address) as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct AppliedVip {
     pub(crate) meta: VipMeta,
-    /// The table's members, as built: an equal list means an equal table.
-    pub(crate) members: Vec<MaglevBackend>,
+    /// What its live table was made from: an equal source means an equal table.
+    pub(crate) source: TableSource,
+}
+
+/// What a table is made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum TableSource {
+    /// A VIP's Maglev table: its members as built.
+    Maglev(Vec<MaglevBackend>),
+    /// An egress address's owner of each block.
+    Owners(Vec<BackendId>),
 }
 
 /// What the maps hold, as far as the agent wrote them.
@@ -61,8 +70,9 @@ impl State {
     }
 
     pub(super) fn forwardable(&self, key: &VipKey) -> bool {
-        self.vips
-            .get(key)
-            .is_some_and(|v| v.members.iter().any(|m| m.weight > 0))
+        self.vips.get(key).is_some_and(|v| match &v.source {
+            TableSource::Maglev(members) => members.iter().any(|m| m.weight > 0),
+            TableSource::Owners(_) => false,
+        })
     }
 }

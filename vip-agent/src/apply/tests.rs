@@ -65,7 +65,11 @@ impl MapImage {
                 assert_eq!(b.vip_id, meta.vip_id);
             }
         }
-        let live: Vec<u32> = self.vips.values().map(|m| m.table).collect();
+        // An egress address's entries (one per protocol) share its table.
+        let mut units: Vec<(u32, u32)> = self.vips.values().map(|m| (m.vip_id, m.table)).collect();
+        units.sort();
+        units.dedup();
+        let live: Vec<u32> = units.iter().map(|(_, table)| *table).collect();
         let mut unique = live.clone();
         unique.sort();
         unique.dedup();
@@ -277,4 +281,98 @@ fn map_contents_follow_config_steps() {
         .unwrap();
     assert!(image.vips.is_empty() && image.backends.is_empty());
     assert!(applied.accounts().is_empty());
+}
+
+/// A VIP with an egress section of two backends (blocks 0 and 2 of 4).
+fn egress_config(owners: &[(u8, u16)]) -> Config {
+    let mut text =
+        "[node]\ninterfaces = [\"eth0\"]\nsource_v4 = \"192.0.2.10\"\ntable_size = 251\n\
+         [[vip]]\naddress = \"198.51.100.1\"\nprotocol = \"tcp\"\nport = 80\n\
+         [[vip.backend]]\naddress = \"192.0.2.1\"\n\
+         [[egress]]\nvip = \"198.51.100.1\"\nports = \"40000-40399\"\nblock_size = 100\n"
+            .to_string();
+    for (host, block) in owners {
+        text += &format!("[[egress.backend]]\naddress = \"192.0.2.{host}\"\nblock = {block}\n");
+    }
+    config::parse(Path::new("test.toml"), &text).expect("valid config")
+}
+
+#[test]
+fn an_egress_address_is_an_owner_table_under_one_entry_per_protocol() {
+    let cfg = egress_config(&[(11, 0), (12, 2)]);
+    let mut applied = applied(&cfg);
+    let mut image = MapImage::default();
+    applied
+        .apply(&target(&cfg), &no_hops(), &mut image)
+        .unwrap();
+    image.check_consistent();
+    let egress: Vec<(&VipKey, &VipMeta)> = image
+        .vips
+        .iter()
+        .filter(|(_, m)| m.egress_block_size != 0)
+        .collect();
+    let mut protocols: Vec<u8> = egress.iter().map(|(k, _)| k.proto).collect();
+    protocols.sort();
+    assert_eq!(protocols, [1, 6, 17], "ICMP, TCP and UDP");
+    let meta = egress[0].1;
+    assert!(
+        egress
+            .iter()
+            .all(|(k, m)| k.port == [0; 2] && m.table == meta.table)
+    );
+    assert_eq!((meta.egress_first, meta.egress_span), (40_000, 399));
+    let table = &image.tables[&meta.table];
+    let owner = |host: u8| {
+        let addr: IpAddr = format!("192.0.2.{host}").parse().unwrap();
+        applied.backend_id(&(encode::egress_key("198.51.100.1".parse().unwrap()), addr))
+    };
+    assert_eq!(Some(table[0]), owner(11));
+    assert_eq!(table[1], NO_BACKEND);
+    assert_eq!(Some(table[2]), owner(12));
+    assert!(table[3..].iter().all(|&id| id == NO_BACKEND));
+    assert_eq!(meta.egress_block(40_250), Some(2));
+
+    // The section goes: its three entries and its owners go with it; the VIP stays.
+    let without = config(1, 80, 1, 1);
+    applied
+        .apply(&target(&without), &no_hops(), &mut image)
+        .unwrap();
+    image.check_consistent();
+    assert!(image.vips.values().all(|m| m.egress_block_size == 0));
+    assert_eq!(image.vips.len(), 1);
+}
+
+#[test]
+fn a_resting_block_has_no_owner_in_the_table() {
+    let cfg = egress_config(&[(11, 0), (12, 2)]);
+    let mut applied = applied(&cfg);
+    let mut image = MapImage::default();
+    let resting = Target::new(
+        &cfg,
+        |_, b| BackendTarget {
+            address: b.address,
+            weight: b.table_weight(),
+            present: true,
+        },
+        |_, block| block == 2,
+    );
+    applied.apply(&resting, &no_hops(), &mut image).unwrap();
+    let meta = image
+        .vips
+        .values()
+        .find(|m| m.egress_block_size != 0)
+        .unwrap();
+    let table = &image.tables[&meta.table];
+    assert_ne!(table[0], NO_BACKEND);
+    assert_eq!(table[2], NO_BACKEND, "block 2 rests");
+    // The rest ends: the owner gets its block, in a freshly written table.
+    applied
+        .apply(&target(&cfg), &no_hops(), &mut image)
+        .unwrap();
+    let meta = image
+        .vips
+        .values()
+        .find(|m| m.egress_block_size != 0)
+        .unwrap();
+    assert_ne!(image.tables[&meta.table][2], NO_BACKEND);
 }

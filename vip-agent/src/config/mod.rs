@@ -7,6 +7,7 @@
 //! than slots) and turns the file as written into the typed [`Config`].
 
 mod auto;
+mod egress;
 mod error;
 mod expand;
 mod raw;

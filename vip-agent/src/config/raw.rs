@@ -26,6 +26,35 @@ pub(super) struct RawConfig {
     pub(super) backend: Option<Spanned<RawBackendRole>>,
     pub(super) bgp: Option<Spanned<RawBgp>>,
     pub(super) announce: Option<Spanned<RawAnnounce>>,
+    #[serde(default)]
+    pub(super) egress: Vec<Spanned<RawEgress>>,
+}
+
+/// A VIP address that backends also use as their source (`[[egress]]`), the same section on
+/// load balancers and backends.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEgress {
+    pub(super) vip: Spanned<IpAddr>,
+    /// `"FIRST-LAST"`.
+    pub(super) ports: Spanned<String>,
+    pub(super) block_size: Spanned<u16>,
+    /// Seconds a block rests after its backend left, before another backend may take it.
+    #[serde(default = "default_egress_rest")]
+    pub(super) rest: u64,
+    #[serde(default, rename = "backend")]
+    pub(super) backends: Vec<Spanned<RawEgressBackend>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEgressBackend {
+    pub(super) address: Spanned<IpAddr>,
+    pub(super) block: Spanned<u16>,
+}
+
+fn default_egress_rest() -> u64 {
+    DEFAULT_EGRESS_REST_SECS
 }
 
 /// How VIPs reach the routers.

@@ -575,3 +575,88 @@ fn config_reference_lists_every_key() {
         assert_eq!(keys, &accepted, "{table}: documented vs accepted");
     }
 }
+
+const EGRESS: &str = r#"
+[[egress]]
+vip = "198.19.0.1"
+ports = "40000-40999"
+block_size = 100
+
+[[egress.backend]]
+address = "198.18.1.1"
+block = 0
+
+[[egress.backend]]
+address = "198.18.1.3"
+block = 7
+"#;
+
+#[test]
+fn egress_sections_give_each_backend_its_block() {
+    let c = parse(Path::new("vip.toml"), &format!("{GOOD}{EGRESS}")).unwrap();
+    let e = &c.egress[0];
+    assert_eq!(
+        (e.first_port, e.last_port, e.block_size),
+        (40_000, 40_999, 100)
+    );
+    assert_eq!(e.blocks(), 10);
+    assert_eq!(e.block_ports(7), (40_700, 40_799));
+    assert_eq!(e.block_of(40_750), Some(7));
+    assert_eq!(e.block_of(80), None);
+    assert_eq!(e.rest, Duration::from_secs(DEFAULT_EGRESS_REST_SECS));
+}
+
+#[test]
+fn egress_mistakes_are_refused_with_what_is_allowed() {
+    let with = |from: &str, to: &str| error(&format!("{GOOD}{}", EGRESS.replace(from, to)));
+    let e = with("40000-40999", "79-1078");
+    assert_eq!(e.field, "egress[0].ports");
+    assert!(
+        e.to_string()
+            .contains("vip[0] (tcp/198.19.0.1:80) serves port 80"),
+        "{e}"
+    );
+    let e = with("block_size = 100", "block_size = 300");
+    assert!(e.to_string().contains("whole number of blocks"), "{e}");
+    let e = with("block = 7", "block = 0");
+    assert!(
+        e.to_string()
+            .contains("block 0 is already another backend's"),
+        "{e}"
+    );
+    let e = with("block = 7", "block = 10");
+    assert!(e.to_string().contains("blocks 0 to 9"), "{e}");
+    let e = with("vip = \"198.19.0.1\"", "vip = \"198.19.0.2\"");
+    assert!(
+        e.to_string().contains("no [[vip]] address of this node"),
+        "{e}"
+    );
+    let e = with("40000-40999", "40999-40000");
+    assert!(e.to_string().contains("not a port range FIRST-LAST"), "{e}");
+    // A VIP that serves every port leaves none for egress.
+    let e = error(&format!(
+        "{}{EGRESS}",
+        GOOD.replace("port = 80", "port = 0")
+    ));
+    assert!(e.to_string().contains("serves every port"), "{e}");
+}
+
+#[test]
+fn a_backend_takes_egress_sections_of_its_own_vips_only() {
+    let backend = r#"
+[node]
+role = "backend"
+interfaces = ["eth0"]
+
+[backend]
+addresses = ["198.18.1.1"]
+vips = ["198.19.0.1"]
+"#;
+    let c = parse(Path::new("vip.toml"), &format!("{backend}{EGRESS}")).unwrap();
+    assert_eq!(c.egress.len(), 1);
+    let e = error(&format!(
+        "{}{EGRESS}",
+        backend.replace("vips = [\"198.19.0.1\"]", "vips = [\"198.19.0.9\"]")
+    ));
+    assert!(e.to_string().contains("is not in backend.vips"), "{e}");
+}

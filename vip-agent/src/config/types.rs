@@ -118,6 +118,68 @@ pub struct Config {
     /// Routes in a kernel table instead (`[announce] mode = "kernel"`), for a routing daemon
     /// on the node to announce.
     pub kernel_routes: Option<KernelRoutesConfig>,
+    /// VIP addresses that backends also use as their source, and who owns which ports.
+    pub egress: Vec<EgressConfig>,
+}
+
+/// How long a block waits, by default, after its backend left before another may take it:
+/// twice the 60 s that Linux keeps a closed TCP connection in TIME_WAIT.
+pub const DEFAULT_EGRESS_REST_SECS: u64 = 120;
+
+/// A VIP address as backends' source: connections that backends open from it get their replies
+/// through any LB node, which sends each reply to the owner of the block its destination port
+/// falls in. The same section on every node: load balancers build the owner table from it,
+/// each backend finds its own block in it and source-NATs into that block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EgressConfig {
+    pub vip: IpAddr,
+    /// The ports set aside for egress, `first..=last`: none of them is a served port.
+    pub first_port: u16,
+    pub last_port: u16,
+    /// Ports per block; the range holds a whole number of blocks.
+    pub block_size: u16,
+    /// A block whose backend left waits this long before another backend may take it, so
+    /// late replies of the old owner's connections reach nobody rather than the new owner.
+    #[serde(serialize_with = "seconds")]
+    pub rest: Duration,
+    /// Who owns which block; blocks are given in the config, so every node agrees.
+    pub backends: Vec<EgressBackend>,
+}
+
+/// A backend's block of egress ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct EgressBackend {
+    pub address: IpAddr,
+    /// Block index: ports `first_port + block * block_size` and on.
+    pub block: u16,
+}
+
+impl EgressConfig {
+    /// How many blocks the range holds.
+    pub fn blocks(&self) -> u32 {
+        (u32::from(self.last_port) - u32::from(self.first_port) + 1) / u32::from(self.block_size)
+    }
+
+    /// The ports of block `block`, first and last.
+    pub fn block_ports(&self, block: u16) -> (u16, u16) {
+        let first = u32::from(self.first_port) + u32::from(block) * u32::from(self.block_size);
+        (
+            first as u16,
+            (first + u32::from(self.block_size) - 1) as u16,
+        )
+    }
+
+    /// The block port `port` falls in, if it is an egress port.
+    pub fn block_of(&self, port: u16) -> Option<u16> {
+        (self.first_port..=self.last_port)
+            .contains(&port)
+            .then(|| (port - self.first_port) / self.block_size)
+    }
+
+    /// Whether `port` is one of the egress ports.
+    pub fn has_port(&self, port: u16) -> bool {
+        self.block_of(port).is_some()
+    }
 }
 
 /// Announcer mode `kernel`: each VIP that can be forwarded is a host route (`dev lo`) in a

@@ -49,10 +49,10 @@ fn parse_large_community(s: &str) -> Result<[u32; 3], String> {
     Ok(out)
 }
 
-type Located<'a> = dyn Fn(&Range<usize>, String, String) -> ConfigError + 'a;
+pub(super) type Located<'a> = dyn Fn(&Range<usize>, String, String) -> ConfigError + 'a;
 
 /// Why an address cannot stand for a host here (a VIP, a backend, a source), if it cannot.
-fn not_unicast(addr: IpAddr) -> Option<&'static str> {
+pub(super) fn not_unicast(addr: IpAddr) -> Option<&'static str> {
     if addr.is_unspecified() {
         Some("the unspecified address")
     } else if addr.is_multicast() {
@@ -527,15 +527,21 @@ pub(super) fn validate(
         ));
     }
     let table_slots = *node.table_slots.get_ref();
-    if raw.vips.len() as u64 >= u64::from(table_slots) {
+    // Each egress address of a load balancer keeps its owner table in a slot too.
+    let tables = raw.vips.len()
+        + if role == Role::Lb {
+            raw.egress.len()
+        } else {
+            0
+        };
+    if tables as u64 >= u64::from(table_slots) {
         errors.push(err(
             &node.table_slots.span(),
             "node.table_slots".into(),
             format!(
-                "{table_slots} Maglev table slots cannot hold {} VIPs plus a spare for switching \
-                 tables: set at least {}",
-                raw.vips.len(),
-                raw.vips.len() + 1
+                "{table_slots} Maglev table slots cannot hold {tables} tables (one per VIP and \
+                 per egress address) plus a spare for switching tables: set at least {}",
+                tables + 1
             ),
         ));
     }
@@ -799,6 +805,15 @@ pub(super) fn validate(
     if let Some(b) = &bgp {
         check_next_hops(b, &vips, &err)?;
     }
+    let egress = super::egress::validate(
+        raw.egress,
+        &super::egress::EgressContext {
+            vips: &vips,
+            backend: backend.as_ref(),
+            table_size,
+        },
+        &err,
+    )?;
     let kernel_routes = match raw.announce {
         None => None,
         Some(a) => {
@@ -856,6 +871,7 @@ pub(super) fn validate(
         bgp,
         kernel_routes,
         backend,
+        egress,
         node: NodeConfig {
             role,
             interfaces: node.interfaces.into_inner(),

@@ -4,7 +4,7 @@ use std::{fmt, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::view::BackendView;
+use crate::view::{BackendView, EgressBlockView};
 
 /// The largest request or response line accepted.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -49,6 +49,16 @@ pub struct AgentStatus {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub peers: Vec<PeerStatus>,
+    /// Egress blocks with an owner or resting (a backend: its own).
+    pub egress: Vec<EgressBlockStatus>,
+}
+
+/// An egress block and, on a load balancer, the replies sent to its owner.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressBlockStatus {
+    pub block: EgressBlockView,
+    /// `(packets, bytes)`.
+    pub traffic: Option<(u64, u64)>,
 }
 
 /// One BGP session.
@@ -165,6 +175,13 @@ impl fmt::Display for Response {
                             b.diag
                         )?;
                     }
+                }
+                for e in &s.egress {
+                    write!(f, "{}", e.block)?;
+                    if let Some((packets, bytes)) = e.traffic {
+                        write!(f, ", {packets} packets, {bytes} bytes to the owner")?;
+                    }
+                    writeln!(f)?;
                 }
                 Ok(())
             }

@@ -4,6 +4,7 @@
 use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use tokio::{
@@ -14,9 +15,10 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::protocol::{
-    AgentStatus, ControlError, DrainTarget, MAX_MESSAGE, PeerStatus, Request, Response,
+    AgentStatus, ControlError, DrainTarget, EgressBlockStatus, MAX_MESSAGE, PeerStatus, Request,
+    Response,
 };
-use crate::{bgp::Sessions, view::View};
+use crate::{bgp::Sessions, dataplane::Counters, view::View};
 
 /// A request only the runtime can answer: it changes what the node does.
 #[derive(Debug)]
@@ -70,8 +72,15 @@ impl ControlSocket {
         self,
         view: watch::Receiver<View>,
         sessions: Sessions,
+        counters: Arc<Counters>,
         commands: mpsc::Sender<Command>,
     ) {
+        let agent = Arc::new(Agent {
+            view,
+            sessions,
+            counters,
+            commands,
+        });
         loop {
             let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
@@ -80,14 +89,23 @@ impl ControlSocket {
                     continue;
                 }
             };
-            let (view, sessions, commands) = (view.clone(), sessions.clone(), commands.clone());
+            let agent = agent.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &view, &sessions, &commands).await {
+                if let Err(e) = answer(stream, &agent).await {
                     debug!(error = %crate::errors::chain(&e), "control connection");
                 }
             });
         }
     }
+}
+
+/// What requests are answered from: the runtime's view, the BGP sessions, the datapath's
+/// counters, and the runtime's command queue.
+struct Agent {
+    view: watch::Receiver<View>,
+    sessions: Sessions,
+    counters: Arc<Counters>,
+    commands: mpsc::Sender<Command>,
 }
 
 /// Whether the peer may talk to the agent: root, or the agent's own user.
@@ -99,12 +117,7 @@ fn authorised(stream: &UnixStream) -> bool {
         .is_ok_and(|cred| cred.uid() == 0 || cred.uid() == own)
 }
 
-async fn answer(
-    stream: UnixStream,
-    view: &watch::Receiver<View>,
-    sessions: &Sessions,
-    commands: &mpsc::Sender<Command>,
-) -> Result<(), ControlError> {
+async fn answer(stream: UnixStream, agent: &Agent) -> Result<(), ControlError> {
     let authorised = authorised(&stream);
     let (read, mut write) = stream.into_split();
     let mut line = Vec::new();
@@ -118,7 +131,7 @@ async fn answer(
     } else {
         match serde_json::from_slice::<Request>(&line) {
             Err(e) => Response::Refused(format!("not a request: {e}")),
-            Ok(request) => respond(request, view, sessions, commands).await,
+            Ok(request) => respond(request, agent).await,
         }
     };
     let mut out = serde_json::to_vec(&response)?;
@@ -127,17 +140,29 @@ async fn answer(
     Ok(())
 }
 
-async fn respond(
-    request: Request,
-    view: &watch::Receiver<View>,
-    sessions: &Sessions,
-    commands: &mpsc::Sender<Command>,
-) -> Response {
+async fn respond(request: Request, agent: &Agent) -> Response {
+    let Agent {
+        view,
+        sessions,
+        counters,
+        commands,
+    } = agent;
     let (drain, target) = match request {
         Request::Backends => return Response::Backends(view.borrow().backends.clone()),
         Request::Status => {
             let v = view.borrow().clone();
             return Response::Status(AgentStatus {
+                egress: v
+                    .egress
+                    .iter()
+                    .map(|b| EgressBlockStatus {
+                        traffic: b
+                            .backend_id
+                            .and_then(|id| counters.backend_traffic(id).ok())
+                            .map(|t| (t.packets, t.bytes)),
+                        block: b.clone(),
+                    })
+                    .collect(),
                 ready: v.ready,
                 attached: v.attached,
                 node_drained: v.node_drained,

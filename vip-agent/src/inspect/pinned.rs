@@ -43,6 +43,8 @@ fn protocol_name(proto: u8) -> &'static str {
     match proto {
         vip_common::IPPROTO_TCP => "tcp",
         vip_common::IPPROTO_UDP => "udp",
+        vip_common::IPPROTO_ICMP => "icmp",
+        vip_common::IPPROTO_ICMPV6 => "icmpv6",
         _ => "?",
     }
 }
@@ -122,6 +124,8 @@ struct WhichAnswer {
     vip: SocketAddr,
     /// The backend it was encapsulated to, if it was.
     backend: Option<IpAddr>,
+    /// The egress block the VIP port falls in: the backend owns it (no Maglev, no conntrack).
+    egress_block: Option<u32>,
     action: &'static str,
 }
 
@@ -151,10 +155,17 @@ pub fn which(
     if !tracked {
         dp.remove_flow(&key)?;
     }
+    let egress_key = vip_common::VipKey::new(vip.ip(), proto, 0);
+    let egress_block = dp
+        .vips()?
+        .iter()
+        .find(|(k, _)| *k == egress_key)
+        .and_then(|(_, meta)| meta.egress_block(vip.port()));
     let answer = WhichAnswer {
         protocol: protocol.to_owned(),
         client: flow,
         vip,
+        egress_block,
         backend: test_run::outer_destination(&frame, &out),
         action: match action {
             1 => "XDP_DROP",
@@ -167,8 +178,12 @@ pub fn which(
     if output == Output::Json {
         return print_json(&answer);
     }
+    let owner = match egress_block {
+        Some(block) => format!("owner of egress block {block}"),
+        None => "backend".to_owned(),
+    };
     match answer.backend {
-        Some(backend) => println!("{protocol} {flow} -> {vip}: backend {backend}"),
+        Some(backend) => println!("{protocol} {flow} -> {vip}: {owner} {backend}"),
         None => println!(
             "{protocol} {flow} -> {vip}: not forwarded ({})",
             answer.action
@@ -213,7 +228,20 @@ fn status_report(dp: &Dataplane) -> Result<StatusReport> {
     let s = dp.stats()?;
     let traffic = dp.traffic_by_vip()?;
     let vips = dp.vips()?;
-    let name = |key: &vip_common::VipKey| VipName::of(key).map(|n| n.to_string());
+    let name = |key: &vip_common::VipKey| {
+        let meta = vips.iter().find(|(k, _)| k == key).map(|(_, m)| m)?;
+        if meta.egress_block_size == 0 {
+            return VipName::of(key).map(|n| n.to_string());
+        }
+        let addr = addr_from_bytes(&key.addr, key.family)?;
+        let last = meta.egress_first + meta.egress_span;
+        Some(format!(
+            "egress {}/{addr} ports {}-{last}, blocks of {}",
+            protocol_name(key.proto),
+            meta.egress_first,
+            meta.egress_block_size
+        ))
+    };
     let mut report = StatusReport {
         outcomes: Outcome::ALL.iter().map(|o| (o.label(), s.of(*o))).collect(),
         conntrack_hits: s.conntrack_hit,

@@ -1,7 +1,8 @@
 //! The node's network as the agent sees and changes it: next hops toward backends, VIP
-//! addresses on `lo`, socket options, and the interface settings the datapath needs.
+//! addresses on `lo`, egress source NAT, socket options, and the interface settings the datapath needs.
 
 pub mod lo;
+pub mod nat;
 pub mod nexthop;
 pub mod routes;
 pub(crate) mod sockopt;

@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::Instant};
 use crate::{
     apply::{BackendKey, BackendTarget, Target},
     config::{BackendConfig, CheckKind, Config, HealthCheck},
+    egress,
     health::Verdict,
     view::{BackendView, CheckView, Condition},
 };
@@ -96,19 +97,24 @@ impl BackendStatus {
         changed
     }
 
-    /// What the maps should hold for `config` with these statuses.
-    pub(crate) fn target(&self, config: &Config) -> Target {
-        Target::new(config, |key, b| {
-            let condition = condition(b, self.get(key));
-            BackendTarget {
-                address: b.address,
-                weight: match condition {
-                    Condition::Active => b.table_weight(),
-                    _ => 0,
-                },
-                present: condition != Condition::Down,
-            }
-        })
+    /// What the maps should hold for `config` with these statuses and the egress blocks
+    /// that rest at `now`.
+    pub(crate) fn target(&self, config: &Config, blocks: &egress::Blocks, now: Instant) -> Target {
+        Target::new(
+            config,
+            |key, b| {
+                let condition = condition(b, self.get(key));
+                BackendTarget {
+                    address: b.address,
+                    weight: match condition {
+                        Condition::Active => b.table_weight(),
+                        _ => 0,
+                    },
+                    present: condition != Condition::Down,
+                }
+            },
+            |e, block| blocks.resting(e.vip, block, now).is_some(),
+        )
     }
 
     /// One line per backend of each VIP, in config order.
@@ -167,18 +173,22 @@ mod tests {
         let old = config("0.1");
         let key = (old.vips[0].key(), old.vips[0].backends[0].address);
         let mut status = BackendStatus::default();
+        let no_rests = egress::Blocks::default();
         status.sync(&old, true, t0);
         assert_eq!(
             status.record(&key, false, "refused".into(), Duration::ZERO, t0),
             Some(false)
         );
-        assert_eq!(status.target(&old).vips[0].backends[0].weight, 0);
+        assert_eq!(
+            status.target(&old, &no_rests, t0).vips[0].backends[0].weight,
+            0
+        );
 
         let new = config("0.2");
         status.sync(&new, false, t0);
         let views = status.views(&new);
         assert_eq!(views[0].condition, Condition::Down);
-        assert!(!status.target(&new).vips[0].backends[0].present);
+        assert!(!status.target(&new, &no_rests, t0).vips[0].backends[0].present);
         assert_eq!(
             status.record(&key, true, "ok".into(), Duration::ZERO, t0),
             None
@@ -190,7 +200,10 @@ mod tests {
         let views = status.views(&new);
         assert_eq!(views[0].condition, Condition::Active);
         assert!(views[0].check.as_ref().unwrap().up);
-        assert_eq!(status.target(&new).vips[0].backends[0].weight, 1);
+        assert_eq!(
+            status.target(&new, &no_rests, t0).vips[0].backends[0].weight,
+            1
+        );
     }
 
     #[test]

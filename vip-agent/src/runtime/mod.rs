@@ -41,13 +41,14 @@ use crate::{
         server::{Command, ControlSocket},
     },
     dataplane::{Counters, detach_all},
+    egress,
     health::Observation,
     metrics::{self, MetricsSources},
     net::{lo::LoopbackVips, nexthop::KernelChanges},
     view::View,
 };
 use backends::BackendStatus;
-use node::{Loaded, Node, configure_decap};
+use node::{Loaded, Node};
 
 /// How the agent was asked to run.
 pub struct RunOptions {
@@ -132,6 +133,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         ready: false,
         view,
         view_stale: false,
+        blocks: egress::Blocks::default(),
     };
     runtime.start(restarted, bfd_listener).await?;
 
@@ -145,9 +147,10 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         Node::Backend(_) => Counters::open_decap(&runtime.config.node.pin_dir),
     }
     .context("opening the datapath's counters")?;
+    let counters = Arc::new(counters);
     let sources = Arc::new(MetricsSources {
         view: view_rx.clone(),
-        counters,
+        counters: counters.clone(),
         sessions: sessions.clone(),
         census: Default::default(),
     });
@@ -155,7 +158,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
     info!(%metrics_address, "serving /metrics, /healthz, /readyz");
     let (commands_tx, commands) = mpsc::channel(16);
     let socket = runtime.config.node.control_socket.clone();
-    let control_server = tokio::spawn(control.serve(view_rx, sessions, commands_tx));
+    let control_server = tokio::spawn(control.serve(view_rx, sessions, counters, commands_tx));
     info!(socket = %socket.display(), "control socket");
 
     let result = runtime
@@ -197,7 +200,12 @@ struct Runtime {
     view: watch::Sender<View>,
     /// Health checks have reported since the view was last published.
     view_stale: bool,
+    /// Egress blocks that rest since their backend left.
+    blocks: egress::Blocks,
 }
+
+/// How often the runtime looks for egress blocks whose rest ended.
+const REST_TICK: Duration = Duration::from_secs(1);
 
 /// How often check results that change nothing reach the published view.
 const VIEW_TICK: Duration = Duration::from_millis(200);
@@ -212,13 +220,17 @@ impl Runtime {
     ) -> Result<()> {
         match &mut self.node {
             Node::Lb(lb) => {
-                let report = lb
-                    .write(&self.status.target(&self.config))
-                    .context("applying the config")?;
+                let target = self
+                    .status
+                    .target(&self.config, &self.blocks, Instant::now());
+                let report = lb.write(&target).context("applying the config")?;
                 info!(?report, "config applied");
                 lb.sync_checks(&self.config)?;
             }
-            Node::Backend(decap) => configure_decap(decap, &self.config)?,
+            Node::Backend(backend) => {
+                backend.configure(&self.config)?;
+                backend.sync_source_nat(&self.config, &self.blocks, Instant::now())?;
+            }
         }
         self.attached = self.node.attach(&self.config)?;
         self.ready = true;
@@ -245,9 +257,16 @@ impl Runtime {
         let mut refresh = tokio::time::interval(Duration::from_secs(10));
         let mut view_tick = tokio::time::interval(VIEW_TICK);
         let mut config_tick = tokio::time::interval(ConfigWatch::INTERVAL);
+        let mut rest_tick = tokio::time::interval(REST_TICK);
         loop {
             tokio::select! {
                 _ = view_tick.tick(), if self.view_stale => self.publish(),
+                _ = rest_tick.tick() => {
+                    if self.blocks.expire(Instant::now()) {
+                        info!("an egress block's rest ended: it goes to its new owner");
+                        self.converge();
+                    }
+                }
                 _ = signals.hangup.recv() => {
                     if let Some(w) = &mut config_watch {
                         w.sync();
@@ -281,7 +300,7 @@ impl Runtime {
 
     /// Stops announcing (with the drain time), and with `cleanup` removes vip from the node;
     /// for a restart, leaves announcements and datapath to the next agent.
-    async fn stop(self, cleanup: bool, exit: Exit) -> Result<()> {
+    async fn stop(mut self, cleanup: bool, exit: Exit) -> Result<()> {
         if exit == Exit::Restart {
             if let Some(announcer) = self.announcer {
                 announcer.restart().await;
@@ -296,6 +315,9 @@ impl Runtime {
             announcer.stop(announce::drain_time(&self.config)).await;
         }
         let pin_dir = self.config.node.pin_dir.clone();
+        if let (true, Node::Backend(backend)) = (cleanup, &mut self.node) {
+            backend.remove_source_nat()?;
+        }
         drop(self.node);
         if cleanup {
             self.lo.sync(&[]).await?;
@@ -366,14 +388,45 @@ impl Runtime {
             forwardable,
             backends: self.status.views(&self.config),
             accounts,
+            egress: self.egress_view(),
         });
+    }
+
+    /// The egress blocks: all of them on a load balancer, a backend's own on a backend.
+    fn egress_view(&self) -> Vec<crate::view::EgressBlockView> {
+        let now = Instant::now();
+        match &self.node {
+            Node::Lb(lb) => crate::view::EgressBlockView::all(
+                &self.config.egress,
+                &self.blocks,
+                now,
+                |vip, owner| {
+                    lb.applied
+                        .backend_id(&(crate::apply::encode::egress_key(vip), owner))
+                },
+            ),
+            Node::Backend(_) => {
+                let own = self
+                    .config
+                    .backend
+                    .as_ref()
+                    .map_or(&[][..], |b| &b.addresses[..]);
+                crate::view::EgressBlockView::all(&self.config.egress, &self.blocks, now, |_, _| {
+                    None
+                })
+                .into_iter()
+                .filter(|b| b.owner.is_some_and(|o| own.contains(&o)))
+                .collect()
+            }
+        }
     }
 
     /// Makes the maps hold what the config and the backends' status say, then announces:
     /// after health, drain and next-hop changes, which change backends of configured VIPs.
     fn converge(&mut self) {
-        if let Node::Lb(lb) = &mut self.node {
-            match lb.write(&self.status.target(&self.config)) {
+        let now = Instant::now();
+        match &mut self.node {
+            Node::Lb(lb) => match lb.write(&self.status.target(&self.config, &self.blocks, now)) {
                 Ok(report) => {
                     self.ready = true;
                     debug!(?report, "maps updated");
@@ -381,6 +434,11 @@ impl Runtime {
                 Err(e) => {
                     self.ready = false;
                     error!(error = %crate::errors::chain(&e), "updating the maps");
+                }
+            },
+            Node::Backend(backend) => {
+                if let Err(e) = backend.sync_source_nat(&self.config, &self.blocks, now) {
+                    error!(error = %crate::errors::chain(e.as_ref()), "egress source NAT");
                 }
             }
         }
@@ -486,11 +544,15 @@ impl Runtime {
             );
             return;
         }
-        // 2. Plan. Run-time drains end with a reload; health verdicts stay.
+        // 2. Plan. Run-time drains end with a reload; health verdicts stay; egress blocks
+        // whose backend left start resting.
+        let now = Instant::now();
         let mut status = self.status.clone();
-        status.sync(&new, false, Instant::now());
+        status.sync(&new, false, now);
+        let mut blocks = self.blocks.clone();
+        blocks.change(&self.config.egress, &new.egress, now);
         let plan = match &self.node {
-            Node::Lb(lb) => match lb.plan(&status.target(&new)) {
+            Node::Lb(lb) => match lb.plan(&status.target(&new, &blocks, now)) {
                 Ok(plan) => Some(plan),
                 Err(e) => return self.refuse(&e, "reload refused; nothing was changed"),
             },
@@ -503,7 +565,7 @@ impl Runtime {
         };
         self.withdraw_all_but(&after).await;
         // 4. Write the maps.
-        if let Err(e) = self.write(plan, &new) {
+        if let Err(e) = self.write(plan, &new, &blocks) {
             self.ready = false;
             self.refuse(
                 e.as_ref(),
@@ -514,6 +576,7 @@ impl Runtime {
         }
         self.config = new;
         self.status = status;
+        self.blocks = blocks;
         self.node_drained = false;
         self.ready = true;
         // 5. Announce, with the sessions' new settings.
@@ -545,13 +608,16 @@ impl Runtime {
         error!(error = %crate::errors::chain(error), "{what}");
     }
 
-    fn write(&mut self, plan: Option<Plan>, new: &Config) -> Result<()> {
+    fn write(&mut self, plan: Option<Plan>, new: &Config, blocks: &egress::Blocks) -> Result<()> {
         match (&mut self.node, plan) {
             (Node::Lb(lb), Some(plan)) => {
                 let report = lb.execute(plan)?;
                 info!(?report, "config applied");
             }
-            (Node::Backend(decap), _) => configure_decap(decap, new)?,
+            (Node::Backend(backend), _) => {
+                backend.configure(new)?;
+                backend.sync_source_nat(new, blocks, Instant::now())?;
+            }
             (Node::Lb(_), None) => {}
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! What runs on this node: the load balancer (datapath, applied state, next hops, health
 //! checks) or a backend's decapsulation; loaded, attached and written to here.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr, time::Instant};
 
 use anyhow::{Context, Result};
 use aya::programs::XdpMode;
@@ -12,9 +12,11 @@ use crate::{
     apply::{Applied, ApplyError, ApplyReport, Capacity, Target},
     config::{AttachMode, Config, Role},
     dataplane::{Dataplane, DataplaneOptions, DecapPlane, log as datapath_log},
+    egress,
     health::{Checker, Observation},
     net::{
         self,
+        nat::{self, SourceNat},
         nexthop::{NextHop, Resolver},
     },
 };
@@ -30,7 +32,14 @@ pub(crate) struct LbNode {
 
 pub(crate) enum Node {
     Lb(Box<LbNode>),
-    Backend(DecapPlane),
+    Backend(BackendNode),
+}
+
+/// A backend: its decapsulation program and the source NAT of its egress blocks.
+pub(crate) struct BackendNode {
+    decap: DecapPlane,
+    /// The rules in vip's nf_tables table, as last written.
+    source_nat: Vec<SourceNat>,
 }
 
 /// A loaded node and what loading found.
@@ -62,12 +71,17 @@ fn attach_modes(mode: AttachMode) -> &'static [XdpMode] {
     }
 }
 
-/// Every backend address of `cfg`, once each.
+/// Every backend address of `cfg` (of VIPs and egress blocks), once each.
 fn backend_addresses(cfg: &Config) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = cfg
         .vips
         .iter()
         .flat_map(|v| v.backends.iter().map(|b| b.address))
+        .chain(
+            cfg.egress
+                .iter()
+                .flat_map(|e| e.backends.iter().map(|b| b.address)),
+        )
         .collect();
     v.sort();
     v.dedup();
@@ -117,10 +131,11 @@ impl Node {
                 })
             }
             Role::Backend => Ok(Loaded {
-                node: Node::Backend(
-                    DecapPlane::load(Some(&cfg.node.pin_dir))
+                node: Node::Backend(BackendNode {
+                    decap: DecapPlane::load(Some(&cfg.node.pin_dir))
                         .context("loading the decapsulation program")?,
-                ),
+                    source_nat: Vec::new(),
+                }),
                 restarted: false,
                 observations: None,
             }),
@@ -138,7 +153,7 @@ impl Node {
                     net::enable_forwarding(iface)?;
                     lb.dataplane.attach_pinned(iface, modes, pin_dir)
                 }
-                Node::Backend(decap) => decap.attach_pinned(iface, modes, pin_dir),
+                Node::Backend(backend) => backend.decap.attach_pinned(iface, modes, pin_dir),
             }
             .with_context(|| format!("attaching XDP to {iface}"))?;
             let how = match mode {
@@ -161,17 +176,47 @@ impl Node {
     }
 }
 
-/// A backend node's decapsulation settings.
-pub(crate) fn configure_decap(decap: &mut DecapPlane, cfg: &Config) -> Result<()> {
-    let role = cfg
-        .backend
-        .as_ref()
-        .context("backend role without [backend]")?;
-    decap.set_local_addresses(&role.addresses)?;
-    decap.set_vips(&role.vips)?;
-    decap.set_gue_port(role.gue_port)?;
-    info!(addresses = ?role.addresses, vips = ?role.vips, "decapsulation configured");
-    Ok(())
+impl BackendNode {
+    /// The decapsulation settings of `cfg`.
+    pub(crate) fn configure(&mut self, cfg: &Config) -> Result<()> {
+        let role = cfg
+            .backend
+            .as_ref()
+            .context("backend role without [backend]")?;
+        self.decap.set_local_addresses(&role.addresses)?;
+        self.decap.set_vips(&role.vips)?;
+        self.decap.set_gue_port(role.gue_port)?;
+        info!(addresses = ?role.addresses, vips = ?role.vips, "decapsulation configured");
+        Ok(())
+    }
+
+    /// Source NAT into this backend's egress blocks that do not rest at `now`; written only
+    /// when the rules change.
+    pub(crate) fn sync_source_nat(
+        &mut self,
+        cfg: &Config,
+        blocks: &egress::Blocks,
+        now: Instant,
+    ) -> Result<()> {
+        let own = cfg.backend.as_ref().map_or(&[][..], |b| &b.addresses[..]);
+        let rules = egress::source_nat(&cfg.egress, own, blocks, now);
+        if rules == self.source_nat {
+            return Ok(());
+        }
+        nat::replace(&rules).context("writing the egress source NAT rules (nf_tables)")?;
+        info!(rules = rules.len(), "egress source NAT");
+        self.source_nat = rules;
+        Ok(())
+    }
+
+    /// Removes the source NAT rules (on `--cleanup`).
+    pub(crate) fn remove_source_nat(&mut self) -> Result<()> {
+        if !self.source_nat.is_empty() {
+            nat::replace(&[]).context("removing the egress source NAT rules")?;
+            self.source_nat.clear();
+        }
+        Ok(())
+    }
 }
 
 impl LbNode {
