@@ -7,9 +7,9 @@ use std::{cell::RefCell, collections::HashMap, net::IpAddr, process::Command, ti
 use vip_agent::{
     apply::{
         Sources, TableSlots,
-        encode::{backend_entry, hash_port_mask, vip_meta},
+        encode::{backend_entry, datapath_keys, egress_key, egress_meta, hash_port_mask, vip_meta},
     },
-    config::{Encapsulation, HashFields, Protocol, VipConfig},
+    config::{EgressConfig, Encapsulation, HashFields, Protocol, VipConfig},
     dataplane::{Dataplane, DataplaneOptions, DecapPlane, test_run},
     net::nexthop::NextHop,
 };
@@ -39,6 +39,14 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
+
+/// The LB node's outer sources.
+fn lb_sources() -> Sources {
+    Sources {
+        v4: Some(LB_SRC4.parse().unwrap()),
+        v6: Some(LB_SRC6.parse().unwrap()),
+    }
+}
 
 /// A VIP as tests configure it: the config's settings, with backends named by id.
 #[derive(Clone, Debug)]
@@ -237,10 +245,7 @@ impl Lb {
     pub fn vip(&mut self, spec: &VipSpec) -> u32 {
         let vip_id = spec.vip_id.unwrap_or(self.next_vip_id);
         self.next_vip_id = self.next_vip_id.max(vip_id + 1);
-        let sources = Sources {
-            v4: Some(LB_SRC4.parse().unwrap()),
-            v6: Some(LB_SRC6.parse().unwrap()),
-        };
+        let sources = lb_sources();
         let table = self.table(spec);
         let slot = self.tables.take().expect("a free table slot");
         let meta = vip_meta(&spec.config(), sources, vip_id, slot);
@@ -251,6 +256,42 @@ impl Lb {
             .set_vip(&spec.key(), &meta)
             .expect("publish VIP");
         self.tables.make_live(spec.key(), slot);
+        vip_id
+    }
+
+    /// Makes `vip` an egress address as the agent does: ports `first..=last` in blocks of
+    /// `block_size`, block `b` owned by backend `id` for each `(b, id)` of `owners`, replies
+    /// encapsulated as `template`'s packets are. Returns its `vip_id`.
+    pub fn egress(
+        &mut self,
+        template: &VipSpec,
+        (first, last, block_size): (u16, u16, u16),
+        owners: &[(u16, BackendId)],
+    ) -> u32 {
+        let vip_id = self.next_vip_id;
+        self.next_vip_id += 1;
+        let config = EgressConfig {
+            vip: template.addr,
+            first_port: first,
+            last_port: last,
+            block_size,
+            rest: Duration::ZERO,
+            backends: Vec::new(),
+        };
+        let mut table = vec![vip_common::NO_BACKEND; self.dataplane.options().table_size as usize];
+        for (block, id) in owners {
+            table[usize::from(*block)] = *id;
+        }
+        let slot = self.tables.take().expect("a free table slot");
+        self.dataplane
+            .write_table(slot, &table)
+            .expect("write owners");
+        let meta = egress_meta(&template.config(), &config, lb_sources(), vip_id, slot);
+        let key = egress_key(template.addr);
+        for key in datapath_keys(&key) {
+            self.dataplane.set_vip(&key, &meta).expect("publish egress");
+        }
+        self.tables.make_live(key, slot);
         vip_id
     }
 

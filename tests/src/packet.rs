@@ -227,22 +227,47 @@ pub fn too_big(
     cport: u16,
     proto: u8,
 ) -> Vec<u8> {
+    let kind = if vip.contains(':') { [2, 0] } else { [3, 4] };
+    icmp_error(kind, router, (vip, vport), (client, cport), proto)
+}
+
+/// An ICMP error of `[type, code]` from `router` to `vip`, quoting a packet of `proto` that a
+/// backend sent from `vip:vport` to `peer:pport`.
+pub fn icmp_error(
+    [icmp_type, code]: [u8; 2],
+    router: &str,
+    (vip, vport): (&str, u16),
+    (peer, pport): (&str, u16),
+    proto: u8,
+) -> Vec<u8> {
     let router: IpAddr = router.parse().expect("address");
     let vip: IpAddr = vip.parse().expect("address");
-    let client: IpAddr = client.parse().expect("address");
+    let peer: IpAddr = peer.parse().expect("address");
     let mut quoted_l4 = Vec::new();
     quoted_l4.extend_from_slice(&vport.to_be_bytes());
-    quoted_l4.extend_from_slice(&cport.to_be_bytes());
+    quoted_l4.extend_from_slice(&pport.to_be_bytes());
     quoted_l4.extend_from_slice(&[0; 4]);
-    let quoted = ip_packet(vip, client, proto, 0, &[], 0x4000, &quoted_l4);
-    let v4 = vip.is_ipv4();
-    let mut icmp = if v4 {
-        vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc] // frag needed, MTU 1500
-    } else {
-        vec![2, 0, 0, 0, 0, 0, 0x05, 0xdc]
-    };
+    let quoted = ip_packet(vip, peer, proto, 0, &[], 0x4000, &quoted_l4);
+    // MTU 1500 in the "unused" word (read only by "too big").
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0x05, 0xdc];
     icmp.extend_from_slice(&quoted);
-    let (proto, ether_type) = if v4 {
+    icmp_frame(router, vip, &icmp)
+}
+
+/// An ICMP echo reply (ICMPv6 for IPv6 addresses) from `from` to `to` with identifier `id`.
+pub fn echo_reply(from: &str, to: &str, id: u16) -> Vec<u8> {
+    let from: IpAddr = from.parse().expect("address");
+    let to: IpAddr = to.parse().expect("address");
+    let icmp_type = if to.is_ipv4() { 0 } else { 129 };
+    let mut icmp = vec![icmp_type, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&[0, 1]); // sequence
+    icmp.extend_from_slice(b"ping payload");
+    icmp_frame(from, to, &icmp)
+}
+
+fn icmp_frame(from: IpAddr, to: IpAddr, icmp: &[u8]) -> Vec<u8> {
+    let (proto, ether_type) = if to.is_ipv4() {
         (IPPROTO_ICMP, 0x0800)
     } else {
         (IPPROTO_ICMPV6, 0x86dd)
@@ -250,7 +275,7 @@ pub fn too_big(
     ethernet(
         None,
         ether_type,
-        &ip_packet(router, vip, proto, 0, &[], 0, &icmp),
+        &ip_packet(from, to, proto, 0, &[], 0, icmp),
     )
 }
 

@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use vip_common::{IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP};
+use vip_common::{BackendId, IPPROTO_IPIP, IPPROTO_TCP, IPPROTO_UDP};
 use vip_tests::{fixture::*, packet::*, rows::*};
 
 /// The rows the benchmark times do what they should.
@@ -560,4 +560,153 @@ fn gue_encapsulation() {
             assert!(e.udp.is_none());
         }
     }
+}
+
+/// Replies to backends' egress connections: the destination port's block decides, on every LB
+/// node alike; ICMP echo replies by their identifier, ICMP errors by the flow they quote.
+#[test]
+fn egress_ports_go_to_the_owner_of_their_block() {
+    let mut s = services();
+    let (web4, web6) = (s.web4.clone(), s.web6.clone());
+    // 40000-40399 in blocks of 100: block 0 is backend 1's, block 1 backend 2's, block 2 is
+    // free (or resting), block 3 backend 0's; IPv6: block 1 is backend 4's.
+    s.lb.egress(&web4, (40_000, 40_399, 100), &[(0, 1), (1, 2), (3, 0)]);
+    s.lb.egress(&web6, (40_000, 40_399, 100), &[(1, 4)]);
+    let server4 = "203.0.113.7";
+    let server6 = "fd00:203::7";
+    let cases: Vec<(&str, Vec<u8>, BackendId)> = vec![
+        (
+            "TCP SYN-ACK to block 0",
+            Frame::tcp(server4, 443, "198.18.100.1", 40_005, TCP_SYN | TCP_ACK).build(),
+            1,
+        ),
+        (
+            "TCP ACK to block 1",
+            Frame::tcp(server4, 443, "198.18.100.1", 40_199, TCP_ACK).build(),
+            2,
+        ),
+        (
+            "UDP to block 3",
+            Frame::udp(server4, 53, "198.18.100.1", 40_300).build(),
+            0,
+        ),
+        (
+            "echo reply, identifier in block 1",
+            echo_reply(server4, "198.18.100.1", 40_150),
+            2,
+        ),
+        (
+            "port unreachable about a UDP flow of block 0",
+            icmp_error(
+                [3, 3],
+                server4,
+                ("198.18.100.1", 40_010),
+                (server4, 53),
+                IPPROTO_UDP,
+            ),
+            1,
+        ),
+        (
+            "time exceeded about a TCP flow of block 3",
+            icmp_error(
+                [11, 0],
+                "198.18.99.1",
+                ("198.18.100.1", 40_350),
+                (server4, 443),
+                IPPROTO_TCP,
+            ),
+            0,
+        ),
+        (
+            "too big about a TCP flow of block 1",
+            too_big(
+                "198.18.99.1",
+                "198.18.100.1",
+                40_100,
+                server4,
+                443,
+                IPPROTO_TCP,
+            ),
+            2,
+        ),
+        (
+            "IPv6 TCP to block 1",
+            Frame::tcp(server6, 443, "fd00:100::1", 40_100, TCP_ACK).build(),
+            4,
+        ),
+        (
+            "IPv6 echo reply in block 1",
+            echo_reply(server6, "fd00:100::1", 40_101),
+            4,
+        ),
+        (
+            "IPv6 unreachable about a UDP flow of block 1",
+            icmp_error(
+                [1, 4],
+                "fd00:99::1",
+                ("fd00:100::1", 40_111),
+                (server6, 53),
+                IPPROTO_UDP,
+            ),
+            4,
+        ),
+    ];
+    for (name, frame, owner) in cases {
+        let (action, out) = s.lb.run(&frame);
+        assert_eq!(action, XDP_TX, "{name}: forwarded");
+        let e = decode_encapsulated(&out);
+        assert_eq!(
+            e.outer_dst,
+            s.lb.backend_addr(owner),
+            "{name}: the block's owner"
+        );
+        assert_eq!(e.inner, frame[14..].to_vec(), "{name}: packet intact");
+    }
+
+    // Outside the range, not egress traffic, or a block without an owner: never misrouted.
+    let before = s.lb.dataplane.stats().unwrap();
+    let refused: Vec<(&str, Vec<u8>, u32)> = vec![
+        (
+            "a port above the range",
+            Frame::tcp(server4, 443, "198.18.100.1", 40_400, TCP_ACK).build(),
+            XDP_PASS,
+        ),
+        (
+            "a port below the range",
+            Frame::udp(server4, 53, "198.18.100.1", 39_999).build(),
+            XDP_PASS,
+        ),
+        (
+            "an echo reply outside the range",
+            echo_reply(server4, "198.18.100.1", 7),
+            XDP_PASS,
+        ),
+        (
+            "port unreachable about an ingress flow",
+            icmp_error(
+                [3, 3],
+                server4,
+                ("198.18.100.1", 80),
+                (CLIENT4, 40_000),
+                IPPROTO_TCP,
+            ),
+            XDP_PASS,
+        ),
+        (
+            "the free block 2",
+            Frame::tcp(server4, 443, "198.18.100.1", 40_250, TCP_ACK).build(),
+            XDP_DROP,
+        ),
+    ];
+    for (name, frame, action) in refused {
+        assert_eq!(s.lb.run(&frame).0, action, "{name}");
+    }
+    let after = s.lb.dataplane.stats().unwrap();
+    assert_eq!(after.drop_no_backend, before.drop_no_backend + 1);
+
+    // Ingress on the same address goes on as before: Maglev and conntrack.
+    let syn = Frame::tcp(CLIENT4, 40_005, "198.18.100.1", 80, TCP_SYN);
+    let (action, out) = s.lb.run(&syn.build());
+    assert_eq!(action, XDP_TX);
+    check_encapsulated(&s.lb, &web4, &syn, &out, "ingress beside egress");
 }
