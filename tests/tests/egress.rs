@@ -10,8 +10,8 @@ use std::{
 };
 
 use vip_tests::lab::{
-    EGRESS_PORTS, EGRESS_REST_SECS, Lab, LabSpec, VIP4, VIP6, echo_all, egress_tcp, egress_udp,
-    serve_outside,
+    EGRESS_PORTS, EGRESS_REST_SECS, Lab, LabSpec, VIP4, VIP6, echo_all, egress_ping, egress_tcp,
+    egress_udp, serve_outside,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -87,7 +87,7 @@ fn udp_again(sockets: &[UdpSocket]) -> usize {
 
 /// Reply packets LB node `i` sent to egress block owners (its status, JSON).
 fn egress_replies(lab: &Lab, i: usize) -> u64 {
-    let out = lab.lb_status(i, true).expect("status");
+    let out = lab.lb_cli(i, &["status", "-o", "json"]).expect("status");
     let json: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
     fn sum(v: &serde_json::Value) -> u64 {
         match v {
@@ -127,6 +127,15 @@ fn egress_from_every_backend_through_both_lb_nodes_survives_an_lb_node_death() {
         }
     }
     assert_eq!((tcp.len(), udp.len()), (360, 360));
+    // ICMP echo from the VIP: the identifier is translated into the block and back.
+    for i in 1..=3 {
+        let ns = lab.spec.ns(&format!("be{i}"));
+        for vip in [VIP4, VIP6] {
+            let to = server(vip).ip();
+            egress_ping(&ns, vip.parse().unwrap(), to, 7 + i as u16, TIMEOUT)
+                .unwrap_or_else(|e| panic!("be{i}: ping from {vip}: {e}"));
+        }
+    }
     assert_eq!(echo_all(&mut tcp, "before"), 360);
     assert_eq!(
         echo_all(&mut ingress, "before"),
@@ -139,6 +148,24 @@ fn egress_from_every_backend_through_both_lb_nodes_survives_an_lb_node_death() {
             "replies must reach the owners through LB node {i} too (ECMP)"
         );
     }
+
+    // `which` names a port's block and owner, as the loaded program answers.
+    let which = lab
+        .lb_cli(
+            2,
+            &[
+                "which",
+                "--vip",
+                "198.19.0.1:40150",
+                "--flow",
+                "198.18.0.10:8080",
+            ],
+        )
+        .expect("which");
+    assert!(
+        which.contains("owner of egress block 1 198.18.12.2"),
+        "{which}"
+    );
 
     lab.kill_lb(1).expect("kill lb1");
     // Replies hashed to lb1 are lost until the router drops its route (BGP hold time): TCP
@@ -182,13 +209,13 @@ fn backend_changes_keep_running_egress_flows_and_a_full_block_fails_only_its_bac
     let mut be3 = all_from_block(be3, VIP4, 3);
 
     // be2's block rests: nobody gets its replies, on any LB node, for the rest.
-    let status = lab.lb_status(2, false).expect("status");
+    let status = lab.lb_cli(2, &["status"]).expect("status");
     assert!(
         status.contains("block 1 (ports 40100-40199): nobody, resting"),
         "{status}"
     );
     std::thread::sleep(Duration::from_secs(EGRESS_REST_SECS + 2));
-    let status = lab.lb_status(2, false).expect("status");
+    let status = lab.lb_cli(2, &["status"]).expect("status");
     assert!(!status.contains("resting"), "the rest ended: {status}");
 
     // be1's block is 100 ports: with 60 in use, 40 more connections fit and the next fails,

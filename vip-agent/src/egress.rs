@@ -8,11 +8,7 @@
 //! handed to a stranger) and on the new owner (it translates into the block only afterwards).
 //! Every node that saw the change counts the same rest from the moment it applied it.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    time::{Duration, Instant},
-};
+use std::{collections::HashMap, net::IpAddr, time::Instant};
 
 use vip_common::{IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP};
 
@@ -76,11 +72,6 @@ impl Blocks {
         self.resting.retain(|_, r| now < r.until);
         self.resting.len() != before
     }
-
-    /// Time left of each resting block, for status.
-    pub fn remaining(&self, vip: IpAddr, block: u16, now: Instant) -> Option<Duration> {
-        self.resting(vip, block, now).map(|r| r.until - now)
-    }
 }
 
 /// The source NAT a backend with addresses `own` sets up: for each egress VIP where one of
@@ -119,6 +110,8 @@ pub fn source_nat(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::config::EgressBackend;
 

@@ -174,19 +174,26 @@ udp_expect = \"ping\"",
 "
                 );
             }
-            for (b, weight) in self
-                .spec
-                .weights
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| **w > 0)
-            {
-                let (b4, b6) = backend_addrs(b + 1);
-                let addr = if vip == VIP6 { b6 } else { b4 };
+            for (_, addr, weight) in self.configured_backends(vip) {
                 c += &format!("[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
             }
         }
         c + &self.egress_config()
+    }
+
+    /// The backends the LB nodes have (weight above 0): index from 0, address of `vip`'s
+    /// family, weight.
+    fn configured_backends(&self, vip: &str) -> Vec<(usize, String, u32)> {
+        self.spec
+            .weights
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w > 0)
+            .map(|(b, weight)| {
+                let (b4, b6) = backend_addrs(b + 1);
+                (b, if vip == VIP6 { b6 } else { b4 }, *weight)
+            })
+            .collect()
     }
 
     /// The `[[egress]]` sections every node has (none without `egress_block_size`).
@@ -201,16 +208,8 @@ udp_expect = \"ping\"",
                 "\n[[egress]]\nvip = \"{vip}\"\nports = \"{first}-{last}\"\nblock_size = {size}\n\
                  rest = {EGRESS_REST_SECS}\n"
             );
-            for (b, _) in self
-                .spec
-                .weights
-                .iter()
-                .enumerate()
-                .filter(|(_, w)| **w > 0)
-            {
-                let (b4, b6) = backend_addrs(b + 1);
-                let addr = if vip == VIP6 { b6 } else { b4 };
-                c += &format!("[[egress.backend]]\naddress = \"{addr}\"\nblock = {b}\n");
+            for (block, addr, _) in self.configured_backends(vip) {
+                c += &format!("[[egress.backend]]\naddress = \"{addr}\"\nblock = {block}\n");
             }
         }
         c

@@ -7,7 +7,7 @@ use super::{
     IPERF_PORT, Lab, VIP4,
     error::{LabError, Result},
     services::tcp_hello,
-    shell::{enter, in_ns, ip_out},
+    shell::{in_namespace, in_ns, ip_out},
     topology::backend_addrs,
 };
 
@@ -40,22 +40,25 @@ impl Lab {
         }
     }
 
-    /// `vip-agent status` of LB node `i`, with its running agent's part (`-o json` with `json`).
-    /// Runs outside the namespace: `ip netns exec` would hide the pins behind a new /sys.
-    pub fn lb_status(&self, i: usize, json: bool) -> Result<String> {
+    /// `vip-agent ARGS --pin-dir PINS` for LB node `i` (`status`, `which`), with its agent's
+    /// control socket. Runs outside the namespace: `ip netns exec` would hide the pins behind
+    /// a new /sys.
+    pub fn lb_cli(&self, i: usize, args: &[&str]) -> Result<String> {
         let name = format!("lb{i}");
         let output = Command::new(&self.agent)
             .arg("--socket")
             .arg(self.spec.control_socket(&name))
-            .args([
-                "status",
-                "-o",
-                if json { "json" } else { "text" },
-                "--pin-dir",
-            ])
+            .args(args)
+            .arg("--pin-dir")
             .arg(self.spec.pin_dir(&name))
             .output()
-            .map_err(super::error::io(format!("status of {name}")))?;
+            .map_err(super::error::io(format!("vip-agent {args:?} of {name}")))?;
+        if !output.status.success() {
+            return Err(LabError::NotReached(format!(
+                "vip-agent {args:?} of {name}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
@@ -155,12 +158,6 @@ impl Lab {
 
     /// Runs `f` on a thread inside the client's namespace; sockets it makes stay there.
     pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = self.spec.ns("client");
-        thread::spawn(move || {
-            enter(&ns).expect("client namespace");
-            f()
-        })
-        .join()
-        .expect("client thread")
+        in_namespace(&self.spec.ns("client"), f)
     }
 }

@@ -31,7 +31,9 @@ use std::{
 };
 
 pub use error::{LabError, Result};
-pub use services::{echo_all, egress_tcp, egress_udp, serve, serve_outside, tcp_hello, udp_hello};
+pub use services::{
+    echo_all, egress_ping, egress_tcp, egress_udp, serve, serve_outside, tcp_hello, udp_hello,
+};
 pub use shell::enter;
 pub use topology::backend_addrs;
 

@@ -9,7 +9,7 @@ use std::{
 use super::{
     TCP_PORT, UDP_PORT, VIP4, VIP6,
     error::{LabError, Result, io},
-    shell::enter,
+    shell::{enter, in_namespace},
 };
 
 /// The backends' services (run as `vip-demo serve --netns NS --name NAME --address ADDR`): a TCP
@@ -208,9 +208,7 @@ pub fn egress_tcp(
     n: usize,
     timeout: Duration,
 ) -> Vec<std::io::Result<(TcpStream, SocketAddr)>> {
-    let ns = ns.to_owned();
-    thread::spawn(move || {
-        enter(&ns).expect("backend namespace");
+    in_namespace(ns, move || {
         (0..n)
             .map(|_| {
                 use std::io::BufRead;
@@ -234,8 +232,6 @@ pub fn egress_tcp(
             })
             .collect()
     })
-    .join()
-    .expect("egress thread")
 }
 
 /// From inside namespace `ns`, `n` UDP flows (a socket each) from `source` to `server`, one
@@ -248,9 +244,7 @@ pub fn egress_udp(
     n: usize,
     timeout: Duration,
 ) -> Vec<std::io::Result<(UdpSocket, SocketAddr)>> {
-    let ns = ns.to_owned();
-    thread::spawn(move || {
-        enter(&ns).expect("backend namespace");
+    in_namespace(ns, move || {
         let sockets: Vec<std::io::Result<UdpSocket>> = (0..n)
             .map(|i| {
                 let socket = UdpSocket::bind(SocketAddr::new(source, 0))?;
@@ -281,6 +275,60 @@ pub fn egress_udp(
             })
             .collect()
     })
-    .join()
-    .expect("egress thread")
+}
+
+/// From inside namespace `ns`, an ICMP echo request (ICMPv6 for IPv6) from `source` to `dest`
+/// with identifier `id`, over a raw socket; waits for the echo reply with that identifier (the
+/// backend's NAT maps it into its block and back).
+pub fn egress_ping(
+    ns: &str,
+    source: IpAddr,
+    dest: IpAddr,
+    id: u16,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    in_namespace(ns, move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let (domain, protocol, request, reply) = if dest.is_ipv4() {
+            (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8)
+        } else {
+            (Domain::IPV6, Protocol::ICMPV6, 128, 129)
+        };
+        let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.set_read_timeout(Some(timeout))?;
+        let mut packet = vec![request, 0, 0, 0];
+        packet.extend_from_slice(&id.to_be_bytes());
+        packet.extend_from_slice(&[0, 1]);
+        packet.extend_from_slice(b"vip egress ping");
+        // ICMPv6's checksum covers a pseudo-header: the kernel fills it in for raw ICMPv6.
+        if dest.is_ipv4() {
+            let sum = !vip_common::checksum::fold_sum(&packet);
+            packet[2..4].copy_from_slice(&sum.to_be_bytes());
+        }
+        socket.send_to(&packet, &SocketAddr::new(dest, 0).into())?;
+        let deadline = Instant::now() + timeout;
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+        while Instant::now() < deadline {
+            let n = socket.recv(&mut buf)?;
+            // SAFETY: `recv` initialised the first `n` bytes.
+            let got: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
+            // Raw IPv4 sockets deliver the IP header too.
+            let icmp = if dest.is_ipv4() {
+                &got[usize::from(got[0] & 0x0f) * 4..]
+            } else {
+                &got[..]
+            };
+            if icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id.to_be_bytes() {
+                return Ok(());
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no echo reply",
+        ))
+    })
 }

@@ -38,6 +38,21 @@ pub(super) fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
 }
 
 /// Moves the calling thread into network namespace `ns`.
+/// Runs `f` on a thread inside namespace `ns` and returns its result; sockets it makes stay
+/// in that namespace.
+pub(super) fn in_namespace<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        enter(&ns).unwrap_or_else(|e| panic!("entering {ns}: {e}"));
+        f()
+    })
+    .join()
+    .expect("a thread in a lab namespace")
+}
+
 pub fn enter(ns: &str) -> Result<()> {
     let file =
         fs::File::open(Path::new("/run/netns").join(ns)).map_err(io(format!("netns {ns}")))?;

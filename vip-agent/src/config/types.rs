@@ -168,18 +168,6 @@ impl EgressConfig {
             (first + u32::from(self.block_size) - 1) as u16,
         )
     }
-
-    /// The block port `port` falls in, if it is an egress port.
-    pub fn block_of(&self, port: u16) -> Option<u16> {
-        (self.first_port..=self.last_port)
-            .contains(&port)
-            .then(|| (port - self.first_port) / self.block_size)
-    }
-
-    /// Whether `port` is one of the egress ports.
-    pub fn has_port(&self, port: u16) -> bool {
-        self.block_of(port).is_some()
-    }
 }
 
 /// Announcer mode `kernel`: each VIP that can be forwarded is a host route (`dev lo`) in a

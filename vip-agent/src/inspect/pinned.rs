@@ -152,7 +152,8 @@ pub fn which(
     let key = test_run::flow_key(flow, vip, proto);
     let tracked = dp.conntrack(&key)?.is_some();
     let (action, out) = test_run::run(&mut dp, &frame)?;
-    if !tracked {
+    // Egress ports (and dropped packets) make no entry.
+    if !tracked && dp.conntrack(&key)?.is_some() {
         dp.remove_flow(&key)?;
     }
     let egress_key = vip_common::VipKey::new(vip.ip(), proto, 0);

@@ -11,6 +11,7 @@
 mod agent;
 mod cpus;
 mod datapath;
+mod egress;
 mod harness;
 mod lab;
 mod maglev;
@@ -78,6 +79,7 @@ fn main() {
     datapath::report(&mut md, &mut harness, &mut services);
     cpus::every_cpu(&mut md, &mut services.lb);
     drop(services);
+    egress::egress_cost(&mut md, &mut harness);
     scaling::table_scaling(&mut md, &mut harness);
     let wanted = |section| args.only.is_none_or(|only| only == section);
     if wanted(Section::Maglev) {
