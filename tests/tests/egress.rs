@@ -20,9 +20,14 @@ const SERVER_PORT: u16 = 8080;
 const BLOCK: u16 = 100;
 
 fn lab(prefix: &str, weights: &[u32]) -> Lab {
+    lab_with(prefix, weights, false)
+}
+
+fn lab_with(prefix: &str, weights: &[u32], gue: bool) -> Lab {
     vip_tests::require_root();
     let mut spec = LabSpec::new(prefix);
     spec.weights = weights.to_vec();
+    spec.gue = gue;
     spec.egress_block_size = Some(BLOCK);
     let lab = Lab::up_built(spec).expect("lab up");
     serve_outside(&lab.spec.ns("client"), SERVER_PORT).expect("the server beside the client");
@@ -234,6 +239,30 @@ fn backend_changes_keep_running_egress_flows_and_a_full_block_fails_only_its_bac
         .map(|s| s.local_addr().unwrap().port())
         .collect();
     assert_eq!(seen.len(), 100, "each connection its own port");
+}
+
+#[test]
+fn egress_replies_take_the_vips_gue_encapsulation() {
+    let lab = lab_with("vipeg-gue", &[1, 1, 1], true);
+    for i in 1..=3 {
+        let ns = lab.spec.ns(&format!("be{i}"));
+        for vip in [VIP4, VIP6] {
+            let results = egress_tcp(&ns, vip.parse().unwrap(), server(vip), 10, TIMEOUT);
+            let mut streams = all_from_block(results, vip, i);
+            assert_eq!(echo_all(&mut streams, "gue"), 10, "be{i} from {vip}");
+            assert_eq!(udp_flows(&lab, i, vip, 10).len(), 10);
+        }
+    }
+    // The egress entries carry the VIP's encapsulation: GUE, no IP-in-IP anywhere.
+    for i in 1..=2 {
+        let status = lab.status(&format!("lb{i}"));
+        assert!(
+            status.contains("egress tcp/198.19.0.1 ports 40000-40999")
+                && status.contains("GUE to port 6080")
+                && !status.contains("IP-in-IP"),
+            "{status}"
+        );
+    }
 }
 
 #[test]
