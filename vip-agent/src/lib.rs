@@ -12,6 +12,7 @@
 //!   `announce`: BGP or routes in a kernel table.
 //! - [`net`]: next hops, `lo` addresses, source NAT, interface settings; [`egress`]: VIPs as
 //!   backends' source (block rests, the source NAT each backend needs).
+//! - [`sync`]: flow-state sharing with the tier's other LB nodes.
 //! - [`metrics`], [`view`], [`inspect`]: what the agent shows; [`doctor`]: what the host lacks.
 
 pub(crate) mod announce;
@@ -29,4 +30,5 @@ pub mod inspect;
 pub(crate) mod metrics;
 pub mod net;
 pub mod runtime;
+pub mod sync;
 pub mod view;

@@ -45,6 +45,8 @@ pub(crate) struct Snapshot {
     pub backend_flows: Vec<((VipName, String), u64)>,
     /// Egress blocks with an owner or resting, and the traffic to their owner (load balancer).
     pub egress: Vec<(EgressBlockView, Option<TrafficCounters>)>,
+    /// Flow-state sharing, with `[sync]`.
+    pub sync: Option<crate::sync::Stats>,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     /// (peer, session).
@@ -72,6 +74,8 @@ pub(crate) struct MetricsSources {
     pub sessions: Sessions,
     /// The last conntrack census and when it was taken.
     pub census: std::sync::Mutex<Option<(std::time::Instant, Census)>>,
+    /// Flow-state sharing's counters, with `[sync]`.
+    pub sync: Option<crate::sync::Counters>,
 }
 
 /// How old a conntrack census may be: counting walks both maps (a syscall per entry), so
@@ -128,6 +132,7 @@ impl MetricsSources {
             }
             s.vips.push((account.name, total));
         }
+        s.sync = self.sync.as_ref().map(crate::sync::Counters::snapshot);
         s.egress = view
             .egress
             .iter()
@@ -197,6 +202,77 @@ fn backend_labels(vip: &VipName, backend: &str) -> Vec<(String, String)> {
     let mut labels = vip_labels(vip);
     labels.push(("backend".to_owned(), backend.to_owned()));
     labels
+}
+
+/// Flow-state sharing's metrics.
+fn encode_sync(e: &mut DescriptorEncoder, sync: &crate::sync::Stats) -> std::fmt::Result {
+    let peer = |a: &std::net::IpAddr| vec![("peer".to_owned(), a.to_string())];
+    gauges(
+        e,
+        "vip_sync_peer_up",
+        "1 while the connection with a flow-state peer is up, by direction (push: ours to it).",
+        sync.peers.iter().flat_map(|(a, p)| {
+            [("push", p.outbound_up), ("receive", p.inbound_up)].map(|(d, up)| {
+                let mut labels = peer(a);
+                labels.push(("direction".to_owned(), d.to_owned()));
+                (labels, i64::from(up))
+            })
+        }),
+    )?;
+    let per_peer = |f: fn(&crate::sync::PeerStats) -> u64| -> Rows {
+        sync.peers.iter().map(|(a, p)| (peer(a), f(p))).collect()
+    };
+    family(
+        e,
+        "vip_sync_entries_sent",
+        "Exceptions pushed to a peer.",
+        &per_peer(|p| p.entries_sent),
+    )?;
+    family(
+        e,
+        "vip_sync_entries_received",
+        "Exceptions a peer pushed here (authenticated).",
+        &per_peer(|p| p.entries_received),
+    )?;
+    family(
+        e,
+        "vip_sync_bytes_sent",
+        "Bytes pushed to a peer.",
+        &per_peer(|p| p.bytes_sent),
+    )?;
+    family(
+        e,
+        "vip_sync_bytes_received",
+        "Bytes of authenticated frames from a peer.",
+        &per_peer(|p| p.bytes_received),
+    )?;
+    gauges(
+        e,
+        "vip_sync_last_full_sync_timestamp_seconds",
+        "When a peer last finished pushing every exception it holds.",
+        sync.peers
+            .iter()
+            .filter_map(|(a, p)| Some((peer(a), p.last_full_sync?))),
+    )?;
+    counter(
+        e,
+        "vip_sync_entries_applied",
+        "Peers' exceptions written into conntrack.",
+        sync.applied,
+    )?;
+    family(
+        e,
+        "vip_sync_entries_rejected",
+        "Peers' exceptions not written, by reason.",
+        &one("reason", &sync.rejected),
+    )?;
+    family(
+        e,
+        "vip_sync_refused",
+        "Flow-state frames and connections refused, by reason (forged, replayed, oversized, \
+         malformed, not a peer, over the rate).",
+        &one("reason", &sync.refused),
+    )
 }
 
 /// Rows of a labelled family: (label pairs, value).
@@ -324,6 +400,9 @@ impl Collector for SnapshotCollector {
             "Bytes (client packets) forwarded per backend of a VIP.",
             &per_backend(|t| t.bytes),
         )?;
+        if let Some(sync) = &s.sync {
+            encode_sync(&mut e, sync)?;
+        }
         let block_labels = |b: &EgressBlockView| {
             vec![
                 ("vip".to_owned(), b.vip.to_string()),
@@ -786,6 +865,19 @@ mod tests {
                 },
                 Some(traffic),
             )],
+            sync: Some(crate::sync::Stats {
+                peers: vec![(
+                    "192.0.2.3".parse().unwrap(),
+                    crate::sync::PeerStats {
+                        outbound_up: true,
+                        last_full_sync: Some(1),
+                        ..Default::default()
+                    },
+                )],
+                refused: vec![("replay".into(), 1)],
+                applied: 1,
+                rejected: vec![("idle".into(), 1)],
+            }),
             reloads_ok: 1,
             reloads_failed: 0,
             bgp: vec![(

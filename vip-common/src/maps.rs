@@ -276,8 +276,12 @@ pub struct ConnEntry {
     /// `Backend::tag` of `backend` when the entry was made: the entry counts only while the
     /// same backend holds that id. 0 (entries of agents before tags) matches any holder.
     pub backend_tag: u16,
-    pub _pad: u16,
+    /// `CONN_F_*` bits; the datapath writes 0 and does not read them.
+    pub flags: u16,
 }
+
+/// `ConnEntry::flags`: written by the agent from a peer LB node's flow state (`[sync]`).
+pub const CONN_F_PEER: u16 = 1 << 0;
 
 /// Value of `BACKEND_STATS` (per CPU): traffic sent to a backend of a VIP. A VIP's traffic is
 /// the sum over its backends.

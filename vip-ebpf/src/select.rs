@@ -137,7 +137,7 @@ pub(crate) fn backend(
         last_seen_ns: now(),
         flow_hash: hash,
         backend_tag: backend.tag,
-        _pad: 0,
+        flags: 0,
     };
     match policy {
         ConnPolicy::New => conntrack::overwrite(flow, entry),

@@ -10,8 +10,8 @@ use std::{
 };
 
 use super::{
-    EGRESS_PORTS, EGRESS_REST_SECS, GUE_PORT, IPERF_PORT, LB_ASN, Lab, ROUTER_ASN, TCP_PORT,
-    UDP_PORT, VIP4, VIP6,
+    EGRESS_PORTS, EGRESS_REST_SECS, GUE_PORT, IPERF_PORT, LB_ASN, Lab, ROUTER_ASN, SYNC_PORT,
+    TCP_PORT, UDP_PORT, VIP4, VIP6,
     error::{LabError, Result, io},
     shell::in_ns,
     topology::{backend_addrs, lb_addrs},
@@ -178,7 +178,30 @@ udp_expect = \"ping\"",
                 c += &format!("[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
             }
         }
-        c + &self.egress_config()
+        c + &self.egress_config() + &self.sync_config(i)
+    }
+
+    /// LB node `i`'s `[sync]` (none without `spec.sync`).
+    fn sync_config(&self, i: usize) -> String {
+        if !self.spec.sync {
+            return String::new();
+        }
+        let peers: Vec<String> = (1..=self.spec.lbs)
+            .filter(|&j| j != i)
+            .map(|j| format!("\"{}:{SYNC_PORT}\"", lb_addrs(j).0))
+            .collect();
+        let key = if self.spec.sync_wrong_key == Some(i) {
+            "sync-other.key"
+        } else {
+            "sync.key"
+        };
+        format!(
+            "\n[sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n\
+             fetch_timeout = 3\nrefresh = 5\n",
+            lb_addrs(i).0,
+            peers.join(", "),
+            self.spec.run_dir().join(key).display()
+        )
     }
 
     /// The backends the LB nodes have (weight above 0): index from 0, address of `vip`'s

@@ -76,7 +76,14 @@ pub struct LabSpec {
     /// Both VIP addresses as the backends' source too: `[[egress]]` on every node with ports
     /// [`EGRESS_PORTS`] in blocks of this size, backend `i` (weight > 0) owning block `i - 1`.
     pub egress_block_size: Option<u16>,
+    /// Flow-state sharing between the LB nodes (`[sync]`, refresh every 5 s), all with the
+    /// tier's key except the node given here, which has another.
+    pub sync: bool,
+    pub sync_wrong_key: Option<usize>,
 }
+
+/// Flow-state sharing's port on the LB nodes.
+pub const SYNC_PORT: u16 = 7180;
 
 /// The lab's egress ports (on both VIP addresses).
 pub const EGRESS_PORTS: (u16, u16) = (40_000, 40_999);
@@ -96,6 +103,8 @@ impl LabSpec {
             health: None,
             bfd: None,
             egress_block_size: None,
+            sync: false,
+            sync_wrong_key: None,
         }
     }
 
@@ -158,6 +167,13 @@ impl Lab {
         };
         fs::create_dir_all(lab.spec.run_dir())
             .map_err(io(format!("creating {}", lab.spec.run_dir().display())))?;
+        for (name, key) in [
+            ("sync.key", "the lab tier's flow-state key\n"),
+            ("sync-other.key", "a key of another tier entirely\n"),
+        ] {
+            let path = lab.spec.run_dir().join(name);
+            fs::write(&path, key).map_err(io(format!("writing {}", path.display())))?;
+        }
         lab.topology(decap_object)?;
         lab.start_bird()?;
         for i in 1..=lab.spec.backends() {

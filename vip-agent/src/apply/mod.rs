@@ -16,7 +16,7 @@ mod writer;
 
 use std::{collections::HashMap, net::IpAddr};
 
-use vip_common::{Backend, BackendId, TrafficCounters, VipKey, VipMeta};
+use vip_common::{Backend, BackendId, TrafficCounters, VipKey, VipMeta, maglev::MaglevTable};
 
 pub use encode::Sources;
 pub use plan::{Plan, PlanError};
@@ -56,6 +56,41 @@ pub struct VipAccount {
     pub name: VipName,
     pub retired: TrafficCounters,
     pub backends: Vec<(IpAddr, BackendId)>,
+}
+
+/// The applied state, indexed the ways flow-state sharing asks it.
+#[derive(Debug, Default)]
+pub struct Lookup {
+    by_id: HashMap<u32, (VipKey, VipMeta)>,
+    vips: HashMap<VipKey, VipMeta>,
+    backends_by_id: HashMap<BackendId, (BackendKey, Backend)>,
+    backends: HashMap<BackendKey, (BackendId, Backend)>,
+    tables: HashMap<VipKey, MaglevTable>,
+}
+
+impl Lookup {
+    /// A VIP by its id.
+    pub fn vip_by_id(&self, vip_id: u32) -> Option<&(VipKey, VipMeta)> {
+        self.by_id.get(&vip_id)
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Option<&VipMeta> {
+        self.vips.get(key)
+    }
+
+    /// A backend entry by its id, with the (VIP, address) it stands for.
+    pub fn backend_by_id(&self, id: BackendId) -> Option<&(BackendKey, Backend)> {
+        self.backends_by_id.get(&id)
+    }
+
+    pub fn backend(&self, key: &BackendKey) -> Option<&(BackendId, Backend)> {
+        self.backends.get(key)
+    }
+
+    /// A VIP's live Maglev table.
+    pub fn table(&self, key: &VipKey) -> Option<&MaglevTable> {
+        self.tables.get(key)
+    }
 }
 
 /// The applied state of a load-balancer node and the traffic of departed backends.
@@ -182,6 +217,30 @@ impl Applied {
         self.retired.retain(|k, _| plan.next.vips.contains_key(k));
         self.state = plan.next;
         Ok(report)
+    }
+
+    /// VIPs, backends and live Maglev tables as applied, indexed for flow-state sharing.
+    pub fn lookup(&self) -> Lookup {
+        let state = &self.state;
+        let mut lookup = Lookup::default();
+        for (key, applied) in &state.vips {
+            lookup
+                .by_id
+                .insert(applied.meta.vip_id, (*key, applied.meta));
+            lookup.vips.insert(*key, applied.meta);
+            if let TableSource::Maglev(members) = &applied.source
+                && let Ok(table) = MaglevTable::build(state.capacity.table_size, members)
+            {
+                lookup.tables.insert(*key, table);
+            }
+        }
+        for (bkey, entry) in &state.backends {
+            if let Some(id) = state.backend_ids.get(bkey) {
+                lookup.backends_by_id.insert(id, (*bkey, *entry));
+                lookup.backends.insert(*bkey, (id, *entry));
+            }
+        }
+        lookup
     }
 
     /// The datapath's id of a backend of a VIP, once applied.

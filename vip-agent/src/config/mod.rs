@@ -11,6 +11,7 @@ mod egress;
 mod error;
 mod expand;
 mod raw;
+mod sync;
 mod types;
 mod validate;
 

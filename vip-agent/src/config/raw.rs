@@ -28,6 +28,35 @@ pub(super) struct RawConfig {
     pub(super) announce: Option<Spanned<RawAnnounce>>,
     #[serde(default)]
     pub(super) egress: Vec<Spanned<RawEgress>>,
+    pub(super) sync: Option<Spanned<RawSync>>,
+}
+
+/// Flow-state sharing with the other LB nodes of the tier (`[sync]`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSync {
+    pub(super) listen: Spanned<SocketAddr>,
+    pub(super) peers: Spanned<Vec<SocketAddr>>,
+    pub(super) key: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<PathBuf>>,
+    #[serde(default = "default_sync_rate")]
+    pub(super) max_entries_per_second: u32,
+    /// Seconds.
+    #[serde(default = "default_sync_fetch_timeout")]
+    pub(super) fetch_timeout: u64,
+    /// Seconds.
+    #[serde(default = "default_sync_refresh")]
+    pub(super) refresh: Spanned<u64>,
+}
+
+fn default_sync_rate() -> u32 {
+    DEFAULT_SYNC_ENTRIES_PER_SECOND
+}
+fn default_sync_fetch_timeout() -> u64 {
+    DEFAULT_SYNC_FETCH_TIMEOUT_SECS
+}
+fn default_sync_refresh() -> Spanned<u64> {
+    Spanned::new(0..0, DEFAULT_SYNC_REFRESH_SECS)
 }
 
 /// A VIP address that backends also use as their source (`[[egress]]`), the same section on

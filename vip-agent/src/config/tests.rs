@@ -551,6 +551,12 @@ fn config_reference_lists_every_key() {
         ),
         ("[backend]", backend_role.to_owned() + "zzz_unknown = 1\n"),
         (
+            "[sync]",
+            GOOD.to_owned()
+                + "[sync]\nlisten = \"198.18.0.2:7180\"\npeers = [\"198.18.0.3:7180\"]\n\
+                   key = \"0123456789abcdef\"\nzzz_unknown = 1\n",
+        ),
+        (
             "[[egress]]",
             format!("{GOOD}{EGRESS}").replacen(
                 "block_size = 100\n",
@@ -669,4 +675,27 @@ vips = ["198.19.0.1"]
         backend.replace("vips = [\"198.19.0.1\"]", "vips = [\"198.19.0.9\"]")
     ));
     assert!(e.to_string().contains("is not in backend.vips"), "{e}");
+}
+
+#[test]
+fn sync_takes_a_key_of_the_tier_and_other_nodes_as_peers() {
+    let sync = "[sync]\nlisten = \"198.18.0.2:7180\"\npeers = [\"198.18.0.3:7180\"]\n";
+    let c = parse(
+        Path::new("vip.toml"),
+        &format!("{GOOD}{sync}key = \"0123456789abcdef\"\n"),
+    )
+    .unwrap();
+    let s = c.sync.unwrap();
+    assert_eq!(s.key, b"0123456789abcdef");
+    assert_eq!(s.refresh, Duration::from_secs(DEFAULT_SYNC_REFRESH_SECS));
+    assert!(!format!("{s:?}").contains("0123"), "the key never shows");
+    let e = error(&format!("{GOOD}{sync}key = \"short\"\n"));
+    assert!(e.to_string().contains("at least 16"), "{e}");
+    let e = error(&format!("{GOOD}{sync}"));
+    assert!(e.to_string().contains("`key`"), "{e}");
+    let e = error(&format!(
+        "{GOOD}{}key = \"0123456789abcdef\"\n",
+        sync.replace("198.18.0.3:7180", "198.18.0.2:7180")
+    ));
+    assert!(e.to_string().contains("this node's own sync.listen"), "{e}");
 }

@@ -120,6 +120,48 @@ pub struct Config {
     pub kernel_routes: Option<KernelRoutesConfig>,
     /// VIP addresses that backends also use as their source, and who owns which ports.
     pub egress: Vec<EgressConfig>,
+    /// Flow-state sharing with the tier's other LB nodes.
+    pub sync: Option<SyncConfig>,
+}
+
+/// Defaults of `[sync]`.
+pub const DEFAULT_SYNC_ENTRIES_PER_SECOND: u32 = 1_000_000;
+pub const DEFAULT_SYNC_FETCH_TIMEOUT_SECS: u64 = 3;
+pub const DEFAULT_SYNC_REFRESH_SECS: u64 = 30;
+/// The shortest key accepted, in bytes.
+pub const MIN_SYNC_KEY_LEN: usize = 16;
+
+/// Flow-state sharing: the LB nodes of a tier push each other the flows that the current
+/// tables would send elsewhere (see the `sync` module).
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct SyncConfig {
+    /// Where peers connect (TCP).
+    pub listen: SocketAddr,
+    /// The other LB nodes' `listen` addresses: only they may connect, only to them is pushed.
+    pub peers: Vec<SocketAddr>,
+    /// The tier's shared key (HMAC-SHA256); never shown.
+    #[serde(skip)]
+    pub key: Vec<u8>,
+    /// Entries one peer may deliver per second; beyond, its connection is refused.
+    pub max_entries_per_second: u32,
+    /// At start, how long to wait for every peer's exceptions before announcing.
+    #[serde(serialize_with = "seconds")]
+    pub fetch_timeout: Duration,
+    /// How often every exception is pushed again (keeps peers' copies and UDP ages fresh).
+    #[serde(serialize_with = "seconds")]
+    pub refresh: Duration,
+}
+
+impl fmt::Debug for SyncConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SyncConfig")
+            .field("listen", &self.listen)
+            .field("peers", &self.peers)
+            .field("max_entries_per_second", &self.max_entries_per_second)
+            .field("fetch_timeout", &self.fetch_timeout)
+            .field("refresh", &self.refresh)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a block waits, by default, after its backend left before another may take it:
@@ -288,6 +330,7 @@ impl Config {
             // is not.
             (self.bgp.is_some() != new.bgp.is_some(), "bgp"),
             (self.kernel_routes != new.kernel_routes, "announce"),
+            (self.sync != new.sync, "sync"),
         ]
         .into_iter()
         .filter_map(|(differs, key)| differs.then_some(key))

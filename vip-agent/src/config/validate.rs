@@ -805,6 +805,10 @@ pub(super) fn validate(
     if let Some(b) = &bgp {
         check_next_hops(b, &vips, &err)?;
     }
+    let sync = raw
+        .sync
+        .map(|s| super::sync::validate(s, role, &err))
+        .transpose()?;
     let egress = super::egress::validate(
         raw.egress,
         &super::egress::EgressContext {
@@ -872,6 +876,7 @@ pub(super) fn validate(
         kernel_routes,
         backend,
         egress,
+        sync,
         node: NodeConfig {
             role,
             interfaces: node.interfaces.into_inner(),

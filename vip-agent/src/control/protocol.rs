@@ -51,6 +51,8 @@ pub struct AgentStatus {
     pub peers: Vec<PeerStatus>,
     /// Egress blocks with an owner or resting (a backend: its own).
     pub egress: Vec<EgressBlockStatus>,
+    /// Flow-state sharing, when `[sync]` is on.
+    pub sync: Option<crate::sync::Stats>,
 }
 
 /// An egress block and, on a load balancer, the replies sent to its owner.
@@ -175,6 +177,37 @@ impl fmt::Display for Response {
                             b.diag
                         )?;
                     }
+                }
+                if let Some(sync) = &s.sync {
+                    for (peer, p) in &sync.peers {
+                        let up = |b: bool| if b { "up" } else { "down" };
+                        writeln!(
+                            f,
+                            "sync peer {peer}: push {}, receive {}, {} entries sent, {} received{}",
+                            up(p.outbound_up),
+                            up(p.inbound_up),
+                            p.entries_sent,
+                            p.entries_received,
+                            match p.last_full_sync {
+                                Some(t) => format!(", last full sync at {t} s (epoch)"),
+                                None => ", no full sync yet".into(),
+                            }
+                        )?;
+                    }
+                    let nonzero = |v: &[(String, u64)]| {
+                        v.iter()
+                            .filter(|(_, n)| *n > 0)
+                            .map(|(r, n)| format!("{r} {n}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    writeln!(
+                        f,
+                        "sync: {} entries applied; rejected: [{}]; refused: [{}]",
+                        sync.applied,
+                        nonzero(&sync.rejected),
+                        nonzero(&sync.refused)
+                    )?;
                 }
                 for e in &s.egress {
                     write!(f, "{}", e.block)?;

@@ -73,12 +73,14 @@ impl ControlSocket {
         view: watch::Receiver<View>,
         sessions: Sessions,
         counters: Arc<Counters>,
+        sync: Option<crate::sync::Counters>,
         commands: mpsc::Sender<Command>,
     ) {
         let agent = Arc::new(Agent {
             view,
             sessions,
             counters,
+            sync,
             commands,
         });
         loop {
@@ -99,12 +101,13 @@ impl ControlSocket {
     }
 }
 
-/// What requests are answered from: the runtime's view, the BGP sessions, the datapath's
-/// counters, and the runtime's command queue.
+/// What requests are answered from: the runtime's view, the BGP sessions, the datapath's and
+/// flow-state sharing's counters, and the runtime's command queue.
 struct Agent {
     view: watch::Receiver<View>,
     sessions: Sessions,
     counters: Arc<Counters>,
+    sync: Option<crate::sync::Counters>,
     commands: mpsc::Sender<Command>,
 }
 
@@ -145,6 +148,7 @@ async fn respond(request: Request, agent: &Agent) -> Response {
         view,
         sessions,
         counters,
+        sync,
         commands,
     } = agent;
     let (drain, target) = match request {
@@ -152,6 +156,7 @@ async fn respond(request: Request, agent: &Agent) -> Response {
         Request::Status => {
             let v = view.borrow().clone();
             return Response::Status(AgentStatus {
+                sync: sync.as_ref().map(crate::sync::Counters::snapshot),
                 egress: v
                     .egress
                     .iter()

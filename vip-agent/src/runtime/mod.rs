@@ -16,7 +16,7 @@ mod node;
 use config_watch::ConfigWatch;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
@@ -45,6 +45,7 @@ use crate::{
     health::Observation,
     metrics::{self, MetricsSources},
     net::{lo::LoopbackVips, nexthop::KernelChanges},
+    sync::{Received, Sync, exceptions},
     view::View,
 };
 use backends::BackendStatus;
@@ -106,11 +107,26 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         .map(|_| crate::bfd::Listener::bind())
         .transpose()
         .with_context(|| format!("BFD's UDP port {}", crate::bfd::PORT))?;
+    let sync_listener = match &config.sync {
+        Some(s) => Some(
+            crate::sync::Listener::bind(s.listen)
+                .await
+                .with_context(|| format!("flow-state sharing's address {}", s.listen))?,
+        ),
+        None => None,
+    };
     let Loaded {
         node,
         restarted,
         observations,
     } = Node::load(&config, options.datapath_log).await?;
+    let (sync, mut sync_received) = match (&config.sync, sync_listener) {
+        (Some(s), Some(listener)) => {
+            let (sync, received) = Sync::start(s, listener);
+            (Some(sync), Some(received))
+        }
+        _ => (None, None),
+    };
     let mut status = BackendStatus::default();
     status.sync(&config, false, Instant::now());
     let lo = LoopbackVips::new().await?;
@@ -134,8 +150,11 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         view,
         view_stale: false,
         blocks: egress::Blocks::default(),
+        sync,
     };
-    runtime.start(restarted, bfd_listener).await?;
+    runtime
+        .start(restarted, bfd_listener, sync_received.as_mut())
+        .await?;
 
     let sessions = runtime
         .announcer
@@ -153,12 +172,15 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
         counters: counters.clone(),
         sessions: sessions.clone(),
         census: Default::default(),
+        sync: runtime.sync.as_ref().map(|s| s.counters.clone()),
     });
     let mut metrics_server = tokio::spawn(metrics::serve(listener, sources));
     info!(%metrics_address, "serving /metrics, /healthz, /readyz");
     let (commands_tx, commands) = mpsc::channel(16);
     let socket = runtime.config.node.control_socket.clone();
-    let control_server = tokio::spawn(control.serve(view_rx, sessions, counters, commands_tx));
+    let sync_counters = runtime.sync.as_ref().map(|s| s.counters.clone());
+    let control_server =
+        tokio::spawn(control.serve(view_rx, sessions, counters, sync_counters, commands_tx));
     info!(socket = %socket.display(), "control socket");
 
     let result = runtime
@@ -168,6 +190,7 @@ pub async fn run(options: RunOptions, config: Config) -> Result<Exit> {
             commands,
             &mut metrics_server,
             config_watch,
+            sync_received,
         )
         .await;
     control_server.abort();
@@ -202,6 +225,8 @@ struct Runtime {
     view_stale: bool,
     /// Egress blocks that rest since their backend left.
     blocks: egress::Blocks,
+    /// Flow-state sharing with the tier's other LB nodes.
+    sync: Option<Sync>,
 }
 
 /// How often the runtime looks for egress blocks whose rest ended.
@@ -217,6 +242,7 @@ impl Runtime {
         &mut self,
         restarted: bool,
         bfd_listener: Option<crate::bfd::Listener>,
+        sync_received: Option<&mut mpsc::Receiver<Received>>,
     ) -> Result<()> {
         match &mut self.node {
             Node::Lb(lb) => {
@@ -236,6 +262,10 @@ impl Runtime {
         self.ready = true;
         let (added, removed) = self.lo.sync(&self.config.loopback_addresses()).await?;
         info!(added, removed, "VIP addresses on lo");
+        self.share_exceptions();
+        if let Some(received) = sync_received {
+            self.fetch_exceptions(received).await;
+        }
         self.announcer = Announcer::start(&self.config, self.routes(), restarted, bfd_listener)
             .await
             .context("starting the announcer")?;
@@ -250,6 +280,7 @@ impl Runtime {
         mut commands: mpsc::Receiver<Command>,
         metrics_server: &mut tokio::task::JoinHandle<std::io::Result<()>>,
         mut config_watch: Option<ConfigWatch>,
+        mut sync_received: Option<mpsc::Receiver<Received>>,
     ) -> Result<Exit> {
         // Next hops follow the kernel's events; the timer only retries what events cannot
         // bring (a neighbour that never answered).
@@ -258,8 +289,18 @@ impl Runtime {
         let mut view_tick = tokio::time::interval(VIEW_TICK);
         let mut config_tick = tokio::time::interval(ConfigWatch::INTERVAL);
         let mut rest_tick = tokio::time::interval(REST_TICK);
+        let mut sync_refresh = tokio::time::interval(
+            self.config
+                .sync
+                .as_ref()
+                .map_or(Duration::from_secs(3600), |s| s.refresh),
+        );
         loop {
             tokio::select! {
+                _ = sync_refresh.tick(), if self.sync.is_some() => self.share_exceptions(),
+                Some(received) = async { sync_received.as_mut()?.recv().await } => {
+                    self.take_received(received);
+                }
                 _ = view_tick.tick(), if self.view_stale => self.publish(),
                 _ = rest_tick.tick() => {
                     if self.blocks.expire(Instant::now()) {
@@ -392,6 +433,86 @@ impl Runtime {
         });
     }
 
+    /// Scans conntrack for the flows the current tables would send elsewhere and hands them
+    /// to flow-state sharing, which pushes them to every peer.
+    fn share_exceptions(&self) {
+        let (Some(sync), Node::Lb(lb)) = (&self.sync, &self.node) else {
+            return;
+        };
+        let started = Instant::now();
+        match lb.dataplane.flows() {
+            Ok(flows) => {
+                let entries =
+                    exceptions::exceptions(&lb.applied.lookup(), &flows, exceptions::now_ns());
+                debug!(
+                    flows = flows.len(),
+                    exceptions = entries.len(),
+                    took = ?started.elapsed(),
+                    "conntrack scanned for exceptions"
+                );
+                sync.publish(entries);
+            }
+            Err(e) => warn!(error = %crate::errors::chain(&e), "scanning conntrack"),
+        }
+    }
+
+    /// Writes what a peer pushed into conntrack, where this node has the flow's VIP and
+    /// backend and does not track the flow itself.
+    fn take_received(&mut self, received: Received) {
+        let (Some(sync), Node::Lb(lb)) = (&self.sync, &mut self.node) else {
+            return;
+        };
+        let Received::Entries { from, entries } = received else {
+            return;
+        };
+        let lookup = lb.applied.lookup();
+        let now = exceptions::now_ns();
+        let mut applied = 0;
+        let mut rejected: HashMap<&'static str, u64> = HashMap::new();
+        for e in &entries {
+            let flow = exceptions::flow_of(e);
+            let local = lb.dataplane.conntrack(&flow).ok().flatten();
+            match exceptions::entry_for(&lookup, e, local.as_ref(), now) {
+                Ok((flow, entry)) => match lb.dataplane.insert_flow(&flow, &entry) {
+                    Ok(()) => applied += 1,
+                    Err(e) => warn!(error = %crate::errors::chain(&e), "writing a peer's flow"),
+                },
+                Err(reason) => *rejected.entry(reason).or_default() += 1,
+            }
+        }
+        let rejected: Vec<(&'static str, u64)> = rejected.into_iter().collect();
+        debug!(peer = %from, applied, ?rejected, "flow state from a peer");
+        sync.counters.applied(applied, &rejected);
+    }
+
+    /// At start: waits until every peer has pushed all its exceptions (or `fetch_timeout`),
+    /// writing them as they come, so that flows moved here find their backends from the
+    /// first packet this node is announced for.
+    async fn fetch_exceptions(&mut self, received: &mut mpsc::Receiver<Received>) {
+        let Some(sync) = &self.sync else {
+            return;
+        };
+        let mut waiting: HashSet<IpAddr> = sync.peers().iter().copied().collect();
+        let Some(wait) = self.config.sync.as_ref().map(|s| s.fetch_timeout) else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, received.recv()).await {
+                Ok(Some(Received::Synced { from })) => {
+                    waiting.remove(&from);
+                }
+                Ok(Some(entries)) => self.take_received(entries),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if waiting.is_empty() {
+            info!("every peer's flow state is here");
+        } else {
+            warn!(missing = ?waiting, ?wait, "announcing without these peers' flow state");
+        }
+    }
+
     /// The egress blocks: all of them on a load balancer, a backend's own on a backend.
     fn egress_view(&self) -> Vec<crate::view::EgressBlockView> {
         let now = Instant::now();
@@ -442,6 +563,7 @@ impl Runtime {
                 }
             }
         }
+        self.share_exceptions();
         self.announce();
         self.publish();
     }
@@ -579,6 +701,7 @@ impl Runtime {
         self.blocks = blocks;
         self.node_drained = false;
         self.ready = true;
+        self.share_exceptions();
         // 5. Announce, with the sessions' new settings.
         self.announce();
         if let Some(announcer) = &mut self.announcer

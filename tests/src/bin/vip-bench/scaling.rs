@@ -42,7 +42,7 @@ pub(crate) fn table_scaling(md: &mut String, harness: &mut Harness) {
                 last_seen_ns: 0,
                 flow_hash: 0,
                 backend_tag: 0,
-                _pad: 0,
+                flags: 0,
             };
             lb.dataplane
                 .insert_flow(&flow, &entry)

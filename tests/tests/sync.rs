@@ -1,0 +1,136 @@
+//! Flow-state sharing in the lab: three LB nodes behind a BIRD router with ECMP. A backend
+//! change leaves flows whose backend the new tables would not choose; those must survive an LB
+//! node's death too, through the peers that were told about them.
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    thread,
+    time::{Duration, Instant},
+};
+
+use vip_tests::lab::{Lab, LabSpec, UDP_PORT, VIP4, VIP6, backend_addrs, echo_all, tcp_hello};
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn lab(prefix: &str, gue: bool, wrong_key: Option<usize>) -> Lab {
+    vip_tests::require_root();
+    let mut spec = LabSpec::new(prefix);
+    spec.lbs = 3;
+    spec.gue = gue;
+    spec.sync = true;
+    spec.sync_wrong_key = wrong_key;
+    Lab::up_built(spec).expect("lab up")
+}
+
+/// The client's flows: TCP connections and UDP sockets (one flow each) to both VIPs, with the
+/// backend that answered each.
+struct Flows {
+    tcp: Vec<(TcpStream, String)>,
+    udp: Vec<(UdpSocket, String)>,
+}
+
+impl Flows {
+    fn open(lab: &Lab, per_family: usize) -> Self {
+        lab.in_client(move || {
+            let mut tcp = Vec::new();
+            let mut udp = Vec::new();
+            for vip in [VIP4, VIP6] {
+                let vip: IpAddr = vip.parse().unwrap();
+                for i in 0..per_family {
+                    let (s, backend, _) = tcp_hello(vip, TIMEOUT).expect("TCP to the VIP");
+                    tcp.push((s, backend));
+                    let any: SocketAddr = if vip.is_ipv4() {
+                        "0.0.0.0:0".parse().unwrap()
+                    } else {
+                        "[::]:0".parse().unwrap()
+                    };
+                    let socket = UdpSocket::bind(any).unwrap();
+                    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+                    socket.connect(SocketAddr::new(vip, UDP_PORT)).unwrap();
+                    let backend = udp_round(&socket, &format!("u{i}")).expect("UDP to the VIP");
+                    udp.push((socket, backend));
+                }
+            }
+            Flows { tcp, udp }
+        })
+    }
+
+    /// Every flow that still reaches its own backend: (TCP, UDP) counts, and the failures.
+    fn alive(&mut self, tag: &str) -> (usize, usize, Vec<String>) {
+        let mut failures = Vec::new();
+        let mut tcp = 0;
+        for (i, (s, backend)) in self.tcp.iter_mut().enumerate() {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            if echo_all(std::slice::from_mut(s), tag) == 1 {
+                tcp += 1;
+            } else {
+                failures.push(format!("TCP {i} to {backend}"));
+            }
+        }
+        let mut udp = 0;
+        for (i, (s, backend)) in self.udp.iter().enumerate() {
+            match udp_round(s, tag) {
+                Ok(b) if b == *backend => udp += 1,
+                other => failures.push(format!("UDP {i} to {backend}: {other:?}")),
+            }
+        }
+        (tcp, udp, failures)
+    }
+}
+
+/// One datagram and its answer: the backend that answered.
+fn udp_round(socket: &UdpSocket, payload: &str) -> std::io::Result<String> {
+    socket.send(payload.as_bytes())?;
+    let mut buf = [0u8; 1500];
+    let n = socket.recv(&mut buf)?;
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok(reply.split(' ').next().unwrap_or_default().to_owned())
+}
+
+/// Drains backend `i` (both its addresses) on every LB node, at run time.
+fn drain_everywhere(lab: &Lab, i: usize) {
+    let (b4, b6) = backend_addrs(i);
+    for lb in 1..=3 {
+        for addr in [&b4, &b6] {
+            lab.agent_cli(lb, &["drain", "--backend", addr])
+                .unwrap_or_else(|e| panic!("drain {addr} on lb{lb}: {e}"));
+        }
+    }
+}
+
+/// Kills LB node `i` and waits until the router spreads its flows over the others.
+fn kill_and_converge(lab: &mut Lab, i: usize) {
+    lab.kill_lb(i).expect("kill");
+    let killed = Instant::now();
+    while lab.router_next_hops(VIP4) > 2 || lab.router_next_hops(VIP6) > 2 {
+        assert!(killed.elapsed() < Duration::from_secs(20), "no convergence");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_drain_everywhere_and_an_lb_node_death_at_once_keep_every_connection() {
+    let mut lab = lab("vipsync-drain", false, None);
+    let mut flows = Flows::open(&lab, 45);
+    let on_drained = flows.tcp.iter().filter(|(_, b)| b == "be2").count();
+    assert!(on_drained > 0, "some flows must be on the drained backend");
+    drain_everywhere(&lab, 2);
+    kill_and_converge(&mut lab, 1);
+    let (tcp, udp, failures) = flows.alive("after");
+    assert!(
+        failures.is_empty(),
+        "{} of {} TCP and {} of {} UDP flows survived; lost: {failures:?}\nlb2: {}",
+        tcp,
+        flows.tcp.len(),
+        udp,
+        flows.udp.len(),
+        lab.lb_cli(2, &["status"]).unwrap_or_default()
+    );
+    // The survivors were told: some entries came from peers, none were refused.
+    let status = lab.lb_cli(2, &["status"]).expect("status");
+    assert!(status.contains("sync peer 198.18.4.2: push up"), "{status}");
+    assert!(
+        !status.contains("entries applied; rejected: [unknown"),
+        "{status}"
+    );
+}
