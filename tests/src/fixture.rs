@@ -295,6 +295,15 @@ impl Lb {
         vip_id
     }
 
+    /// Removes an egress address's entries, as the agent does.
+    pub fn remove_egress(&mut self, addr: IpAddr) {
+        let key = egress_key(addr);
+        for key in datapath_keys(&key) {
+            self.dataplane.remove_vip(&key).expect("remove egress");
+        }
+        self.tables.release(&key);
+    }
+
     /// Removes a VIP, as the agent does.
     pub fn remove_vip(&mut self, key: &VipKey) {
         self.dataplane.remove_vip(key).expect("remove VIP");

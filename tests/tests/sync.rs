@@ -134,3 +134,82 @@ fn a_drain_everywhere_and_an_lb_node_death_at_once_keep_every_connection() {
         "{status}"
     );
 }
+
+#[test]
+fn gue_flows_of_a_drained_backend_survive_an_lb_node_death() {
+    let mut lab = lab("vipsync-gue", true, None);
+    let mut flows = Flows::open(&lab, 30);
+    drain_everywhere(&lab, 3);
+    kill_and_converge(&mut lab, 2);
+    let (_, _, failures) = flows.alive("after");
+    assert!(failures.is_empty(), "lost: {failures:?}");
+}
+
+#[test]
+fn a_backend_added_then_an_lb_node_killed_keeps_every_connection() {
+    vip_tests::require_root();
+    let mut spec = LabSpec::new("vipsync-add");
+    spec.lbs = 3;
+    spec.sync = true;
+    spec.weights = vec![1, 1, 0];
+    let mut lab = Lab::up_built(spec).expect("lab up");
+    let mut flows = Flows::open(&lab, 45);
+    // be3 joins: Maglev gives it slots of be1 and be2, whose flows there become exceptions.
+    lab.set_weights(&[1, 1, 1], &[1, 2, 3]).expect("be3 added");
+    kill_and_converge(&mut lab, 3);
+    let (_, _, failures) = flows.alive("after");
+    assert!(failures.is_empty(), "lost: {failures:?}");
+}
+
+#[test]
+fn an_lb_node_that_lost_its_state_comes_back_without_breaking_connections() {
+    let mut lab = lab("vipsync-return", false, None);
+    let mut flows = Flows::open(&lab, 45);
+    lab.set_drained(&[1], &[1, 2, 3]).expect("be1 draining");
+    kill_and_converge(&mut lab, 1);
+    let (_, _, failures) = flows.alive("lb1 dead");
+    assert!(failures.is_empty(), "lost when lb1 died: {failures:?}");
+    // lb1 returns with empty conntrack maps; it fetches its peers' exceptions before it
+    // announces, and takes its share of the flows again.
+    lab.revive_lb(1).expect("lb1 back");
+    let back = Instant::now();
+    while lab.router_next_hops(VIP4) < 3 || lab.router_next_hops(VIP6) < 3 {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "lb1 not announced"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let (_, _, failures) = flows.alive("lb1 back");
+    assert!(failures.is_empty(), "lost when lb1 came back: {failures:?}");
+    let status = lab.lb_cli(1, &["status"]).expect("status");
+    assert!(
+        !status.contains("sync: 0 entries applied"),
+        "lb1 learned its peers' exceptions: {status}"
+    );
+}
+
+#[test]
+fn with_a_wrong_key_nothing_is_applied_and_the_tier_keeps_working() {
+    let lab = lab("vipsync-key", false, Some(3));
+    let mut flows = Flows::open(&lab, 20);
+    drain_everywhere(&lab, 2);
+    thread::sleep(Duration::from_secs(1));
+    let status = lab.lb_cli(3, &["status"]).expect("status");
+    assert!(status.contains("sync: 0 entries applied"), "{status}");
+    assert!(
+        status.contains("authentication"),
+        "refusals counted: {status}"
+    );
+    for lb in 1..=2 {
+        let status = lab.lb_cli(lb, &["status"]).expect("status");
+        assert!(
+            status.contains("sync peer 198.18.4.2: push down, receive down"),
+            "lb{lb} and lb3 talk to each other: {status}"
+        );
+    }
+    // Forwarding goes on; flows that do not need another node's state keep working.
+    let (tcp, udp, _) = flows.alive("after");
+    assert_eq!((tcp, udp), (flows.tcp.len(), flows.udp.len()));
+    assert_eq!(Flows::open(&lab, 5).tcp.len(), 10);
+}

@@ -174,8 +174,11 @@ udp_expect = \"ping\"",
 "
                 );
             }
-            for (_, addr, weight) in self.configured_backends(vip) {
+            for (b, addr, weight) in self.configured_backends(vip) {
                 c += &format!("[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+                if self.spec.drained.contains(&(b + 1)) {
+                    c += "state = \"draining\"\n";
+                }
             }
         }
         c + &self.egress_config() + &self.sync_config(i)
@@ -265,6 +268,16 @@ udp_expect = \"ping\"",
     /// waits until each has applied it. Weight 0 removes a backend.
     pub fn set_weights(&mut self, weights: &[u32], lbs: &[usize]) -> Result<()> {
         self.spec.weights = weights.to_vec();
+        for &i in lbs {
+            self.reload(&format!("lb{i}"), &self.lb_config(i))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the backends `drained` (1-based) draining in the config of the LB nodes `lbs`
+    /// (rewrite and SIGHUP), and waits until each has applied it.
+    pub fn set_drained(&mut self, drained: &[usize], lbs: &[usize]) -> Result<()> {
+        self.spec.drained = drained.to_vec();
         for &i in lbs {
             self.reload(&format!("lb{i}"), &self.lb_config(i))?;
         }

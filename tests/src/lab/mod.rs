@@ -80,6 +80,8 @@ pub struct LabSpec {
     /// tier's key except the node given here, which has another.
     pub sync: bool,
     pub sync_wrong_key: Option<usize>,
+    /// Backends (1-based) whose `state` is "draining" in the LB nodes' config.
+    pub drained: Vec<usize>,
 }
 
 /// Flow-state sharing's port on the LB nodes.
@@ -105,6 +107,7 @@ impl LabSpec {
             egress_block_size: None,
             sync: false,
             sync_wrong_key: None,
+            drained: Vec::new(),
         }
     }
 

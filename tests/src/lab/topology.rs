@@ -200,4 +200,28 @@ impl Lab {
         fs::remove_dir_all(self.spec.pin_dir(&name)).map_err(io(format!("detaching lb{i}")))?;
         Ok(())
     }
+
+    /// Brings LB node `i` back after [`Lab::kill_lb`], with nothing of its state: a fresh
+    /// agent and datapath (empty conntrack), and the router hearing from it again.
+    pub fn revive_lb(&mut self, i: usize) -> Result<()> {
+        let router = self.spec.ns("router");
+        let dev = format!("r-lb{i}");
+        for family in ["-4", "-6"] {
+            ip(&[
+                "-n",
+                &router,
+                family,
+                "rule",
+                "del",
+                "pref",
+                "10",
+                "iif",
+                &dev,
+                "blackhole",
+            ])?;
+        }
+        let name = format!("lb{i}");
+        self.children.retain(|(n, _)| *n != name);
+        self.start_agent(&name, &self.lb_config(i))
+    }
 }

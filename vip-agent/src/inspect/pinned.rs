@@ -74,6 +74,8 @@ struct FlowRow {
     /// `None`: its backend id is no longer in use (the entry is ignored).
     backend: Option<IpAddr>,
     backend_id: u32,
+    /// Written from a peer LB node's flow state (`[sync]`), not by this node's datapath.
+    from_peer: bool,
 }
 
 /// Prints the connection-tracking entries, decoded (only those of `vip` if given).
@@ -101,6 +103,7 @@ pub fn flows(pin_dir: &Path, vip: Option<IpAddr>, output: Output) -> Result<()> 
             vip: SocketAddr::new(dst, u16::from_be_bytes(flow.dst_port)),
             backend: backends.get(&entry.backend).copied(),
             backend_id: entry.backend,
+            from_peer: entry.flags & vip_common::CONN_F_PEER != 0,
         });
     }
     if output == Output::Json {
@@ -110,7 +113,11 @@ pub fn flows(pin_dir: &Path, vip: Option<IpAddr>, output: Output) -> Result<()> 
         let backend = r
             .backend
             .map_or_else(|| format!("#{} (removed)", r.backend_id), |a| a.to_string());
-        println!("{} {} -> {} backend {backend}", r.protocol, r.client, r.vip);
+        let from = if r.from_peer { " (from a peer)" } else { "" };
+        println!(
+            "{} {} -> {} backend {backend}{from}",
+            r.protocol, r.client, r.vip
+        );
     }
     println!("{} flows", rows.len());
     Ok(())

@@ -302,8 +302,14 @@ async fn accept(
     counters: Counters,
 ) {
     loop {
-        let Ok((stream, from)) = listener.accept().await else {
-            continue;
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                warn!(error = %e, "flow-state listener");
+                tokio::time::sleep(RECONNECT).await;
+                continue;
+            }
         };
         let from_ip = from.ip().to_canonical();
         if !peers.contains(&from_ip) {

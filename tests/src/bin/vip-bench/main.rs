@@ -16,6 +16,7 @@ mod harness;
 mod lab;
 mod maglev;
 mod scaling;
+mod sharing;
 
 use std::{fmt::Write as _, path::PathBuf, process::Command};
 
@@ -80,6 +81,7 @@ fn main() {
     cpus::every_cpu(&mut md, &mut services.lb);
     drop(services);
     egress::egress_cost(&mut md, &mut harness);
+    sharing::flow_state_sharing(&mut md);
     scaling::table_scaling(&mut md, &mut harness);
     let wanted = |section| args.only.is_none_or(|only| only == section);
     if wanted(Section::Maglev) {
