@@ -380,3 +380,37 @@ fn a_reused_backend_id_does_not_inherit_the_flows_of_its_earlier_holder() {
         "the flow followed its backend's id to a new holder"
     );
 }
+
+/// The agent reads conntrack in batches (flow-state sharing scans it after every table
+/// change): every entry of both maps, each once, with its value, also past a batch's size.
+#[test]
+fn every_entry_is_read_once_in_batches() {
+    let mut lb = Lb::with_sizes(SMALL_TABLE, 65_536);
+    let mut written = std::collections::HashMap::new();
+    for i in 0..10_000u32 {
+        let (client, vip) = if i % 4 == 0 {
+            (format!("fd00:18::{:x}", i + 1), "fd00:100::1")
+        } else {
+            (
+                format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250),
+                "198.18.100.1",
+            )
+        };
+        let flow = Frame::tcp(&client, 1_024 + (i % 7) as u16, vip, 80, TCP_ACK).flow();
+        let entry = vip_common::ConnEntry {
+            backend: i % 5,
+            vip_id: 0,
+            last_seen_ns: u64::from(i),
+            flow_hash: i,
+            backend_tag: 0,
+            flags: (i % 2) as u16,
+        };
+        lb.dataplane.insert_flow(&flow, &entry).unwrap();
+        written.insert(flow, entry);
+    }
+    let read = lb.dataplane.flows().unwrap();
+    assert_eq!(read.len(), written.len(), "each entry once");
+    for (flow, entry) in &read {
+        assert_eq!(written.get(flow), Some(entry), "{flow:?}");
+    }
+}

@@ -13,12 +13,18 @@ use vip_tests::lab::{Lab, LabSpec, UDP_PORT, VIP4, VIP6, backend_addrs, echo_all
 const TIMEOUT: Duration = Duration::from_secs(3);
 
 fn lab(prefix: &str, gue: bool, wrong_key: Option<usize>) -> Lab {
+    lab_with(prefix, |spec| {
+        spec.gue = gue;
+        spec.sync_wrong_key = wrong_key;
+    })
+}
+
+fn lab_with(prefix: &str, settings: impl FnOnce(&mut LabSpec)) -> Lab {
     vip_tests::require_root();
     let mut spec = LabSpec::new(prefix);
     spec.lbs = 3;
-    spec.gue = gue;
     spec.sync = true;
-    spec.sync_wrong_key = wrong_key;
+    settings(&mut spec);
     Lab::up_built(spec).expect("lab up")
 }
 
@@ -147,12 +153,7 @@ fn gue_flows_of_a_drained_backend_survive_an_lb_node_death() {
 
 #[test]
 fn a_backend_added_then_an_lb_node_killed_keeps_every_connection() {
-    vip_tests::require_root();
-    let mut spec = LabSpec::new("vipsync-add");
-    spec.lbs = 3;
-    spec.sync = true;
-    spec.weights = vec![1, 1, 0];
-    let mut lab = Lab::up_built(spec).expect("lab up");
+    let mut lab = lab_with("vipsync-add", |spec| spec.weights = vec![1, 1, 0]);
     let mut flows = Flows::open(&lab, 45);
     // be3 joins: Maglev gives it slots of be1 and be2, whose flows there become exceptions.
     lab.set_weights(&[1, 1, 1], &[1, 2, 3]).expect("be3 added");
@@ -212,4 +213,28 @@ fn with_a_wrong_key_nothing_is_applied_and_the_tier_keeps_working() {
     let (tcp, udp, _) = flows.alive("after");
     assert_eq!((tcp, udp), (flows.tcp.len(), flows.udp.len()));
     assert_eq!(Flows::open(&lab, 5).tcp.len(), 10);
+}
+
+#[test]
+fn a_node_without_sharing_gets_nothing_and_the_tier_keeps_working() {
+    let lab = lab_with("vipsync-nokey", |spec| spec.sync_without = Some(3));
+    let mut flows = Flows::open(&lab, 20);
+    drain_everywhere(&lab, 2);
+    thread::sleep(Duration::from_secs(1));
+    for lb in 1..=2 {
+        let status = lab.lb_cli(lb, &["status"]).expect("status");
+        assert!(
+            status.contains("sync peer 198.18.4.2: push down, receive down"),
+            "lb{lb} reached a node without sharing: {status}"
+        );
+    }
+    let status = lab.lb_cli(2, &["status"]).expect("status");
+    assert!(
+        status.contains("sync peer 198.18.2.2: push up, receive up"),
+        "lb1 and lb2 share: {status}"
+    );
+    let status = lab.lb_cli(3, &["status"]).expect("status");
+    assert!(!status.contains("sync"), "{status}");
+    let (tcp, udp, _) = flows.alive("after");
+    assert_eq!((tcp, udp), (flows.tcp.len(), flows.udp.len()));
 }

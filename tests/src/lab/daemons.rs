@@ -186,7 +186,7 @@ udp_expect = \"ping\"",
 
     /// LB node `i`'s `[sync]` (none without `spec.sync`).
     fn sync_config(&self, i: usize) -> String {
-        if !self.spec.sync {
+        if !self.spec.sync || self.spec.sync_without == Some(i) {
             return String::new();
         }
         let peers: Vec<String> = (1..=self.spec.lbs)

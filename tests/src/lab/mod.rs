@@ -77,9 +77,11 @@ pub struct LabSpec {
     /// [`EGRESS_PORTS`] in blocks of this size, backend `i` (weight > 0) owning block `i - 1`.
     pub egress_block_size: Option<u16>,
     /// Flow-state sharing between the LB nodes (`[sync]`, refresh every 5 s), all with the
-    /// tier's key except the node given here, which has another.
+    /// tier's key except the node `sync_wrong_key`, which has another, and the node
+    /// `sync_without`, which has no `[sync]` at all.
     pub sync: bool,
     pub sync_wrong_key: Option<usize>,
+    pub sync_without: Option<usize>,
     /// Backends (1-based) whose `state` is "draining" in the LB nodes' config.
     pub drained: Vec<usize>,
 }
@@ -107,6 +109,7 @@ impl LabSpec {
             egress_block_size: None,
             sync: false,
             sync_wrong_key: None,
+            sync_without: None,
             drained: Vec::new(),
         }
     }

@@ -4,6 +4,7 @@
 //! all go through it. Map layouts come from `vip_common::layout`.
 
 mod attach;
+mod batch;
 mod counters;
 pub mod decap;
 mod error;
@@ -448,16 +449,31 @@ impl Dataplane {
     }
 
     /// Every connection-tracking entry, IPv4 and IPv6 (a snapshot; the datapath keeps changing
-    /// it).
+    /// it), read in batches.
     pub fn flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>> {
-        let v4: HashMap<&MapData, FlowKeyV4, ConnEntry> =
-            HashMap::try_from(self.map(layout::CONNTRACK_V4)?)
-                .map_err(map_err(layout::CONNTRACK_V4))?;
-        let v6: HashMap<&MapData, FlowKey, ConnEntry> =
-            HashMap::try_from(self.map(layout::CONNTRACK)?).map_err(map_err(layout::CONNTRACK))?;
-        // Entries evicted during the walk show up as errors: skip them.
-        let v4 = v4.iter().filter_map(|e| e.ok()).map(|(k, e)| (k.flow(), e));
-        Ok(v4.chain(v6.iter().filter_map(|e| e.ok())).collect())
+        let read = |name: &'static str| {
+            let aya::maps::Map::LruHashMap(map) = self.map(name)? else {
+                return Err(DataplaneError::MissingMap(name));
+            };
+            Ok((map, name))
+        };
+        let batch_err = |name: &'static str| {
+            move |source: std::io::Error| {
+                map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: source,
+                }))
+            }
+        };
+        let (v4, name) = read(layout::CONNTRACK_V4)?;
+        let v4 = batch::read_all::<FlowKeyV4, ConnEntry>(v4).map_err(batch_err(name))?;
+        let (v6, name) = read(layout::CONNTRACK)?;
+        let v6 = batch::read_all::<FlowKey, ConnEntry>(v6).map_err(batch_err(name))?;
+        Ok(v4
+            .into_iter()
+            .map(|(k, e)| (k.flow(), e))
+            .chain(v6)
+            .collect())
     }
 
     /// Global outcome counters, summed over CPUs.
