@@ -66,22 +66,36 @@ pub(crate) fn egress_cost(md: &mut String, harness: &mut Harness) {
          (`[[egress]]`, ports 40000-40999 in blocks of 100) in every other round, {ROUNDS} \
          rounds each way ({} iterations a case); net ns (wrapper subtracted), medians. A \
          packet to a served port pays one compare for egress; a reply to an egress port is \
-         the owner-table lookup without conntrack.\n",
+         the owner-table lookup without conntrack. \"A/A\": the difference between the odd and \
+         the even rounds without egress, the noise of this comparison on this machine.\n",
         REPEAT / 10
     )
     .unwrap();
     writeln!(
         md,
-        "| case | without egress ns | with egress ns | difference ns |\n|---|---:|---:|---:|"
+        "| case | without egress ns | with egress ns | difference ns | A/A difference ns |\n\
+         |---|---:|---:|---:|---:|"
     )
     .unwrap();
     for ((name, _), (without, with)) in cases.iter().zip(samples) {
+        // The same comparison between two halves of the rounds without egress: what the
+        // machine's noise alone makes of a difference.
+        let half = |parity: usize| {
+            let rounds = without.iter().enumerate().filter(|(i, _)| i % 2 == parity);
+            median(rounds.map(|(_, ns)| *ns).collect())
+        };
+        let noise = half(1) - half(0);
         let (a, b) = (median(without) - floor, median(with) - floor);
-        writeln!(md, "| {name} | {a:.1} | {b:.1} | {:+.1} |", b - a).unwrap();
+        writeln!(
+            md,
+            "| {name} | {a:.1} | {b:.1} | {:+.1} | {noise:+.1} |",
+            b - a
+        )
+        .unwrap();
     }
     writeln!(
         md,
-        "| reply to an egress port (TCP ACK) | | {:.1} | |",
+        "| reply to an egress port (TCP ACK) | | {:.1} | | |",
         median(reply_ns) - floor
     )
     .unwrap();

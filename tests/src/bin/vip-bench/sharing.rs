@@ -214,8 +214,8 @@ pub(crate) fn flow_state_sharing(md: &mut String) {
     let (found, flows, took) = scan(&node);
     writeln!(
         md,
-        "\nThe scan with {flows} flows tracked ({} exceptions): {:.0} ms (every entry read \
-         with a lookup per key, then checked against the table). It runs after each table \
+        "\nThe scan with {flows} flows tracked ({} exceptions): {:.0} ms (conntrack read in \
+         batches of 4096, each entry checked against its VIP's table). It runs after each table \
          change and every `refresh`, in the agent, never in the datapath: the datapath's \
          figures above are those of a node with sharing on (a peer's entry is an ordinary \
          conntrack entry).",
