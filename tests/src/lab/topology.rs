@@ -175,22 +175,7 @@ impl Lab {
     /// Makes LB node `i` die abruptly: the router no longer hears from it (its BGP session
     /// times out, the packets it would forward are lost), and its agent is killed.
     pub fn kill_lb(&mut self, i: usize) -> Result<()> {
-        let router = self.spec.ns("router");
-        let dev = format!("r-lb{i}");
-        for family in ["-4", "-6"] {
-            ip(&[
-                "-n",
-                &router,
-                family,
-                "rule",
-                "add",
-                "pref",
-                "10",
-                "iif",
-                &dev,
-                "blackhole",
-            ])?;
-        }
+        self.blackhole_lb(i, "add")?;
         let name = format!("lb{i}");
         if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| *n == name) {
             let _ = child.kill();
@@ -204,6 +189,15 @@ impl Lab {
     /// Brings LB node `i` back after [`Lab::kill_lb`], with nothing of its state: a fresh
     /// agent and datapath (empty conntrack), and the router hearing from it again.
     pub fn revive_lb(&mut self, i: usize) -> Result<()> {
+        self.blackhole_lb(i, "del")?;
+        let name = format!("lb{i}");
+        self.children.retain(|(n, _)| *n != name);
+        self.start_agent(&name, &self.lb_config(i))
+    }
+
+    /// Adds (`"add"`) or removes (`"del"`) the router's rule that drops everything LB node
+    /// `i` sends.
+    fn blackhole_lb(&self, i: usize, action: &str) -> Result<()> {
         let router = self.spec.ns("router");
         let dev = format!("r-lb{i}");
         for family in ["-4", "-6"] {
@@ -212,7 +206,7 @@ impl Lab {
                 &router,
                 family,
                 "rule",
-                "del",
+                action,
                 "pref",
                 "10",
                 "iif",
@@ -220,8 +214,6 @@ impl Lab {
                 "blackhole",
             ])?;
         }
-        let name = format!("lb{i}");
-        self.children.retain(|(n, _)| *n != name);
-        self.start_agent(&name, &self.lb_config(i))
+        Ok(())
     }
 }
