@@ -470,9 +470,9 @@ impl Runtime {
         let mut applied = 0;
         let mut rejected: HashMap<&'static str, u64> = HashMap::new();
         for e in &entries {
-            let flow = exceptions::flow_of(e);
-            let local = lb.dataplane.conntrack(&flow).ok().flatten();
-            match exceptions::entry_for(&lookup, e, local.as_ref(), now) {
+            let dataplane = &lb.dataplane;
+            let local = |flow: &_| dataplane.conntrack(flow).ok().flatten();
+            match exceptions::entry_for(&lookup, e, local, now) {
                 Ok((flow, entry)) => match lb.dataplane.insert_flow(&flow, &entry) {
                     Ok(()) => applied += 1,
                     Err(e) => warn!(error = %crate::errors::chain(&e), "writing a peer's flow"),

@@ -78,12 +78,13 @@ pub fn exceptions(lookup: &Lookup, flows: &[(FlowKey, ConnEntry)], now_ns: u64) 
     out
 }
 
-/// What to write for a peer's entry: the flow and its entry here, or why not. `local` is this
-/// node's own entry for the flow, if any: a flow this node tracks itself keeps its entry.
+/// What to write for a peer's entry: the flow and its entry here, or why not. `local` reads
+/// this node's own entry for a flow (asked only for entries that could be written): a flow
+/// this node tracks itself keeps its entry.
 pub fn entry_for(
     lookup: &Lookup,
     e: &Entry,
-    local: Option<&ConnEntry>,
+    local: impl FnOnce(&FlowKey) -> Option<ConnEntry>,
     now_ns: u64,
 ) -> Result<(FlowKey, ConnEntry), &'static str> {
     let key = VipKey::new(e.vip, e.protocol, e.service_port);
@@ -100,7 +101,7 @@ pub fn entry_for(
         return Err("idle");
     }
     let flow = flow_of(e);
-    if local.is_some_and(|l| l.flags & CONN_F_PEER == 0) {
+    if local(&flow).is_some_and(|l| l.flags & CONN_F_PEER == 0) {
         return Err("local_entry");
     }
     let entry = ConnEntry {
@@ -115,7 +116,7 @@ pub fn entry_for(
 }
 
 /// The flow an entry is about, as the datapath keys it.
-pub fn flow_of(e: &Entry) -> FlowKey {
+fn flow_of(e: &Entry) -> FlowKey {
     let (src, family) = vip_common::addr_bytes(e.client);
     let (dst, _) = vip_common::addr_bytes(e.vip);
     let mut flow = match family {

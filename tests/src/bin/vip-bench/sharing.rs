@@ -148,7 +148,7 @@ fn share(sender: &Node, receiver: &mut Node, port: u16) -> (Duration, Duration, 
                     let now = exceptions::now_ns();
                     for e in &entries {
                         let (flow, entry) =
-                            exceptions::entry_for(&lookup, e, None, now).expect("applicable");
+                            exceptions::entry_for(&lookup, e, |_| None, now).expect("applicable");
                         receiver
                             .lb
                             .dataplane
