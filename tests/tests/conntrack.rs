@@ -1,6 +1,6 @@
 //! Connection tracking: established flows stay on their backend when the table changes; SYNs
 //! take the new table; removed backends are never used; SYN floods do not evict flows; UDP
-//! entries expire when idle; the per-CPU flow cache in front of the IPv4 map follows it.
+//! entries expire when idle; the per-CPU flow caches in front of the maps follow them.
 
 use std::{net::IpAddr, thread, time::Duration};
 
@@ -290,55 +290,105 @@ fn a_removed_vip_keeps_no_flows_even_when_its_id_is_reused() {
     );
 }
 
-/// IPv4 entries are served from each CPU's flow cache, but the LRU map stays the record: an
-/// entry written there is followed once the cached copy is re-read (32 jiffies: at most 320 ms).
+/// The client and VIP of each family: both have a per-CPU flow cache in front of their map.
+const FAMILIES: [(&str, &str); 2] = [
+    ("198.18.50.1", "198.18.100.1"),
+    ("fd00:50::1", "fd00:100::1"),
+];
+
+/// Entries are served from each CPU's flow cache, but the LRU map stays the record: an entry
+/// written there is followed once the cached copy is re-read (32 jiffies: at most 320 ms).
 #[test]
 fn the_flow_cache_follows_the_conntrack_map() {
-    let mut lb = Lb::new();
-    four_backends(&mut lb);
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
-    let flow = Frame::tcp("198.18.50.1", 5555, "198.18.100.1", 80, TCP_ACK);
-    let first = outer_dst(&mut lb, &flow);
-    let mut entry = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
-    entry.backend = (entry.backend + 1) % 3;
-    // An entry counts only with its backend's tag.
-    entry.backend_tag = lb
-        .dataplane
-        .backends()
-        .unwrap()
-        .into_iter()
-        .find(|(id, _)| *id == entry.backend)
-        .expect("the backend")
-        .1
-        .tag;
-    lb.dataplane.insert_flow(&flow.flow(), &entry).unwrap();
-    thread::sleep(Duration::from_millis(400));
-    let now = outer_dst(&mut lb, &flow);
-    assert_ne!(now, first, "the cached copy outlived its refresh");
-    assert_eq!(now, lb.backend_addr(entry.backend));
+    for (client, vip) in FAMILIES {
+        let mut lb = Lb::new();
+        four_backends(&mut lb);
+        lb.vip(&VipSpec::new(vip, IPPROTO_TCP, 80, &[0, 1, 2]));
+        let flow = Frame::tcp(client, 5555, vip, 80, TCP_ACK);
+        let first = outer_dst(&mut lb, &flow);
+        let mut entry = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
+        entry.backend = (entry.backend + 1) % 3;
+        // An entry counts only with its backend's tag.
+        entry.backend_tag = lb
+            .dataplane
+            .backends()
+            .unwrap()
+            .into_iter()
+            .find(|(id, _)| *id == entry.backend)
+            .expect("the backend")
+            .1
+            .tag;
+        lb.dataplane.insert_flow(&flow.flow(), &entry).unwrap();
+        thread::sleep(Duration::from_millis(400));
+        let now = outer_dst(&mut lb, &flow);
+        assert_ne!(now, first, "{vip}: the cached copy outlived its refresh");
+        assert_eq!(now, lb.backend_addr(entry.backend), "{vip}");
+    }
 }
 
 /// A UDP flow served from the cache keeps its shared entry's time current (renewed there each
 /// time the cached copy is re-read): another CPU, or the agent, sees an active flow.
 #[test]
 fn an_active_udp_flow_keeps_its_conntrack_entry_fresh() {
-    let mut lb = Lb::new();
-    four_backends(&mut lb);
-    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_UDP, 53, &[0, 1, 2]));
-    let flow = Frame::udp("198.18.50.1", 5353, "198.18.100.1", 53);
-    let to = outer_dst(&mut lb, &flow);
-    let first = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
-    for _ in 0..30 {
-        thread::sleep(Duration::from_millis(50));
-        assert_eq!(outer_dst(&mut lb, &flow), to);
+    for (client, vip) in FAMILIES {
+        let mut lb = Lb::new();
+        four_backends(&mut lb);
+        lb.vip(&VipSpec::new(vip, IPPROTO_UDP, 53, &[0, 1, 2]));
+        let flow = Frame::udp(client, 5353, vip, 53);
+        let to = outer_dst(&mut lb, &flow);
+        let first = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
+        for _ in 0..30 {
+            thread::sleep(Duration::from_millis(50));
+            assert_eq!(outer_dst(&mut lb, &flow), to, "{vip}");
+        }
+        let last = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
+        let advanced = Duration::from_nanos(last.last_seen_ns - first.last_seen_ns);
+        // 1.5 s of traffic; the shared time lags the cached one by at most one refresh (320 ms).
+        assert!(
+            advanced >= Duration::from_millis(1_000),
+            "{vip}: the shared entry's time advanced only {advanced:?} in 1.5 s of traffic"
+        );
     }
-    let last = lb.dataplane.conntrack(&flow.flow()).unwrap().unwrap();
-    let advanced = Duration::from_nanos(last.last_seen_ns - first.last_seen_ns);
-    // 1.5 s of traffic; the shared time lags the cached one by at most one refresh (320 ms).
-    assert!(
-        advanced >= Duration::from_millis(1_000),
-        "the shared entry's time advanced only {advanced:?} in 1.5 s of traffic"
-    );
+}
+
+/// A SYN that reuses a tracked 5-tuple takes the table's answer, and the flow's next packets
+/// follow it, also where they would be served from this CPU's cached copy of the old entry.
+#[test]
+fn a_reused_five_tuple_replaces_the_cached_entry() {
+    for (client, vip) in FAMILIES {
+        let mut lb = Lb::new();
+        four_backends(&mut lb);
+        let before = VipSpec::new(vip, IPPROTO_TCP, 80, &[0, 1, 2, 3]);
+        lb.vip(&before);
+        // A flow whose backend the table change below moves.
+        let after = VipSpec::new(vip, IPPROTO_TCP, 80, &[0, 1, 2]);
+        let syn = (1..1000)
+            .map(|port| Frame::tcp(client, port, vip, 80, TCP_SYN))
+            .find(|f| lb.predict(&before, &f.flow()) != lb.predict(&after, &f.flow()))
+            .expect("a flow the change moves");
+        let old = handshake(&mut lb, &syn);
+        lb.vip(&after);
+        let ack = Frame {
+            tcp_flags: TCP_ACK,
+            ..syn.clone()
+        };
+        assert_eq!(
+            outer_dst(&mut lb, &ack),
+            old,
+            "{vip}: conntrack kept the flow"
+        );
+        let new = lb.backend_addr(lb.predict(&after, &syn.flow()).0);
+        assert_eq!(
+            outer_dst(&mut lb, &syn),
+            new,
+            "{vip}: the SYN took the table"
+        );
+        assert_eq!(
+            outer_dst(&mut lb, &ack),
+            new,
+            "{vip}: the next packet left the new SYN's backend"
+        );
+    }
 }
 
 /// Gives backend `id` a tag, as the agent does (a hash of its VIP and address).

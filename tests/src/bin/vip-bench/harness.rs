@@ -114,20 +114,38 @@ impl Harness {
         anew: bool,
     ) -> Vec<f64> {
         let frame = frame.build();
-        let mut spread = bench_frame(&frame);
-        spread.new_flow_at = (ETH_HLEN + 12) as u32;
-        self.targets.set(0, lb_fd, 0).unwrap();
-        self.frames.set(0, spread, 0).expect("write BENCH_FRAME");
+        self.start_flows_in_turn(&frame);
         (0..RUNS)
             .map(|_| {
                 if anew {
-                    self.frames.set(0, spread, 0).expect("write BENCH_FRAME");
+                    self.start_flows_in_turn(&frame);
                 }
-                let (ns, action, _) = timed(self.wrapper(), &frame, repeat);
-                assert_eq!(action, XDP_TX, "flows in turn");
-                ns
+                self.time_flows_in_turn(lb_fd, &frame, repeat)
             })
             .collect()
+    }
+
+    /// Sets `frame` as the input of [`Self::time_flows_in_turn`], its source address counting
+    /// from 1.
+    pub(crate) fn start_flows_in_turn(&mut self, frame: &[u8]) {
+        let mut spread = bench_frame(frame);
+        spread.new_flow_at = (ETH_HLEN + 12) as u32;
+        self.frames.set(0, spread, 0).expect("write BENCH_FRAME");
+    }
+
+    /// One timed run of `repeat` iterations through `lb_fd` of the frame set by
+    /// [`Self::start_flows_in_turn`], each iteration with the next source address (counting on
+    /// across runs and programs): raw ns per packet.
+    pub(crate) fn time_flows_in_turn(
+        &mut self,
+        lb_fd: &ProgramFd,
+        frame: &[u8],
+        repeat: u32,
+    ) -> f64 {
+        self.targets.set(0, lb_fd, 0).unwrap();
+        let (ns, action, _) = timed(self.wrapper(), frame, repeat);
+        assert_eq!(action, XDP_TX, "flows in turn");
+        ns
     }
 
     /// Net ns per packet of an established flow (`frame`, a TCP ACK) through `lb`: the median
