@@ -3,6 +3,7 @@
 
 pub mod fixture;
 pub mod lab;
+pub mod live;
 pub mod node;
 pub mod packet;
 pub mod peering;

@@ -1,11 +1,14 @@
 //! Pinned maps: the layout table matches the loaded object, a second load reuses the pinned
-//! state, a pinned map of the wrong shape is refused, and bpftool decodes maps through BTF.
+//! state (and fills its own, unpinned `TX_PORTS` from the pinned backends), a pinned map of the
+//! wrong shape is refused, and bpftool decodes maps through BTF.
 
 use std::{path::PathBuf, process::Command};
 
 use aya::maps::MapInfo;
 use vip_agent::dataplane::{Dataplane, DataplaneError, DataplaneOptions};
-use vip_common::{IPPROTO_TCP, VipKey, layout::LAYOUT};
+use vip_common::{
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, IPPROTO_TCP, VipKey, layout::LAYOUT,
+};
 
 /// A pin directory under bpffs, removed on drop (also when the test fails).
 struct PinDir(PathBuf);
@@ -67,10 +70,21 @@ fn layout_matches_the_object_and_pins_are_reused_or_refused() {
     let key = VipKey::new("198.18.100.1".parse().unwrap(), IPPROTO_TCP, 80);
     let meta = bytemuck::Zeroable::zeroed();
     first.set_vip(&key, &meta).expect("write VIP");
+    // A backend whose next hop is `lo` (its interface goes into TX_PORTS, which is not pinned).
+    let mut backend: Backend = bytemuck::Zeroable::zeroed();
+    backend.flags = BACKEND_F_PRESENT | BACKEND_F_NEXTHOP;
+    backend.ifindex = 1;
+    first.set_backend(7, &backend).expect("write backend");
+    assert_eq!(first.tx_ports().unwrap(), [1]);
     let mut second = Dataplane::load(opts.clone()).expect("reload on the pinned maps");
     second
         .remove_vip(&key)
         .expect("the VIP written by the first load is there");
+    assert_eq!(
+        second.tx_ports().unwrap(),
+        [1],
+        "the reload put the pinned backends' interfaces into its own TX_PORTS"
+    );
 
     // A different shape is refused with a clear error, and nothing is replaced.
     let wrong = DataplaneOptions {

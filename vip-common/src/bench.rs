@@ -31,3 +31,6 @@ pub const BENCH_FRAME: &str = "BENCH_FRAME";
 pub const BENCH_TARGET: &str = "BENCH_TARGET";
 pub const BENCH_RESTORE_PROGRAM: &str = "bench_restore";
 pub const BENCH_FLOOR_PROGRAM: &str = "bench_floor_tx";
+/// XDP_DROP: on the far end of a veth that live frames are sent out of (a veth passes XDP
+/// frames on only to a peer with an XDP program).
+pub const BENCH_SINK_PROGRAM: &str = "bench_sink";

@@ -34,6 +34,11 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const VIP_FILTER: &str = "VIP_FILTER";
 pub const VIP_META: &str = "VIP_META";
+/// The devmap of interfaces packets are redirected to (not pinned: the agent fills it as it
+/// writes backends' next hops).
+pub const TX_PORTS: &str = "TX_PORTS";
+/// Entries of `TX_PORTS`: interfaces a node's next hops can use.
+pub const MAX_TX_PORTS: u32 = 256;
 /// 64-bit words of `VIP_FILTER`.
 pub const VIP_FILTER_WORDS: u32 = crate::hash::VIP_FILTER_BITS / 64;
 

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use vip_common::{
@@ -11,7 +11,7 @@ use vip_common::{
     TrafficCounters, VipKey, VipMeta,
     layout::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
-        DEFAULT_TABLE_SLOTS, VIP_FILTER_WORDS,
+        DEFAULT_TABLE_SLOTS, MAX_TX_PORTS, VIP_FILTER_WORDS,
     },
 };
 
@@ -85,3 +85,10 @@ pub(crate) static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array:
 /// Node-wide settings. Written by the agent before any VIP.
 #[btf_map]
 pub(crate) static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();
+
+/// Interfaces by ifindex, for `bpf_redirect_map`: the kernel takes the device from the entry
+/// (no lookup by ifindex per packet) and flushes its queue once per NAPI poll. Written by the
+/// agent with each backend's next hop; not pinned (a new program starts empty and redirects by
+/// ifindex until the agent has written it).
+#[btf_map]
+pub(crate) static TX_PORTS: DevMapHash<{ MAX_TX_PORTS as usize }> = DevMapHash::new();

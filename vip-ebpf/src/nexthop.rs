@@ -1,6 +1,6 @@
 //! The next hop a packet leaves through: the one the agent resolved for the backend, or else
-//! the kernel's FIB (`bpf_fib_lookup`); and how it leaves (XDP_TX, redirect, or to the stack
-//! when the kernel must resolve a neighbour first).
+//! the kernel's FIB (`bpf_fib_lookup`); and how it leaves (XDP_TX, redirect through `TX_PORTS`,
+//! or to the stack when the kernel must resolve a neighbour first).
 
 use core::mem::MaybeUninit;
 
@@ -10,6 +10,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use vip_common::{BACKEND_F_NEXTHOP, Backend, Outcome};
+
+use crate::maps::TX_PORTS;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -44,9 +46,13 @@ pub(crate) fn leave(ctx: &XdpContext, hop: &NextHop) -> Outcome {
         HopStatus::NoRoute => Outcome::NoRoutePassed,
         HopStatus::Resolved if hop.ifindex as usize == ctx.ingress_ifindex() => Outcome::Tx,
         HopStatus::Resolved => {
-            // SAFETY: plain helper call; with no flags it returns XDP_REDIRECT (a bad ifindex
-            // fails later, in the kernel's redirect).
-            unsafe { bpf_redirect(hop.ifindex, 0) };
+            // Through the devmap where the agent has put the interface; by ifindex (the
+            // kernel looks the device up per packet) until it has.
+            if TX_PORTS.redirect(hop.ifindex, 0).is_err() {
+                // SAFETY: plain helper call; with no flags it returns XDP_REDIRECT (a bad
+                // ifindex fails later, in the kernel's redirect).
+                unsafe { bpf_redirect(hop.ifindex, 0) };
+            }
             Outcome::Redirected
         }
     }

@@ -21,18 +21,22 @@ pub use decap::DecapPlane;
 pub(crate) use pins::{check_pinned, create_pin_dir};
 
 use std::{
+    collections::BTreeSet,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues, ProgramArray},
+    maps::{
+        Array, DevMapHash, HashMap, MapData, MapError, MapInfo, PerCpuArray, PerCpuValues,
+        ProgramArray,
+    },
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use vip_common::{
-    AddrFamily, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4,
-    INSERT_WINDOW_SHIFT, TrafficCounters, VipKey, VipMeta,
+    AddrFamily, BACKEND_F_NEXTHOP, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats,
+    FlowKey, FlowKeyV4, INSERT_WINDOW_SHIFT, TrafficCounters, VipKey, VipMeta,
     hash::vip_filter_bit,
     layout::{
         self, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
@@ -129,6 +133,8 @@ pub struct Dataplane {
     options: DataplaneOptions,
     /// `vip_hc` is attached to `lo` (for as long as this lives).
     health_check_program: bool,
+    /// Interfaces written into `TX_PORTS` by this load.
+    tx_ports: BTreeSet<u32>,
 }
 
 impl Dataplane {
@@ -178,6 +184,7 @@ impl Dataplane {
             ebpf,
             options,
             health_check_program: false,
+            tx_ports: BTreeSet::new(),
         };
         // No insert limit until the agent applies its config.
         let config = DatapathConfig {
@@ -188,6 +195,13 @@ impl Dataplane {
             .array::<DatapathConfig>(layout::DATAPATH_CONFIG)?
             .set(0, config, 0)
             .map_err(map_err(layout::DATAPATH_CONFIG))?;
+        // Over pinned state, the backends an earlier agent wrote are not written again
+        // unless they change: their next hops' interfaces go into this load's TX_PORTS now.
+        for (_, backend) in dataplane.backends()? {
+            if backend.flags & BACKEND_F_NEXTHOP != 0 {
+                dataplane.add_tx_port(backend.ifindex)?;
+            }
+        }
         Ok(dataplane)
     }
 
@@ -301,11 +315,51 @@ impl Dataplane {
             .map_err(map_err(layout::DATAPATH_CONFIG))
     }
 
-    /// Writes a backend (with its next hop) into its slot.
+    /// Writes a backend (with its next hop) into its slot, and its next hop's interface into
+    /// `TX_PORTS` first if it is not there yet.
     pub fn set_backend(&mut self, id: BackendId, backend: &Backend) -> Result<()> {
+        if backend.flags & BACKEND_F_NEXTHOP != 0 {
+            self.add_tx_port(backend.ifindex)?;
+        }
         self.array::<Backend>(layout::BACKENDS)?
             .set(id, backend, 0)
             .map_err(map_err(layout::BACKENDS))
+    }
+
+    /// Puts `ifindex` into `TX_PORTS`. Interfaces stay while this load lives (the kernel drops
+    /// an entry when its interface goes); one the kernel refuses (gone already, or not a
+    /// device a redirect can use) is left out: the datapath redirects by ifindex then.
+    fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        if self.tx_ports.contains(&ifindex) {
+            return Ok(());
+        }
+        // Objects older than TX_PORTS (`vip-bench --compare`) redirect by ifindex.
+        let Some(map) = self.ebpf.map_mut(layout::TX_PORTS) else {
+            return Ok(());
+        };
+        let mut ports: DevMapHash<&mut MapData> =
+            DevMapHash::try_from(map).map_err(map_err(layout::TX_PORTS))?;
+        match ports.insert(ifindex, ifindex, None, 0) {
+            Ok(()) => {
+                self.tx_ports.insert(ifindex);
+            }
+            Err(e) => {
+                tracing::debug!(ifindex, error = %e, "not in TX_PORTS: redirected to by ifindex");
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces in `TX_PORTS`, in order.
+    pub fn tx_ports(&self) -> Result<Vec<u32>> {
+        let ports: DevMapHash<&MapData> =
+            DevMapHash::try_from(self.map(layout::TX_PORTS)?).map_err(map_err(layout::TX_PORTS))?;
+        let mut out = ports
+            .keys()
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(map_err(layout::TX_PORTS))?;
+        out.sort_unstable();
+        Ok(out)
     }
 
     /// Writes a complete Maglev table into table slot `slot`. Write it into a slot no VIP uses,

@@ -3,7 +3,8 @@
 //! `bench_restore` puts the case's input frame back (BPF_PROG_TEST_RUN with `repeat` would
 //! otherwise feed the program its own encapsulated output) and tail-calls the program under
 //! test. `bench_floor_tx` is the trivial XDP_TX program: the floor, and, behind the same wrapper,
-//! the wrapper's own cost to subtract.
+//! the wrapper's own cost to subtract. `bench_sink` drops what reaches the far end of a veth that
+//! live frames leave by.
 #![no_std]
 #![no_main]
 
@@ -67,6 +68,11 @@ pub(crate) fn bench_restore(ctx: XdpContext) -> u32 {
 #[xdp]
 pub(crate) fn bench_floor_tx(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
+}
+
+#[xdp]
+pub(crate) fn bench_sink(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
 }
 
 #[unsafe(link_section = "license")]

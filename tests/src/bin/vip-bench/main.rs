@@ -14,6 +14,7 @@ mod datapath;
 mod egress;
 mod harness;
 mod lab;
+mod leave;
 mod maglev;
 mod scaling;
 mod sharing;
@@ -79,6 +80,7 @@ fn main() {
     .unwrap();
     datapath::report(&mut md, &mut harness, &mut services);
     cpus::every_cpu(&mut md, &mut services.lb);
+    leave::leaving(&mut md);
     drop(services);
     egress::egress_cost(&mut md, &mut harness);
     sharing::flow_state_sharing(&mut md);
