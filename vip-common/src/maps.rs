@@ -204,11 +204,27 @@ impl FlowKey {
     /// An IPv6 flow; ports are filled in by the caller.
     #[inline(always)]
     pub fn v6(src: [u8; 16], dst: [u8; 16], proto: u8) -> Self {
-        Self {
-            src,
-            dst,
-            ..Self::zeroed_for(AddrFamily::V6, proto)
-        }
+        // From whole words, as `v4`: the datapath builds one per IPv6 packet.
+        let half = |a: &[u8; 16], at: usize| {
+            u64::from_le_bytes([
+                a[at],
+                a[at + 1],
+                a[at + 2],
+                a[at + 3],
+                a[at + 4],
+                a[at + 5],
+                a[at + 6],
+                a[at + 7],
+            ])
+        };
+        let tail = u64::from_le_bytes([0, 0, 0, 0, proto, AddrFamily::V6 as u8, 0, 0]);
+        bytemuck::cast([
+            half(&src, 0),
+            half(&src, 8),
+            half(&dst, 0),
+            half(&dst, 8),
+            tail,
+        ])
     }
 }
 
@@ -533,5 +549,26 @@ mod tests {
             )
         );
         assert_eq!(key.flow(), flow);
+    }
+
+    #[test]
+    fn flow_keys_built_from_words_hold_their_fields() {
+        let src: [u8; 16] = core::array::from_fn(|i| i as u8 + 1);
+        let dst: [u8; 16] = core::array::from_fn(|i| 0xf0 - i as u8);
+        let want = FlowKey {
+            src,
+            dst,
+            ..FlowKey::zeroed_for(AddrFamily::V6, IPPROTO_TCP)
+        };
+        assert_eq!(FlowKey::v6(src, dst, IPPROTO_TCP), want);
+        let want = FlowKey {
+            src: [198, 18, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            dst: [198, 18, 100, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ..FlowKey::zeroed_for(AddrFamily::V4, IPPROTO_UDP)
+        };
+        assert_eq!(
+            FlowKey::v4([198, 18, 0, 7], [198, 18, 100, 1], IPPROTO_UDP),
+            want
+        );
     }
 }
