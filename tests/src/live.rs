@@ -16,6 +16,8 @@ use crate::fixture::{ip, private_netns};
 /// (`vipl-down0`).
 pub const UPLINK: &str = "vipl-up0";
 pub const DOWNLINK: &str = "vipl-down0";
+/// Each pair's near end and far end.
+const PAIRS: [(&str, &str); 2] = [(UPLINK, "vipl-up1"), (DOWNLINK, "vipl-down1")];
 
 /// Two veth pairs in a fresh private netns of the calling thread. A veth hands XDP frames on
 /// only to a peer with an XDP program: each far end (`vipl-up1`, `vipl-down1`) drops them with
@@ -30,7 +32,7 @@ pub struct Links {
 impl Links {
     pub fn new() -> Self {
         private_netns();
-        for (near, far) in [(UPLINK, "vipl-up1"), (DOWNLINK, "vipl-down1")] {
+        for (near, far) in PAIRS {
             ip(&["link", "add", near, "type", "veth", "peer", "name", far]);
             // No IPv6 of their own (router solicitations): the far ends count only our frames.
             // /proc/sys/net shows the namespace of the thread that opens it.
@@ -49,7 +51,7 @@ impl Links {
             .try_into()
             .expect("XDP");
         sink.load().expect("verifier accepts the sink");
-        for far in ["vipl-up1", "vipl-down1"] {
+        for (_, far) in PAIRS {
             sink.attach(far, XdpMode::Driver)
                 .unwrap_or_else(|e| panic!("attach the sink to {far}: {e}"));
         }
@@ -62,8 +64,11 @@ impl Links {
 
     /// Frames the far end of `near`'s pair has received.
     pub fn received(&self, near: &str) -> u64 {
-        let far = near.replace('0', "1");
-        let json = ip(&["-s", "-j", "link", "show", "dev", &far]);
+        let (_, far) = PAIRS
+            .into_iter()
+            .find(|(n, _)| *n == near)
+            .unwrap_or_else(|| panic!("{near} is not a pair's near end"));
+        let json = ip(&["-s", "-j", "link", "show", "dev", far]);
         let links: serde_json::Value = serde_json::from_str(&json).expect("ip -j output");
         links[0]["stats64"]["rx"]["packets"]
             .as_u64()

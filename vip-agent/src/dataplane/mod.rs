@@ -133,7 +133,8 @@ pub struct Dataplane {
     options: DataplaneOptions,
     /// `vip_hc` is attached to `lo` (for as long as this lives).
     health_check_program: bool,
-    /// Interfaces written into `TX_PORTS` by this load.
+    /// Interfaces written into `TX_PORTS` by this load, so that each is written once rather
+    /// than with every backend write.
     tx_ports: BTreeSet<u32>,
 }
 

@@ -13,6 +13,11 @@ const FIRST_ACK: &str = "first ACK of a new flow (conntrack insert)";
 /// Established flows in turn, each found in conntrack but not in the per-CPU flow cache.
 const CACHE_MISS: &str = "established TCP, many flows in turn (flow cache misses)";
 
+/// The first ACK of the new-flow case; the wrapper gives each run another source address.
+fn first_ack() -> Frame {
+    Frame::tcp("198.18.50.1", 40003, "198.18.100.1", 80, TCP_ACK)
+}
+
 /// Katran's figures measured on this machine kind (ns, net of the wrapper): the targets.
 const KATRAN: [(&str, f64); 4] = [
     ("TCP SYN to a VIP", 144.0),
@@ -84,10 +89,11 @@ pub(crate) fn compare(harness: &mut Harness, services: &mut Services, path: &Pat
     }
     // New flows into full conntrack maps: each program's map filled first, then the two
     // alternate, every packet a flow neither has seen.
-    let first_ack = Frame::tcp("198.18.50.1", 40003, "198.18.100.1", 80, TCP_ACK).build();
+    let fill = lb.dataplane.options().conntrack_entries * 2;
+    let first_ack = first_ack().build();
     harness.start_flows_in_turn(&first_ack);
     for fd in [&lb_fd, &other_fd] {
-        harness.time_flows_in_turn(fd, &first_ack, DEFAULT_CONNTRACK_ENTRIES * 2);
+        harness.time_flows_in_turn(fd, &first_ack, fill);
     }
     let (this_ns, other_ns) = samples.last_mut().expect("the first-ACK row");
     for _ in 0..ROUNDS {
@@ -114,7 +120,7 @@ pub(crate) fn spin(harness: &mut Harness, services: &mut Services, name: &str, r
     references(lb, &cases);
     let lb_fd = program_fd(lb);
     if name == FIRST_ACK {
-        let first_ack = Frame::tcp("198.18.50.1", 40003, "198.18.100.1", 80, TCP_ACK).build();
+        let first_ack = first_ack().build();
         harness.start_flows_in_turn(&first_ack);
         for _ in 0..runs {
             harness.time_flows_in_turn(&lb_fd, &first_ack, REPEAT);
@@ -166,10 +172,9 @@ pub(crate) fn report(md: &mut String, harness: &mut Harness, services: &mut Serv
         .collect();
     // New flows: the wrapper gives every run's ACK another source address, so each takes the
     // Maglev path and inserts into conntrack (evicting, once the LRU is full).
-    let first_ack = Frame::tcp("198.18.50.1", 40003, "198.18.100.1", 80, TCP_ACK);
     results.push((
         FIRST_ACK,
-        median(harness.flows_in_turn(&lb_fd, &first_ack, REPEAT, false)),
+        median(harness.flows_in_turn(&lb_fd, &first_ack(), REPEAT, false)),
     ));
     let (samples, spread_flows) = flow_cache_misses(harness);
     results.push((CACHE_MISS, median(samples)));
