@@ -134,8 +134,7 @@ impl Lb {
         Self::with_sizes(table_size, 65_536)
     }
 
-    /// A copy with `conntrack_entries` of connection tracking (per-CPU LRU lists: each CPU's
-    /// list holds its share).
+    /// A copy with `conntrack_entries` of connection tracking.
     pub fn with_sizes(table_size: u32, conntrack_entries: u32) -> Self {
         Self::with_options(DataplaneOptions {
             table_size,

@@ -330,7 +330,7 @@ fn agent_lifecycle_on_lb_and_backend() {
     );
     let log = refused.log_text();
     assert!(
-        log.contains("pinned map") && log.contains("CONNTRACK") && log.contains("4096"),
+        log.contains("pinned map") && log.contains("CT_TABLE") && log.contains("1024"),
         "{log}"
     );
     assert!(lb.pin_dir.join("links/xdp_up0").exists());

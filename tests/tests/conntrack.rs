@@ -1,10 +1,16 @@
 //! Connection tracking: established flows stay on their backend when the table changes; SYNs
 //! take the new table; removed backends are never used; SYN floods do not evict flows; UDP
-//! entries expire when idle; the per-CPU flow caches in front of the maps follow them.
+//! entries expire when idle; the per-CPU flow caches in front of the tables follow them; a full
+//! bucket evicts its least recently used flow; a torn way is no entry.
 
 use std::{net::IpAddr, thread, time::Duration};
 
-use vip_common::{IPPROTO_TCP, IPPROTO_UDP};
+use aya::maps::{Array, MapData};
+use vip_common::{
+    ConnEntry, FlowKeyV4, IPPROTO_TCP, IPPROTO_UDP,
+    conntrack::{ConntrackBucket, ConntrackKey, bucket_bits},
+    layout,
+};
 use vip_tests::{fixture::*, packet::*};
 
 fn outer_dst(lb: &mut Lb, frame: &Frame) -> IpAddr {
@@ -296,7 +302,7 @@ const FAMILIES: [(&str, &str); 2] = [
     ("fd00:50::1", "fd00:100::1"),
 ];
 
-/// Entries are served from each CPU's flow cache, but the LRU map stays the record: an entry
+/// Entries are served from each CPU's flow cache, but the table stays the record: an entry
 /// written there is followed once the cached copy is re-read (32 jiffies: at most 320 ms).
 #[test]
 fn the_flow_cache_follows_the_conntrack_map() {
@@ -431,11 +437,13 @@ fn a_reused_backend_id_does_not_inherit_the_flows_of_its_earlier_holder() {
     );
 }
 
-/// The agent reads conntrack in batches (flow-state sharing scans it after every table
-/// change): every entry of both maps, each once, with its value, also past a batch's size.
+/// The agent reads conntrack through its mapping of the tables (flow-state sharing scans it
+/// after every table change): every entry of both tables, each once, with its value. The
+/// tables are sized so that no bucket gets a fifth of these flows (at a tenth of the table,
+/// buckets overflow about once in 10^7).
 #[test]
-fn every_entry_is_read_once_in_batches() {
-    let mut lb = Lb::with_sizes(SMALL_TABLE, 65_536);
+fn every_entry_is_read_once() {
+    let mut lb = Lb::with_sizes(SMALL_TABLE, 262_144);
     let mut written = std::collections::HashMap::new();
     for i in 0..10_000u32 {
         let (client, vip) = if i % 4 == 0 {
@@ -447,7 +455,7 @@ fn every_entry_is_read_once_in_batches() {
             )
         };
         let flow = Frame::tcp(&client, 1_024 + (i % 7) as u16, vip, 80, TCP_ACK).flow();
-        let entry = vip_common::ConnEntry {
+        let entry = ConnEntry {
             backend: i % 5,
             vip_id: 0,
             last_seen_ns: u64::from(i),
@@ -463,4 +471,127 @@ fn every_entry_is_read_once_in_batches() {
     for (flow, entry) in &read {
         assert_eq!(written.get(flow), Some(entry), "{flow:?}");
     }
+}
+
+/// `count` IPv4 flows to `vip` whose keys pick the same bucket of a table of `2^bits` buckets.
+fn bucket_mates(vip: &str, bits: u32, count: usize) -> Vec<Frame> {
+    let frame = |i: u16| Frame::tcp("198.18.50.1", 10_000 + i, vip, 80, TCP_ACK);
+    let bucket = |f: &Frame| FlowKeyV4::of(&f.flow()).bucket(bits);
+    let target = bucket(&frame(0));
+    let mates: Vec<Frame> = (0..u16::MAX - 10_000)
+        .map(frame)
+        .filter(|f| bucket(f) == target)
+        .take(count)
+        .collect();
+    assert_eq!(mates.len(), count, "flows sharing a bucket");
+    mates
+}
+
+/// A full bucket takes a new flow in the way of its least recently used flow, and a flow read
+/// from the table (its flow-cache copy missing or stale) counts as used.
+#[test]
+fn a_full_bucket_evicts_its_least_recently_used_flow() {
+    let entries = 1_024;
+    let mut lb = Lb::with_sizes(SMALL_TABLE, entries);
+    four_backends(&mut lb);
+    lb.vip(&VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]));
+    let flows = bucket_mates("198.18.100.1", bucket_bits(entries), 6);
+    // Four flows fill the bucket, written as the agent writes peers' flows: their last use
+    // long ago, the second the oldest.
+    outer_dst(&mut lb, &flows[0]);
+    let template = lb.dataplane.conntrack(&flows[0].flow()).unwrap().unwrap();
+    for (flow, seen) in flows[..4].iter().zip([4_000, 1_000, 3_000, 2_000]) {
+        let entry = ConnEntry {
+            last_seen_ns: seen,
+            ..template
+        };
+        lb.dataplane.insert_flow(&flow.flow(), &entry).unwrap();
+    }
+    let tracked = |lb: &Lb, flows: &[Frame]| -> Vec<bool> {
+        flows
+            .iter()
+            .map(|f| lb.dataplane.conntrack(&f.flow()).unwrap().is_some())
+            .collect()
+    };
+    assert_eq!(tracked(&lb, &flows[..5]), [true, true, true, true, false]);
+    // A fifth flow's first ACK replaces the least recently used.
+    outer_dst(&mut lb, &flows[4]);
+    assert_eq!(tracked(&lb, &flows[..5]), [true, false, true, true, true]);
+    // The fourth (this CPU's cache never saw it) is read from the table, so used now; a sixth
+    // flow then replaces the third, the least recently used left.
+    outer_dst(&mut lb, &flows[3]);
+    outer_dst(&mut lb, &flows[5]);
+    assert_eq!(tracked(&lb, &flows), [true, false, false, true, true, true]);
+}
+
+/// A way whose words do not all come from one write (two CPUs, or a CPU and the agent, writing
+/// it at once; a read in the middle of a write) is no entry: its flow takes the table's answer,
+/// not the backend the half-written way names, and the agent does not list it.
+#[test]
+fn a_torn_way_reads_as_no_entry() {
+    let entries = 1_024;
+    let mut lb = Lb::with_sizes(SMALL_TABLE, entries);
+    four_backends(&mut lb);
+    let spec = VipSpec::new("198.18.100.1", IPPROTO_TCP, 80, &[0, 1, 2]);
+    lb.vip(&spec);
+    let flow = Frame::tcp("198.18.50.9", 30_000, "198.18.100.1", 80, TCP_ACK);
+    let (maglev, _) = lb.predict(&spec, &flow.flow());
+    let other = (maglev + 1) % 3;
+    // The agent's entry sends the flow to another backend than the table's...
+    let template = {
+        let probe = Frame::tcp("198.18.50.10", 30_000, "198.18.100.1", 80, TCP_ACK);
+        outer_dst(&mut lb, &probe);
+        lb.dataplane.conntrack(&probe.flow()).unwrap().unwrap()
+    };
+    let entry = ConnEntry {
+        backend: other,
+        ..template
+    };
+    lb.dataplane.insert_flow(&flow.flow(), &entry).unwrap();
+    assert_eq!(lb.dataplane.conntrack(&flow.flow()).unwrap(), Some(entry));
+
+    // ... and is then torn: another write's backend over it, the check word left as it was.
+    let table = map_of(&mut lb, layout::CT_TABLE_V4);
+    let mut table: Array<MapData, ConntrackBucket<FlowKeyV4>> =
+        Array::try_from(aya::maps::Map::Array(table)).unwrap();
+    let key = FlowKeyV4::of(&flow.flow());
+    let index = key.bucket(bucket_bits(entries));
+    let mut bucket = table.get(&index, 0).unwrap();
+    let way = bucket.position(&key).expect("the agent's way");
+    bucket.ways[way].entry.backend = 3;
+    table.set(index, bucket, 0).unwrap();
+
+    assert_eq!(lb.dataplane.conntrack(&flow.flow()).unwrap(), None);
+    assert!(
+        lb.dataplane
+            .flows()
+            .unwrap()
+            .iter()
+            .all(|(f, _)| *f != flow.flow())
+    );
+    assert_eq!(
+        outer_dst(&mut lb, &flow),
+        lb.backend_addr(maglev),
+        "the torn way's flow took the table's answer"
+    );
+}
+
+/// The map `name` of the loaded program, as bpftool finds it: by the program's map ids.
+fn map_of(lb: &mut Lb, name: &str) -> MapData {
+    let ids = lb
+        .dataplane
+        .program()
+        .unwrap()
+        .info()
+        .unwrap()
+        .map_ids()
+        .unwrap()
+        .expect("map ids");
+    ids.into_iter()
+        .find_map(|id| {
+            let map = MapData::from_id(id).ok()?;
+            let info = map.info().ok()?;
+            (info.name_as_str() == Some(name)).then_some(map)
+        })
+        .unwrap_or_else(|| panic!("the program has no map {name}"))
 }

@@ -1,13 +1,17 @@
 //! Pinned maps: the layout table matches the loaded object, a second load reuses the pinned
 //! state (and fills its own, unpinned `TX_PORTS` from the pinned backends), a pinned map of the
-//! wrong shape is refused, and bpftool decodes maps through BTF.
+//! wrong shape is refused, an upgrade keeps the flows of an earlier version's conntrack maps,
+//! and bpftool decodes maps through BTF.
 
 use std::{path::PathBuf, process::Command};
 
 use aya::maps::MapInfo;
 use vip_agent::dataplane::{Dataplane, DataplaneError, DataplaneOptions};
 use vip_common::{
-    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, IPPROTO_TCP, VipKey, layout::LAYOUT,
+    BACKEND_F_NEXTHOP, BACKEND_F_PRESENT, Backend, ConnEntry, FlowKey, FlowKeyV4, IPPROTO_TCP,
+    IPPROTO_UDP, VipKey,
+    conntrack::CONNTRACK_WAYS,
+    layout::{LAYOUT, LEGACY_CONNTRACK_V4, LEGACY_CONNTRACK_V6},
 };
 
 /// A pin directory under bpffs, removed on drop (also when the test fails).
@@ -58,7 +62,7 @@ fn layout_matches_the_object_and_pins_are_reused_or_refused() {
         );
         let entries = match l.name {
             "MAGLEV" => opts.table_size * opts.table_slots,
-            "CONNTRACK" | "CONNTRACK_V4" => opts.conntrack_entries,
+            "CT_TABLE_V4" | "CT_TABLE_V6" => opts.conntrack_entries / CONNTRACK_WAYS as u32,
             "VIPS" | "VIP_META" => opts.max_vips,
             "BACKENDS" | "BACKEND_STATS" => opts.max_backends,
             _ => l.max_entries.expect("fixed size"),
@@ -94,15 +98,12 @@ fn layout_matches_the_object_and_pins_are_reused_or_refused() {
     match Dataplane::load(wrong) {
         Err(e @ DataplaneError::PinnedMapMismatch { .. }) => {
             let text = e.to_string();
-            assert!(
-                text.contains("CONNTRACK") && text.contains("8192"),
-                "{text}"
-            );
+            assert!(text.contains("CT_TABLE") && text.contains("2048"), "{text}");
         }
         Err(other) => panic!("expected a pinned-map mismatch, got {other}"),
         Ok(_) => panic!("a pinned map of another size was accepted"),
     }
-    assert!(pins.0.join("CONNTRACK").exists());
+    assert!(pins.0.join("CT_TABLE_V4").exists());
 }
 
 #[test]
@@ -158,4 +159,73 @@ fn detach_removes_every_pin_including_maps_of_earlier_versions() {
     }
     vip_agent::dataplane::detach_all(&pins.0).expect("detach");
     assert!(!pins.0.exists(), "the pin directory is still there");
+}
+
+/// An earlier version's conntrack LRU maps, pinned with flows in them: a load over them copies
+/// every flow into the tables and unpins them.
+#[test]
+fn an_upgrade_copies_flows_from_the_earlier_conntrack_maps_and_unpins_them() {
+    vip_tests::require_root();
+    let pins = PinDir::new("adopt");
+    let entry = |backend: u32| ConnEntry {
+        backend,
+        vip_id: 1,
+        last_seen_ns: 1_000,
+        flow_hash: 0x1234_5678,
+        backend_tag: 9,
+        flags: 0,
+    };
+    let mut v4 = FlowKey::v4([198, 18, 0, 7], [198, 19, 0, 1], IPPROTO_TCP);
+    v4.src_port = 40_000u16.to_be_bytes();
+    v4.dst_port = 80u16.to_be_bytes();
+    let mut v6 = FlowKey::v6(
+        "fd00::7".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        "fd00::100".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+        IPPROTO_UDP,
+    );
+    v6.src_port = 5_000u16.to_be_bytes();
+    v6.dst_port = 53u16.to_be_bytes();
+    let decimal = |bytes: &[u8]| bytes.iter().map(|b| b.to_string()).collect::<Vec<_>>();
+    let legacy: [(&str, Vec<u8>, ConnEntry); 2] = [
+        (
+            LEGACY_CONNTRACK_V4,
+            bytemuck::bytes_of(&FlowKeyV4::of(&v4)).to_vec(),
+            entry(3),
+        ),
+        (
+            LEGACY_CONNTRACK_V6,
+            bytemuck::bytes_of(&v6).to_vec(),
+            entry(4),
+        ),
+    ];
+    for (name, key, value) in &legacy {
+        // As the earlier agent made them: LRU hash maps with per-CPU LRU lists.
+        let path = pins.0.join(name);
+        let size = |n: usize| n.to_string();
+        let created = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", "lru_hash", "key", &size(key.len()), "value", "24"])
+            .args(["entries", "4096", "name", name, "flags", "2"])
+            .status()
+            .expect("bpftool");
+        assert!(created.success(), "create {name}");
+        let updated = Command::new("bpftool")
+            .args(["map", "update", "pinned"])
+            .arg(&path)
+            .arg("key")
+            .args(decimal(key))
+            .arg("value")
+            .args(decimal(bytemuck::bytes_of(value)))
+            .status()
+            .expect("bpftool");
+        assert!(updated.success(), "update {name}");
+    }
+    let dp = Dataplane::load(options(&pins)).expect("load over the earlier maps");
+    assert_eq!(dp.conntrack(&v4).unwrap(), Some(entry(3)));
+    assert_eq!(dp.conntrack(&v6).unwrap(), Some(entry(4)));
+    assert_eq!(dp.flows().unwrap().len(), 2);
+    for (name, ..) in &legacy {
+        assert!(!pins.0.join(name).exists(), "{name} is still pinned");
+    }
 }

@@ -39,7 +39,7 @@ pub(crate) struct Snapshot {
     pub vips: Vec<(VipName, TrafficCounters)>,
     /// ((VIP, backend address), traffic).
     pub backends: Vec<((VipName, String), TrafficCounters)>,
-    /// The conntrack maps counted (at most every [`CENSUS_INTERVAL`]).
+    /// The conntrack tables counted (at most every [`CENSUS_INTERVAL`]).
     pub conntrack: Option<Census>,
     /// ((VIP, backend address), conntrack entries that send to it).
     pub backend_flows: Vec<((VipName, String), u64)>,
@@ -458,7 +458,7 @@ impl Collector for SnapshotCollector {
             gauges(
                 &mut e,
                 "vip_conntrack_capacity",
-                "Size of each connection-tracking map (node.conntrack_entries).",
+                "Flows each connection-tracking table holds (node.conntrack_entries, rounded up).",
                 [
                     (family_label("ipv4"), i64::from(c.capacity_v4)),
                     (family_label("ipv6"), i64::from(c.capacity_v6)),
@@ -468,7 +468,7 @@ impl Collector for SnapshotCollector {
                 &mut e,
                 "vip_backend_conntrack_entries",
                 "Connection-tracking entries that send to the backend (ipvsadm's connections: \
-                 TCP entries stay until the LRU reuses them, UDP ones until idle).",
+                 TCP entries stay until a new flow takes their way, UDP ones until idle).",
                 s.backend_flows
                     .iter()
                     .map(|((vip, backend), n)| (backend_labels(vip, backend), *n as i64)),

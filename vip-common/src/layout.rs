@@ -4,7 +4,7 @@
 //! program (aya itself does not compare a pinned map with the object), and a test compares
 //! [`LAYOUT`] with a freshly loaded object, so the table cannot drift from the program.
 
-use crate::maps::*;
+use crate::{conntrack::ConntrackBucket, maps::*};
 
 /// Default Maglev table size (prime), as in the Maglev paper.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -21,14 +21,18 @@ pub const CAPACITY_LIMIT: u32 = 1 << 16;
 /// one live slot; a table switch writes a free one, so this bounds VIPs per node at a given table
 /// size. The agent sizes the map with `EbpfLoader::set_max_entries`.
 pub const DEFAULT_TABLE_SLOTS: u32 = 16;
-/// Default entries of `CONNTRACK` and of `CONNTRACK_V4` (LRU, one map per address family).
+/// Default flows each conntrack table (`CT_TABLE_V4`, `CT_TABLE_V6`) holds: 65,536 buckets of
+/// [`CONNTRACK_WAYS`](crate::conntrack::CONNTRACK_WAYS).
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 262_144;
 
 pub const VIPS: &str = "VIPS";
 pub const BACKENDS: &str = "BACKENDS";
 pub const MAGLEV: &str = "MAGLEV";
-pub const CONNTRACK: &str = "CONNTRACK";
-pub const CONNTRACK_V4: &str = "CONNTRACK_V4";
+/// The conntrack tables, by address family (see [`crate::conntrack`]); entries are buckets.
+pub const CT_TABLE_V4: &str = "CT_TABLE_V4";
+pub const CT_TABLE_V6: &str = "CT_TABLE_V6";
+/// The datapath's global holding log2 of the conntrack tables' buckets, set at load.
+pub const CONNTRACK_BUCKET_BITS: &str = "CONNTRACK_BUCKET_BITS";
 pub const STATS: &str = "STATS";
 pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
@@ -84,8 +88,8 @@ pub const LAYOUT: [MapLayout; 10] = [
     layout::<VipKey, VipMeta>(VIPS, None),
     layout::<u32, Backend>(BACKENDS, None),
     layout::<u32, BackendId>(MAGLEV, None),
-    layout::<FlowKey, ConnEntry>(CONNTRACK, None),
-    layout::<FlowKeyV4, ConnEntry>(CONNTRACK_V4, None),
+    layout::<u32, ConntrackBucket<FlowKeyV4>>(CT_TABLE_V4, None),
+    layout::<u32, ConntrackBucket<FlowKey>>(CT_TABLE_V6, None),
     layout::<u32, DatapathStats>(STATS, Some(1)),
     layout::<u32, TrafficCounters>(BACKEND_STATS, None),
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
@@ -95,7 +99,14 @@ pub const LAYOUT: [MapLayout; 10] = [
 
 /// Maps that earlier versions pinned and this one no longer has: `vip-agent detach` removes
 /// them too. `VIP_STATS` (per-VIP traffic): a VIP's traffic is now its backends'.
-pub const OBSOLETE_PINS: [&str; 1] = ["VIP_STATS"];
+/// `CONNTRACK_V4` and `CONNTRACK` (LRU hash maps): the conntrack tables replaced them; a new
+/// agent over their pins copies their entries into the tables first.
+pub const OBSOLETE_PINS: [&str; 3] = ["VIP_STATS", LEGACY_CONNTRACK_V4, LEGACY_CONNTRACK_V6];
+
+/// The LRU hash maps (keys [`FlowKeyV4`] and [`FlowKey`], values [`ConnEntry`]) that held
+/// conntrack before the tables.
+pub const LEGACY_CONNTRACK_V4: &str = "CONNTRACK_V4";
+pub const LEGACY_CONNTRACK_V6: &str = "CONNTRACK";
 
 /// Every map of the decapsulation program.
 pub const DECAP_LAYOUT: [MapLayout; 4] = [

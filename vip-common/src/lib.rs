@@ -12,6 +12,7 @@ extern crate std;
 
 pub mod bench;
 pub mod checksum;
+pub mod conntrack;
 pub mod hash;
 pub mod layout;
 pub mod maps;

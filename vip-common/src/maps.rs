@@ -153,7 +153,7 @@ pub struct Backend {
 }
 
 /// A flow as the client sent it (source = client, destination = VIP): the flow hash input, and
-/// the key of `CONNTRACK` for IPv6 flows (IPv4 flows use [`FlowKeyV4`]).
+/// the key of `CT_TABLE_V6` for IPv6 flows (IPv4 flows use [`FlowKeyV4`]).
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKey {
@@ -228,9 +228,9 @@ impl FlowKey {
     }
 }
 
-/// Key of `CONNTRACK_V4`: an IPv4 flow as the client sent it. IPv4 flows have their own map
-/// because the kernel hashes and compares the whole key on every lookup: 16 bytes here, 40 in
-/// a [`FlowKey`], which has room for IPv6 addresses.
+/// Key of `CT_TABLE_V4`: an IPv4 flow as the client sent it. IPv4 flows have their own table
+/// because a lookup hashes and compares the whole key: 16 bytes here, 40 in a [`FlowKey`],
+/// which has room for IPv6 addresses.
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct FlowKeyV4 {
@@ -275,7 +275,7 @@ impl FlowKeyV4 {
     }
 }
 
-/// Value of `CONNTRACK` and `CONNTRACK_V4`: the backend a flow was given.
+/// The entry of a flow in a conntrack table (see [`crate::conntrack`]): the backend it was given.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct ConnEntry {
@@ -283,8 +283,9 @@ pub struct ConnEntry {
     /// `VipMeta::vip_id` of the flow's VIP: established packets read its settings from
     /// `VIP_META` instead of looking the VIP up by key.
     pub vip_id: u32,
-    /// `bpf_ktime_get_coarse_ns` when a UDP packet last used the entry (UDP idle expiry); the time
-    /// of creation for TCP, whose entries live until LRU eviction.
+    /// `bpf_ktime_get_coarse_ns` when the entry was made or last read from the table (at least
+    /// once per flow-cache refresh while the flow is active): UDP idle expiry, and which of a
+    /// bucket's ways a new flow replaces.
     pub last_seen_ns: u64,
     /// `flow_hash` of the flow when the entry was made: established packets take their outer
     /// source entropy, flow label and GUE port from here instead of hashing every packet.
@@ -400,8 +401,8 @@ pub struct DatapathConfig {
     pub table_size: u32,
     /// New conntrack entries each CPU may make per [`INSERT_WINDOW_SHIFT`] window; 0: no
     /// limit. Beyond it, new flows are still forwarded (Maglev) but not recorded, so a flood
-    /// of new flows (spoofed ACKs, UDP) cannot push the established ones out of the LRU faster
-    /// than this.
+    /// of new flows (spoofed ACKs, UDP) cannot push the established ones out of conntrack
+    /// faster than this.
     pub conntrack_inserts_per_window: u32,
 }
 

@@ -1,24 +1,26 @@
-//! Connection tracking: the shared LRU maps (`CONNTRACK_V4`, `CONNTRACK`), and for IPv4 this
-//! CPU's flow cache in front of them.
+//! Connection tracking: the shared tables (`CT_TABLE_V4`, `CT_TABLE_V6`; their layout and
+//! lookup are `vip_common::conntrack`'s), and this CPU's flow cache in front of them.
 //!
-//! A lookup in an LRU hash map is a chain of kernel calls (hash, bucket walk, key compare) and
-//! cost an established packet about as much as everything else it does. The flow cache is a
-//! per-CPU array indexed by a hash of the flow: a hit is an inlined array read and a 16-byte
-//! compare. The LRU map stays the one record every CPU and the agent see; the cache holds
-//! copies, each re-read from the LRU map at least every `REFRESH_JIFFIES`, which also keeps the
-//! flow recently used in the LRU map's eyes (a flow served only from a cache would otherwise
-//! age out of it while active), and is when a UDP flow's idle time is checked and renewed, in
-//! the LRU map's entry. Per CPU, so a slot is never written by two CPUs at once and never read
-//! half-written; flows stay on one CPU anyway (RSS hashes the same 5-tuple).
+//! A table read hashes the key, reads its bucket and checks the way it finds. The flow cache is
+//! a per-CPU array indexed by another hash of the flow: a hit is an inlined array read and a
+//! compare of the key's words, with no check (nothing else writes this CPU's slots). The table
+//! stays the one record every CPU and the agent see; the cache holds copies, each re-read from
+//! the table at least every `REFRESH_JIFFIES`, which is when the table's entry is marked used
+//! (a flow served only from a cache would otherwise be the first evicted from its bucket while
+//! active) and a UDP flow's idle time is checked. Flows stay on one CPU anyway (RSS hashes the
+//! same 5-tuple).
 
 use aya_ebpf::{
     btf_maps::PerCpuArray,
     helpers::generated::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::btf_map,
 };
-use vip_common::{AddrFamily, ConnEntry, FlowKey, FlowKeyV4};
+use vip_common::{
+    AddrFamily, ConnEntry, FlowKey, FlowKeyV4,
+    conntrack::{ConntrackBucket, ConntrackKey, ConntrackWay},
+};
 
-use crate::maps::{CONNTRACK, CONNTRACK_V4};
+use crate::maps::{CT_TABLE_V4, CT_TABLE_V6, conntrack_bucket_bits};
 
 /// Slots of the IPv4 flow cache per CPU (a power of two): 8,192 × 48 bytes = 384 KiB per CPU.
 const CACHE_SLOTS_V4: u32 = 1 << 13;
@@ -26,10 +28,10 @@ const CACHE_SLOTS_V4: u32 = 1 << 13;
 /// Slots of the IPv6 flow cache per CPU (a power of two): 4,096 × 80 bytes = 320 KiB per CPU.
 const CACHE_SLOTS_V6: u32 = 1 << 12;
 
-/// How long a cached entry is used before it is read again from the LRU map, in jiffies:
-/// 32 is 32 ms at HZ=1000 and 320 ms at HZ=100, under the shortest UDP idle timeout the agent
-/// accepts (1 s: a UDP flow that moves to another CPU finds its shared entry fresh) and short
-/// against the time an active flow takes to age out of a busy LRU map.
+/// How long a cached entry is used before it is read again from the table, in jiffies: 32 is
+/// 32 ms at HZ=1000 and 320 ms at HZ=100, under the shortest UDP idle timeout the agent accepts
+/// (1 s: a UDP flow that moves to another CPU finds its shared entry fresh) and short against
+/// the time a flow's bucket-mates take to make it the least recently used of its bucket.
 const REFRESH_JIFFIES: u64 = 32;
 
 /// A slot of a flow cache: a copy of a conntrack entry. An all-zero key (protocol 0) never
@@ -39,7 +41,7 @@ const REFRESH_JIFFIES: u64 = 32;
 pub(crate) struct FlowCacheSlot<K> {
     key: K,
     entry: ConnEntry,
-    /// `bpf_jiffies64` when the entry was last read from (or written to) the LRU map.
+    /// `bpf_jiffies64` when the entry was last read from (or written to) the table.
     checked_jiffies: u64,
 }
 
@@ -54,26 +56,23 @@ impl<K: Copy> FlowCacheSlot<K> {
     }
 }
 
-/// This CPU's copies of recently used `CONNTRACK_V4` entries, by `Cached::slot` of the flow.
+/// This CPU's copies of recently used `CT_TABLE_V4` entries, by `Cached::slot` of the flow.
 /// Not pinned: a new program starts with an empty cache.
 #[btf_map]
 static FLOW_CACHE_V4: PerCpuArray<FlowCacheSlot<FlowKeyV4>, { CACHE_SLOTS_V4 as usize }> =
     PerCpuArray::new();
 
-/// As `FLOW_CACHE_V4`, of `CONNTRACK` entries.
+/// As `FLOW_CACHE_V4`, of `CT_TABLE_V6` entries.
 #[btf_map]
 static FLOW_CACHE_V6: PerCpuArray<FlowCacheSlot<FlowKey>, { CACHE_SLOTS_V6 as usize }> =
     PerCpuArray::new();
 
-/// A conntrack key with a flow cache in front of its LRU map.
-trait Cached: Copy + 'static {
-    /// The flow's slot in this CPU's cache. Collisions only cost a lookup in the LRU map.
+/// A conntrack key: its table, and a flow cache in front of it.
+trait Cached: ConntrackKey + 'static {
+    /// The flow's slot in this CPU's cache. Collisions only cost a read of the table.
     fn slot(&self) -> Option<&'static mut FlowCacheSlot<Self>>;
-    /// Word by word: LLVM would compare byte arrays byte by byte.
-    fn same(&self, other: &Self) -> bool;
-    /// The LRU map's entry.
-    fn shared(&self) -> Option<*mut ConnEntry>;
-    fn insert(&self, entry: &ConnEntry) -> bool;
+    /// The flow's bucket in the shared table.
+    fn bucket(&self) -> Option<&'static mut ConntrackBucket<Self>>;
 }
 
 /// A multiplicative hash of a key's words to `bits` bits.
@@ -83,72 +82,47 @@ fn slot_index(mixed: u32, bits: u32) -> u32 {
 }
 
 /// SAFETY for both caches' slots: this CPU's copy of a per-CPU array entry; XDP runs with
-/// preemption disabled, so nothing else reads or writes it until this program returns.
+/// preemption disabled, so nothing else reads or writes it until this program returns. For
+/// both tables' buckets: a map value pointer stays valid for this program run; other CPUs and
+/// the agent may write the same bucket meanwhile, which the ways' check words detect.
 impl Cached for FlowKeyV4 {
     #[inline(always)]
     fn slot(&self) -> Option<&'static mut FlowCacheSlot<Self>> {
-        let [src, dst, ports, proto]: [u32; 4] = bytemuck::cast(*self);
-        let mixed = src ^ dst.rotate_left(11) ^ ports.rotate_left(19) ^ proto;
-        let index = slot_index(mixed, CACHE_SLOTS_V4.trailing_zeros());
+        let index = slot_index(self.mix(), CACHE_SLOTS_V4.trailing_zeros());
         // SAFETY: see above.
         FLOW_CACHE_V4.get_ptr_mut(index).map(|p| unsafe { &mut *p })
     }
 
     #[inline(always)]
-    fn same(&self, other: &Self) -> bool {
-        bytemuck::cast::<_, [u32; 4]>(*self) == bytemuck::cast::<_, [u32; 4]>(*other)
-    }
-
-    #[inline(always)]
-    fn shared(&self) -> Option<*mut ConnEntry> {
-        CONNTRACK_V4.get_ptr_mut(self)
-    }
-
-    #[inline(always)]
-    fn insert(&self, entry: &ConnEntry) -> bool {
-        CONNTRACK_V4.insert(self, entry, 0).is_ok()
+    fn bucket(&self) -> Option<&'static mut ConntrackBucket<Self>> {
+        let index = ConntrackKey::bucket(self, conntrack_bucket_bits());
+        // SAFETY: see above.
+        CT_TABLE_V4.get_ptr_mut(index).map(|p| unsafe { &mut *p })
     }
 }
 
 impl Cached for FlowKey {
     #[inline(always)]
     fn slot(&self) -> Option<&'static mut FlowCacheSlot<Self>> {
-        let src = word(self, 0) ^ word(self, 1) ^ word(self, 2) ^ word(self, 3);
-        let dst = word(self, 4) ^ word(self, 5) ^ word(self, 6) ^ word(self, 7);
-        let mixed = src ^ dst.rotate_left(11) ^ word(self, 8).rotate_left(19) ^ word(self, 9);
-        let index = slot_index(mixed, CACHE_SLOTS_V6.trailing_zeros());
+        let index = slot_index(self.mix(), CACHE_SLOTS_V6.trailing_zeros());
         // SAFETY: see above.
         FLOW_CACHE_V6.get_ptr_mut(index).map(|p| unsafe { &mut *p })
     }
 
     #[inline(always)]
-    fn same(&self, other: &Self) -> bool {
-        (0..10).all(|i| word(self, i) == word(other, i))
-    }
-
-    #[inline(always)]
-    fn shared(&self) -> Option<*mut ConnEntry> {
-        CONNTRACK.get_ptr_mut(self)
-    }
-
-    #[inline(always)]
-    fn insert(&self, entry: &ConnEntry) -> bool {
-        CONNTRACK.insert(self, entry, 0).is_ok()
+    fn bucket(&self) -> Option<&'static mut ConntrackBucket<Self>> {
+        let index = ConntrackKey::bucket(self, conntrack_bucket_bits());
+        // SAFETY: see above.
+        CT_TABLE_V6.get_ptr_mut(index).map(|p| unsafe { &mut *p })
     }
 }
 
-/// Word `i` of an IPv6 key, read whole (the program allows misaligned loads). One at a time:
-/// the key copied as one array would take stack the program does not have.
+/// The way of the shared table holding `key`'s entry.
 #[inline(always)]
-fn word(key: &FlowKey, i: usize) -> u32 {
-    // SAFETY: `FlowKey` is 40 bytes of plain data and `i` < 10 at every call site.
-    unsafe {
-        core::ptr::from_ref(key)
-            .cast::<u8>()
-            .add(i * 4)
-            .cast::<u32>()
-            .read_unaligned()
-    }
+fn shared<K: Cached>(key: &K) -> Option<&'static mut ConntrackWay<K>> {
+    let bucket = Cached::bucket(key)?;
+    let way = bucket.position(key)?;
+    bucket.ways.get_mut(way)
 }
 
 #[inline(always)]
@@ -167,13 +141,13 @@ pub(crate) fn now() -> u64 {
 /// A flow's conntrack entry as [`entry`] found it.
 pub(crate) struct Tracked {
     pub entry: &'static mut ConnEntry,
-    /// `entry` is the LRU map's own, read for this packet (the cached copy was missing or
+    /// `entry` is the table's own, read for this packet (the cached copy was missing or
     /// stale), not this CPU's copy: `last_seen_ns` is kept there.
     pub shared: bool,
 }
 
-/// The conntrack entry of `flow`: this CPU's cached copy, re-read from the LRU map (and the
-/// copy renewed) when stale.
+/// The conntrack entry of `flow`: this CPU's cached copy, re-read from the table (and the copy
+/// renewed) when stale.
 #[inline(always)]
 pub(crate) fn entry(flow: &FlowKey) -> Option<Tracked> {
     if flow.family == AddrFamily::V4 as u8 {
@@ -193,18 +167,16 @@ fn cached_entry<K: Cached>(key: &K) -> Option<Tracked> {
             shared: false,
         });
     }
-    // SAFETY: a map value pointer stays valid for this program run; racing writers of the
-    // same flow on other CPUs can only store another valid backend id or time.
-    let entry = unsafe { &mut *key.shared()? };
-    slot.fill(key, entry, now);
+    let way = shared(key)?;
+    slot.fill(key, &way.entry, now);
     Some(Tracked {
-        entry,
+        entry: &mut way.entry,
         shared: true,
     })
 }
 
 /// Replaces the entry of `flow` where there is one (a reused 5-tuple: its next packets must
-/// follow the new connection), in the LRU map and in this CPU's cache. `entry` is only made
+/// follow the new connection), in the table and in this CPU's cache. `entry` is only made
 /// when there is one to replace (it reads the clock), and once.
 #[inline(always)]
 pub(crate) fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
@@ -217,15 +189,14 @@ pub(crate) fn overwrite(flow: &FlowKey, entry: impl Fn() -> ConnEntry) {
 
 #[inline(always)]
 fn overwrite_cached<K: Cached>(key: &K, entry: impl Fn() -> ConnEntry) {
-    let shared = key.shared();
+    let shared = shared(key);
     let cached = key.slot().filter(|slot| slot.key.same(key));
     if shared.is_none() && cached.is_none() {
         return;
     }
     let new = entry();
-    if let Some(old) = shared {
-        // SAFETY: a map value pointer stays valid for this program run.
-        unsafe { *old = new };
+    if let Some(way) = shared {
+        way.set_entry(&new);
     }
     if let Some(slot) = cached {
         slot.entry = new;
@@ -233,8 +204,8 @@ fn overwrite_cached<K: Cached>(key: &K, entry: impl Fn() -> ConnEntry) {
     }
 }
 
-/// Records `flow`'s entry. A full LRU evicts its oldest entry; an error here only costs the
-/// next packet a re-hash, which picks the same backend while the table is unchanged.
+/// Records `flow`'s entry, in the way of its bucket that held the flow or was least recently
+/// used, and in this CPU's cache.
 #[inline(always)]
 pub(crate) fn record(flow: &FlowKey, entry: &ConnEntry) {
     if flow.family == AddrFamily::V4 as u8 {
@@ -246,9 +217,15 @@ pub(crate) fn record(flow: &FlowKey, entry: &ConnEntry) {
 
 #[inline(always)]
 fn record_cached<K: Cached>(key: &K, entry: &ConnEntry) {
-    if key.insert(entry)
-        && let Some(slot) = key.slot()
-    {
+    let Some(bucket) = Cached::bucket(key) else {
+        return;
+    };
+    let victim = bucket.victim(key);
+    let Some(way) = bucket.ways.get_mut(victim) else {
+        return;
+    };
+    way.fill(key, entry);
+    if let Some(slot) = key.slot() {
         slot.fill(key, entry, jiffies());
     }
 }

@@ -1,14 +1,16 @@
 //! The load balancer's maps. Layouts and sizes come from `vip_common::layout`; the agent writes
-//! every map except the conntrack maps and the counters, which only the datapath writes.
+//! every map except the counters, which only the datapath writes; the conntrack tables both
+//! write.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    bindings::BPF_F_MMAPABLE,
+    btf_maps::{Array, DevMapHash, HashMap, PerCpuArray},
     macros::btf_map,
 };
 use vip_common::{
-    Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4, InsertBudget,
+    Backend, BackendId, DatapathConfig, DatapathStats, FlowKey, FlowKeyV4, InsertBudget,
     TrafficCounters, VipKey, VipMeta,
+    conntrack::{CONNTRACK_WAYS, ConntrackBucket},
     layout::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS, DEFAULT_TABLE_SIZE,
         DEFAULT_TABLE_SLOTS, MAX_TX_PORTS, VIP_FILTER_WORDS,
@@ -41,25 +43,39 @@ pub(crate) static MAGLEV: Array<
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 
-/// Connection tracking of IPv6 flows: flow to backend. Written by the datapath; LRU evicts idle
-/// flows. The LRU lists are per CPU (`BPF_F_NO_COMMON_LRU`): inserting a new flow takes no lock
-/// shared with other CPUs; entries are still visible from every CPU.
+/// Connection tracking of IPv4 flows: 4-way buckets of flow and backend (see
+/// `vip_common::conntrack`), `2^CONNTRACK_BUCKET_BITS` of them (sized by the agent at load).
+/// Written by the datapath as flows start, and by the agent (entries shared by peers); the
+/// agent reads it through a shared mapping.
 #[btf_map]
-pub(crate) static CONNTRACK: LruHashMap<
-    FlowKey,
-    ConnEntry,
-    { DEFAULT_CONNTRACK_ENTRIES as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub(crate) static CT_TABLE_V4: Array<
+    ConntrackBucket<FlowKeyV4>,
+    { DEFAULT_CONNTRACK_BUCKETS as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
 
-/// Connection tracking of IPv4 flows, as `CONNTRACK` with a key of 16 bytes instead of 40.
+/// Connection tracking of IPv6 flows, as `CT_TABLE_V4` with a key of 40 bytes instead of 16.
 #[btf_map]
-pub(crate) static CONNTRACK_V4: LruHashMap<
-    FlowKeyV4,
-    ConnEntry,
-    { DEFAULT_CONNTRACK_ENTRIES as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub(crate) static CT_TABLE_V6: Array<
+    ConntrackBucket<FlowKey>,
+    { DEFAULT_CONNTRACK_BUCKETS as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+/// log2 of the buckets in each conntrack table: set by the agent at load (a constant to the
+/// verifier), with the tables' size.
+#[unsafe(no_mangle)]
+static CONNTRACK_BUCKET_BITS: u32 = DEFAULT_CONNTRACK_BUCKETS.trailing_zeros();
+
+/// `CONNTRACK_BUCKET_BITS`, read as the loader left it.
+#[inline(always)]
+pub(crate) fn conntrack_bucket_bits() -> u32 {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
+    // compiler does not fold the default in.
+    unsafe { core::ptr::read_volatile(&raw const CONNTRACK_BUCKET_BITS) }
+}
+
+const DEFAULT_CONNTRACK_BUCKETS: u32 = DEFAULT_CONNTRACK_ENTRIES / CONNTRACK_WAYS as u32;
 
 /// Conntrack inserts made in the current window, per CPU (see `DatapathConfig`). Not pinned:
 /// a new program starts counting afresh.

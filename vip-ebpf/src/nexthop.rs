@@ -76,8 +76,8 @@ pub(crate) fn v4(ctx: &XdpContext, backend: &Backend, src: &[u8; 4], dst: &[u8; 
         return hop;
     }
     let mut params = fib_params(ctx, AF_INET);
-    params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(*src);
-    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(*dst);
+    params.0.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(*src);
+    params.0.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(*dst);
     fib(ctx, params)
 }
 
@@ -89,8 +89,8 @@ pub(crate) fn v6(ctx: &XdpContext, backend: &Backend, src: [u32; 4], dst: &[u8; 
     }
     let mut params = fib_params(ctx, AF_INET6);
     let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
-    params.__bindgen_anon_3.ipv6_src = src;
-    params.__bindgen_anon_4.ipv6_dst = [
+    params.0.__bindgen_anon_3.ipv6_src = src;
+    params.0.__bindgen_anon_4.ipv6_dst = [
         word(&dst[0..4]),
         word(&dst[4..8]),
         word(&dst[8..12]),
@@ -99,24 +99,30 @@ pub(crate) fn v6(ctx: &XdpContext, backend: &Backend, src: [u32; 4], dst: &[u8; 
     fib(ctx, params)
 }
 
+/// `bpf_fib_lookup` on an 8-byte boundary of the stack: LLVM fills its address fields with
+/// 8-byte stores (the build allows misaligned access), and the verifier refuses a misaligned
+/// store to the stack; the C struct alone is only 4-byte aligned.
+#[repr(C, align(8))]
+struct FibParams(bpf_fib_lookup);
+
 #[inline(always)]
-fn fib_params(ctx: &XdpContext, family: u8) -> bpf_fib_lookup {
+fn fib_params(ctx: &XdpContext, family: u8) -> FibParams {
     // SAFETY: `bpf_fib_lookup` is a plain C struct for which all-zero is the documented default.
     let mut params: bpf_fib_lookup = unsafe { MaybeUninit::zeroed().assume_init() };
     params.family = family;
     params.ifindex = ctx.ingress_ifindex() as u32;
-    params
+    FibParams(params)
 }
 
 #[inline(always)]
-fn fib(ctx: &XdpContext, mut params: bpf_fib_lookup) -> NextHop {
+fn fib(ctx: &XdpContext, mut params: FibParams) -> NextHop {
     // An output lookup: the LB originates the outer packet (its own source address), so the
     // node needs no IP forwarding for it.
     // SAFETY: `params` is a valid, initialised struct on our stack of the size we pass.
     let rc = unsafe {
         fib_lookup(
             ctx.ctx.cast(),
-            &mut params,
+            &mut params.0,
             size_of::<bpf_fib_lookup>() as i32,
             BPF_FIB_LOOKUP_OUTPUT,
         )
@@ -127,9 +133,9 @@ fn fib(ctx: &XdpContext, mut params: bpf_fib_lookup) -> NextHop {
         _ => HopStatus::NoRoute,
     };
     NextHop {
-        dst_mac: stack_mac(&params.dmac),
-        src_mac: stack_mac(&params.smac),
-        ifindex: params.ifindex,
+        dst_mac: stack_mac(&params.0.dmac),
+        src_mac: stack_mac(&params.0.smac),
+        ifindex: params.0.ifindex,
         status,
     }
 }

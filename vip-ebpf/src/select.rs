@@ -86,13 +86,15 @@ pub(crate) fn established(
     {
         return None;
     }
-    // Only UDP entries age. Their time is checked and renewed in the LRU map's entry when it is
-    // read, at least once per refresh of the cached copy: idle time is measured to within a
-    // refresh (at most 320 ms, under the shortest timeout, 1 s), and a packet served from the
-    // copy reads no clock.
-    if policy == ConnPolicy::TrackIdle && tracked.shared {
+    // The table's entry, read for this packet (at least once per refresh of the cached copy):
+    // marked used, so its bucket evicts others first, and for UDP checked for idleness first.
+    // Idle time is measured to within a refresh (at most 320 ms, under the shortest timeout,
+    // 1 s), and a packet served from the copy reads no clock.
+    if tracked.shared {
         let now = now();
-        if now.wrapping_sub(entry.last_seen_ns) > meta.udp_idle_ns {
+        if policy == ConnPolicy::TrackIdle
+            && now.wrapping_sub(entry.last_seen_ns) > meta.udp_idle_ns
+        {
             return None;
         }
         entry.last_seen_ns = now;

@@ -382,10 +382,10 @@ pub struct NodeConfig {
     pub control_socket: PathBuf,
     pub table_size: u32,
     pub table_slots: u32,
-    /// Entries of each conntrack map (one for IPv4 flows, one for IPv6).
+    /// Flows each conntrack table holds (one for IPv4 flows, one for IPv6).
     pub conntrack_entries: u32,
     /// New conntrack entries per second and CPU (0: no limit): beyond it new flows are
-    /// forwarded by Maglev alone, so floods cannot churn the LRU faster.
+    /// forwarded by Maglev alone, so floods cannot churn conntrack faster.
     pub conntrack_insert_limit: u32,
     /// VIP capacity of the datapath's maps.
     pub max_vips: u32,

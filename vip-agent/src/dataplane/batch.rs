@@ -1,14 +1,16 @@
 //! Reading a whole hash map in batches (`BPF_MAP_LOOKUP_BATCH`): one system call per few
-//! thousand entries, instead of two per entry as a key-by-key walk takes. Flow-state sharing
-//! reads all of conntrack after every table change.
+//! thousand entries, instead of two per entry as a key-by-key walk takes. An upgrade reads an
+//! earlier version's conntrack maps this way.
 
 use std::{
     io,
     os::fd::{AsFd, AsRawFd},
 };
 
-use aya::maps::MapData;
+use aya::maps::{MapData, MapError};
 use bytemuck::Pod;
+
+use super::error::{DataplaneError, map_err};
 
 /// `BPF_MAP_LOOKUP_BATCH` (linux/bpf.h).
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -27,6 +29,16 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// The error of a failed [`read_all`] of map `name`.
+pub(crate) fn error(name: &'static str) -> impl FnOnce(io::Error) -> DataplaneError {
+    move |io_error| {
+        map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        }))
+    }
 }
 
 /// Every entry of a (non-per-CPU) hash map, as the kernel hands them out: a snapshot only in

@@ -74,6 +74,14 @@ pub enum DataplaneError {
         #[source]
         source: ProgramError,
     },
+    #[error("conntrack table {map} has {count} buckets, not a power of two")]
+    ConntrackBuckets { map: &'static str, count: u32 },
+    #[error("removing pin {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("table slot {slot} out of range (0..{slots})")]
     TableSlot { slot: u32, slots: u32 },
 }

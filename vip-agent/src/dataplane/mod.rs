@@ -5,6 +5,7 @@
 
 mod attach;
 mod batch;
+mod conntrack;
 mod counters;
 pub mod decap;
 mod error;
@@ -16,7 +17,8 @@ pub mod test_run;
 
 pub use attach::{attach_xdp_pinned, detach_all, link_pin_path};
 pub(crate) use attach::{load_retrying, xdp_program};
-pub use counters::{Census, Counters};
+pub use conntrack::{Census, ConntrackTables};
+pub use counters::Counters;
 pub use decap::DecapPlane;
 pub(crate) use pins::{check_pinned, create_pin_dir};
 
@@ -35,8 +37,9 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
 };
 use vip_common::{
-    AddrFamily, BACKEND_F_NEXTHOP, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats,
-    FlowKey, FlowKeyV4, INSERT_WINDOW_SHIFT, TrafficCounters, VipKey, VipMeta,
+    BACKEND_F_NEXTHOP, Backend, BackendId, ConnEntry, DatapathConfig, DatapathStats, FlowKey,
+    INSERT_WINDOW_SHIFT, TrafficCounters, VipKey, VipMeta,
+    conntrack::{CONNTRACK_WAYS, bucket_bits},
     hash::vip_filter_bit,
     layout::{
         self, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAX_BACKENDS, DEFAULT_MAX_VIPS,
@@ -60,7 +63,8 @@ pub struct DataplaneOptions {
     pub table_size: u32,
     /// Maglev table slots in `MAGLEV` (VIPs plus spares for switching tables).
     pub table_slots: u32,
-    /// Entries of each conntrack map (`CONNTRACK_V4` for IPv4 flows, `CONNTRACK` for IPv6).
+    /// Flows each conntrack table holds (`CT_TABLE_V4` for IPv4 flows, `CT_TABLE_V6` for
+    /// IPv6), rounded up to a power of two of buckets.
     pub conntrack_entries: u32,
     /// VIP capacity: entries of `VIPS`, `VIP_META`.
     pub max_vips: u32,
@@ -107,7 +111,7 @@ impl DataplaneOptions {
         Ok(Self {
             table_size,
             table_slots: info(layout::MAGLEV)?.max_entries() / table_size,
-            conntrack_entries: info(layout::CONNTRACK)?.max_entries(),
+            conntrack_entries: info(layout::CT_TABLE_V4)?.max_entries() * CONNTRACK_WAYS as u32,
             max_vips: info(layout::VIPS)?.max_entries(),
             max_backends: info(layout::BACKENDS)?.max_entries(),
             pin_dir: Some(pin_dir.to_owned()),
@@ -115,11 +119,16 @@ impl DataplaneOptions {
         })
     }
 
+    /// Buckets of each conntrack table.
+    fn conntrack_buckets(&self) -> u32 {
+        1 << bucket_bits(self.conntrack_entries)
+    }
+
     /// Entries each map must have with these options.
     fn max_entries(&self, name: &str) -> Option<u32> {
         match name {
             layout::MAGLEV => Some(self.table_size * self.table_slots),
-            layout::CONNTRACK | layout::CONNTRACK_V4 => Some(self.conntrack_entries),
+            layout::CT_TABLE_V4 | layout::CT_TABLE_V6 => Some(self.conntrack_buckets()),
             layout::VIPS | layout::VIP_META => Some(self.max_vips),
             layout::BACKENDS | layout::BACKEND_STATS => Some(self.max_backends),
             _ => LAYOUT.iter().find(|l| l.name == name)?.max_entries,
@@ -136,6 +145,9 @@ pub struct Dataplane {
     /// Interfaces written into `TX_PORTS` by this load, so that each is written once rather
     /// than with every backend write.
     tx_ports: BTreeSet<u32>,
+    /// The conntrack tables, mapped; `None` for an object without them (an earlier version's,
+    /// loaded by `vip-bench --compare`).
+    conntrack: Option<ConntrackTables>,
 }
 
 impl Dataplane {
@@ -162,6 +174,8 @@ impl Dataplane {
             0
         };
         loader.override_global(AYA_LOG_LEVEL, &log_level, true);
+        let bits = bucket_bits(options.conntrack_entries);
+        loader.override_global(layout::CONNTRACK_BUCKET_BITS, &bits, false);
         let pins: Vec<(&'static str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 create_pin_dir(dir)?;
@@ -181,11 +195,31 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let ebpf = loader.load(object).map_err(DataplaneError::Load)?;
+        let conntrack = match (ebpf.map(layout::CT_TABLE_V4), ebpf.map(layout::CT_TABLE_V6)) {
+            (Some(aya::maps::Map::Array(v4)), Some(aya::maps::Map::Array(v6))) => {
+                Some(ConntrackTables::map(
+                    v4.fd().as_fd(),
+                    v6.fd().as_fd(),
+                    options.conntrack_buckets(),
+                )?)
+            }
+            _ => None,
+        };
+        if let (Some(tables), Some(dir)) = (&conntrack, &options.pin_dir) {
+            let adopted = tables.adopt_legacy(dir)?;
+            if adopted > 0 {
+                tracing::info!(
+                    flows = adopted,
+                    "conntrack entries of the earlier version's maps copied into the tables"
+                );
+            }
+        }
         let mut dataplane = Self {
             ebpf,
             options,
             health_check_program: false,
             tx_ports: BTreeSet::new(),
+            conntrack,
         };
         // No insert limit until the agent applies its config.
         let config = DatapathConfig {
@@ -468,67 +502,30 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Writes a connection-tracking entry (benchmarks and tests fill the table with it).
+    /// The conntrack tables.
+    pub fn conntrack_tables(&self) -> Result<&ConntrackTables> {
+        self.conntrack
+            .as_ref()
+            .ok_or(DataplaneError::MissingMap(layout::CT_TABLE_V4))
+    }
+
+    /// Writes a connection-tracking entry (peers' flows; benchmarks and tests fill the table
+    /// with it).
     pub fn insert_flow(&mut self, flow: &FlowKey, entry: &ConnEntry) -> Result<()> {
-        if flow.family == AddrFamily::V4 as u8 {
-            let name = layout::CONNTRACK_V4;
-            let mut map: HashMap<&mut MapData, FlowKeyV4, ConnEntry> =
-                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-            map.insert(FlowKeyV4::of(flow), entry, 0)
-                .map_err(map_err(name))
-        } else {
-            let name = layout::CONNTRACK;
-            let mut map: HashMap<&mut MapData, FlowKey, ConnEntry> =
-                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-            map.insert(flow, entry, 0).map_err(map_err(name))
-        }
+        self.conntrack_tables()?.insert(flow, entry);
+        Ok(())
     }
 
     /// Removes a flow's connection-tracking entry (absent already: nothing to do).
     pub fn remove_flow(&mut self, flow: &FlowKey) -> Result<()> {
-        let removed = if flow.family == AddrFamily::V4 as u8 {
-            let name = layout::CONNTRACK_V4;
-            let mut map: HashMap<&mut MapData, FlowKeyV4, ConnEntry> =
-                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-            map.remove(&FlowKeyV4::of(flow)).map_err(|e| (name, e))
-        } else {
-            let name = layout::CONNTRACK;
-            let mut map: HashMap<&mut MapData, FlowKey, ConnEntry> =
-                HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-            map.remove(flow).map_err(|e| (name, e))
-        };
-        match removed {
-            Ok(()) | Err((_, MapError::KeyNotFound)) => Ok(()),
-            Err((name, e)) => Err(map_err(name)(e)),
-        }
+        self.conntrack_tables()?.remove(flow);
+        Ok(())
     }
 
     /// Every connection-tracking entry, IPv4 and IPv6 (a snapshot; the datapath keeps changing
-    /// it), read in batches.
+    /// it).
     pub fn flows(&self) -> Result<Vec<(FlowKey, ConnEntry)>> {
-        let read = |name: &'static str| {
-            let aya::maps::Map::LruHashMap(map) = self.map(name)? else {
-                return Err(DataplaneError::MissingMap(name));
-            };
-            Ok((map, name))
-        };
-        let batch_err = |name: &'static str| {
-            move |source: std::io::Error| {
-                map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_lookup_batch",
-                    io_error: source,
-                }))
-            }
-        };
-        let (v4, name) = read(layout::CONNTRACK_V4)?;
-        let v4 = batch::read_all::<FlowKeyV4, ConnEntry>(v4).map_err(batch_err(name))?;
-        let (v6, name) = read(layout::CONNTRACK)?;
-        let v6 = batch::read_all::<FlowKey, ConnEntry>(v6).map_err(batch_err(name))?;
-        Ok(v4
-            .into_iter()
-            .map(|(k, e)| (k.flow(), e))
-            .chain(v6)
-            .collect())
+        Ok(self.conntrack_tables()?.flows())
     }
 
     /// Global outcome counters, summed over CPUs.
@@ -564,21 +561,6 @@ impl Dataplane {
 
     /// The connection-tracking entry of a flow, if any.
     pub fn conntrack(&self, flow: &FlowKey) -> Result<Option<ConnEntry>> {
-        let found = if flow.family == AddrFamily::V4 as u8 {
-            let name = layout::CONNTRACK_V4;
-            let map: HashMap<&MapData, FlowKeyV4, ConnEntry> =
-                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-            map.get(&FlowKeyV4::of(flow), 0).map_err(|e| (name, e))
-        } else {
-            let name = layout::CONNTRACK;
-            let map: HashMap<&MapData, FlowKey, ConnEntry> =
-                HashMap::try_from(self.map(name)?).map_err(map_err(name))?;
-            map.get(flow, 0).map_err(|e| (name, e))
-        };
-        match found {
-            Ok(entry) => Ok(Some(entry)),
-            Err((_, MapError::KeyNotFound)) => Ok(None),
-            Err((name, e)) => Err(map_err(name)(e)),
-        }
+        Ok(self.conntrack_tables()?.get(flow))
     }
 }

@@ -1,5 +1,5 @@
 //! Exceptions: tracked flows whose backend is not the one the VIP's live table gives them,
-//! found in this node's conntrack maps; and entries from peers written into them.
+//! found in this node's conntrack tables; and entries from peers written into them.
 
 use std::time::Duration;
 

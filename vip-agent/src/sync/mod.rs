@@ -2,7 +2,7 @@
 //!
 //! Every node computes the same Maglev answer for a flow, so only flows whose tracked backend
 //! differs from that answer need sharing: the exceptions a backend change leaves behind. After
-//! each change of its tables (and every `refresh`), the runtime scans its conntrack maps for
+//! each change of its tables (and every `refresh`), the runtime scans its conntrack tables for
 //! them ([`exceptions`]) and hands the set to this service, which pushes it to every peer over
 //! a connection of its own ([`wire`]: both ends prove the shared key, every frame is
 //! authenticated and numbered). What peers push arrives here and goes to the runtime, which

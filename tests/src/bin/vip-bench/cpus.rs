@@ -18,7 +18,7 @@ const ROUNDS: usize = 7;
 enum Load {
     /// One established flow (the per-CPU flow cache serves it).
     Established,
-    /// A new flow every packet: the Maglev path and an insert into the shared conntrack LRU.
+    /// A new flow every packet: the Maglev path and an insert into the shared conntrack table.
     NewFlows,
 }
 

@@ -87,8 +87,8 @@ pub(crate) fn compare(harness: &mut Harness, services: &mut Services, path: &Pat
             }
         }
     }
-    // New flows into full conntrack maps: each program's map filled first, then the two
-    // alternate, every packet a flow neither has seen.
+    // New flows into full conntrack tables (or an older build's maps): each program's filled
+    // first, then the two alternate, every packet a flow neither has seen.
     let fill = lb.dataplane.options().conntrack_entries * 2;
     let first_ack = first_ack().build();
     harness.start_flows_in_turn(&first_ack);
@@ -171,7 +171,7 @@ pub(crate) fn report(md: &mut String, harness: &mut Harness, services: &mut Serv
         .map(|(case, samples)| (case.name, median(samples)))
         .collect();
     // New flows: the wrapper gives every run's ACK another source address, so each takes the
-    // Maglev path and inserts into conntrack (evicting, once the LRU is full).
+    // Maglev path and inserts into conntrack (evicting, once the table is full).
     results.push((
         FIRST_ACK,
         median(harness.flows_in_turn(&lb_fd, &first_ack(), REPEAT, false)),
@@ -229,7 +229,7 @@ pub(crate) fn report(md: &mut String, harness: &mut Harness, services: &mut Serv
         writeln!(
             md,
             "\nNew TCP connections per second and core (SYN + first ACK, the ACK inserting \
-             into a full LRU): {:.1} million. Spoofed SYNs insert nothing (see \
+             into a full table): {:.1} million. Spoofed SYNs insert nothing (see \
              docs/operations.md); every other new flow pays the insert.",
             1e3 / (syn + ack)
         )
@@ -259,10 +259,10 @@ pub(crate) fn report(md: &mut String, harness: &mut Harness, services: &mut Serv
     writeln!(
         md,
         "\nEstablished flows are served from a per-CPU flow cache in front of each conntrack \
-         LRU map (see docs/conntrack.md); the cases above use one flow each, as a hot flow \
+         table (see docs/conntrack.md); the cases above use one flow each, as a hot flow \
          would. \"Many flows in turn\": {spread_flows} flows already in conntrack, every packet \
-         another, so each misses the flow cache and pays the LRU lookup, whose buckets and \
-         entries are then rarely in the CPU's caches: the worst case of an established packet."
+         another, so each misses the flow cache and reads the table, whose buckets are then \
+         rarely in the CPU's caches: the worst case of an established packet."
     )
     .unwrap();
 }
@@ -284,9 +284,9 @@ fn flow_cache_misses(harness: &mut Harness) -> (Vec<f64>, u32) {
         .conntrack(&ack.flow())
         .unwrap()
         .expect("conntrack entry");
-    // The agent's inserts land in one CPU's LRU list, which holds that CPU's share of the map.
-    let flows =
-        (DEFAULT_CONNTRACK_ENTRIES / aya::util::nr_cpus().unwrap() as u32 * 3 / 4).min(100_000);
+    // An eighth of the table (four times the flow cache's slots): a bucket gets a fifth of
+    // them, and evicts one, about once in 6,000, so nearly every packet finds its entry.
+    let flows = DEFAULT_CONNTRACK_ENTRIES / 8;
     for seq in 1..=flows {
         let mut flow = ack.flow();
         flow.src[..4].copy_from_slice(&seq.to_be_bytes());
@@ -297,13 +297,11 @@ fn flow_cache_misses(harness: &mut Harness) -> (Vec<f64>, u32) {
     let before = lb.dataplane.stats().unwrap();
     let samples = harness.flows_in_turn(&program_fd(&mut lb), &ack, flows, true);
     let after = lb.dataplane.stats().unwrap();
-    assert_eq!(
-        (
-            after.conntrack_hit - before.conntrack_hit,
-            after.conntrack_miss
-        ),
-        (u64::from(flows) * RUNS as u64, before.conntrack_miss),
-        "every packet of the flows in turn found its conntrack entry (hits, misses)"
+    let packets = u64::from(flows) * RUNS as u64;
+    let hits = after.conntrack_hit - before.conntrack_hit;
+    assert!(
+        hits * 1_000 >= packets * 999,
+        "the flows in turn found their conntrack entries: {hits} hits of {packets} packets"
     );
     (samples, flows)
 }

@@ -179,8 +179,9 @@ pub(crate) fn flow_state_sharing(md: &mut String) {
     writeln!(
         md,
         "The agent's own code end to end, two services over loopback TCP: the sender scans its \
-         conntrack map and the VIP's table for exceptions, pushes them (HMAC-SHA256 per frame \
-         of up to 4096 entries of 64 bytes), the receiver writes each into its conntrack map. \
+         conntrack tables and the VIP's Maglev table for exceptions, pushes them (HMAC-SHA256 per \
+         frame of up to 4096 entries of 64 bytes), the receiver writes each into its conntrack \
+         tables. \
          Time from the scan's start to the receiver holding the last exception; CPU of both \
          ends together; bytes on the wire per exception.\n"
     )
@@ -196,9 +197,10 @@ pub(crate) fn flow_state_sharing(md: &mut String) {
         let mut receiver = Node::new(1 << 21);
         track(&mut sender, tracked, every);
         let (elapsed, cpu, bytes, count) = share(&sender, &mut receiver, 17_180);
-        assert_eq!(
-            count as u32, exceptions,
-            "the scan finds exactly the exceptions"
+        // A bucket that gets a fifth flow keeps four: a few flows of the fill are not tracked.
+        assert!(
+            (exceptions * 999 / 1_000..=exceptions).contains(&(count as u32)),
+            "the scan finds the exceptions: {count} of {exceptions}"
         );
         writeln!(
             md,
@@ -214,8 +216,8 @@ pub(crate) fn flow_state_sharing(md: &mut String) {
     let (found, flows, took) = scan(&node);
     writeln!(
         md,
-        "\nThe scan with {flows} flows tracked ({} exceptions): {:.0} ms (conntrack read in \
-         batches of 4096, each entry checked against its VIP's table). It runs after each table \
+        "\nThe scan with {flows} flows tracked ({} exceptions): {:.0} ms (conntrack read \
+         through the agent's mapping of the tables, each entry checked against its VIP's table). It runs after each table \
          change and every `refresh`, in the agent, never in the datapath: the datapath's \
          figures above are those of a node with sharing on (a peer's entry is an ordinary \
          conntrack entry).",
