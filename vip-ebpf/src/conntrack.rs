@@ -72,7 +72,7 @@ trait Cached: ConntrackKey + 'static {
     /// The flow's slot in this CPU's cache. Collisions only cost a read of the table.
     fn slot(&self) -> Option<&'static mut FlowCacheSlot<Self>>;
     /// The flow's bucket in the shared table.
-    fn bucket(&self) -> Option<&'static mut ConntrackBucket<Self>>;
+    fn table_bucket(&self) -> Option<&'static mut ConntrackBucket<Self>>;
 }
 
 /// A multiplicative hash of a key's words to `bits` bits.
@@ -94,8 +94,8 @@ impl Cached for FlowKeyV4 {
     }
 
     #[inline(always)]
-    fn bucket(&self) -> Option<&'static mut ConntrackBucket<Self>> {
-        let index = ConntrackKey::bucket(self, conntrack_bucket_bits());
+    fn table_bucket(&self) -> Option<&'static mut ConntrackBucket<Self>> {
+        let index = self.bucket(conntrack_bucket_bits());
         // SAFETY: see above.
         CT_TABLE_V4.get_ptr_mut(index).map(|p| unsafe { &mut *p })
     }
@@ -110,8 +110,8 @@ impl Cached for FlowKey {
     }
 
     #[inline(always)]
-    fn bucket(&self) -> Option<&'static mut ConntrackBucket<Self>> {
-        let index = ConntrackKey::bucket(self, conntrack_bucket_bits());
+    fn table_bucket(&self) -> Option<&'static mut ConntrackBucket<Self>> {
+        let index = self.bucket(conntrack_bucket_bits());
         // SAFETY: see above.
         CT_TABLE_V6.get_ptr_mut(index).map(|p| unsafe { &mut *p })
     }
@@ -120,7 +120,7 @@ impl Cached for FlowKey {
 /// The way of the shared table holding `key`'s entry.
 #[inline(always)]
 fn shared<K: Cached>(key: &K) -> Option<&'static mut ConntrackWay<K>> {
-    let bucket = Cached::bucket(key)?;
+    let bucket = key.table_bucket()?;
     let way = bucket.position(key)?;
     bucket.ways.get_mut(way)
 }
@@ -217,7 +217,7 @@ pub(crate) fn record(flow: &FlowKey, entry: &ConnEntry) {
 
 #[inline(always)]
 fn record_cached<K: Cached>(key: &K, entry: &ConnEntry) {
-    let Some(bucket) = Cached::bucket(key) else {
+    let Some(bucket) = key.table_bucket() else {
         return;
     };
     let victim = bucket.victim(key);
