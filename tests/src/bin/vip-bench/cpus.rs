@@ -96,7 +96,7 @@ pub(crate) fn every_cpu(md: &mut String, lb: &mut Lb) {
         md,
         "The same VIP's packets timed on each of the {cpus} cores in parallel (a thread pinned \
          to each, each behind a wrapper of its own, one load balancer and its shared conntrack \
-         map), against one core alone; raw ns per packet (wrapper included), the median of \
+         tables), against one core alone; raw ns per packet (wrapper included), the median of \
          each core's rounds. \"Together / alone\" near 1.0: the cores do not wait for each \
          other.\n"
     )
