@@ -229,3 +229,33 @@ fn an_upgrade_copies_flows_from_the_earlier_conntrack_maps_and_unpins_them() {
         assert!(!pins.0.join(name).exists(), "{name} is still pinned");
     }
 }
+
+/// A pin under an earlier conntrack map's name that is not such a map (another key size) is
+/// refused with an error naming it, before anything is read from it, and stays pinned.
+#[test]
+fn an_earlier_conntrack_pin_of_another_shape_is_refused() {
+    vip_tests::require_root();
+    let pins = PinDir::new("adopt-bad");
+    let path = pins.0.join(LEGACY_CONNTRACK_V4);
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&path)
+        .args([
+            "type", "lru_hash", "key", "20", "value", "24", "entries", "64",
+        ])
+        .args(["name", LEGACY_CONNTRACK_V4])
+        .status()
+        .expect("bpftool");
+    assert!(created.success());
+    match Dataplane::load(options(&pins)) {
+        Err(e) => {
+            let text = format!("{:#}", anyhow::Error::from(e));
+            assert!(
+                text.contains(LEGACY_CONNTRACK_V4) && text.contains("(20, 24)"),
+                "{text}"
+            );
+        }
+        Ok(_) => panic!("a conntrack pin with 20-byte keys was read as IPv4 flows"),
+    }
+    assert!(path.exists(), "the refused pin was removed");
+}

@@ -43,7 +43,20 @@ pub(crate) fn error(name: &'static str) -> impl FnOnce(io::Error) -> DataplaneEr
 
 /// Every entry of a (non-per-CPU) hash map, as the kernel hands them out: a snapshot only in
 /// so far as the datapath does not change the map meanwhile.
+/// A map whose key or value size is not `K`'s or `V`'s (a pin some other tool left) is refused:
+/// the kernel would write past the buffers.
 pub(crate) fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    let info = map.info().map_err(io::Error::other)?;
+    let sizes = (info.key_size() as usize, info.value_size() as usize);
+    if sizes != (size_of::<K>(), size_of::<V>()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "key and value sizes {sizes:?}, expected {:?}",
+                (size_of::<K>(), size_of::<V>())
+            ),
+        ));
+    }
     let fd = map.fd().as_fd().as_raw_fd() as u32;
     let mut keys = vec![K::zeroed(); CHUNK];
     let mut values = vec![V::zeroed(); CHUNK];
@@ -62,9 +75,8 @@ pub(crate) fn read_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>>
             map_fd: fd,
             ..BatchAttr::default()
         };
-        // SAFETY: `attr` points at buffers of `CHUNK` keys and values of the map's sizes (the
-        // callers' types are the map's layout, checked at load), and at the two tokens; all
-        // outlive the call.
+        // SAFETY: `attr` points at buffers of `CHUNK` keys and values of the map's sizes
+        // (checked above), and at the two tokens; all outlive the call.
         let ret = unsafe {
             libc::syscall(
                 libc::SYS_bpf,
