@@ -42,6 +42,20 @@ pub trait ConntrackKey: Pod {
         unsafe { core::ptr::from_ref(self).cast::<u32>().add(i).read() }
     }
 
+    /// As [`ConntrackKey::word`], read again at every call (volatile): see
+    /// [`ConntrackWay::has_key`].
+    #[inline(always)]
+    fn word_volatile(&self, i: usize) -> u32 {
+        debug_assert!(i < Self::WORDS);
+        // SAFETY: as `word`.
+        unsafe {
+            core::ptr::from_ref(self)
+                .cast::<u32>()
+                .add(i)
+                .read_volatile()
+        }
+    }
+
     /// The words folded into one, for the table's bucket and the flow cache's slot: a sum of
     /// products (the multiplies independent of each other), so that keys differing in a few
     /// structured ways (a subnet's clients, consecutive ports) do not fold to one value, as
@@ -165,14 +179,7 @@ impl<K: ConntrackKey> ConntrackWay<K> {
     #[inline(always)]
     pub fn has_key(&self, key: &K) -> bool {
         for i in 0..K::WORDS {
-            // SAFETY: as `ConntrackKey::word`.
-            let word = unsafe {
-                core::ptr::from_ref(key)
-                    .cast::<u32>()
-                    .add(i)
-                    .read_volatile()
-            };
-            if self.key.word(i) != word {
+            if self.key.word(i) != key.word_volatile(i) {
                 return false;
             }
         }
