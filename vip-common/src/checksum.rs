@@ -13,19 +13,40 @@ pub const OUTER_TTL: u8 = 64;
 /// header byte by byte nor sums it twice.
 #[inline(always)]
 pub fn ipv4_header(tos: u8, total_len: u16, proto: u8, src: [u8; 4], dst: [u8; 4]) -> [u32; 5] {
-    let len = total_len.to_be_bytes();
-    let first = u32::from_ne_bytes([0x45, tos, len[0], len[1]]);
+    let first = ipv4_first_word(tos, total_len);
     let ttl_proto = u32::from_ne_bytes([OUTER_TTL, proto, 0, 0]);
     let (src, dst) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
-    let mut sum = u64::from(first) + u64::from(ttl_proto) + u64::from(src) + u64::from(dst);
+    let checksum = ipv4_checksum(first, ipv4_rest_sum(ttl_proto, src, dst));
+    let ttl_proto_checksum = u32::from_ne_bytes([OUTER_TTL, proto, checksum[0], checksum[1]]);
+    [first, 0, ttl_proto_checksum, src, dst]
+}
+
+/// The first word of an outer IPv4 header (no options): version and header length, TOS,
+/// total length; the only word that changes from one packet of a flow to the next.
+#[inline(always)]
+pub fn ipv4_first_word(tos: u8, total_len: u16) -> u32 {
+    let len = total_len.to_be_bytes();
+    u32::from_ne_bytes([0x45, tos, len[0], len[1]])
+}
+
+/// The sum of an outer IPv4 header's words that stay the same for a flow: TTL and protocol
+/// (`ttl_proto`, its checksum bytes zero), the addresses; the identification word is zero.
+#[inline(always)]
+pub fn ipv4_rest_sum(ttl_proto: u32, src: u32, dst: u32) -> u64 {
+    u64::from(ttl_proto) + u64::from(src) + u64::from(dst)
+}
+
+/// The checksum of an IPv4 header whose first word is `first` and whose other words sum to
+/// `rest` ([`ipv4_rest_sum`]), as its wire bytes.
+#[inline(always)]
+pub fn ipv4_checksum(first: u32, rest: u64) -> [u8; 2] {
+    let mut sum = u64::from(first) + rest;
     // Four 32-bit words: three folds bring the sum to 16 bits.
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     // Summed in native order, the checksum's native bytes are its wire bytes.
-    let checksum = (!(sum as u16)).to_ne_bytes();
-    let ttl_proto_checksum = u32::from_ne_bytes([OUTER_TTL, proto, checksum[0], checksum[1]]);
-    [first, 0, ttl_proto_checksum, src, dst]
+    (!(sum as u16)).to_ne_bytes()
 }
 
 /// Adds the 16-bit big-endian words of `bytes` (even length) to a one's-complement sum.

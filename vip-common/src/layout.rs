@@ -38,6 +38,10 @@ pub const BACKEND_STATS: &str = "BACKEND_STATS";
 pub const DATAPATH_CONFIG: &str = "DATAPATH_CONFIG";
 pub const VIP_FILTER: &str = "VIP_FILTER";
 pub const VIP_META: &str = "VIP_META";
+/// A counter the agent moves on after every change to `VIP_META`, `BACKENDS` or
+/// `DATAPATH_CONFIG`: the datapath replays a flow's recorded outer headers only while it has
+/// not moved since they were recorded.
+pub const CONFIG_GENERATION: &str = "CONFIG_GENERATION";
 /// The devmap of interfaces packets are redirected to (not pinned: the agent fills it as it
 /// writes backends' next hops).
 pub const TX_PORTS: &str = "TX_PORTS";
@@ -84,7 +88,7 @@ const fn layout<K, V>(name: &'static str, max_entries: Option<u32>) -> MapLayout
 }
 
 /// Every map of the load-balancer program.
-pub const LAYOUT: [MapLayout; 10] = [
+pub const LAYOUT: [MapLayout; 11] = [
     layout::<VipKey, VipMeta>(VIPS, None),
     layout::<u32, Backend>(BACKENDS, None),
     layout::<u32, BackendId>(MAGLEV, None),
@@ -95,6 +99,7 @@ pub const LAYOUT: [MapLayout; 10] = [
     layout::<u32, DatapathConfig>(DATAPATH_CONFIG, Some(1)),
     layout::<u32, u64>(VIP_FILTER, Some(VIP_FILTER_WORDS)),
     layout::<u32, VipMeta>(VIP_META, None),
+    layout::<u32, u64>(CONFIG_GENERATION, Some(1)),
 ];
 
 /// Maps that earlier versions pinned and this one no longer has: `vip-agent detach` removes

@@ -20,13 +20,16 @@ use vip_common::{
     conntrack::{ConntrackBucket, ConntrackKey, ConntrackWay},
 };
 
-use crate::maps::{CT_TABLE_V4, CT_TABLE_V6, conntrack_bucket_bits};
+use crate::{
+    maps::{CT_TABLE_V4, CT_TABLE_V6, conntrack_bucket_bits},
+    replay::Replay,
+};
 
-/// Slots of the IPv4 flow cache per CPU (a power of two): 8,192 × 48 bytes = 384 KiB per CPU.
-const CACHE_SLOTS_V4: u32 = 1 << 13;
+/// Slots of the IPv4 flow cache per CPU (a power of two): 2,048 × 144 bytes = 288 KiB per CPU.
+const CACHE_SLOTS_V4: u32 = 1 << 11;
 
-/// Slots of the IPv6 flow cache per CPU (a power of two): 4,096 × 80 bytes = 320 KiB per CPU.
-const CACHE_SLOTS_V6: u32 = 1 << 12;
+/// Slots of the IPv6 flow cache per CPU (a power of two): 2,048 × 168 bytes = 336 KiB per CPU.
+const CACHE_SLOTS_V6: u32 = 1 << 11;
 
 /// How long a cached entry is used before it is read again from the table, in jiffies: 32 is
 /// 32 ms at HZ=1000 and 320 ms at HZ=100, under the shortest UDP idle timeout the agent accepts
@@ -43,6 +46,8 @@ pub(crate) struct FlowCacheSlot<K> {
     entry: ConnEntry,
     /// `bpf_jiffies64` when the entry was last read from (or written to) the table.
     checked_jiffies: u64,
+    /// The headers the flow's last packet left with, while they hold (see `replay`).
+    replay: Replay,
 }
 
 impl<K: Copy> FlowCacheSlot<K> {
@@ -53,6 +58,7 @@ impl<K: Copy> FlowCacheSlot<K> {
         self.key = *key;
         self.entry = *entry;
         self.checked_jiffies = now;
+        self.replay.clear();
     }
 }
 
@@ -144,6 +150,8 @@ pub(crate) struct Tracked {
     /// `entry` is the table's own, read for this packet (the cached copy was missing or
     /// stale), not this CPU's copy: `last_seen_ns` is kept there.
     pub shared: bool,
+    /// The flow's recorded headers in this CPU's cache (none after a read of the table).
+    pub replay: &'static mut Replay,
 }
 
 /// The conntrack entry of `flow`: this CPU's cached copy, re-read from the table (and the copy
@@ -165,6 +173,7 @@ fn cached_entry<K: Cached>(key: &K) -> Option<Tracked> {
         return Some(Tracked {
             entry: &mut slot.entry,
             shared: false,
+            replay: &mut slot.replay,
         });
     }
     let way = shared(key)?;
@@ -172,6 +181,7 @@ fn cached_entry<K: Cached>(key: &K) -> Option<Tracked> {
     Some(Tracked {
         entry: &mut way.entry,
         shared: true,
+        replay: &mut slot.replay,
     })
 }
 
@@ -201,6 +211,7 @@ fn overwrite_cached<K: Cached>(key: &K, entry: impl Fn() -> ConnEntry) {
     if let Some(slot) = cached {
         slot.entry = new;
         slot.checked_jiffies = jiffies();
+        slot.replay.clear();
     }
 }
 

@@ -122,16 +122,10 @@ fn push_ipv6(
     gue: Gue,
 ) -> Option<()> {
     const LEN: usize = 40;
-    let label = outer.flow_label & 0x000f_ffff;
     let payload = inner.len.wrapping_add(gue.udp_len() as u16).to_be_bytes();
     // Version, traffic class, flow label; payload length, next header, hop limit.
     let head = [
-        u32::from_ne_bytes([
-            0x60 | (inner.tos >> 4),
-            (inner.tos << 4) | (label >> 16) as u8,
-            (label >> 8) as u8,
-            label as u8,
-        ]),
+        ipv6_first_word(inner.tos, outer.flow_label),
         u32::from_ne_bytes([payload[0], payload[1], gue.next_header(&inner), OUTER_TTL]),
     ];
     let w = grow::<{ LEN + UDP_LEN }>(ctx, l2_len, LEN + gue.udp_len(), hop, ETH_P_IPV6)?;
@@ -157,6 +151,19 @@ fn push_ipv6(
     w.write(24, word::<8>(outer.dst, 0));
     w.write(32, word::<8>(outer.dst, 8));
     Some(())
+}
+
+/// The first word of an IPv6 header: version, traffic class `tos`, and the low 20 bits of
+/// `label`.
+#[inline(always)]
+pub(crate) fn ipv6_first_word(tos: u8, label: u32) -> u32 {
+    let label = label & 0x000f_ffff;
+    u32::from_ne_bytes([
+        0x60 | (tos >> 4),
+        (tos << 4) | (label >> 16) as u8,
+        (label >> 8) as u8,
+        label as u8,
+    ])
 }
 
 /// `W` bytes of `bytes` from `at`, by value.
@@ -317,7 +324,7 @@ fn grow<const N: usize>(
 
 /// The frame's VLAN tag (TPID and TCI), read before the frame grows; zero without one.
 #[inline(always)]
-fn vlan_tag(ctx: &XdpContext, l2_len: usize) -> Option<[u8; 4]> {
+pub(crate) fn vlan_tag(ctx: &XdpContext, l2_len: usize) -> Option<[u8; 4]> {
     if l2_len == VLAN_ETH_LEN {
         read::<[u8; 4]>(ctx, 12)
     } else {
@@ -343,7 +350,7 @@ fn write_l2(ctx: &XdpContext, hop: &NextHop, tag: [u8; 4], ether_type: [u8; 2]) 
 
 /// Makes room for `len` bytes in front of the packet. All packet pointers are invalid after it.
 #[inline(always)]
-fn grow_head(ctx: &XdpContext, len: usize) -> Option<()> {
+pub(crate) fn grow_head(ctx: &XdpContext, len: usize) -> Option<()> {
     // SAFETY: helper call on our own context; afterwards every access re-checks bounds.
     let rc = unsafe { bpf_xdp_adjust_head(ctx.ctx, -(len as i32)) };
     (rc == 0).then_some(())

@@ -16,6 +16,7 @@ mod log;
 mod maps;
 mod nexthop;
 mod parse;
+mod replay;
 mod select;
 
 use aya_ebpf::{
@@ -23,9 +24,13 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use vip_common::{DatapathStats, Outcome};
+use vip_common::{BackendId, DatapathStats, Outcome};
 
-use crate::{maps::STATS, select::ConnPolicy};
+use crate::{
+    maps::STATS,
+    parse::Candidate,
+    select::{ConnPolicy, Established, Recording},
+};
 
 // Inlined into the entry point the macro wraps it in: LLVM stopped doing so on its own once the
 // program grew, and a BPF-to-BPF call cost every packet about 7 ns (`vip-bench --compare`).
@@ -46,9 +51,10 @@ pub(crate) fn vip_lb(ctx: XdpContext) -> u32 {
 }
 
 /// One packet, top to bottom: parse it, find its flow's backend (conntrack first, then the
-/// VIP's Maglev table), count it, encapsulate it, and send it toward the next hop. Everything
-/// happens at this one call site, so the program holds one inlined copy of each step (and of
-/// its stack).
+/// VIP's Maglev table), count it, encapsulate it, and send it toward the next hop; or, for an
+/// established flow whose recorded headers still hold, send it with those. Everything happens
+/// at this one call site, so the program holds one inlined copy of each step (and of its
+/// stack).
 #[inline(always)]
 fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Outcome {
     let packet = match parse::classify(ctx) {
@@ -56,44 +62,59 @@ fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Outcome {
         Err(outcome) => return outcome,
     };
     // An established flow's entry names its VIP and backend: no lookup by key, no hashing.
-    let (meta, choice) = match select::established(&packet.flow, packet.policy) {
-        Some((meta, choice)) => {
-            if packet.malformed {
-                return Outcome::DropMalformed;
+    let (meta, choice, recording) =
+        match select::established(&packet.flow, packet.policy, packet.l2_len) {
+            Some(_) if packet.malformed => return Outcome::DropMalformed,
+            Some(Established::Replay(replay)) => {
+                stats.conntrack_hit += 1;
+                count_forwarded(stats, &packet, replay.backend);
+                return replay.send(ctx, packet.inner);
             }
-            stats.conntrack_hit += 1;
-            (meta, choice)
-        }
-        None => {
-            let Some(meta) = packet.meta.or_else(|| parse::find_vip(&packet.flow)) else {
-                return Outcome::Passed;
-            };
-            if packet.malformed {
-                return Outcome::DropMalformed;
+            Some(Established::Resolved(meta, choice, recording)) => {
+                stats.conntrack_hit += 1;
+                (meta, choice, Some(recording))
             }
-            // The one test a packet to a served port pays for egress: its VIP entry is not
-            // an egress entry (those have all-ports keys of their own).
-            if meta.egress_block_size != 0 || packet.policy == ConnPolicy::EgressOnly {
-                match select::egress(meta, &packet.flow) {
-                    Ok(choice) => (meta, choice),
-                    Err(outcome) => return outcome,
+            None => {
+                let Some(meta) = packet.meta.or_else(|| parse::find_vip(&packet.flow)) else {
+                    return Outcome::Passed;
+                };
+                if packet.malformed {
+                    return Outcome::DropMalformed;
                 }
-            } else {
-                match select::backend(meta, &packet.flow, packet.policy, stats) {
-                    Some(choice) => (meta, choice),
-                    None => return Outcome::DropNoBackend,
-                }
+                // The one test a packet to a served port pays for egress: its VIP entry is
+                // not an egress entry (those have all-ports keys of their own).
+                let choice =
+                    if meta.egress_block_size != 0 || packet.policy == ConnPolicy::EgressOnly {
+                        match select::egress(meta, &packet.flow) {
+                            Ok(choice) => choice,
+                            Err(outcome) => return outcome,
+                        }
+                    } else {
+                        match select::backend(meta, &packet.flow, packet.policy, stats) {
+                            Some(choice) => choice,
+                            None => return Outcome::DropNoBackend,
+                        }
+                    };
+                (meta, choice, None)
             }
-        }
+        };
+    count_forwarded(stats, &packet, choice.id);
+    let Some(hop) = encap::encapsulate(ctx, packet.l2_len, meta, &choice, packet.inner) else {
+        return Outcome::DropNoHeadroom;
     };
+    if let Some(Recording { replay, generation }) = recording {
+        replay.record(ctx, generation, packet.l2_len, (meta, &choice, &hop));
+    }
+    nexthop::leave(ctx, &hop)
+}
+
+/// Counts a packet that goes to `backend`: its traffic, and ICMP "too big" errors.
+#[inline(always)]
+fn count_forwarded(stats: &mut DatapathStats, packet: &Candidate, backend: BackendId) {
     if packet.policy == ConnPolicy::LookupOnly {
         stats.icmp_too_big += 1;
     }
-    select::count_traffic(choice.id, packet.inner.len);
-    match encap::encapsulate(ctx, packet.l2_len, meta, &choice, packet.inner) {
-        Some(hop) => nexthop::leave(ctx, &hop),
-        None => Outcome::DropNoHeadroom,
-    }
+    select::count_traffic(backend, packet.inner.len);
 }
 
 /// Health checks through the data path (see `hc`): tc egress of `lo`.

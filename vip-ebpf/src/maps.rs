@@ -98,6 +98,12 @@ pub(crate) static BACKEND_STATS: PerCpuArray<TrafficCounters, { DEFAULT_MAX_BACK
 #[btf_map]
 pub(crate) static VIP_FILTER: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
+/// Bumped by the agent after every change it makes to `VIP_META`, `BACKENDS` or
+/// `DATAPATH_CONFIG`: a flow's recorded headers (see `replay`) hold only while it has not
+/// moved. Pinned, so that a program about to be replaced sees a new agent's changes too.
+#[btf_map]
+pub(crate) static CONFIG_GENERATION: Array<u64, 1> = Array::new();
+
 /// Node-wide settings. Written by the agent before any VIP.
 #[btf_map]
 pub(crate) static DATAPATH_CONFIG: Array<DatapathConfig, 1> = Array::new();

@@ -44,17 +44,32 @@ pub(crate) fn leave(ctx: &XdpContext, hop: &NextHop) -> Outcome {
     match hop.status {
         HopStatus::NoNeighbour => Outcome::NoNeighbourPassed,
         HopStatus::NoRoute => Outcome::NoRoutePassed,
-        HopStatus::Resolved if hop.ifindex as usize == ctx.ingress_ifindex() => Outcome::Tx,
-        HopStatus::Resolved => {
-            // Through the devmap where the agent has put the interface; by ifindex (the
-            // kernel looks the device up per packet) until it has.
-            if TX_PORTS.redirect(hop.ifindex, 0).is_err() {
-                // SAFETY: plain helper call; with no flags it returns XDP_REDIRECT (a bad
-                // ifindex fails later, in the kernel's redirect).
-                unsafe { bpf_redirect(hop.ifindex, 0) };
-            }
-            Outcome::Redirected
-        }
+        HopStatus::Resolved => send(ctx, hop.ifindex),
+    }
+}
+
+/// Sends the frame out of `ifindex`: back out of the arrival interface (XDP_TX), or
+/// redirected.
+#[inline(always)]
+pub(crate) fn send(ctx: &XdpContext, ifindex: u32) -> Outcome {
+    if ifindex as usize == ctx.ingress_ifindex() {
+        return Outcome::Tx;
+    }
+    // Through the devmap where the agent has put the interface; by ifindex (the kernel looks
+    // the device up per packet) until it has.
+    if TX_PORTS.redirect(ifindex, 0).is_err() {
+        // SAFETY: plain helper call; with no flags it returns XDP_REDIRECT (a bad ifindex
+        // fails later, in the kernel's redirect).
+        unsafe { bpf_redirect(ifindex, 0) };
+    }
+    Outcome::Redirected
+}
+
+impl NextHop {
+    /// The interface the frame leaves by, when the next hop is resolved.
+    #[inline(always)]
+    pub(crate) fn resolved_ifindex(&self) -> Option<u32> {
+        (self.status == HopStatus::Resolved).then_some(self.ifindex)
     }
 }
 

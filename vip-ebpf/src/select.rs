@@ -9,6 +9,7 @@ use vip_common::{
 use crate::{
     conntrack::{self, now},
     maps::{BACKEND_STATS, BACKENDS, DATAPATH_CONFIG, INSERT_BUDGET, MAGLEV, VIP_META},
+    replay::{self, Replay},
 };
 
 /// How a packet uses connection tracking.
@@ -59,16 +60,33 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
         .filter(|b| b.flags & BACKEND_F_PRESENT != 0)
 }
 
-/// An established flow: its conntrack entry (see `conntrack::entry`), and the settings of the
-/// VIP the entry was made for, read by `vip_id` from `VIP_META` (an array read) instead of
-/// looking the VIP up by key. The entry counts only while that VIP still is the flow's VIP (a
-/// removed VIP's id may be reused), its backend is usable and still the one it was made for
-/// (backend ids are reused too), and, for UDP, it is not idle past the VIP's timeout.
+/// An established flow, as its conntrack entry (see `conntrack::entry`) says.
+pub(crate) enum Established {
+    /// Its packets leave with the headers recorded from an earlier one (see `replay`).
+    Replay(&'static Replay),
+    /// Its VIP and backend, read for this packet, and where to record the headers it leaves
+    /// with.
+    Resolved(&'static VipMeta, Choice, Recording),
+}
+
+/// Where a flow's headers are recorded, and the `CONFIG_GENERATION` they are read under.
+pub(crate) struct Recording {
+    pub replay: &'static mut Replay,
+    pub generation: u64,
+}
+
+/// An established flow: its recorded headers while they hold; otherwise its conntrack entry,
+/// and the settings of the VIP the entry was made for, read by `vip_id` from `VIP_META` (an
+/// array read) instead of looking the VIP up by key. The entry counts only while that VIP still
+/// is the flow's VIP (a removed VIP's id may be reused), its backend is usable and still the
+/// one it was made for (backend ids are reused too), and, for UDP, it is not idle past the
+/// VIP's timeout.
 #[inline(always)]
 pub(crate) fn established(
     flow: &FlowKey,
     policy: ConnPolicy,
-) -> Option<(&'static VipMeta, Choice)> {
+    l2_len: usize,
+) -> Option<Established> {
     if !matches!(
         policy,
         ConnPolicy::Track | ConnPolicy::TrackIdle | ConnPolicy::LookupOnly
@@ -76,6 +94,12 @@ pub(crate) fn established(
         return None;
     }
     let tracked = conntrack::entry(flow)?;
+    // Read before the VIP and backend, so a change the agent makes after those reads moves it
+    // past what a recording made from them carries.
+    let generation = replay::generation();
+    if !tracked.shared && tracked.replay.holds(generation, l2_len) {
+        return Some(Established::Replay(tracked.replay));
+    }
     let entry = tracked.entry;
     let meta = VIP_META.get(entry.vip_id)?;
     let vip = &meta.vip;
@@ -109,7 +133,11 @@ pub(crate) fn established(
         backend,
         hash: entry.flow_hash,
     };
-    Some((meta, choice))
+    let recording = Recording {
+        replay: tracked.replay,
+        generation,
+    };
+    Some(Established::Resolved(meta, choice, recording))
 }
 
 /// The VIP's Maglev answer for `flow` (recorded in conntrack as `policy` says), or `None` when

@@ -230,6 +230,7 @@ impl Dataplane {
             .array::<DatapathConfig>(layout::DATAPATH_CONFIG)?
             .set(0, config, 0)
             .map_err(map_err(layout::DATAPATH_CONFIG))?;
+        dataplane.bump_generation()?;
         // Over pinned state, the backends an earlier agent wrote are not written again
         // unless they change: their next hops' interfaces go into this load's TX_PORTS now.
         for (_, backend) in dataplane.backends()? {
@@ -347,7 +348,25 @@ impl Dataplane {
         };
         self.array::<DatapathConfig>(layout::DATAPATH_CONFIG)?
             .set(0, config, 0)
-            .map_err(map_err(layout::DATAPATH_CONFIG))
+            .map_err(map_err(layout::DATAPATH_CONFIG))?;
+        self.bump_generation()
+    }
+
+    /// Moves `CONFIG_GENERATION` on; called after every write to `VIP_META`, `BACKENDS` and
+    /// `DATAPATH_CONFIG`, so that no flow's recorded headers made before it hold any longer.
+    fn bump_generation(&mut self) -> Result<()> {
+        // Objects older than recorded headers (`vip-bench --compare`) have no generation.
+        let Some(map) = self.ebpf.map_mut(layout::CONFIG_GENERATION) else {
+            return Ok(());
+        };
+        let mut generation: Array<&mut MapData, u64> =
+            Array::try_from(map).map_err(map_err(layout::CONFIG_GENERATION))?;
+        let now = generation
+            .get(&0, 0)
+            .map_err(map_err(layout::CONFIG_GENERATION))?;
+        generation
+            .set(0, now.wrapping_add(1), 0)
+            .map_err(map_err(layout::CONFIG_GENERATION))
     }
 
     /// Writes a backend (with its next hop) into its slot, and its next hop's interface into
@@ -358,7 +377,8 @@ impl Dataplane {
         }
         self.array::<Backend>(layout::BACKENDS)?
             .set(id, backend, 0)
-            .map_err(map_err(layout::BACKENDS))
+            .map_err(map_err(layout::BACKENDS))?;
+        self.bump_generation()
     }
 
     /// Puts `ifindex` into `TX_PORTS`. Interfaces stay while this load lives (the kernel drops
@@ -435,7 +455,8 @@ impl Dataplane {
             .map_err(map_err(layout::VIP_META))?;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut(layout::VIPS)?).map_err(map_err(layout::VIPS))?;
-        vips.insert(key, meta, 0).map_err(map_err(layout::VIPS))
+        vips.insert(key, meta, 0).map_err(map_err(layout::VIPS))?;
+        self.bump_generation()
     }
 
     /// Removes a VIP (if present); its packets pass to the stack from then on. Its filter bit
@@ -453,6 +474,7 @@ impl Dataplane {
         self.array::<VipMeta>(layout::VIP_META)?
             .set(vip_id, <VipMeta as bytemuck::Zeroable>::zeroed(), 0)
             .map_err(map_err(layout::VIP_META))?;
+        self.bump_generation()?;
         let bit = vip_filter_bit(&key.addr);
         let still_needed = self
             .vips()?
