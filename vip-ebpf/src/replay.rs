@@ -101,15 +101,20 @@ impl Replay {
         if recorded.is_none() {
             return;
         }
-        let word = |at: usize| read::<[u8; 4]>(ctx, l2_len + at).unwrap_or([0; 4]);
         if outer_v6 {
-            let [_, class_label, label_mid, label_low] = word(0);
+            let Some([_, class_label, label_mid, label_low]) = read::<[u8; 4]>(ctx, l2_len) else {
+                return;
+            };
             self.flow_label = u32::from_be_bytes([0, class_label & 0x0f, label_mid, label_low]);
         } else {
             // Words 2-4 of the IPv4 header: TTL and protocol (not the checksum), addresses.
-            let [ttl, proto, ..] = word(8);
+            let word = |at: usize| read::<[u8; 4]>(ctx, l2_len + at);
+            let (Some([ttl, proto, ..]), Some(src), Some(dst)) = (word(8), word(12), word(16))
+            else {
+                return;
+            };
             let ttl_proto = u32::from_ne_bytes([ttl, proto, 0, 0]);
-            let (src, dst) = (u32::from_ne_bytes(word(12)), u32::from_ne_bytes(word(16)));
+            let (src, dst) = (u32::from_ne_bytes(src), u32::from_ne_bytes(dst));
             self.ipv4_rest = ipv4_rest_sum(ttl_proto, src, dst);
         }
         self.generation = generation;
