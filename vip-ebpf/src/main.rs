@@ -24,12 +24,12 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use vip_common::{BackendId, DatapathStats, Outcome};
+use vip_common::{BackendId, DatapathStats, Outcome, VipMeta};
 
 use crate::{
     maps::STATS,
     parse::Candidate,
-    select::{ConnPolicy, Established, Recording},
+    select::{Choice, ConnPolicy, Established, Recording},
 };
 
 // Inlined into the entry point the macro wraps it in: LLVM stopped doing so on its own once the
@@ -65,38 +65,19 @@ fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Outcome {
     let (meta, choice, recording) =
         match select::established(&packet.flow, packet.policy, packet.l2_len) {
             Some(_) if packet.malformed => return Outcome::DropMalformed,
-            Some(Established::Replay(replay)) => {
+            Some(Established::Replay(replay, backend)) => {
                 stats.conntrack_hit += 1;
-                count_forwarded(stats, &packet, replay.backend);
+                count_forwarded(stats, &packet, backend);
                 return replay.send(ctx, packet.inner);
             }
             Some(Established::Resolved(meta, choice, recording)) => {
                 stats.conntrack_hit += 1;
                 (meta, choice, Some(recording))
             }
-            None => {
-                let Some(meta) = packet.meta.or_else(|| parse::find_vip(&packet.flow)) else {
-                    return Outcome::Passed;
-                };
-                if packet.malformed {
-                    return Outcome::DropMalformed;
-                }
-                // The one test a packet to a served port pays for egress: its VIP entry is
-                // not an egress entry (those have all-ports keys of their own).
-                let choice =
-                    if meta.egress_block_size != 0 || packet.policy == ConnPolicy::EgressOnly {
-                        match select::egress(meta, &packet.flow) {
-                            Ok(choice) => choice,
-                            Err(outcome) => return outcome,
-                        }
-                    } else {
-                        match select::backend(meta, &packet.flow, packet.policy, stats) {
-                            Some(choice) => choice,
-                            None => return Outcome::DropNoBackend,
-                        }
-                    };
-                (meta, choice, None)
-            }
+            None => match new_flow(&packet, stats) {
+                Ok((meta, choice)) => (meta, choice, None),
+                Err(outcome) => return outcome,
+            },
         };
     count_forwarded(stats, &packet, choice.id);
     let Some(hop) = encap::encapsulate(ctx, packet.l2_len, meta, &choice, packet.inner) else {
@@ -106,6 +87,30 @@ fn process(ctx: &XdpContext, stats: &mut DatapathStats) -> Outcome {
         replay.record(ctx, generation, packet.l2_len, (meta, &choice, &hop));
     }
     nexthop::leave(ctx, &hop)
+}
+
+/// A packet no conntrack entry decides: its VIP (found by key) and the backend the VIP's table
+/// or egress owners give it; `Err`: what becomes of it instead.
+#[inline(always)]
+fn new_flow(
+    packet: &Candidate,
+    stats: &mut DatapathStats,
+) -> Result<(&'static VipMeta, Choice), Outcome> {
+    let meta = packet
+        .meta
+        .or_else(|| parse::find_vip(&packet.flow))
+        .ok_or(Outcome::Passed)?;
+    if packet.malformed {
+        return Err(Outcome::DropMalformed);
+    }
+    // The one test a packet to a served port pays for egress: its VIP entry is not an egress
+    // entry (those have all-ports keys of their own).
+    let choice = if meta.egress_block_size != 0 || packet.policy == ConnPolicy::EgressOnly {
+        select::egress(meta, &packet.flow)?
+    } else {
+        select::backend(meta, &packet.flow, packet.policy, stats).ok_or(Outcome::DropNoBackend)?
+    };
+    Ok((meta, choice))
 }
 
 /// Counts a packet that goes to `backend`: its traffic, and ICMP "too big" errors.

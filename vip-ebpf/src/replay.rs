@@ -13,7 +13,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use vip_common::{
-    AddrFamily, BackendId, Outcome, VIP_F_GUE, VipMeta,
+    AddrFamily, Outcome, VIP_F_GUE, VipMeta,
     checksum::{ipv4_checksum, ipv4_first_word, ipv4_rest_sum},
 };
 use vip_ebpf::packet::{ETH_LEN, IPV4_LEN, IPV6_LEN, VLAN_ETH_LEN, Window, read};
@@ -38,9 +38,7 @@ pub(crate) struct Replay {
     outer_len: u8,
     /// L2 header length: `ETH_LEN` or `VLAN_ETH_LEN`.
     l2_len: u8,
-    _pad: [u8; 2],
-    /// The backend the packets go to (its traffic counters).
-    pub(crate) backend: BackendId,
+    _pad: [u8; 6],
     /// The interface the frame leaves by.
     ifindex: u32,
     /// For an IPv6 outer header: its flow label.
@@ -118,7 +116,6 @@ impl Replay {
             self.ipv4_rest = ipv4_rest_sum(ttl_proto, src, dst);
         }
         self.generation = generation;
-        self.backend = choice.id;
         self.ifindex = ifindex;
         self.l2_len = l2_len as u8;
         self.outer_len = if outer_v6 { IPV6_LEN } else { IPV4_LEN } as u8;

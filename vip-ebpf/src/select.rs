@@ -62,8 +62,9 @@ fn usable(id: BackendId) -> Option<&'static Backend> {
 
 /// An established flow, as its conntrack entry (see `conntrack::entry`) says.
 pub(crate) enum Established {
-    /// Its packets leave with the headers recorded from an earlier one (see `replay`).
-    Replay(&'static Replay),
+    /// Its packets leave with the headers recorded from an earlier one (see `replay`), to
+    /// the backend of its entry.
+    Replay(&'static Replay, BackendId),
     /// Its VIP and backend, read for this packet, and where to record the headers it leaves
     /// with.
     Resolved(&'static VipMeta, Choice, Recording),
@@ -98,7 +99,7 @@ pub(crate) fn established(
     // past what a recording made from them carries.
     let generation = replay::generation();
     if !tracked.shared && tracked.replay.holds(generation, l2_len) {
-        return Some(Established::Replay(tracked.replay));
+        return Some(Established::Replay(tracked.replay, tracked.entry.backend));
     }
     let entry = tracked.entry;
     let meta = VIP_META.get(entry.vip_id)?;
