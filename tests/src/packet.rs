@@ -154,8 +154,7 @@ pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> 
     let mut flow = FlowKey::zeroed_for(family, proto);
     flow.src = src;
     flow.dst = dst;
-    flow.src_port = sport.to_be_bytes();
-    flow.dst_port = dport.to_be_bytes();
+    flow.set_ports(sport.to_be_bytes(), dport.to_be_bytes());
     flow
 }
 

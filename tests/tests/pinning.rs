@@ -176,15 +176,13 @@ fn an_upgrade_copies_flows_from_the_earlier_conntrack_maps_and_unpins_them() {
         flags: 0,
     };
     let mut v4 = FlowKey::v4([198, 18, 0, 7], [198, 19, 0, 1], IPPROTO_TCP);
-    v4.src_port = 40_000u16.to_be_bytes();
-    v4.dst_port = 80u16.to_be_bytes();
+    v4.set_ports(40_000u16.to_be_bytes(), 80u16.to_be_bytes());
     let mut v6 = FlowKey::v6(
         "fd00::7".parse::<std::net::Ipv6Addr>().unwrap().octets(),
         "fd00::100".parse::<std::net::Ipv6Addr>().unwrap().octets(),
         IPPROTO_UDP,
     );
-    v6.src_port = 5_000u16.to_be_bytes();
-    v6.dst_port = 53u16.to_be_bytes();
+    v6.set_ports(5_000u16.to_be_bytes(), 53u16.to_be_bytes());
     let decimal = |bytes: &[u8]| bytes.iter().map(|b| b.to_string()).collect::<Vec<_>>();
     let legacy: [(&str, Vec<u8>, ConnEntry); 2] = [
         (

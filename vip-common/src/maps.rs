@@ -201,6 +201,25 @@ impl FlowKey {
         ])
     }
 
+    /// Sets the ports. The key's last word (ports, protocol, family) is written whole: the
+    /// datapath hashes and compares keys by words, and a word read of fields just stored one at
+    /// a time waits until those stores complete (a failed store-to-load forward, which cost an
+    /// IPv6 packet a tenth of its time in the datapath).
+    #[inline(always)]
+    pub fn set_ports(&mut self, src: [u8; 2], dst: [u8; 2]) {
+        let last = [
+            src[0],
+            src[1],
+            dst[0],
+            dst[1],
+            self.proto,
+            self.family,
+            0,
+            0,
+        ];
+        bytemuck::cast_mut::<Self, [u64; 5]>(self)[4] = u64::from_ne_bytes(last);
+    }
+
     /// An IPv6 flow; ports are filled in by the caller.
     #[inline(always)]
     pub fn v6(src: [u8; 16], dst: [u8; 16], proto: u8) -> Self {
@@ -269,8 +288,7 @@ impl FlowKeyV4 {
     /// The flow this key was made of.
     pub fn flow(&self) -> FlowKey {
         let mut flow = FlowKey::v4(self.src, self.dst, self.proto);
-        flow.src_port = self.src_port;
-        flow.dst_port = self.dst_port;
+        flow.set_ports(self.src_port, self.dst_port);
         flow
     }
 }
@@ -501,6 +519,18 @@ pub use user::{addr_bytes, addr_from_bytes};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_ports_writes_the_ports_and_keeps_protocol_and_family() {
+        let mut flow = FlowKey::v6([1; 16], [2; 16], IPPROTO_UDP);
+        flow.set_ports([0x9c, 0x40], [0, 53]);
+        assert_eq!((flow.src_port, flow.dst_port), ([0x9c, 0x40], [0, 53]));
+        assert_eq!(
+            (flow.proto, flow.family),
+            (IPPROTO_UDP, AddrFamily::V6 as u8)
+        );
+        assert_eq!((flow.src, flow.dst, flow._pad), ([1; 16], [2; 16], [0; 2]));
+    }
 
     #[test]
     fn egress_blocks_cover_the_range_and_nothing_else() {

@@ -99,8 +99,7 @@ pub(crate) fn find_vip(flow: &FlowKey) -> Option<&'static VipMeta> {
 #[inline(always)]
 fn ports_and_syn(ctx: &XdpContext, l4: usize, flow: &mut FlowKey) -> Option<bool> {
     let ports = read::<[u8; 4]>(ctx, l4)?;
-    flow.src_port = [ports[0], ports[1]];
-    flow.dst_port = [ports[2], ports[3]];
+    flow.set_ports([ports[0], ports[1]], [ports[2], ports[3]]);
     if flow.proto != IPPROTO_TCP {
         return Some(false);
     }
@@ -329,7 +328,7 @@ fn echo_reply(
     let Some(id) = read::<[u8; 2]>(ctx, icmp + ICMP_ECHO_ID_OFF) else {
         return Err(Outcome::Passed);
     };
-    flow.dst_port = id;
+    flow.set_ports(flow.src_port, id);
     let min_len = icmp - l3 + ICMP_LEN;
     icmp_to_backend(ctx, l3, (flow, ConnPolicy::EgressOnly), error, min_len)
 }
@@ -339,8 +338,7 @@ fn echo_reply(
 #[inline(always)]
 fn quoted_flow(ctx: &XdpContext, ports_at: usize, mut flow: FlowKey) -> Result<FlowKey, Outcome> {
     let ports = read::<[u8; 4]>(ctx, ports_at).ok_or(Outcome::Passed)?;
-    flow.src_port = [ports[2], ports[3]];
-    flow.dst_port = [ports[0], ports[1]];
+    flow.set_ports([ports[2], ports[3]], [ports[0], ports[1]]);
     Ok(flow)
 }
 

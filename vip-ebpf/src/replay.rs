@@ -26,8 +26,8 @@ use crate::{
     select::Choice,
 };
 
-/// The longest head recorded: a VLAN-tagged L2 header and an IPv6 outer header.
-const HEAD_WORDS: usize = (VLAN_ETH_LEN + IPV6_LEN).div_ceil(8);
+/// Whole words of the longest head recorded: a VLAN-tagged L2 header and an IPv6 outer header.
+const HEAD_WORDS: usize = (VLAN_ETH_LEN + IPV6_LEN) / 8;
 
 /// A flow's recorded headers (in its flow-cache slot). `outer_len` comes first: it is the
 /// field a new slot entry clears, next to the key and entry that the same write renews.
@@ -47,8 +47,12 @@ pub(crate) struct Replay {
     generation: u64,
     /// For an IPv4 outer header: `ipv4_rest_sum` of its words that stay the same.
     ipv4_rest: u64,
-    /// The frame's first `l2_len + outer_len` bytes as the recorded packet left, as words.
+    /// The frame's first `l2_len + outer_len` bytes as the recorded packet left: its whole
+    /// words, then its last 8 bytes, which overlap the last whole word. The head is written
+    /// back in word stores only: its 2 or 6 bytes past the last whole word, written as
+    /// they are, become byte stores (the packet's alignment is unknown).
     head: [u64; HEAD_WORDS],
+    head_end: u64,
 }
 
 /// `CONFIG_GENERATION` now.
@@ -121,16 +125,15 @@ impl Replay {
         self.outer_len = if outer_v6 { IPV6_LEN } else { IPV4_LEN } as u8;
     }
 
-    /// Copies the frame's first `N` bytes into `head`.
+    /// Copies the frame's first `N` bytes into `head` and `head_end`.
     #[inline(always)]
     fn read_head<const N: usize>(&mut self, ctx: &XdpContext) -> Option<()> {
         let mut at = 0;
-        while at < N {
-            // The last word may reach past the headers into the client's packet: only its
-            // first `N - at` bytes are ever written back.
+        while at + 8 <= N {
             self.head[at / 8] = read::<u64>(ctx, at)?;
             at += 8;
         }
+        self.head_end = read::<u64>(ctx, N - 8)?;
         Some(())
     }
 
@@ -171,14 +174,7 @@ impl Replay {
             w.write(at, self.head[at / 8]);
             at += 8;
         }
-        // The tail: 2 or 6 bytes (every N here is 2 mod 4).
-        let last = self.head[N / 8].to_ne_bytes();
-        if N - at == 6 {
-            w.write(at, [last[0], last[1], last[2], last[3]]);
-            w.write(at + 4, [last[4], last[5]]);
-        } else {
-            w.write(at, [last[0], last[1]]);
-        }
+        w.write(N - 8, self.head_end);
         if L2 == VLAN_ETH_LEN {
             w.write(12, tag);
         }

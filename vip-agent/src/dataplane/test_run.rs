@@ -21,8 +21,7 @@ pub fn flow_key(client: SocketAddr, vip: SocketAddr, proto: u8) -> vip_common::F
             proto,
         ),
     };
-    key.src_port = client.port().to_be_bytes();
-    key.dst_port = vip.port().to_be_bytes();
+    key.set_ports(client.port().to_be_bytes(), vip.port().to_be_bytes());
     key
 }
 

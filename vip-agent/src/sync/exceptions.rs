@@ -127,7 +127,6 @@ fn flow_of(e: &Entry) -> FlowKey {
         ),
         vip_common::AddrFamily::V6 => FlowKey::v6(src, dst, e.protocol),
     };
-    flow.src_port = e.client_port.to_be_bytes();
-    flow.dst_port = e.vip_port.to_be_bytes();
+    flow.set_ports(e.client_port.to_be_bytes(), e.vip_port.to_be_bytes());
     flow
 }

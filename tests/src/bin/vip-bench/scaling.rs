@@ -34,8 +34,7 @@ pub(crate) fn table_scaling(md: &mut String, harness: &mut Harness) {
                 [198, 18, 100, 1],
                 IPPROTO_TCP,
             );
-            flow.src_port = (filled as u16).to_be_bytes();
-            flow.dst_port = 80u16.to_be_bytes();
+            flow.set_ports((filled as u16).to_be_bytes(), 80u16.to_be_bytes());
             let entry = vip_common::ConnEntry {
                 backend: filled % 2,
                 vip_id,

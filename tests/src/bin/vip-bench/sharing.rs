@@ -71,8 +71,10 @@ fn track(node: &mut Node, n: u32, exception_every: u32) {
             [198, 18, 100, 1],
             IPPROTO_TCP,
         );
-        flow.src_port = (1024 + (seq % 60_000) as u16).to_be_bytes();
-        flow.dst_port = 80u16.to_be_bytes();
+        flow.set_ports(
+            (1024 + (seq % 60_000) as u16).to_be_bytes(),
+            80u16.to_be_bytes(),
+        );
         let hash = flow_hash(&flow, meta.hash_port_mask);
         let answer = table.lookup(hash);
         let (id, backend) = if seq % exception_every == 0 {
