@@ -2,7 +2,7 @@
 //! (it is on another), with live frames that the kernel really sends out of veths, in a
 //! namespace of the section's own thread. Every way sends the same frame out of the same
 //! interface (the downlink) and only its arrival differs: two veths of one namespace differ by
-//! up to 10 ns per frame between themselves, which a comparison of ways leaving by different
+//! 10-16 ns per frame between themselves, which a comparison of ways leaving by different
 //! interfaces would count. The redirect goes through `TX_PORTS`, the devmap the agent fills; in
 //! every other round the downlink's entry is taken out of it, so those rounds redirect by
 //! ifindex, as the datapath does for an interface the agent has not put there.
@@ -84,7 +84,7 @@ pub(crate) fn leaving(md: &mut String) {
          wrapper, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: the kernel carries out the action \
          and the frames really leave, out of veths in a private namespace whose far ends drop \
          them with an XDP program. Every way sends the same frame out of the same veth; only \
-         its arrival interface differs (two veths differ by up to 10 ns per frame). In this mode \
+         its arrival interface differs (two veths differ by 10-16 ns per frame between themselves). In this mode \
          the kernel turns XDP_TX into a redirect back out of the arrival interface by ifindex \
          without a helper call (a driver's own XDP_TX is not reachable from a test run). Median of {ROUNDS} rounds of {FRAMES} frames, batches of 64; raw ns per frame, \
          all rounds the same program; \"by ifindex\": the downlink taken out of `TX_PORTS` in \
