@@ -209,12 +209,35 @@ impl Lab {
     pub fn keep(mut self) {
         self.keep = true;
     }
+
+    /// For a failed test: the last warnings and errors of each agent, which go with the lab's
+    /// run directory otherwise.
+    fn print_agent_warnings(&self) {
+        const LINES: usize = 20;
+        for (name, _) in &self.children {
+            if !(name.starts_with("lb") || name.starts_with("be")) {
+                continue;
+            }
+            let log = fs::read_to_string(self.spec.run_dir().join(format!("{name}.log")))
+                .unwrap_or_default();
+            let warnings: Vec<&str> = log
+                .lines()
+                .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+                .collect();
+            for line in &warnings[warnings.len().saturating_sub(LINES)..] {
+                eprintln!("{name}: {line}");
+            }
+        }
+    }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
         if self.keep {
             return;
+        }
+        if thread::panicking() {
+            self.print_agent_warnings();
         }
         // Agents first (SIGTERM: they run with --cleanup), then everything else.
         for (name, child) in &mut self.children {
