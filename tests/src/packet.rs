@@ -1,10 +1,8 @@
 //! Building test frames and decoding encapsulated output.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
-use vip_common::{
-    FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, addr_bytes, checksum,
-};
+use vip_common::{FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, checksum};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -149,13 +147,11 @@ impl Frame {
 
 /// A conntrack key / hash input.
 pub fn flow_key(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, proto: u8) -> FlowKey {
-    let (src, family) = addr_bytes(src);
-    let (dst, _) = addr_bytes(dst);
-    let mut flow = FlowKey::zeroed_for(family, proto);
-    flow.src = src;
-    flow.dst = dst;
-    flow.set_ports(sport.to_be_bytes(), dport.to_be_bytes());
-    flow
+    FlowKey::between(
+        SocketAddr::new(src, sport),
+        SocketAddr::new(dst, dport),
+        proto,
+    )
 }
 
 /// An Ethernet frame from the client to the LB around `payload`.

@@ -187,7 +187,7 @@ impl FlowKey {
         }
     }
 
-    /// An IPv4 flow; ports are filled in by the caller. Built from whole 64-bit words: the
+    /// An IPv4 flow; ports are filled in by [`FlowKey::set_ports`]. Built from whole 64-bit words: the
     /// datapath then writes five words instead of zeroing address tails byte by byte.
     #[inline(always)]
     pub fn v4(src: [u8; 4], dst: [u8; 4], proto: u8) -> Self {
@@ -220,7 +220,7 @@ impl FlowKey {
         bytemuck::cast_mut::<Self, [u64; 5]>(self)[4] = u64::from_ne_bytes(last);
     }
 
-    /// An IPv6 flow; ports are filled in by the caller.
+    /// An IPv6 flow; ports are filled in by [`FlowKey::set_ports`].
     #[inline(always)]
     pub fn v6(src: [u8; 16], dst: [u8; 16], proto: u8) -> Self {
         // From whole words, as `v4`: the datapath builds one per IPv6 packet.
@@ -477,7 +477,7 @@ mod user {
         }
     }
 
-    use std::net::IpAddr;
+    use std::net::{IpAddr, SocketAddr};
 
     /// An address as the 16 network-order bytes and family tag that map types store.
     pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], AddrFamily) {
@@ -497,6 +497,18 @@ mod user {
             4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
             6 => Some(IpAddr::from(*bytes)),
             _ => None,
+        }
+    }
+
+    impl FlowKey {
+        /// The flow from `client` to `vip`: an IPv4 key when both are IPv4 addresses.
+        pub fn between(client: SocketAddr, vip: SocketAddr, proto: u8) -> Self {
+            let mut flow = match (client.ip(), vip.ip()) {
+                (IpAddr::V4(src), IpAddr::V4(dst)) => Self::v4(src.octets(), dst.octets(), proto),
+                (src, dst) => Self::v6(addr_bytes(src).0, addr_bytes(dst).0, proto),
+            };
+            flow.set_ports(client.port().to_be_bytes(), vip.port().to_be_bytes());
+            flow
         }
     }
 

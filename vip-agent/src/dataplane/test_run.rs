@@ -11,20 +11,6 @@ use vip_common::IPPROTO_TCP;
 
 use super::{Dataplane, DataplaneError};
 
-/// The conntrack key of the flow `frame` builds a packet of.
-pub fn flow_key(client: SocketAddr, vip: SocketAddr, proto: u8) -> vip_common::FlowKey {
-    let mut key = match (client.ip(), vip.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => vip_common::FlowKey::v4(s.octets(), d.octets(), proto),
-        (s, d) => vip_common::FlowKey::v6(
-            vip_common::addr_bytes(s).0,
-            vip_common::addr_bytes(d).0,
-            proto,
-        ),
-    };
-    key.set_ports(client.port().to_be_bytes(), vip.port().to_be_bytes());
-    key
-}
-
 /// An Ethernet frame of a flow's non-SYN packet (a TCP ACK, or a UDP datagram).
 pub fn frame(client: SocketAddr, vip: SocketAddr, proto: u8) -> Vec<u8> {
     let mut l4 = Vec::new();

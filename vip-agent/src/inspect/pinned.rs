@@ -156,7 +156,7 @@ pub fn which(
     let frame = test_run::frame(flow, vip, proto);
     // The probe is a packet of the flow, and such a packet records the flow: a question must
     // not, so an entry it made goes again.
-    let key = test_run::flow_key(flow, vip, proto);
+    let key = vip_common::FlowKey::between(flow, vip, proto);
     let tracked = dp.conntrack(&key)?.is_some();
     let (action, out) = test_run::run(&mut dp, &frame)?;
     // Egress ports (and dropped packets) make no entry.

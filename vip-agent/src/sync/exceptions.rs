@@ -1,7 +1,7 @@
 //! Exceptions: tracked flows whose backend is not the one the VIP's live table gives them,
 //! found in this node's conntrack tables; and entries from peers written into them.
 
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 use vip_common::{
     BACKEND_F_PRESENT, CONN_F_PEER, ConnEntry, FlowKey, IPPROTO_UDP, VipKey, addr_from_bytes,
@@ -100,7 +100,11 @@ pub fn entry_for(
     if e.protocol == IPPROTO_UDP && idle > meta.udp_idle_ns {
         return Err("idle");
     }
-    let flow = flow_of(e);
+    let flow = FlowKey::between(
+        SocketAddr::new(e.client, e.client_port),
+        SocketAddr::new(e.vip, e.vip_port),
+        e.protocol,
+    );
     if local(&flow).is_some_and(|l| l.flags & CONN_F_PEER == 0) {
         return Err("local_entry");
     }
@@ -113,20 +117,4 @@ pub fn entry_for(
         flags: CONN_F_PEER,
     };
     Ok((flow, entry))
-}
-
-/// The flow an entry is about, as the datapath keys it.
-fn flow_of(e: &Entry) -> FlowKey {
-    let (src, family) = vip_common::addr_bytes(e.client);
-    let (dst, _) = vip_common::addr_bytes(e.vip);
-    let mut flow = match family {
-        vip_common::AddrFamily::V4 => FlowKey::v4(
-            [src[0], src[1], src[2], src[3]],
-            [dst[0], dst[1], dst[2], dst[3]],
-            e.protocol,
-        ),
-        vip_common::AddrFamily::V6 => FlowKey::v6(src, dst, e.protocol),
-    };
-    flow.set_ports(e.client_port.to_be_bytes(), e.vip_port.to_be_bytes());
-    flow
 }

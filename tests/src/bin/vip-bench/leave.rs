@@ -84,10 +84,11 @@ pub(crate) fn leaving(md: &mut String) {
          wrapper, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: the kernel carries out the action \
          and the frames really leave, out of veths in a private namespace whose far ends drop \
          them with an XDP program. Every way sends the same frame out of the same veth; only \
-         its arrival interface differs (two veths differ by 10-16 ns per frame between themselves). In this mode \
-         the kernel turns XDP_TX into a redirect back out of the arrival interface by ifindex \
-         without a helper call (a driver's own XDP_TX is not reachable from a test run). Median of {ROUNDS} rounds of {FRAMES} frames, batches of 64; raw ns per frame, \
-         all rounds the same program; \"by ifindex\": the downlink taken out of `TX_PORTS` in \
+         its arrival interface differs (two veths differ by 10-16 ns per frame between \
+         themselves). In this mode the kernel turns XDP_TX into a redirect back out of the \
+         arrival interface by ifindex without a helper call (a driver's own XDP_TX is not \
+         reachable from a test run). Median of {ROUNDS} rounds of {FRAMES} frames, batches of \
+         64; raw ns per frame, all rounds the same program; \"by ifindex\": the downlink taken out of `TX_PORTS` in \
          those runs, as for an interface the agent has not written.\n"
     )
     .unwrap();
