@@ -162,9 +162,13 @@ fn a_backend_added_then_an_lb_node_killed_keeps_every_connection() {
     assert!(failures.is_empty(), "lost: {failures:?}");
 }
 
+/// lb1 dies without a word (the router drops all it sends, its FIN among them), so its peers'
+/// connections to it look established until a write fails. When it returns, its peers push to
+/// it on new connections at once: it has their state well within a `fetch_timeout` of 1 s,
+/// which peers that waited for a write to fail and then `RECONNECT` (1 s) could never meet.
 #[test]
 fn an_lb_node_that_lost_its_state_comes_back_without_breaking_connections() {
-    let mut lab = lab("vipsync-return", false, None);
+    let mut lab = lab_with("vipsync-return", |spec| spec.sync_fetch_timeout = Some(1));
     let mut flows = Flows::open(&lab, 45);
     lab.set_drained(&[1], &[1, 2, 3]).expect("be1 draining");
     kill_and_converge(&mut lab, 1);
@@ -181,6 +185,11 @@ fn an_lb_node_that_lost_its_state_comes_back_without_breaking_connections() {
         );
         thread::sleep(Duration::from_millis(50));
     }
+    let log = lab.agent_log("lb1");
+    assert!(
+        log.contains("every peer's flow state is here"),
+        "lb1 announced without its peers' state: {log}"
+    );
     let (_, _, failures) = flows.alive("lb1 back");
     assert!(failures.is_empty(), "lost when lb1 came back: {failures:?}");
     let status = lab.lb_cli(1, &["status"]).expect("status");
@@ -188,6 +197,20 @@ fn an_lb_node_that_lost_its_state_comes_back_without_breaking_connections() {
         !status.contains("sync: 0 entries applied"),
         "lb1 learned its peers' exceptions: {status}"
     );
+    // The peers hold lb1's new connection only: the one its previous life left them is
+    // replaced, not kept until its silence runs out (its end would mark lb1 down).
+    for peer in 2..=3 {
+        assert_eq!(
+            lab.sync_connections(1, peer).expect("ss"),
+            1,
+            "lb{peer}'s connections from lb1"
+        );
+        let status = lab.lb_cli(peer, &["status"]).expect("status");
+        assert!(
+            status.contains("sync peer 198.18.2.2: push up, receive up"),
+            "lb{peer}: {status}"
+        );
+    }
 }
 
 #[test]

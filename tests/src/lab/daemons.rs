@@ -198,12 +198,13 @@ udp_expect = \"ping\"",
         } else {
             "sync.key"
         };
-        // A returning node's peers reconnect (every second), handshake and push their
-        // exceptions well within the default 3 s on an idle machine, but not always while CI
-        // runs six labs on two cores; a node that gave up waiting would announce without them.
+        let fetch_timeout = self
+            .spec
+            .sync_fetch_timeout
+            .map_or(String::new(), |secs| format!("fetch_timeout = {secs}\n"));
         format!(
             "\n[sync]\nlisten = \"{}:{SYNC_PORT}\"\npeers = [{}]\nkey_file = \"{}\"\n\
-             fetch_timeout = 10\nrefresh = 5\n",
+             refresh = 5\n{fetch_timeout}",
             lb_addrs(i).0,
             peers.join(", "),
             self.spec.run_dir().join(key).display()

@@ -1,14 +1,14 @@
 //! What the lab shows: the router's routes, the agents' status, traffic through it (iperf3),
 //! connections from the client.
 
-use std::{net::TcpStream, path::Path, process::Command, thread, time::Duration};
+use std::{fs, net::TcpStream, path::Path, process::Command, thread, time::Duration};
 
 use super::{
-    IPERF_PORT, Lab, VIP4,
+    IPERF_PORT, Lab, SYNC_PORT, VIP4,
     error::{LabError, Result},
     services::tcp_hello,
     shell::{in_namespace, in_ns, ip_out},
-    topology::backend_addrs,
+    topology::{backend_addrs, lb_addrs},
 };
 
 /// The number `field` in the object `section` near the end of iperf3's JSON report.
@@ -70,6 +70,23 @@ impl Lab {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
+    }
+
+    /// What node `name`'s agent has logged since it last started.
+    pub fn agent_log(&self, name: &str) -> String {
+        fs::read_to_string(self.spec.run_dir().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Established flow-state sharing connections that LB node `from` has open to LB node
+    /// `to`, as `to`'s kernel sees them.
+    pub fn sync_connections(&self, from: usize, to: usize) -> Result<usize> {
+        let port = format!("sport = :{SYNC_PORT}");
+        let out = in_ns(
+            &self.spec.ns(&format!("lb{to}")),
+            &["ss", "-Htn", "state", "established", &port],
+        )?;
+        let from = format!("{}:", lb_addrs(from).0);
+        Ok(out.lines().filter(|l| l.contains(&from)).count())
     }
 
     /// Packets LB node `i`'s datapath sent to backends (encapsulated).

@@ -82,6 +82,8 @@ pub struct LabSpec {
     pub sync: bool,
     pub sync_wrong_key: Option<usize>,
     pub sync_without: Option<usize>,
+    /// `[sync] fetch_timeout` in seconds; `None`: the agent's default.
+    pub sync_fetch_timeout: Option<u64>,
     /// Backends (1-based) whose `state` is "draining" in the LB nodes' config.
     pub drained: Vec<usize>,
 }
@@ -110,6 +112,7 @@ impl LabSpec {
             sync: false,
             sync_wrong_key: None,
             sync_without: None,
+            sync_fetch_timeout: None,
             drained: Vec::new(),
         }
     }
@@ -218,8 +221,7 @@ impl Lab {
             if !(name.starts_with("lb") || name.starts_with("be")) {
                 continue;
             }
-            let log = fs::read_to_string(self.spec.run_dir().join(format!("{name}.log")))
-                .unwrap_or_default();
+            let log = self.agent_log(name);
             let warnings: Vec<&str> = log
                 .lines()
                 .filter(|line| line.contains("WARN") || line.contains("ERROR"))

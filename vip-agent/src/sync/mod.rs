@@ -13,10 +13,11 @@
 //! only until `fetch_timeout`.
 
 pub mod exceptions;
+mod link;
 pub mod wire;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
@@ -32,6 +33,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::config::SyncConfig;
+use link::Link;
 use wire::{Entry, HELLO_LEN, Key, Kind, NONCE_LEN, Refusal, Session};
 
 /// How long a handshake may take.
@@ -175,19 +177,23 @@ impl Sync {
         let (exceptions, exceptions_rx) = watch::channel(Arc::new(Vec::new()));
         let (received_tx, received) = mpsc::channel(64);
         let peers: Vec<IpAddr> = config.peers.iter().map(SocketAddr::ip).collect();
+        let links: HashMap<IpAddr, Arc<Link>> = peers
+            .iter()
+            .map(|&peer| (peer, Arc::new(Link::new(peer, counters.clone()))))
+            .collect();
         let mut tasks = Vec::new();
         for peer in &config.peers {
-            counters.peer(peer.ip(), |_| {});
             tasks.push(tokio::spawn(push(
                 *peer,
                 key.clone(),
                 exceptions_rx.clone(),
                 counters.clone(),
+                links[&peer.ip()].clone(),
             )));
         }
         tasks.push(tokio::spawn(accept(
             listener.0,
-            Arc::new(peers.iter().copied().collect()),
+            Arc::new(links),
             key,
             config.max_entries_per_second,
             received_tx,
@@ -215,20 +221,28 @@ impl Sync {
 }
 
 /// Pushes this node's exceptions to `peer`: on every connection, all of them then `Synced`;
-/// again whenever they change; keepalives in between. Reconnects until the service stops.
+/// again whenever they change; keepalives in between. Reconnects until the service stops,
+/// after `RECONNECT`, or at once when the peer has just connected to this node (see `link`).
 async fn push(
     peer: SocketAddr,
     key: Key,
     mut exceptions: watch::Receiver<Arc<Vec<Entry>>>,
     counters: Counters,
+    link: Arc<Link>,
 ) {
     loop {
-        let result = push_once(peer, &key, &mut exceptions, &counters).await;
-        counters.peer(peer.ip(), |p| p.outbound_up = false);
-        if let Err(e) = result {
+        if let Err(e) = push_once(peer, &key, &mut exceptions, &counters, &link).await {
             debug!(%peer, error = %e, "flow-state push connection ended");
         }
-        tokio::time::sleep(RECONNECT).await;
+        link.push_down();
+        if link.peer_back() {
+            info!(%peer, "the peer connected anew: pushing to it on a new connection");
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RECONNECT) => {}
+            () = link.peer_connected() => {}
+        }
     }
 }
 
@@ -237,20 +251,37 @@ async fn push_once(
     key: &Key,
     exceptions: &mut watch::Receiver<Arc<Vec<Entry>>>,
     counters: &Counters,
+    link: &Link,
 ) -> std::io::Result<()> {
-    let mut stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(peer)).await??;
+    // A peer that connects while this one waits on a connection it may never answer (its
+    // SYNs lost while it was away): connect again at once.
+    let stream = tokio::select! {
+        stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(peer)) => stream??,
+        () = link.peer_connected() => return Err(std::io::Error::other("the peer connected anew")),
+    };
     stream.set_nodelay(true)?;
+    let (mut from_peer, mut to_peer) = stream.into_split();
     let nonce: [u8; NONCE_LEN] = rand_nonce();
-    stream.write_all(&wire::connector_hello(&nonce)).await?;
+    to_peer.write_all(&wire::connector_hello(&nonce)).await?;
     let mut hello = [0u8; HELLO_LEN];
-    timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut hello)).await??;
+    timeout(HANDSHAKE_TIMEOUT, from_peer.read_exact(&mut hello)).await??;
     let acceptor = wire::read_acceptor_hello(key, &nonce, &hello).map_err(|why| {
         counters.refuse(why);
         std::io::Error::other(why)
     })?;
     let mut session = Session::new(key.clone(), &nonce, &acceptor);
-    counters.peer(peer.ip(), |p| p.outbound_up = true);
+    link.push_up();
     info!(%peer, "pushing flow state to the peer");
+    // The acceptor writes nothing after its HELLO: a read that returns means the connection
+    // closed or was reset.
+    let closed = async move {
+        let mut byte = [0u8; 1];
+        match from_peer.read(&mut byte).await {
+            Ok(_) => std::io::Error::from(std::io::ErrorKind::ConnectionAborted),
+            Err(e) => e,
+        }
+    };
+    tokio::pin!(closed);
     loop {
         let entries = exceptions.borrow_and_update().clone();
         let mut bytes = 0;
@@ -260,25 +291,30 @@ async fn push_once(
                 e.encode(&mut payload);
             }
             let frame = session.seal(Kind::Entries, &payload);
-            stream.write_all(&frame).await?;
+            to_peer.write_all(&frame).await?;
             bytes += frame.len() as u64;
         }
         let frame = session.seal(Kind::Synced, &[]);
-        stream.write_all(&frame).await?;
+        to_peer.write_all(&frame).await?;
         bytes += frame.len() as u64;
         counters.peer(peer.ip(), |p| {
             p.entries_sent += entries.len() as u64;
             p.bytes_sent += bytes;
         });
         loop {
-            match timeout(KEEPALIVE, exceptions.changed()).await {
-                Ok(Ok(())) => break,
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => {
-                    let frame = session.seal(Kind::Keepalive, &[]);
-                    stream.write_all(&frame).await?;
-                }
+            tokio::select! {
+                changed = timeout(KEEPALIVE, exceptions.changed()) => match changed {
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => {}
+                },
+                // The peer connected anew: if this connection is its previous life's, the
+                // keepalive brings its reset back within a round trip (then `closed`).
+                () = link.peer_connected() => {}
+                e = &mut closed => return Err(e),
             }
+            let frame = session.seal(Kind::Keepalive, &[]);
+            to_peer.write_all(&frame).await?;
         }
     }
 }
@@ -295,7 +331,7 @@ fn rand_nonce() -> [u8; NONCE_LEN] {
 /// Accepts configured peers' pushes; anyone else is refused before a byte is read.
 async fn accept(
     listener: TcpListener,
-    peers: Arc<HashSet<IpAddr>>,
+    links: Arc<HashMap<IpAddr, Arc<Link>>>,
     key: Key,
     max_entries_per_second: u32,
     received: mpsc::Sender<Received>,
@@ -312,24 +348,22 @@ async fn accept(
             }
         };
         let from_ip = from.ip().to_canonical();
-        if !peers.contains(&from_ip) {
+        let Some(link) = links.get(&from_ip).cloned() else {
             counters.refuse(Refusal::NotAPeer);
             warn!(%from, "flow-state connection from an address that is not a peer: refused");
             continue;
-        }
+        };
         let (key, received, counters) = (key.clone(), received.clone(), counters.clone());
         tokio::spawn(async move {
-            counters.peer(from_ip, |p| p.inbound_up = true);
             let result = receive(
                 stream,
-                from_ip,
+                (from_ip, &link),
                 &key,
                 max_entries_per_second,
                 &received,
                 &counters,
             )
             .await;
-            counters.peer(from_ip, |p| p.inbound_up = false);
             if let Err(why) = result {
                 debug!(peer = %from_ip, %why, "flow-state connection from the peer ended");
             }
@@ -346,13 +380,16 @@ enum Ended {
     Io(#[from] std::io::Error),
     #[error("silent for {SILENCE:?}")]
     Silent,
+    #[error("replaced by a newer connection from the peer")]
+    Replaced,
     #[error("the runtime stopped")]
     Stopped,
 }
 
+/// Receives one connection's frames from peer `from` until it ends, is refused or replaced.
 async fn receive(
     mut stream: TcpStream,
-    from: IpAddr,
+    (from, link): (IpAddr, &Link),
     key: &Key,
     max_entries_per_second: u32,
     received: &mpsc::Sender<Received>,
@@ -373,18 +410,25 @@ async fn receive(
         .await?;
     let mut session = Session::new(key.clone(), &connector, &acceptor);
     let mut budget = RateBudget::new(max_entries_per_second);
+    // From the first frame that opens (the connector holds the key): the connection that counts.
+    let mut inbound: Option<link::Inbound> = None;
     loop {
-        let mut len = [0u8; 4];
-        timeout(SILENCE, stream.read_exact(&mut len))
-            .await
-            .map_err(|_| Ended::Silent)??;
-        let len = Session::frame_len(len).map_err(refuse)?;
-        let mut body = vec![0u8; len];
-        timeout(SILENCE, stream.read_exact(&mut body))
-            .await
-            .map_err(|_| Ended::Silent)??;
+        let body = match &inbound {
+            None => read_frame(&mut stream).await,
+            Some(inbound) => tokio::select! {
+                body = read_frame(&mut stream) => body,
+                () = inbound.replaced() => return Err(Ended::Replaced),
+            },
+        };
+        let body = body.map_err(|e| match e {
+            Ended::Refused(why) => refuse(why),
+            e => e,
+        })?;
         let (kind, payload) = session.open(&body).map_err(refuse)?;
-        counters.peer(from, |p| p.bytes_received += 4 + len as u64);
+        if inbound.is_none() {
+            inbound = Some(link.inbound_authenticated());
+        }
+        counters.peer(from, |p| p.bytes_received += 4 + body.len() as u64);
         let message = match kind {
             Kind::Keepalive => continue,
             Kind::Synced => {
@@ -408,6 +452,19 @@ async fn receive(
         };
         received.send(message).await.map_err(|_| Ended::Stopped)?;
     }
+}
+
+/// One frame's body (after its length field), read within `SILENCE`.
+async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, Ended> {
+    let mut len = [0u8; 4];
+    timeout(SILENCE, stream.read_exact(&mut len))
+        .await
+        .map_err(|_| Ended::Silent)??;
+    let mut body = vec![0u8; Session::frame_len(len)?];
+    timeout(SILENCE, stream.read_exact(&mut body))
+        .await
+        .map_err(|_| Ended::Silent)??;
+    Ok(body)
 }
 
 /// Entries a connection may deliver per second (a burst of one second's worth).
