@@ -10,7 +10,7 @@
 //!
 //! Nothing here waits on a peer while forwarding: each peer has its own task and connection,
 //! the datapath never sees this service, and a starting node waits for its peers' exceptions
-//! only until `fetch_timeout`.
+//! only until `fetch_timeout`; its peers push to it at once however it went away (`link`).
 
 pub mod exceptions;
 mod link;
