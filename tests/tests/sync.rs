@@ -197,6 +197,7 @@ fn an_lb_node_that_lost_its_state_comes_back_without_breaking_connections() {
         !status.contains("sync: 0 entries applied"),
         "lb1 learned its peers' exceptions: {status}"
     );
+    assert!(!status.contains("started without"), "{status}");
     // The peers hold lb1's new connection only: the one its previous life left them is
     // replaced, not kept until its silence runs out (its end would mark lb1 down).
     for peer in 2..=3 {
@@ -225,12 +226,23 @@ fn with_a_wrong_key_nothing_is_applied_and_the_tier_keeps_working() {
         status.contains("authentication"),
         "refusals counted: {status}"
     );
+    // Nobody can have a state from a node of another key: each side started without it.
+    let started_without = |status: &str, peer: &str| {
+        status
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("sync peer {peer}:")))
+            .is_some_and(|l| l.ends_with("started without its state"))
+    };
+    for peer in ["198.18.2.2", "198.18.3.2"] {
+        assert!(started_without(&status, peer), "lb3 of {peer}: {status}");
+    }
     for lb in 1..=2 {
         let status = lab.lb_cli(lb, &["status"]).expect("status");
         assert!(
             status.contains("sync peer 198.18.4.2: push down, receive down"),
             "lb{lb} and lb3 talk to each other: {status}"
         );
+        assert!(started_without(&status, "198.18.4.2"), "lb{lb}: {status}");
     }
     // Forwarding goes on; flows that do not need another node's state keep working.
     let (tcp, udp, _) = flows.alive("after");

@@ -254,6 +254,15 @@ fn encode_sync(e: &mut DescriptorEncoder, sync: &crate::sync::Stats) -> std::fmt
             .iter()
             .filter_map(|(a, p)| Some((peer(a), p.last_full_sync?))),
     )?;
+    gauges(
+        e,
+        "vip_sync_started_without_peer_state",
+        "1 if this node announced at its start before a peer had pushed all its flow state \
+         (fetch_timeout ran out).",
+        sync.peers
+            .iter()
+            .map(|(a, p)| (peer(a), i64::from(p.started_without_state))),
+    )?;
     counter(
         e,
         "vip_sync_entries_applied",

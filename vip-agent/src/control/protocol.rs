@@ -183,7 +183,7 @@ impl fmt::Display for Response {
                         let up = |b: bool| if b { "up" } else { "down" };
                         writeln!(
                             f,
-                            "sync peer {peer}: push {}, receive {}, {} entries sent, {} received{}",
+                            "sync peer {peer}: push {}, receive {}, {} entries sent, {} received{}{}",
                             up(p.outbound_up),
                             up(p.inbound_up),
                             p.entries_sent,
@@ -191,6 +191,11 @@ impl fmt::Display for Response {
                             match p.last_full_sync {
                                 Some(t) => format!(", last full sync at {t} s (epoch)"),
                                 None => ", no full sync yet".into(),
+                            },
+                            if p.started_without_state {
+                                ", started without its state"
+                            } else {
+                                ""
                             }
                         )?;
                     }

@@ -493,6 +493,7 @@ impl Runtime {
             return;
         };
         let mut waiting: HashSet<IpAddr> = sync.peers().iter().copied().collect();
+        let counters = sync.counters.clone();
         let Some(wait) = self.config.sync.as_ref().map(|s| s.fetch_timeout) else {
             return;
         };
@@ -510,6 +511,7 @@ impl Runtime {
             info!("every peer's flow state is here");
         } else {
             warn!(missing = ?waiting, ?wait, "announcing without these peers' flow state");
+            counters.started_without(waiting);
         }
     }
 

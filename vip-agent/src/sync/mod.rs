@@ -71,6 +71,11 @@ pub struct PeerStats {
     pub bytes_received: u64,
     /// When the peer last finished sending everything it holds (seconds since the epoch).
     pub last_full_sync: Option<u64>,
+    /// This node announced at its start before the peer had pushed everything it holds
+    /// (`fetch_timeout` ran out): flows only the peer knew of met the Maglev answer here until
+    /// its push landed.
+    #[serde(default)]
+    pub started_without_state: bool,
 }
 
 /// The service's counters: per peer, refusals by reason, and what the runtime applied.
@@ -106,6 +111,15 @@ impl Counters {
     fn refuse(&self, why: Refusal) {
         if let Ok(mut s) = self.0.lock() {
             *s.refused.entry(why).or_default() += 1;
+        }
+    }
+
+    /// This node announced at its start without these peers' state.
+    pub fn started_without(&self, peers: impl IntoIterator<Item = IpAddr>) {
+        if let Ok(mut s) = self.0.lock() {
+            for peer in peers {
+                s.peers.entry(peer).or_default().started_without_state = true;
+            }
         }
     }
 
