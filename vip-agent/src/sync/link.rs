@@ -49,6 +49,11 @@ impl Link {
         }
     }
 
+    /// The peer's address.
+    pub(super) fn peer(&self) -> IpAddr {
+        self.peer
+    }
+
     /// The push connection came up (the peer proved the key).
     pub(super) fn push_up(&self) {
         self.back.store(false, Ordering::Relaxed);

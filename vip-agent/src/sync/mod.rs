@@ -371,7 +371,7 @@ async fn accept(
         tokio::spawn(async move {
             let result = receive(
                 stream,
-                (from_ip, &link),
+                &link,
                 &key,
                 max_entries_per_second,
                 &received,
@@ -400,15 +400,16 @@ enum Ended {
     Stopped,
 }
 
-/// Receives one connection's frames from peer `from` until it ends, is refused or replaced.
+/// Receives one connection's frames from `link`'s peer until it ends, is refused or replaced.
 async fn receive(
     mut stream: TcpStream,
-    (from, link): (IpAddr, &Link),
+    link: &Link,
     key: &Key,
     max_entries_per_second: u32,
     received: &mpsc::Sender<Received>,
     counters: &Counters,
 ) -> Result<(), Ended> {
+    let from = link.peer();
     let refuse = |why: Refusal| {
         counters.refuse(why);
         Ended::Refused(why)
@@ -428,16 +429,12 @@ async fn receive(
     let mut inbound: Option<link::Inbound> = None;
     loop {
         let body = match &inbound {
-            None => read_frame(&mut stream).await,
+            None => read_frame(&mut stream, refuse).await?,
             Some(inbound) => tokio::select! {
-                body = read_frame(&mut stream) => body,
+                body = read_frame(&mut stream, refuse) => body?,
                 () = inbound.replaced() => return Err(Ended::Replaced),
             },
         };
-        let body = body.map_err(|e| match e {
-            Ended::Refused(why) => refuse(why),
-            e => e,
-        })?;
         let (kind, payload) = session.open(&body).map_err(refuse)?;
         if inbound.is_none() {
             inbound = Some(link.inbound_authenticated());
@@ -468,13 +465,17 @@ async fn receive(
     }
 }
 
-/// One frame's body (after its length field), read within `SILENCE`.
-async fn read_frame(stream: &mut TcpStream) -> Result<Vec<u8>, Ended> {
+/// One frame's body (after its length field), read within `SILENCE`; a length over the
+/// limit is refused with `refuse`.
+async fn read_frame(
+    stream: &mut TcpStream,
+    refuse: impl Fn(Refusal) -> Ended,
+) -> Result<Vec<u8>, Ended> {
     let mut len = [0u8; 4];
     timeout(SILENCE, stream.read_exact(&mut len))
         .await
         .map_err(|_| Ended::Silent)??;
-    let mut body = vec![0u8; Session::frame_len(len)?];
+    let mut body = vec![0u8; Session::frame_len(len).map_err(refuse)?];
     timeout(SILENCE, stream.read_exact(&mut body))
         .await
         .map_err(|_| Ended::Silent)??;
